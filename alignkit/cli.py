@@ -1,0 +1,200 @@
+"""`alignkit` command line: argument parsing and dispatch only.
+
+Every subcommand imports its implementation lazily, so `alignkit --help` stays
+fast and `alignkit run` never imports Gradio. Bad input anywhere below raises
+`UserError`; it is printed as one line and the process exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from alignkit.errors import TrainingDiverged, UserError
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a recipe's stages in dependency order (skipping complete ones)")
+    p.add_argument("config", help="recipe YAML, e.g. recipes/configs/tiny_sft_dpo.yaml")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by dotted path; stages are addressed by name, "
+        "e.g. --set stages.dpo.train.beta=0.2 (repeatable)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last complete checkpoint")
+    p.add_argument("--only", action="append", default=[], metavar="STAGE", help="run only these stages (and need their parents complete)")
+    p.add_argument("--dry-run", action="store_true", help="validate the config and print the plan without training")
+    p.add_argument("--launcher", choices=["local", "accelerate"], default="local", help="how each training stage is launched")
+    p.add_argument("--accelerate-config", default=None, help="accelerate config file, with --launcher accelerate")
+    p.add_argument("--num-processes", type=int, default=None, help="processes per stage, with --launcher accelerate")
+    p.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from recipes.runner import run_recipe_from_cli
+
+    return run_recipe_from_cli(args)
+
+
+def _add_stage(sub: argparse._SubParsersAction) -> None:
+    # Internal: the runner launches one stage per process through this (used with accelerate).
+    p = sub.add_parser("_stage", help=argparse.SUPPRESS)
+    p.add_argument("plan", help="path to the stage plan JSON the runner wrote")
+    p.set_defaults(handler=_stage)
+
+
+def _stage(args: argparse.Namespace) -> int:
+    from recipes.runner import run_stage_from_plan
+
+    return run_stage_from_plan(args.plan)
+
+
+def _add_label(sub: argparse._SubParsersAction) -> None:
+    # The label subcommands are parsed by labeling_ui.cli so the app's options live beside the app.
+    p = sub.add_parser("label", help="label store and labeling app: import, serve, add-user, export, simulate", add_help=False)
+    p.add_argument("label_argv", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=_label)
+
+
+def _label(args: argparse.Namespace) -> int:
+    from labeling_ui.cli import main as label_main
+
+    return label_main(args.label_argv)
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="blind A/B comparison of models with a judge; win rates, ratings, plots")
+    p.add_argument("--model", dest="models", action="append", default=[], metavar="[NAME=]SPEC", help="model spec (repeat, at least 2)")
+    p.add_argument("--prompts", help="JSONL of prompts (a `prompt` or `messages` field)")
+    p.add_argument("--judge", help="reward:STAGE_DIR | oracle:NAME | llm:MODEL_SPEC | human:DB")
+    p.add_argument("--out", required=True, help="output directory (compare.json, compare.md, PNG plots)")
+    p.add_argument("--collect", action="store_true", help="with a human judge: gather the votes stored so far and write results")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--tie-margin", type=float, default=0.0, help="reward judge: score differences within this margin are ties")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for CIs (>= 100)")
+    p.set_defaults(handler=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from alignkit.compare import compare_from_cli
+
+    return compare_from_cli(args)
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge a stage's adapter into a full model for vLLM / TGI / transformers")
+    p.add_argument("spec", help="stage directory or adapter directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(handler=_merge)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from alignkit.merge import merge_from_cli
+
+    return merge_from_cli(args)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="a quick look at what a model says")
+    p.add_argument("spec", help="model spec: hub id, model dir, adapter dir, or stage dir")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from alignkit.generation import SamplingParams, generate_from_spec
+
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    for prompt, text in zip(args.prompt, generate_from_spec(args.spec, args.prompt, params)):
+        print(f"### {prompt}\n{text}\n")
+    return 0
+
+
+def _add_estimate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("estimate", help="memory needed to train a model, from its config alone")
+    p.add_argument("model", help="hub id or local model dir (only config.json is read)")
+    p.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.set_defaults(handler=_estimate)
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from alignkit.estimate import estimate_from_cli
+
+    return estimate_from_cli(args)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the offline end-to-end demo on a synthetic task with a known oracle")
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="fewer steps and samples (a smoke run, not the claims)")
+    p.set_defaults(handler=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from recipes.demo import demo_from_cli
+
+    return demo_from_cli(args)
+
+
+def _add_tiny(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tiny", help="write the offline tiny Llama model + tokenizer to a directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_tiny)
+
+
+def _tiny(args: argparse.Namespace) -> int:
+    from alignkit.tiny import build_tiny_model
+
+    print(build_tiny_model(args.out, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignkit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_stage, _add_label, _add_compare, _add_merge, _add_generate, _add_estimate, _add_demo, _add_tiny):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as err:
+        print(f"alignkit: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingDiverged as err:
+        print(f"alignkit: training diverged: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print("alignkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Batched sampling from a model spec: used by label import, compare, PPO rollouts and `alignkit generate`.
+
+A prompt is either a string (used as raw text, as TRL's "standard" format) or a
+list of chat messages (rendered with the tokenizer's chat template plus the
+generation prompt). Prompts are sorted by length before batching, so padding
+is small, and results come back in the caller's order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+Prompt = "str | list[dict[str, str]]"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings, recorded with every generated response so it can be reproduced."""
+
+    max_new_tokens: int = 48
+    temperature: float = 0.7  # 0 means greedy decoding
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 16
+    num_return_sequences: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]  # decoded responses, special tokens removed
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]  # up to and including EOS when the response ended
+    finished: list[bool]  # the response emitted EOS within max_new_tokens
+
+
+def render_prompt(tokenizer, prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[Any], params: SamplingParams, *, progress: bool = False) -> GenerationResult:
+    """Sample one response per prompt (num_return_sequences each, consecutively) with batched `generate`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    texts = [render_prompt(tokenizer, p) for p in prompts]
+    n_ret = params.num_return_sequences
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        encoded = [[tokenizer.bos_token_id] + e for e in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out_ids: dict[int, list[list[int]]] = {}
+    pad_id = tokenizer.pad_token_id
+    eos_id = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    torch.manual_seed(params.seed)
+    batches = [order[i : i + params.batch_size] for i in range(0, len(order), params.batch_size)]
+    for batch in tqdm(batches, desc="generating", disable=not progress):
+        width = max(len(encoded[i]) for i in batch)
+        # Left padding so every row's continuation starts at the same column.
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids = encoded[i]
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        sample = params.temperature > 0
+        kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=sample, pad_token_id=pad_id,
+                      eos_token_id=eos_id, num_return_sequences=n_ret)
+        if sample:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        with torch.no_grad():
+            gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        gen = gen[:, width:].cpu().tolist()
+        for row, i in enumerate(batch):
+            out_ids[i] = gen[row * n_ret : (row + 1) * n_ret]
+
+    result = GenerationResult([], [], [], [])
+    for i in range(len(prompts)):
+        for seq in out_ids[i]:
+            ended = eos_id in seq
+            seq = seq[: seq.index(eos_id) + 1] if ended else [t for t in seq if t != pad_id]
+            result.texts.append(tokenizer.decode(seq, skip_special_tokens=True).strip())
+            result.prompt_ids.append(encoded[i])
+            result.response_ids.append(seq)
+            result.finished.append(ended)
+    return result
+
+
+def generate_from_spec(spec: str, prompts: Sequence[Any], params: SamplingParams, *, progress: bool = False) -> list[str]:
+    """Load any model spec (base, adapter dir, stage dir) and sample responses to `prompts`."""
+    from alignkit.modeling import load_model_for_inference
+
+    model, tokenizer, _ = load_model_for_inference(spec)
+    return generate_batch(model, tokenizer, prompts, params, progress=progress).texts

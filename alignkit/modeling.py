@@ -1,0 +1,268 @@
+"""Loading models: base (hub id or local dir), 4-bit NF4 / 8-bit / unquantized, LoRA / DoRA / other PEFT.
+
+The model spec contract (DESIGN.md): wherever a command needs a model it takes
+one string, which is
+  - `alignkit-tiny`: the offline tiny model, built on first use into the cache;
+  - a local model directory or a hub id;
+  - a PEFT adapter directory (its adapter_config.json names the base);
+  - a stage directory (its stage.json names base, quantization and adapter).
+`resolve_model_spec` turns any of them into a `ResolvedSpec`; everything else
+here works from that.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alignkit.errors import UserError
+
+TINY_SPEC = "alignkit-tiny"
+
+# Used when a tokenizer ships without a chat template. ChatML-like, with role
+# markers that are plain strings so any tokenizer can encode them; the
+# {% generation %} markers let TRL compute an assistant-only loss mask.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n' }}"
+    "{%- else %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{%- endif %}"
+)
+
+QUANTIZATIONS = ("4bit", "8bit", "none")
+PEFT_METHODS = ("lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "full")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelSettings:
+    """How to load the base model. Mirrors the `model:` section of a recipe."""
+
+    base: str
+    quantization: str = "4bit"  # 4bit | 8bit | none
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    compute_dtype: str = "float32"  # bnb compute dtype; bfloat16 on GPUs that have it
+    dtype: str = "float32"  # dtype of the non-quantized weights
+    attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSettings":
+        return cls(**d)
+
+
+@dataclass
+class PeftSettings:
+    """The adapter to train. Mirrors the `peft:` section of a recipe."""
+
+    method: str = "lora"
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: Any = "all-linear"
+    modules_to_save: list[str] | None = None
+    num_virtual_tokens: int = 16  # prompt / prefix tuning
+    use_rslora: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PeftSettings":
+        return cls(**d)
+
+
+@dataclass
+class ResolvedSpec:
+    """What a model spec points to: the base to load and the adapter (if any) on top."""
+
+    spec: str
+    base: str  # local directory or hub id of the base weights
+    adapter_dir: Path | None = None
+    stage_dir: Path | None = None
+    model_settings: dict = field(default_factory=dict)  # quantization etc. recorded by the stage
+    stage: dict | None = None  # the stage.json, for stage directories
+
+    @property
+    def display_name(self) -> str:
+        if self.stage_dir is not None:
+            return self.stage_dir.name
+        return Path(self.spec).name or self.spec
+
+
+def resolve_base(base: str) -> str:
+    """A base model name as a loadable local path or hub id; builds the tiny model on demand."""
+    if base == TINY_SPEC:
+        from alignkit.tiny import build_tiny_model, default_tiny_dir
+
+        return str(build_tiny_model(default_tiny_dir()))
+    path = Path(base).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"model directory {base} has no config.json")
+        return str(path)
+    # Anything that looks like a path but is not there is a mistake, not a hub id.
+    if base.startswith((".", "/", "~")) or base.count("/") != 1:
+        raise UserError(f"model path does not exist: {base}")
+    return base
+
+
+def resolve_model_spec(spec: str) -> ResolvedSpec:
+    """Resolve a model spec (see module docstring) without loading any weights."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "stage.json").exists():
+        stage = json.loads((path / "stage.json").read_text())
+        if not stage.get("complete"):
+            raise UserError(f"stage directory {spec} is not complete (its stage.json does not say so)")
+        settings = dict(stage.get("model", {}))
+        base = stage["base"]
+        adapter = path if (path / "adapter_config.json").exists() else None
+        return ResolvedSpec(spec, resolve_base(base), adapter, path, settings, stage)
+    if path.is_dir() and (path / "adapter_config.json").exists():
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        base = cfg.get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"{path / 'adapter_config.json'}: no base_model_name_or_path")
+        return ResolvedSpec(spec, resolve_base(base), path)
+    if path.is_dir() and not (path / "config.json").exists():
+        raise UserError(f"{spec} is a directory but neither a model, an adapter nor a stage directory")
+    return ResolvedSpec(spec, resolve_base(spec))
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def load_tokenizer(name_or_path: str, *, padding_side: str = "right"):
+    """Tokenizer with a pad token and a chat template (the default one if it ships none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as err:
+        raise UserError(f"cannot load tokenizer from {name_or_path}: {str(err).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        # Reusing EOS as pad is safe because labels mask padding by attention, not token id.
+        tok.pad_token = tok.eos_token
+    if tok.eos_token is None:
+        raise UserError(f"tokenizer of {name_or_path} has no EOS token")
+    if not tok.chat_template:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    tok.padding_side = padding_side
+    return tok
+
+
+def quantization_config(settings: ModelSettings):
+    from transformers import BitsAndBytesConfig
+
+    if settings.quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=settings.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=settings.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=torch_dtype(settings.compute_dtype),
+        )
+    if settings.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base_model(settings: ModelSettings, *, model_class=None, **kwargs):
+    """Load the base weights as the settings say (quantized or not), on the one available device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_class = model_class or AutoModelForCausalLM
+    base = resolve_base(settings.base)
+    init = dict(dtype=torch_dtype(settings.dtype), trust_remote_code=settings.trust_remote_code, **kwargs)
+    qconf = quantization_config(settings)
+    if qconf is not None:
+        init["quantization_config"] = qconf
+        init["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    if settings.attn_implementation:
+        init["attn_implementation"] = settings.attn_implementation
+    try:
+        model = model_class.from_pretrained(base, **init)
+    except OSError as err:
+        raise UserError(f"cannot load model {settings.base}: {str(err).splitlines()[0]}") from None
+    return model
+
+
+def peft_config(settings: PeftSettings, task_type: str = "CAUSAL_LM"):
+    """The PEFT config for a recipe's `peft:` section; None for full fine-tuning."""
+    import peft
+
+    if settings.method == "full":
+        return None
+    if settings.method in ("lora", "dora"):
+        return peft.LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.lora_alpha,
+            lora_dropout=settings.lora_dropout,
+            target_modules=settings.target_modules,
+            modules_to_save=settings.modules_to_save,
+            use_dora=settings.method == "dora",
+            use_rslora=settings.use_rslora,
+            task_type=task_type,
+        )
+    if settings.method == "ia3":
+        targets = settings.target_modules if settings.target_modules != "all-linear" else None
+        return peft.IA3Config(target_modules=targets, task_type=task_type)
+    if settings.method == "prompt_tuning":
+        return peft.PromptTuningConfig(num_virtual_tokens=settings.num_virtual_tokens, task_type=task_type)
+    if settings.method == "prefix_tuning":
+        return peft.PrefixTuningConfig(num_virtual_tokens=settings.num_virtual_tokens, task_type=task_type)
+    raise UserError(f"unknown peft method {settings.method!r}; one of {', '.join(PEFT_METHODS)}")
+
+
+def prepare_for_training(model, settings: ModelSettings, gradient_checkpointing: bool):
+    """k-bit preparation (fp32 norms, input grads) for quantized bases; a no-op otherwise."""
+    from peft import prepare_model_for_kbit_training
+
+    if settings.quantization in ("4bit", "8bit"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return model
+
+
+def attach_adapter(model, adapter_dir: str | Path, *, trainable: bool, adapter_name: str = "default"):
+    """Wrap `model` with the adapter saved in `adapter_dir` (a PEFT dir or a stage dir)."""
+    from peft import PeftModel
+
+    if hasattr(model, "peft_config"):
+        model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=trainable)
+        return model
+    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=trainable)
+
+
+def load_model_for_inference(spec: str | ResolvedSpec, *, quantization: str | None = None, padding_side: str = "left"):
+    """(model, tokenizer, resolved) for any model spec, in eval mode, adapter attached."""
+    resolved = spec if isinstance(spec, ResolvedSpec) else resolve_model_spec(spec)
+    settings = dict(resolved.model_settings)
+    settings["base"] = resolved.base
+    settings.setdefault("quantization", "none")
+    if quantization is not None:
+        settings["quantization"] = quantization
+    model_settings = ModelSettings.from_dict(settings)
+    tok_source = str(resolved.stage_dir or resolved.adapter_dir or resolved.base)
+    if resolved.adapter_dir is not None and not (Path(tok_source) / "tokenizer_config.json").exists():
+        tok_source = resolved.base
+    tokenizer = load_tokenizer(tok_source, padding_side=padding_side)
+    model = load_base_model(model_settings)
+    if resolved.adapter_dir is not None:
+        model = attach_adapter(model, resolved.adapter_dir, trainable=False)
+    model.eval()
+    return model, tokenizer, resolved
+
+
+def count_parameters(model) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total}
