@@ -1,0 +1,327 @@
+"""Typed recipe config: YAML + `--set` overrides, validated in one place, one clear error per mistake.
+
+A recipe is
+
+    model:   {base, quantization, compute_dtype, ...}   -> alignkit.modeling.ModelSettings
+    peft:    {method, r, lora_alpha, ...}                -> alignkit.modeling.PeftSettings
+    run_dir: runs/my-run          # relative paths resolve against the YAML file's directory
+    seed:    0
+    stages:
+      - {name: sft, kind: sft, data: {...}, train: {...}}
+      - {name: dpo, kind: dpo, after: sft, data: {...}, train: {...}}
+
+`train:` keys are the fields of the stage kind's TRL config (SFTConfig,
+DPOConfig, ...) and pass straight through; `data:` keys are the stage kind's
+DATA_KEYS. Errors name the file, the line and the dotted key, and suggest the
+key that was probably meant.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alignkit.errors import UserError
+from alignkit.training import MANAGED_TRAIN_KEYS
+from alignkit.modeling import DTYPES, PEFT_METHODS, QUANTIZATIONS, ModelSettings, PeftSettings
+
+TOP_LEVEL_KEYS = {"description", "model", "peft", "run_dir", "seed", "stages"}
+STAGE_KEYS = {"name", "kind", "after", "reward", "data", "train"}
+# Stage fields that name another stage: the runner orders by them and passes them to the recipe as parents.
+STAGE_REFERENCES = ("after", "reward")
+# Keys under `data:` whose values are paths (resolved against the YAML's directory).
+PATH_DATA_KEYS = {"train", "eval", "prompts", "eval_prompts", "labels_db"}
+
+
+@dataclass
+class StageConfig:
+    name: str
+    kind: str
+    data: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    after: str | None = None
+    reward: str | None = None
+
+    def references(self) -> dict[str, str]:
+        return {role: getattr(self, role) for role in STAGE_REFERENCES if getattr(self, role)}
+
+
+@dataclass
+class RecipeConfig:
+    path: Path
+    model: ModelSettings
+    peft: PeftSettings
+    run_dir: Path
+    seed: int
+    stages: list[StageConfig]
+    description: str = ""
+    raw: dict = field(default_factory=dict)  # the resolved YAML, for stage.json
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise UserError(f"{self.path}: no stage named {name!r}{_suggest(name, [s.name for s in self.stages])}")
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _Lines:
+    """Line numbers of every key in the YAML, by dotted path (stages addressed by name)."""
+
+    def __init__(self, text: str):
+        self.lines: dict[str, int] = {}
+        try:
+            node = yaml.compose(text)
+        except yaml.YAMLError:
+            return
+        if node is not None:
+            self._walk(node, "")
+
+    def _walk(self, node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                self.lines[key] = k.start_mark.line + 1
+                self._walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                name = None
+                if isinstance(item, yaml.MappingNode):
+                    name = next((v.value for k, v in item.value if k.value == "name"), None)
+                key = f"{prefix}.{name if name is not None else i}"
+                self.lines[key] = item.start_mark.line + 1
+                self._walk(item, key)
+
+    def where(self, path: Path, dotted: str) -> str:
+        # Fall back to the nearest enclosing key that has a line.
+        probe = dotted
+        while probe:
+            if probe in self.lines:
+                return f"{path}:{self.lines[probe]}"
+            probe = probe.rpartition(".")[0]
+        return str(path)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. stages.dpo.train.beta=0.2")
+    key, _, value = item.partition("=")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set one dotted key; `stages.<name>.…` addresses a stage by its name."""
+    keys, value = _parse_override(item)
+    node: Any = raw
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            match = [s for s in node if isinstance(s, dict) and s.get("name") == key]
+            if not match:
+                names = [s.get("name") for s in node if isinstance(s, dict)]
+                raise UserError(f"--set {item}: no stage named {key!r}{_suggest(key, names)}")
+            if last:
+                raise UserError(f"--set {item}: cannot replace a whole stage; set one of its keys")
+            node = match[0]
+            continue
+        if not isinstance(node, dict):
+            raise UserError(f"--set {item}: {'.'.join(keys[:i])} is not a mapping")
+        if last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {})
+
+
+def _check_type(value: Any, annotation: Any) -> bool:
+    """Loose check of a YAML value against a dataclass field annotation (int accepted for float)."""
+    if annotation is Any or annotation is None:
+        return True
+    if isinstance(annotation, str):
+        annotation = {"int": int, "float": float, "bool": bool, "str": str}.get(annotation.split("|")[0].strip(), Any)
+        if annotation is Any:
+            return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_check_type(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _build_dataclass(cls, values: dict, *, section: str, lines: _Lines, path: Path):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in fields:
+            raise UserError(f"{lines.where(path, f'{section}.{key}')}: unknown key {section}.{key}{_suggest(key, fields)}")
+        if not _check_type(value, hints.get(key, Any)):
+            raise UserError(f"{lines.where(path, f'{section}.{key}')}: {section}.{key}={value!r} is not a valid {hints.get(key)}")
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise UserError(f"{lines.where(path, section)}: {section}: {err}") from None
+
+
+def _resolve_path(value: Any, base_dir: Path) -> Any:
+    """Relative paths resolve against the YAML's directory; URLs and non-strings pass through."""
+    if not isinstance(value, str) or "://" in value:
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base_dir / p).resolve())
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_kinds: dict | None = None) -> RecipeConfig:
+    """Load, override and validate a recipe. `stage_kinds` maps kind -> recipe module (for train/data keys)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping with model, peft, run_dir and stages")
+    raw = copy.deepcopy(raw)
+    for item in overrides or []:
+        apply_override(raw, item)
+    lines = _Lines(text)
+    base_dir = path.resolve().parent
+
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            raise UserError(f"{lines.where(path, key)}: unknown key {key}{_suggest(key, TOP_LEVEL_KEYS)}")
+    for key in ("model", "stages"):
+        if key not in raw:
+            raise UserError(f"{path}: missing required key {key!r}")
+
+    model_raw = dict(raw.get("model") or {})
+    if "base" not in model_raw:
+        raise UserError(f"{lines.where(path, 'model')}: model.base is required (hub id, local dir or alignkit-tiny)")
+    base = model_raw["base"]
+    if isinstance(base, str) and base.startswith((".", "/", "~")):
+        model_raw["base"] = _resolve_path(base, base_dir)
+    model = _build_dataclass(ModelSettings, model_raw, section="model", lines=lines, path=path)
+    for key, value, allowed in (
+        ("model.quantization", model.quantization, QUANTIZATIONS),
+        ("model.compute_dtype", model.compute_dtype, DTYPES),
+        ("model.dtype", model.dtype, DTYPES),
+    ):
+        if value not in allowed:
+            raise UserError(f"{lines.where(path, key)}: {key}={value!r}; one of {', '.join(allowed)}{_suggest(value, allowed)}")
+
+    peft = _build_dataclass(PeftSettings, dict(raw.get("peft") or {}), section="peft", lines=lines, path=path)
+    if peft.method not in PEFT_METHODS:
+        raise UserError(f"{lines.where(path, 'peft.method')}: peft.method={peft.method!r}; one of {', '.join(PEFT_METHODS)}{_suggest(peft.method, PEFT_METHODS)}")
+    if peft.method == "full" and model.quantization != "none":
+        raise UserError(f"{lines.where(path, 'peft.method')}: full fine-tuning needs model.quantization: none")
+
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(f"{lines.where(path, 'seed')}: seed={seed!r} is not an integer")
+    run_dir = Path(_resolve_path(raw.get("run_dir") or f"runs/{path.stem}", base_dir))
+
+    stages_raw = raw["stages"]
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise UserError(f"{lines.where(path, 'stages')}: stages must be a non-empty list")
+    stages: list[StageConfig] = []
+    for i, s in enumerate(stages_raw):
+        if not isinstance(s, dict):
+            raise UserError(f"{lines.where(path, f'stages.{i}')}: each stage must be a mapping")
+        sname = s.get("name")
+        where_key = f"stages.{sname if sname is not None else i}"
+        if not isinstance(sname, str) or not sname or "/" in sname or sname.startswith("."):
+            raise UserError(f"{lines.where(path, where_key)}: stage {i} needs a name (a plain directory name)")
+        for key in s:
+            if key not in STAGE_KEYS:
+                raise UserError(f"{lines.where(path, f'{where_key}.{key}')}: unknown key {where_key}.{key}{_suggest(key, STAGE_KEYS)}")
+        kind = s.get("kind")
+        if stage_kinds is not None and kind not in stage_kinds:
+            raise UserError(f"{lines.where(path, f'{where_key}.kind')}: {where_key}.kind={kind!r}; one of {', '.join(stage_kinds)}{_suggest(kind, stage_kinds)}")
+        data = dict(s.get("data") or {})
+        train = dict(s.get("train") or {})
+        if stage_kinds is not None:
+            module = stage_kinds[kind]
+            for key in data:
+                if key not in module.DATA_KEYS:
+                    raise UserError(f"{lines.where(path, f'{where_key}.data.{key}')}: unknown key {where_key}.data.{key}{_suggest(key, module.DATA_KEYS)}")
+            train_fields = {f.name for f in dataclasses.fields(module.TRAIN_CONFIG)}
+            hints = typing.get_type_hints(module.TRAIN_CONFIG)
+            for key, value in train.items():
+                if key not in train_fields or key in MANAGED_TRAIN_KEYS:
+                    extra = " (set by alignkit)" if key in train_fields else ""
+                    raise UserError(f"{lines.where(path, f'{where_key}.train.{key}')}: unknown key {where_key}.train.{key}{extra}{_suggest(key, train_fields)}")
+                if not _check_type(value, hints.get(key, Any)):
+                    raise UserError(f"{lines.where(path, f'{where_key}.train.{key}')}: {where_key}.train.{key}={value!r} is not a valid {hints.get(key)}")
+        data = {k: (_resolve_path(v, base_dir) if k in PATH_DATA_KEYS else v) for k, v in data.items()}
+        stages.append(StageConfig(name=sname, kind=kind, data=data, train=train, after=s.get("after"), reward=s.get("reward")))
+
+    names = [s.name for s in stages]
+    for s in stages:
+        if names.count(s.name) > 1:
+            raise UserError(f"{lines.where(path, f'stages.{s.name}')}: two stages are named {s.name!r}")
+        for role, ref in s.references().items():
+            if ref not in names:
+                raise UserError(f"{lines.where(path, f'stages.{s.name}.{role}')}: stages.{s.name}.{role}: no stage named {ref!r}{_suggest(ref, names)}")
+            if ref == s.name:
+                raise UserError(f"{lines.where(path, f'stages.{s.name}.{role}')}: stage {s.name!r} cannot depend on itself")
+    order_stages(stages)  # raises on cycles
+    return RecipeConfig(path=path, model=model, peft=peft, run_dir=run_dir, seed=seed, stages=stages,
+                        description=raw.get("description", ""), raw=raw)
+
+
+def order_stages(stages: list[StageConfig]) -> list[StageConfig]:
+    """Dependency order (parents first), stable with respect to the file order."""
+    from graphlib import CycleError, TopologicalSorter
+
+    by_name = {s.name: s for s in stages}
+    sorter = TopologicalSorter({s.name: set(s.references().values()) for s in stages})
+    try:
+        sorter.prepare()
+    except CycleError as err:
+        raise UserError(f"stages depend on each other in a cycle: {' -> '.join(err.args[1])}") from None
+    ordered, position = [], {s.name: i for i, s in enumerate(stages)}
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready(), key=position.get)
+        for name in ready:
+            ordered.append(by_name[name])
+            sorter.done(name)
+    return ordered
+
+
+def descendants(stages: list[StageConfig], name: str) -> set[str]:
+    out, frontier = set(), {name}
+    while frontier:
+        frontier = {s.name for s in stages if set(s.references().values()) & frontier} - out
+        out |= frontier
+    return out

@@ -1,0 +1,63 @@
+"""Reading rows from JSONL files or saved HF dataset directories, with errors that say file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from alignkit.errors import UserError
+
+
+def read_jsonl(path: str | Path, *, what: str = "data") -> list[dict]:
+    """All rows of a JSONL file; a malformed line is an error naming file:line (nothing is half-read)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} file not found: {path}")
+    if path.is_dir():
+        raise UserError(f"{what}: {path} is a directory, expected a .jsonl file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            row["_line"] = lineno
+            rows.append(row)
+    return rows
+
+
+def load_rows(source: str | Path, *, what: str = "data") -> list[dict]:
+    """Rows from a .jsonl/.json file or a `datasets.save_to_disk` directory. Rows carry `_line` when from JSONL."""
+    path = Path(source)
+    if path.is_dir():
+        if not ((path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+            raise UserError(f"{what}: {path} is not a saved HF dataset directory (no dataset_info.json)")
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise UserError(f"{what}: {path} has splits {list(ds)}, expected a 'train' split")
+            ds = ds["train"]
+        return [dict(r) for r in ds]
+    if path.suffix == ".json":
+        if not path.exists():
+            raise UserError(f"{what} file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON list of objects")
+        return data
+    return read_jsonl(path, what=what)
+
+
+def where(source: str | Path, row: dict) -> str:
+    """`file:line` for a JSONL row, the file alone otherwise."""
+    return f"{source}:{row['_line']}" if "_line" in row else str(source)

@@ -1,0 +1,119 @@
+"""What every Trainer-based stage shares: TRL config from `train:`, divergence guard, logging, saving.
+
+Defaults that differ from TRL's (a recipe's `train:` overrides any of them):
+  bf16           true only on a GPU that supports it (TRL defaults to true, which fails on CPU)
+  use_cpu        true when no GPU is visible
+  logging_steps  5        (TRL: 10) tiny stages should still log a few points
+  save_steps     50       (TRL: 500) so --resume has something to continue from
+  save_total_limit 2      (TRL: unlimited) checkpoints of adapters are small, but not free
+  seed           the recipe's seed
+Set by alignkit and not settable (MANAGED_TRAIN_KEYS): output_dir, report_to, logging_dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from alignkit.errors import TrainingDiverged, UserError
+
+MANAGED_TRAIN_KEYS = ("output_dir", "report_to", "logging_dir", "resume_from_checkpoint", "push_to_hub", "hub_model_id")
+
+
+def alignkit_defaults(seed: int) -> dict:
+    import torch
+
+    gpu = torch.cuda.is_available()
+    return {
+        "bf16": bool(gpu and torch.cuda.is_bf16_supported()),
+        "use_cpu": not gpu,
+        "logging_steps": 5,
+        "save_steps": 50,
+        "save_total_limit": 2,
+        "seed": seed,
+        # Fused AdamW is CUDA-only in some torch builds; plain AdamW is the portable default on CPU.
+        **({} if gpu else {"optim": "adamw_torch"}),
+    }
+
+
+def trl_args(config_cls, stage, extra_defaults: dict | None = None):
+    """The stage's TRL config: alignkit defaults < recipe-kind defaults < the recipe's `train:`."""
+    values = {**alignkit_defaults(stage.seed), **(extra_defaults or {}), **stage.train}
+    values["output_dir"] = str(Path(stage.stage_dir) / "checkpoints")
+    values["report_to"] = "none"  # TensorBoard is attached explicitly, writing to stage_dir/logs
+    try:
+        return config_cls(**values)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"stage {stage.name}: invalid train settings: {str(err).splitlines()[0]}") from None
+
+
+def tensorboard_callback(stage_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(Path(stage_dir) / "logs")))
+
+
+def divergence_guard():
+    """A TrainerCallback that stops training on a non-finite loss or gradient, before the optimizer step.
+
+    The Trainer's own `logging_nan_inf_filter` only hides NaN losses in the logs
+    and keeps stepping; we raise instead, so the last checkpoint stays the last
+    good one and the stage is left incomplete.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    class DivergenceGuard(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if model is None:
+                return
+            for name, p in model.named_parameters():
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    raise TrainingDiverged(
+                        f"non-finite gradient in {name} at step {state.global_step + 1}; "
+                        f"last good checkpoint kept, stage left incomplete (lower the learning rate?)"
+                    )
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss", "train_loss", "grad_norm"):
+                value = (logs or {}).get(key)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise TrainingDiverged(f"{key} is {value} at step {state.global_step}; stage left incomplete")
+
+    return DivergenceGuard()
+
+
+def final_metrics(trainer, train_output=None) -> dict:
+    """Last logged value of each metric, plus the train summary and an evaluation if there is eval data."""
+    metrics: dict = {}
+    for entry in trainer.state.log_history:
+        for k, v in entry.items():
+            if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                metrics[k] = v
+    if train_output is not None:
+        metrics.update({k: v for k, v in train_output.metrics.items() if isinstance(v, (int, float))})
+    if trainer.eval_dataset is not None:
+        metrics.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
+    metrics["global_step"] = trainer.state.global_step
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
+
+
+def save_policy(model, tokenizer, stage_dir: Path, adapter_name: str = "default") -> None:
+    """The trained adapter (only the policy's, not TRL's frozen `ref` copy) + tokenizer at the stage dir top level."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(str(stage_dir), selected_adapters=[adapter_name], safe_serialization=True)
+        # PEFT writes non-default adapters into a subfolder; the policy must sit at the top level.
+        sub = Path(stage_dir) / adapter_name
+        if adapter_name != "default" and sub.is_dir():
+            for f in sub.iterdir():
+                f.replace(Path(stage_dir) / f.name)
+            sub.rmdir()
+    else:
+        model.save_pretrained(str(stage_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(stage_dir))
+
+
+def config_fields(config_cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_cls)}

@@ -1,0 +1,69 @@
+"""DPO stage: direct preference optimisation of the parent's adapter with TRL's DPOTrainer.
+
+Reads top to bottom: data -> tokenizer -> model (+ parent adapter) -> trainer -> stage directory.
+The policy starts as a trainable copy of the parent (SFT) adapter; TRL keeps a
+frozen copy of it as the `ref` adapter on the same base, so the reference is
+the parent policy and the base weights are in memory once. Without a parent,
+the reference is the base with the adapter disabled.
+Data: prompt/chosen/rejected (plain or conversational) from JSONL, a dataset
+dir, or `labels_db:` (a label store, exported with its aggregation policy).
+
+Defaults that differ from TRL's DPOConfig (besides alignkit.training's):
+  learning_rate  5e-5  (TRL: 1e-6, a full fine-tuning rate; adapters want more)
+"""
+
+from __future__ import annotations
+
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+
+from alignkit.artifacts import file_fingerprint
+from alignkit.data.sources import load_preference_split
+from alignkit.modeling import attach_adapter, load_base_model, load_tokenizer, peft_config, prepare_for_training, resolve_base
+from alignkit.training import divergence_guard, final_metrics, save_policy, tensorboard_callback, trl_args
+
+TRAIN_CONFIG = DPOConfig
+DATA_KEYS = {"train", "eval", "eval_fraction", "labels_db", "min_agreement", "ties", "both_bad"}
+DEFAULTS = {"learning_rate": 5e-5}
+
+
+def load_data(stage):
+    return load_preference_split(stage.data, stage.seed, stage.name)
+
+
+def run(stage) -> dict:
+    train_rows, eval_rows, info = stage.prepared
+    columns = ("prompt", "chosen", "rejected")
+    train_rows = [{k: r[k] for k in columns} for r in train_rows]
+    eval_rows = [{k: r[k] for k in columns} for r in eval_rows]
+
+    parent = stage.parents.get("after")
+    tokenizer = load_tokenizer(str(parent) if parent else resolve_base(stage.model.base))
+    args = trl_args(DPOConfig, stage, DEFAULTS)
+
+    # Model: one base; the parent's adapter becomes the trainable policy ("default") and TRL's frozen "ref".
+    model = load_base_model(stage.model)
+    model = prepare_for_training(model, stage.model, args.gradient_checkpointing)
+    new_adapter = None
+    if parent:
+        model = attach_adapter(model, parent, trainable=True)
+        info["initialized_from"] = str(parent)
+        info["initialized_from_sha256"] = file_fingerprint(parent / "adapter_model.safetensors")
+        info["reference"] = f"{parent} (frozen copy of the parent adapter)"
+    else:
+        new_adapter = peft_config(stage.peft)
+        info["reference"] = "base model (adapter disabled)"
+
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=new_adapter,
+        callbacks=[divergence_guard(), tensorboard_callback(stage.stage_dir)],
+    )
+    output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
+
+    save_policy(trainer.model, tokenizer, stage.stage_dir)
+    return {"metrics": final_metrics(trainer, output), "data": info}

@@ -1,0 +1,257 @@
+"""The pipeline runner: a recipe's stages in dependency order, each into its own stage directory.
+
+    alignkit run recipes/configs/tiny_sft_dpo.yaml [--set stages.dpo.train.beta=0.2] [--resume]
+
+For each stage, in order: hash its resolved config, its data and its parents'
+hashes; if `<run_dir>/<name>/stage.json` is complete with that hash, skip it;
+otherwise train it and write stage.json last. Changing one stage's config
+changes its hash and so its descendants' — they re-run, nothing else does.
+All stages' configs and data are checked before any stage trains, so bad input
+leaves every stage directory as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alignkit import artifacts
+from alignkit.config import RecipeConfig, StageConfig, load_recipe, order_stages
+from alignkit.errors import UserError
+from alignkit.modeling import ModelSettings, PeftSettings
+
+# kind -> the recipe file that trains it. Each module defines TRAIN_CONFIG, DATA_KEYS,
+# run(stage) and optionally load_data(stage) (called for every stage before any trains).
+STAGE_RECIPES = {
+    "sft": "recipes.sft",
+    "dpo": "recipes.dpo",
+    "reward": "recipes.reward",
+    "ppo": "recipes.ppo",
+    "rloo": "recipes.rloo",
+    "grpo": "recipes.grpo",
+}
+
+
+class _RecipeModules(dict):
+    """kind -> imported recipe module, imported on first use (so `sft` never imports PPO code)."""
+
+    def __contains__(self, kind) -> bool:
+        return kind in STAGE_RECIPES
+
+    def __iter__(self):
+        return iter(STAGE_RECIPES)
+
+    def __getitem__(self, kind):
+        if kind not in STAGE_RECIPES:
+            raise KeyError(kind)
+        try:
+            return importlib.import_module(STAGE_RECIPES[kind])
+        except ModuleNotFoundError as err:
+            if err.name == STAGE_RECIPES[kind]:
+                raise UserError(f"stage kind {kind!r} is not available in this version of alignkit") from None
+            raise
+
+
+RECIPES = _RecipeModules()
+
+
+@dataclass
+class StageRun:
+    """Everything a recipe's run() needs; built by the runner, never by the recipe."""
+
+    name: str
+    kind: str
+    stage_dir: Path
+    model: ModelSettings
+    peft: PeftSettings
+    data: dict
+    train: dict
+    parents: dict[str, Path]  # role ("after", "reward") -> complete stage directory
+    seed: int
+    config_hash: str = ""
+    resume_from: Path | None = None
+    prepared: Any = None  # what the recipe's load_data returned
+    extra: dict = field(default_factory=dict)
+
+
+def stage_hash(cfg: RecipeConfig, stage: StageConfig, parent_hashes: dict[str, str]) -> str:
+    from alignkit.data.sources import data_fingerprint
+
+    return artifacts.stable_hash({
+        "kind": stage.kind,
+        "model": dataclasses.asdict(cfg.model),
+        "peft": dataclasses.asdict(cfg.peft),
+        "seed": cfg.seed,
+        "data": stage.data,
+        "data_fingerprint": data_fingerprint(stage.data),
+        "train": stage.train,
+        "parents": {role: parent_hashes[ref] for role, ref in stage.references().items()},
+    })
+
+
+def make_stage_run(cfg: RecipeConfig, stage: StageConfig, config_hash: str) -> StageRun:
+    return StageRun(
+        name=stage.name,
+        kind=stage.kind,
+        stage_dir=cfg.run_dir / stage.name,
+        model=cfg.model,
+        peft=cfg.peft,
+        data=stage.data,
+        train=stage.train,
+        parents={role: cfg.run_dir / ref for role, ref in stage.references().items()},
+        seed=cfg.seed,
+        config_hash=config_hash,
+    )
+
+
+def _lineage(cfg: RecipeConfig, stage: StageConfig) -> list[str]:
+    chain, current = [], stage
+    while current.after:
+        chain.append(current.after)
+        current = cfg.stage(current.after)
+    return chain
+
+
+def _record(cfg: RecipeConfig, stage: StageConfig, run: StageRun, result: dict, hashes: dict, wall: float) -> dict:
+    from alignkit.modeling import resolve_base
+
+    return {
+        "name": stage.name,
+        "kind": stage.kind,
+        "base": cfg.model.base,
+        "base_resolved": resolve_base(cfg.model.base),
+        "model": dataclasses.asdict(cfg.model),
+        "peft": dataclasses.asdict(cfg.peft),
+        "parents": {role: {"name": ref, "path": str(cfg.run_dir / ref), "config_hash": hashes[ref]}
+                    for role, ref in stage.references().items()},
+        "lineage": _lineage(cfg, stage),
+        "recipe": str(cfg.path.resolve()),
+        "config": {"kind": stage.kind, "after": stage.after, "reward": stage.reward, "data": stage.data,
+                   "train": stage.train, "seed": cfg.seed},
+        "config_hash": run.config_hash,
+        "data": result.get("data", {}),
+        "metrics": result.get("metrics", {}),
+        "wall_seconds": round(wall, 2),
+    }
+
+
+def run_recipe(
+    config: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    resume: bool = False,
+    only: list[str] | None = None,
+    dry_run: bool = False,
+    launcher: str = "local",
+    accelerate_config: str | None = None,
+    num_processes: int | None = None,
+    log=print,
+) -> dict[str, dict]:
+    """Run (or skip) every stage; returns {stage name: stage.json record}."""
+    cfg = load_recipe(config, overrides, stage_kinds=RECIPES)
+    ordered = order_stages(cfg.stages)
+    if only:
+        for name in only:
+            cfg.stage(name)  # unknown names are errors
+    # Hash and check everything up front: bad data anywhere stops us before any stage is touched.
+    hashes: dict[str, str] = {}
+    runs: dict[str, StageRun] = {}
+    for stage in ordered:
+        hashes[stage.name] = stage_hash(cfg, stage, hashes)
+        runs[stage.name] = make_stage_run(cfg, stage, hashes[stage.name])
+    todo = [s for s in ordered if (not only or s.name in only) and not artifacts.is_complete(runs[s.name].stage_dir, hashes[s.name])]
+    for stage in ordered:
+        if stage in todo:
+            module = RECIPES[stage.kind]
+            if hasattr(module, "load_data"):
+                runs[stage.name].prepared = module.load_data(runs[stage.name])
+    for stage in todo:
+        for role, parent_dir in runs[stage.name].parents.items():
+            parent = next(s for s in ordered if cfg.run_dir / s.name == parent_dir)
+            if parent not in todo and not artifacts.is_complete(parent_dir, hashes[parent.name]):
+                raise UserError(f"stage {stage.name} needs {role} stage {parent.name} complete first (run without --only)")
+
+    records: dict[str, dict] = {}
+    for i, stage in enumerate(ordered, 1):
+        run = runs[stage.name]
+        tag = f"[{i}/{len(ordered)}] {stage.name} ({stage.kind})"
+        if stage not in todo:
+            if artifacts.is_complete(run.stage_dir, hashes[stage.name]):
+                log(f"{tag}: complete, skipped ({run.stage_dir})")
+                records[stage.name] = artifacts.read_stage(run.stage_dir)
+            continue
+        if dry_run:
+            log(f"{tag}: would train into {run.stage_dir}")
+            continue
+        can_resume = artifacts.begin_stage(run.stage_dir, run.config_hash, resume=resume)
+        run.resume_from = artifacts.last_complete_checkpoint(run.stage_dir) if can_resume else None
+        log(f"{tag}: training into {run.stage_dir}" + (f", resuming from {run.resume_from.name}" if run.resume_from else ""))
+        start = time.time()
+        if launcher == "accelerate":
+            result = _launch_with_accelerate(cfg, stage, run, overrides or [], accelerate_config, num_processes)
+        else:
+            result = RECIPES[stage.kind].run(run)
+        record = _record(cfg, stage, run, result, hashes, time.time() - start)
+        records[stage.name] = artifacts.complete_stage(run.stage_dir, record)
+        log(f"{tag}: complete in {record['wall_seconds']:.0f}s; " + _summary(record["metrics"]))
+    return records
+
+
+def _summary(metrics: dict) -> str:
+    keys = [k for k in ("train_loss", "eval_loss", "rewards/accuracies", "eval_accuracy", "rewards/margins", "mean_reward", "kl") if k in metrics]
+    return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics[k], (int, float))) or "done"
+
+
+def _launch_with_accelerate(cfg, stage, run: StageRun, overrides, accelerate_config, num_processes) -> dict:
+    """Run one stage under `accelerate launch`; the runner (hashing, stage.json) stays in this process."""
+    plan = {"config": str(cfg.path.resolve()), "overrides": overrides, "stage": stage.name,
+            "resume_from": str(run.resume_from) if run.resume_from else None}
+    plan_path = run.stage_dir / "plan.json"
+    artifacts.write_json_atomic(plan_path, plan)
+    result_path = run.stage_dir / "result.json"
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config:
+        cmd += ["--config_file", accelerate_config]
+    if num_processes:
+        cmd += ["--num_processes", str(num_processes)]
+    cmd += ["-m", "alignkit.cli", "_stage", str(plan_path)]
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0 or not result_path.exists():
+        raise UserError(f"stage {stage.name} failed under accelerate launch (exit {proc.returncode}); see the output above")
+    return json.loads(result_path.read_text())
+
+
+def run_stage_from_plan(plan_path: str) -> int:
+    """Entry point of one accelerate-launched process: train the stage; rank 0 writes result.json."""
+    plan = json.loads(Path(plan_path).read_text())
+    cfg = load_recipe(plan["config"], plan["overrides"], stage_kinds=RECIPES)
+    hashes: dict[str, str] = {}
+    for s in order_stages(cfg.stages):
+        hashes[s.name] = stage_hash(cfg, s, hashes)
+    stage = cfg.stage(plan["stage"])
+    run = make_stage_run(cfg, stage, hashes[stage.name])
+    run.resume_from = Path(plan["resume_from"]) if plan["resume_from"] else None
+    module = RECIPES[stage.kind]
+    if hasattr(module, "load_data"):
+        run.prepared = module.load_data(run)
+    result = module.run(run)
+    if int(os.environ.get("RANK", "0")) == 0:
+        artifacts.write_json_atomic(run.stage_dir / "result.json", result)
+    return 0
+
+
+def run_recipe_from_cli(args) -> int:
+    if args.launcher != "accelerate" and (args.accelerate_config or args.num_processes):
+        raise UserError("--accelerate-config and --num-processes need --launcher accelerate")
+    run_recipe(args.config, args.overrides, resume=args.resume, only=args.only, dry_run=args.dry_run,
+               launcher=args.launcher, accelerate_config=args.accelerate_config, num_processes=args.num_processes)
+    return 0
