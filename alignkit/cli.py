@@ -181,8 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_dependency_noise() -> None:
+    import warnings
+
+    # TRL's configs still use transformers' old `gradient_checkpointing` names; the rename warning is not the user's to fix.
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*torch.jit.script_method.* is deprecated", category=DeprecationWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_dependency_noise()
     try:
         return int(args.handler(args) or 0)
     except UserError as err:

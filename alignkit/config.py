@@ -148,6 +148,16 @@ def apply_override(raw: dict, item: str) -> None:
             node = node.setdefault(key, {})
 
 
+def _coerce(value: Any, annotation: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; accept it where a float is expected."""
+    if isinstance(value, str) and _check_type(0.5, annotation) and not _check_type(value, annotation):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _check_type(value: Any, annotation: Any) -> bool:
     """Loose check of a YAML value against a dataclass field annotation (int accepted for float)."""
     if annotation is Any or annotation is None:
@@ -179,6 +189,7 @@ def _check_type(value: Any, annotation: Any) -> bool:
 def _build_dataclass(cls, values: dict, *, section: str, lines: _Lines, path: Path):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    values = {k: _coerce(v, hints.get(k, Any)) for k, v in values.items()}
     for key, value in values.items():
         if key not in fields:
             raise UserError(f"{lines.where(path, f'{section}.{key}')}: unknown key {section}.{key}{_suggest(key, fields)}")
@@ -277,6 +288,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
                     raise UserError(f"{lines.where(path, f'{where_key}.data.{key}')}: unknown key {where_key}.data.{key}{_suggest(key, module.DATA_KEYS)}")
             train_fields = {f.name for f in dataclasses.fields(module.TRAIN_CONFIG)}
             hints = typing.get_type_hints(module.TRAIN_CONFIG)
+            train = {k: _coerce(v, hints.get(k, Any)) for k, v in train.items()}
             for key, value in train.items():
                 if key not in train_fields or key in MANAGED_TRAIN_KEYS:
                     extra = " (set by alignkit)" if key in train_fields else ""

@@ -1,0 +1,106 @@
+"""Bad input: one clear line naming what and where, exit status 2, no traceback, nothing marked complete."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from alignkit.cli import EXIT_BAD_INPUT, main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def _assert_one_clean_line(code, err, *needles):
+    assert code == EXIT_BAD_INPUT, err
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def _no_stage_complete(run_dir):
+    return not any(p.name == "stage.json" for p in run_dir.rglob("stage.json")) if run_dir.exists() else True
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code, err = _run(capsys, "run", str(tmp_path / "nope.yaml"))
+    _assert_one_clean_line(code, err, "config file not found", "nope.yaml")
+
+
+def test_invalid_yaml_names_line(capsys, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  base: x\nstages: [\n  - {name: a\n")
+    code, err = _run(capsys, "run", str(path))
+    _assert_one_clean_line(code, err, f"{path}:", "invalid YAML")
+
+
+@pytest.mark.parametrize(
+    "edit, needles",
+    [
+        (lambda raw: raw["stages"][0]["train"].update(lerning_rate=1.0), ["lerning_rate", "did you mean 'learning_rate'"]),
+        (lambda raw: raw["stages"][0]["train"].update(max_steps="lots"), ["stages.sft.train.max_steps='lots'"]),
+        (lambda raw: raw["model"].update(base="/no/such/model"), ["model path does not exist", "/no/such/model"]),
+        (lambda raw: raw["stages"][0]["data"].update(train="/no/such/data.jsonl"), ["not found", "/no/such/data.jsonl"]),
+    ],
+)
+def test_config_mistakes(capsys, tiny_recipe, edit, needles):
+    path = tiny_recipe(edit)
+    code, err = _run(capsys, "run", str(path))
+    _assert_one_clean_line(code, err, *needles)
+    assert _no_stage_complete(path.parent / "run")
+
+
+@pytest.mark.parametrize(
+    "content, needles",
+    [
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [oops\n', [":2:", "malformed JSON"]),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"text_typo": "x"}\n', [":2:", "missing column 'messages'"]),
+        ("", ["empty"]),
+        ('{"prompt": "a"}\n', [":1:", "'prompt' + 'completion'"]),
+    ],
+)
+def test_bad_sft_data_leaves_every_stage_untouched(capsys, tiny_recipe, tmp_path, content, needles):
+    data = tmp_path / "sft.jsonl"
+    data.write_text(content)
+    path = tiny_recipe(lambda raw: raw["stages"][0]["data"].update(train=str(data)))
+    code, err = _run(capsys, "run", str(path))
+    _assert_one_clean_line(code, err, *needles)
+    assert not (path.parent / "run").exists(), "a stage directory was created for bad input"
+
+
+def test_bad_preference_data_checked_before_sft_trains(capsys, tiny_recipe, tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
+    path = tiny_recipe(lambda raw: raw["stages"][1]["data"].update(train=str(data)))
+    code, err = _run(capsys, "run", str(path))
+    _assert_one_clean_line(code, err, f"{data}:1", "missing column 'rejected'")
+    assert not (path.parent / "run").exists(), "SFT trained although DPO's data was bad"
+
+
+def test_complete_stage_survives_bad_input_in_a_later_run(capsys, tiny_recipe, tmp_path, tiny_model_dir):
+    from alignkit.artifacts import read_stage
+
+    def small(raw):
+        raw["stages"][0]["train"]["max_steps"] = 2
+        raw["stages"][1]["train"]["max_steps"] = 1
+
+    path = tiny_recipe(small)
+    assert main(["run", str(path)]) == 0
+    capsys.readouterr()
+    before = (path.parent / "run" / "sft" / "stage.json").read_text()
+    data = tmp_path / "broken.jsonl"
+    data.write_text("{not json\n")
+    code, err = _run(capsys, "run", str(path), "--set", f"stages.dpo.data.train={data}")
+    _assert_one_clean_line(code, err, f"{data}:1")
+    assert (path.parent / "run" / "sft" / "stage.json").read_text() == before
+    assert read_stage(path.parent / "run" / "dpo")["complete"], "the old DPO stage was touched"
+
+
+def test_bad_input_exit_status_through_the_console_script(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "alignkit.cli", "run", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr

@@ -1,0 +1,133 @@
+"""The runner: skip complete stages, re-run what changed and its descendants, survive a kill, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alignkit.artifacts import last_complete_checkpoint, read_stage
+from recipes.runner import run_recipe
+
+
+def _small(raw):
+    raw["stages"][0]["train"]["max_steps"] = 4
+    raw["stages"][1]["train"]["max_steps"] = 2
+
+
+def _mtime(run, name):
+    return (run / name / "stage.json").stat().st_mtime_ns
+
+
+def test_rerun_skips_and_changes_rerun_descendants_only(tiny_recipe, tiny_model_dir):
+    path = tiny_recipe(_small)
+    run = Path(json.loads(json.dumps(str(path.parent / "run"))))
+    lines = []
+    run_recipe(path, log=lines.append)
+    first = {n: _mtime(run, n) for n in ("sft", "dpo")}
+
+    lines.clear()
+    run_recipe(path, log=lines.append)
+    assert all("skipped" in line for line in lines), lines
+    assert {n: _mtime(run, n) for n in ("sft", "dpo")} == first
+
+    # A DPO-only change re-runs DPO and leaves SFT alone.
+    run_recipe(path, ["stages.dpo.train.beta=0.3"], log=lines.append)
+    assert _mtime(run, "sft") == first["sft"] and _mtime(run, "dpo") != first["dpo"]
+    assert read_stage(run / "dpo")["config"]["train"]["beta"] == 0.3
+
+    # An SFT change re-runs SFT and, through the parent hash, DPO.
+    second_dpo = _mtime(run, "dpo")
+    run_recipe(path, ["stages.dpo.train.beta=0.3", "stages.sft.train.learning_rate=0.001"], log=lines.append)
+    assert _mtime(run, "sft") != first["sft"] and _mtime(run, "dpo") != second_dpo
+
+
+def test_data_change_reruns_the_stage(tiny_recipe, tmp_path, tiny_model_dir):
+    from tests.conftest import TINY_RECIPE
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text((TINY_RECIPE.parent / "../data/tiny_prefs.jsonl").resolve().read_text())
+
+    def edit(raw):
+        _small(raw)
+        raw["stages"][1]["data"]["train"] = str(prefs)
+
+    path = tiny_recipe(edit)
+    run_recipe(path, log=lambda *_: None)
+    before = _mtime(path.parent / "run", "dpo")
+    prefs.write_text("\n".join(prefs.read_text().splitlines()[:-3]) + "\n")
+    run_recipe(path, log=lambda *_: None)
+    assert _mtime(path.parent / "run", "dpo") != before
+
+
+@pytest.mark.slow
+def test_killed_stage_is_incomplete_and_resume_continues(tiny_recipe, tiny_model_dir):
+    def long_sft(raw):
+        raw["stages"][0]["train"].update(max_steps=60, save_steps=3, logging_steps=3, save_total_limit=3)
+        raw["stages"][1]["train"]["max_steps"] = 2
+
+    path = tiny_recipe(long_sft)
+    run = path.parent / "run"
+    cmd = [sys.executable, "-m", "alignkit.cli", "run", str(path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 180
+    while time.time() < deadline and last_complete_checkpoint(run / "sft") is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    checkpoint = last_complete_checkpoint(run / "sft")
+    assert checkpoint is not None, "no checkpoint was written before the kill"
+    assert read_stage(run / "sft") is None, "a killed stage must not be complete"
+
+    # A half-written newer checkpoint (Trainer writes are not atomic) must be skipped, not crash the resume.
+    broken = run / "sft" / "checkpoints" / "checkpoint-999"
+    broken.mkdir()
+    (broken / "adapter_model.safetensors").write_bytes(b"partial")
+    resumed_from = last_complete_checkpoint(run / "sft")
+    assert resumed_from != broken
+
+    lines = []
+    run_recipe(path, resume=True, log=lines.append)
+    assert any(f"resuming from {resumed_from.name}" in line for line in lines), lines
+    sft = read_stage(run / "sft")
+    assert sft["complete"] and sft["metrics"]["global_step"] == 60
+    assert read_stage(run / "dpo")["complete"]
+
+
+def test_interrupted_stage_completes_on_plain_rerun(tiny_recipe, tiny_model_dir):
+    path = tiny_recipe(_small)
+    run = path.parent / "run"
+    (run / "sft" / "checkpoints" / "checkpoint-2").mkdir(parents=True)  # leftovers of a crash
+    (run / "sft" / "pending.json").write_text('{"config_hash": "something-else"}')
+    run_recipe(path, log=lambda *_: None)
+    assert read_stage(run / "sft")["complete"] and read_stage(run / "dpo")["complete"]
+
+
+def test_cli_chain_end_to_end(tiny_recipe, tiny_model_dir):
+    path = tiny_recipe(_small)
+    out = subprocess.run([sys.executable, "-m", "alignkit.cli", "run", str(path)], capture_output=True, text=True, env=os.environ.copy())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[2/2] dpo (dpo): complete" in out.stdout
+    dpo = read_stage(path.parent / "run" / "dpo")
+    assert dpo["complete"] and dpo["parents"]["after"]["name"] == "sft"
+
+
+def test_divergence_stops_keeps_last_good_checkpoint(tiny_recipe, tiny_model_dir, capsys):
+    from alignkit.cli import EXIT_DIVERGED, main
+
+    path = tiny_recipe(_small)
+    code = main(["run", str(path), "--only", "sft",
+                 "--set", "stages.sft.train.learning_rate=1e30", "--set", "stages.sft.train.lr_scheduler_type=constant",
+                 "--set", "stages.sft.train.max_grad_norm=0", "--set", "stages.sft.train.save_steps=1",
+                 "--set", "stages.sft.train.max_steps=10"])
+    err = capsys.readouterr().err
+    assert code == EXIT_DIVERGED
+    assert "non-finite" in err and "Traceback" not in err
+    run = path.parent / "run"
+    assert read_stage(run / "sft") is None
+    assert last_complete_checkpoint(run / "sft") is not None

@@ -1,0 +1,99 @@
+"""SFT and DPO stages on the tiny model: the adapter moves, the base does not, stage.json tells the truth."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignkit.artifacts import file_fingerprint, read_stage
+from alignkit.modeling import ModelSettings, attach_adapter, load_base_model
+from recipes.runner import run_recipe
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_model_dir):
+    """One SFT -> DPO run shared by the assertions below (training is the slow part)."""
+    from tests.conftest import TINY_RECIPE
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("chain")
+    raw = yaml.safe_load(TINY_RECIPE.read_text())
+    raw["run_dir"] = str(tmp / "run")
+    for stage in raw["stages"]:
+        stage["data"]["train"] = str((TINY_RECIPE.parent / stage["data"]["train"]).resolve())
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    base_before = file_fingerprint(tiny_model_dir)
+    records = run_recipe(path, log=lambda *_: None)
+    return {"run": tmp / "run", "records": records, "base_before": base_before, "base": tiny_model_dir}
+
+
+def _lora(stage_dir):
+    return load_file(str(stage_dir / "adapter_model.safetensors"))
+
+
+def test_sft_adapter_moved_and_holds_only_adapter_weights(chain):
+    weights = _lora(chain["run"] / "sft")
+    assert weights and all("lora_" in k for k in weights), "the stage saved non-adapter weights"
+    # PEFT initialises lora_B to zero: any non-zero B means training moved the adapter.
+    b_norm = sum(v.float().norm() for k, v in weights.items() if "lora_B" in k)
+    assert b_norm > 1e-3
+
+
+def test_base_weights_unchanged(chain):
+    assert file_fingerprint(chain["base"]) == chain["base_before"]
+    settings = ModelSettings(base=str(chain["base"]), quantization="4bit")
+    plain = load_base_model(settings)
+    with_adapter = attach_adapter(load_base_model(settings), chain["run"] / "dpo", trainable=False)
+    base_params = dict(plain.named_parameters())
+    compared = 0
+    for name, p in with_adapter.named_parameters():
+        if "lora_" in name:
+            continue
+        plain_name = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(p.data, base_params[plain_name].data), name
+        compared += 1
+    assert compared > 10
+
+
+def test_stage_json_complete_and_correct(chain):
+    sft, dpo = read_stage(chain["run"] / "sft"), read_stage(chain["run"] / "dpo")
+    for stage in (sft, dpo):
+        assert stage["complete"] is True
+        assert stage["base"] == "alignkit-tiny"
+        assert len(stage["config_hash"]) == 64
+        assert stage["metrics"]["global_step"] > 0
+        assert stage["wall_seconds"] > 0
+        assert {"torch", "transformers", "trl", "peft"} <= set(stage["versions"])
+        assert stage["data"]["rows_kept"] + stage["data"]["dropped_duplicate"] + stage["data"]["dropped_empty"] == stage["data"]["rows_read"]
+        assert (chain["run"] / stage["name"] / "tokenizer_config.json").exists()
+        assert any((chain["run"] / stage["name"] / "logs").iterdir()), "no TensorBoard logs"
+    assert sft["data"]["dropped_duplicate"] > 0  # the tiny SFT file has duplicates on purpose
+    assert dpo["parents"]["after"]["name"] == "sft"
+    assert dpo["parents"]["after"]["config_hash"] == sft["config_hash"]
+    assert dpo["lineage"] == ["sft"]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert key in dpo["metrics"], key
+
+
+def test_dpo_started_from_the_sft_adapter(chain):
+    sft_dir, dpo_dir = chain["run"] / "sft", chain["run"] / "dpo"
+    dpo = read_stage(dpo_dir)
+    assert dpo["data"]["initialized_from_sha256"] == file_fingerprint(sft_dir / "adapter_model.safetensors")
+    sft_w, dpo_w = _lora(sft_dir), _lora(dpo_dir)
+    assert sft_w.keys() == dpo_w.keys()
+    moved = sum((dpo_w[k].float() - sft_w[k].float()).norm() for k in sft_w)
+    sft_b = sum(v.float().norm() for k, v in sft_w.items() if "lora_B" in k)
+    dpo_b_from_zero = sum(v.float().norm() for k, v in dpo_w.items() if "lora_B" in k)
+    assert moved > 0, "DPO did not train"
+    # Started from SFT: DPO's B matrices are far closer to SFT's than SFT's are to their zero init.
+    dist_b = sum((dpo_w[k].float() - sft_w[k].float()).norm() for k in sft_w if "lora_B" in k)
+    assert dist_b < 0.5 * sft_b and dpo_b_from_zero > 0.5 * sft_b
+
+
+def test_stage_dirs_are_model_specs(chain):
+    from alignkit.generation import SamplingParams, generate_from_spec
+
+    texts = generate_from_spec(str(chain["run"] / "dpo"), ["Describe the film?"], SamplingParams(max_new_tokens=5, temperature=0))
+    assert len(texts) == 1 and isinstance(texts[0], str)
