@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv with alignkit and its test dependencies. Idempotent: a second run only re-checks.
+# torch is installed first and pinned (TORCH_SPEC) so that pip never swaps in a multi-GB CUDA build
+# on a CPU machine; on a GPU machine set TORCH_SPEC to the build you want before running this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+VENV="${VENV:-.venv}"
+stamp="$VENV/.alignkit-installed"
+if [[ -f "$stamp" && "$stamp" -nt pyproject.toml ]]; then
+  exit 0
+fi
+echo "== setting up $VENV (torch: $TORCH_SPEC)"
+"$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+"$VENV/bin/python" -m pip install -q -e ".[dev]"
+touch "$stamp"
