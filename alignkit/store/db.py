@@ -1,0 +1,213 @@
+"""Opening a label store: a SQLite file (default) or a PostgreSQL URL, schema-versioned.
+
+SQLite is run in WAL mode with a busy timeout, and every transaction that may
+write starts with `BEGIN IMMEDIATE`: it takes the write lock before its first
+read, so two read-then-write transactions can never both read and then fail
+with "database is locked" on the upgrade to a write lock (the deferred default
+fails for most writers once a handful run at once). SQLAlchemy's pysqlite
+recipe is used for that: the driver's own BEGIN handling is switched off
+(`isolation_level = None`) and a `begin` event emits ours. Read-only work asks
+for `BEGIN DEFERRED` through the `sqlite_begin` execution option, so readers
+never wait for writers under WAL. A transaction that still meets "locked" or
+"busy" (or, on PostgreSQL, a serialization failure or deadlock) is retried
+from the start with backoff.
+
+`synchronous=NORMAL` with WAL keeps every committed transaction across a crash
+of the process (SIGKILL included); only an OS crash or power loss can lose the
+last commits.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+from sqlalchemy import Connection, create_engine, event, inspect, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+
+from alignkit.errors import UserError
+from alignkit.store.models import Base, SchemaVersion
+
+SCHEMA_VERSION = 1
+
+# Forward migrations: MIGRATIONS[v] upgrades a store at version v to v + 1, inside
+# the transaction that then records the new version. A newer alignkit therefore
+# opens an older store; an older alignkit refuses a newer store.
+# Example for a future version 2:  MIGRATIONS[1] = lambda conn: conn.execute(text(
+#     "ALTER TABLE votes ADD COLUMN flagged BOOLEAN NOT NULL DEFAULT FALSE"))
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+MAX_RETRIES = 12
+
+T = TypeVar("T")
+
+
+def _is_retryable(err: DBAPIError) -> bool:
+    orig = err.orig
+    if isinstance(orig, sqlite3.OperationalError):
+        msg = str(orig).lower()
+        return "locked" in msg or "busy" in msg
+    sqlstate = getattr(orig, "sqlstate", None)  # psycopg
+    return sqlstate in ("40001", "40P01")  # serialization_failure, deadlock_detected
+
+
+def _install_sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):  # pragma: no cover - exercised by every sqlite test
+        # Switch off pysqlite's own BEGIN handling; the `begin` hook below emits ours.
+        dbapi_connection.isolation_level = None
+        cur = dbapi_connection.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _resolve_url(url_or_path: str | Path, *, create: bool) -> tuple[str, str]:
+    """(SQLAlchemy URL, a name for messages)."""
+    s = str(url_or_path)
+    if "://" in s:
+        if s.startswith(("postgresql://", "postgres://")):
+            s = "postgresql+psycopg://" + s.split("://", 1)[1]
+        if not s.startswith(("postgresql+psycopg://", "sqlite://")):
+            raise UserError(f"label store URL {s.split('://')[0]}:// is not supported (use a file path or postgresql+psycopg://...)")
+        return s, s.split("@")[-1]
+    path = Path(s).expanduser().resolve()
+    if path.is_dir():
+        raise UserError(f"label store {s} is a directory, expected a database file")
+    if not path.exists():
+        if not create:
+            raise UserError(f"no label store at {s} (create one with `alignkit label import --db {s} FILE`)")
+        if not path.parent.is_dir():
+            raise UserError(f"cannot create label store {s}: directory {path.parent} does not exist")
+    return f"sqlite:///{path}", s
+
+
+class Store:
+    """A label store: an engine plus transaction helpers that retry on lock contention.
+
+    `overlap` is how many distinct annotators each comparison goes to, and
+    `lease_seconds` how long an assignment is held before it is served again;
+    the queue functions take them from here unless told otherwise.
+    """
+
+    def __init__(self, engine: Engine, name: str, *, overlap: int = 3, lease_seconds: float = 600.0):
+        self.engine = engine
+        self.name = name
+        self.overlap = overlap
+        self.lease_seconds = lease_seconds
+        self.dialect = engine.dialect.name  # "sqlite" | "postgresql"
+        self._read_engine = engine.execution_options(sqlite_begin="DEFERRED")
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only session (deferred transaction on SQLite: it never waits for writers)."""
+        with Session(self._read_engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    def write(self, fn: Callable[[Session], T]) -> T:
+        """Run fn(session) in one write transaction, retried from the start on lock contention.
+
+        fn must be safe to run again: it sees none of a failed attempt's effects.
+        """
+        for attempt in range(MAX_RETRIES):
+            try:
+                with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                    return fn(session)
+            except (OperationalError, DBAPIError) as err:
+                if not _is_retryable(err) or attempt == MAX_RETRIES - 1:
+                    raise
+                time.sleep(min(0.5, 0.005 * 2**attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self.name!r}, {self.dialect})"
+
+
+def open_store(url_or_path: str | Path, *, create: bool = True, overlap: int = 3, lease_seconds: float = 600.0,
+               pool_size: int = 20) -> Store:
+    """Open (and create or migrate) a label store: a file path means SQLite, or a postgresql+psycopg:// URL."""
+    url, name = _resolve_url(url_or_path, create=create)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size,
+                               connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        _install_sqlite_hooks(engine)
+    else:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise UserError("a PostgreSQL label store needs psycopg: pip install 'alignkit[postgres]'") from None
+        engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    store = Store(engine, name, overlap=overlap, lease_seconds=lease_seconds)
+    try:
+        _ensure_schema(store)
+    except UserError:
+        engine.dispose()
+        raise
+    except DBAPIError as err:
+        engine.dispose()
+        raise UserError(f"cannot open label store {name}: {str(err.orig).strip().splitlines()[0]}") from None
+    return store
+
+
+def _ensure_schema(store: Store) -> None:
+    def run(session: Session) -> None:
+        conn = session.connection()
+        if store.dialect == "postgresql":
+            # Two processes opening a fresh database at once: one creates, the other waits.
+            conn.execute(text("SELECT pg_advisory_xact_lock(7418261)"))
+        tables = set(inspect(conn).get_table_names())
+        if "schema_version" not in tables:
+            if tables & set(Base.metadata.tables):
+                raise UserError(f"{store.name} has tables but no schema_version: not an alignkit label store")
+            Base.metadata.create_all(conn)
+            session.add(SchemaVersion(id=1, version=SCHEMA_VERSION, updated_at=time.time()))
+            return
+        row = session.scalars(select(SchemaVersion).where(SchemaVersion.id == 1)).one_or_none()
+        version = row.version if row else 0
+        if version > SCHEMA_VERSION:
+            raise UserError(f"label store {store.name} has schema version {version}, newer than this alignkit "
+                            f"understands ({SCHEMA_VERSION}): upgrade alignkit")
+        while version < SCHEMA_VERSION:
+            if version not in MIGRATIONS:
+                raise UserError(f"label store {store.name}: no migration from schema version {version}")
+            MIGRATIONS[version](conn)
+            version += 1
+        if row is None:
+            session.add(SchemaVersion(id=1, version=version, updated_at=time.time()))
+        elif row.version != version:
+            row.version, row.updated_at = version, time.time()
+
+    try:
+        store.write(run)
+    except DBAPIError as err:
+        if isinstance(err.orig, sqlite3.DatabaseError) and "not a database" in str(err.orig):
+            raise UserError(f"{store.name} is not a SQLite database") from None
+        raise
+
+
+def schema_version(store: Store) -> int:
+    with store.read() as s:
+        return s.scalars(select(SchemaVersion.version)).one()

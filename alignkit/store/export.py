@@ -1,0 +1,170 @@
+"""Votes -> preference rows (prompt / chosen / rejected), with an explicit aggregation policy.
+
+Per comparison, the votes are aggregated by plurality:
+  - ties="drop" (default): a comparison whose plurality label is `tie` is dropped;
+    ties="ignore": tie votes are left out before the plurality is taken;
+  - both_bad="drop" (default): a comparison whose plurality label is `both_bad` is
+    dropped; both_bad="ignore": both-bad votes are left out first;
+  - no single plurality label (e.g. one vote a, one vote b): dropped;
+  - agreement = votes for the winner / votes considered; rows under
+    `min_agreement` are dropped, and so are comparisons with fewer than
+    `min_votes` votes in all.
+A kept row has prompt (str, or a messages list, as imported), chosen, rejected,
+n_annotators (all votes on the comparison), agreement, comparison_id and the
+vote counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from alignkit.errors import UserError
+from alignkit.store.db import Store, open_store
+from alignkit.store.models import CHOICES, Comparison, Vote
+
+POLICIES = ("drop", "ignore")
+
+
+def _check_policy(min_agreement: float, ties: str, both_bad: str, min_votes: int) -> None:
+    if ties not in POLICIES:
+        raise UserError(f"ties policy {ties!r}: expected one of {', '.join(POLICIES)}")
+    if both_bad not in POLICIES:
+        raise UserError(f"both_bad policy {both_bad!r}: expected one of {', '.join(POLICIES)}")
+    if not 0.0 <= float(min_agreement) <= 1.0:
+        raise UserError(f"min agreement must be between 0 and 1, got {min_agreement}")
+    if int(min_votes) < 1:
+        raise UserError(f"min votes must be at least 1, got {min_votes}")
+
+
+def aggregate(labels: list[str], *, ties: str = "drop", both_bad: str = "drop",
+              min_agreement: float = 0.0, min_votes: int = 1) -> tuple[str | None, float, str]:
+    """(winner a|b or None, agreement, reason) for one comparison's canonical labels."""
+    counts = Counter(labels)
+    if len(labels) < min_votes:
+        return None, 0.0, "too_few_votes"
+    if ties == "ignore":
+        counts.pop("tie", None)
+    if both_bad == "ignore":
+        counts.pop("both_bad", None)
+    considered = sum(counts.values())
+    if considered == 0:
+        return None, 0.0, "no_usable_votes"
+    top = max(counts.values())
+    winners = [c for c in CHOICES if counts.get(c) == top]
+    agreement = top / considered
+    if len(winners) > 1:
+        return None, agreement, "no_majority"
+    if winners[0] in ("tie", "both_bad"):
+        return None, agreement, winners[0]
+    if agreement < min_agreement:
+        return None, agreement, "below_min_agreement"
+    return winners[0], agreement, "kept"
+
+
+def aggregate_store(store: Store, *, min_agreement: float = 0.0, ties: str = "drop", both_bad: str = "drop",
+                    min_votes: int = 1) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """(rows, counts of kept / dropped-by-reason) for every comparison with at least one vote."""
+    _check_policy(min_agreement, ties, both_bad, min_votes)
+    with store.read() as s:
+        labels: dict[int, list[str]] = defaultdict(list)
+        for cid, choice in s.execute(select(Vote.comparison_id, Vote.choice).order_by(Vote.comparison_id, Vote.id)):
+            labels[cid].append(choice)
+        comps = {c.id: c for c in s.scalars(select(Comparison).where(Comparison.id.in_(list(labels))))} if labels else {}
+        rows, reasons = [], Counter()
+        for cid in sorted(labels):
+            winner, agreement, reason = aggregate(labels[cid], ties=ties, both_bad=both_bad,
+                                                  min_agreement=min_agreement, min_votes=min_votes)
+            reasons[reason] += 1
+            if winner is None:
+                continue
+            c = comps[cid]
+            chosen, rejected = (c.response_a, c.response_b) if winner == "a" else (c.response_b, c.response_a)
+            counts = Counter(labels[cid])
+            rows.append({
+                "prompt": json.loads(c.prompt.content_json),
+                "chosen": chosen.text,
+                "rejected": rejected.text,
+                "n_annotators": len(labels[cid]),
+                "agreement": agreement,
+                "comparison_id": cid,
+                "chosen_model": chosen.model_spec,
+                "rejected_model": rejected.model_spec,
+                "votes": {k: counts.get(k, 0) for k in CHOICES},
+            })
+    return rows, dict(reasons)
+
+
+def preference_rows(db: str | Store, *, min_agreement: float = 0.0, ties: str = "drop", both_bad: str = "drop",
+                    min_votes: int = 1) -> list[dict[str, Any]]:
+    """Preference rows for the reward / DPO stages: prompt (str or messages), chosen, rejected, and more.
+
+    `db` is a label store path or URL (or an open Store). See the module doc for the policy.
+    """
+    if isinstance(db, Store):
+        return aggregate_store(db, min_agreement=min_agreement, ties=ties, both_bad=both_bad, min_votes=min_votes)[0]
+    store = open_store(db, create=False)
+    try:
+        return aggregate_store(store, min_agreement=min_agreement, ties=ties, both_bad=both_bad,
+                               min_votes=min_votes)[0]
+    finally:
+        store.close()
+
+
+def _dataset_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for an Arrow table: one prompt type per column, so plain prompts become a user message when mixed."""
+    kinds = {isinstance(r["prompt"], str) for r in rows}
+    out = []
+    for r in rows:
+        r = dict(r)
+        if len(kinds) > 1 and isinstance(r["prompt"], str):
+            r["prompt"] = [{"role": "user", "content": r["prompt"]}]
+        out.append(r)
+    return out
+
+
+def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 0.0, ties: str = "drop",
+                   both_bad: str = "drop", min_votes: int = 1) -> dict[str, Any]:
+    """Write DIR as a HF dataset (datasets.load_from_disk(DIR)) plus DIR/preferences.jsonl and DIR/export.json."""
+    import datasets
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"export target {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not (out / "export.json").exists():
+        raise UserError(f"export target {out} is a non-empty directory that is not an earlier export; "
+                        "choose a new directory")
+    rows, reasons = aggregate_store(store, min_agreement=min_agreement, ties=ties, both_bad=both_bad,
+                                    min_votes=min_votes)
+    if not rows:
+        raise UserError(f"nothing to export from {store.name}: no comparison passes the policy "
+                        f"(per reason: {reasons or 'no votes yet'})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build everything in a sibling temp dir, then swap it in, so a failed export leaves DIR as it was.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    ds = datasets.Dataset.from_list(_dataset_rows(rows))
+    ds.save_to_disk(str(tmp))
+    with open(tmp / "preferences.jsonl", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    summary = {"store": store.name, "rows": len(rows), "per_reason": reasons,
+               "policy": {"aggregation": "plurality", "ties": ties, "both_bad": both_bad,
+                          "min_agreement": min_agreement, "min_votes": min_votes}}
+    (tmp / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, old / "x")
+        os.replace(tmp, out)
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    summary["out"] = str(out)
+    return summary

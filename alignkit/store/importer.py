@@ -1,0 +1,198 @@
+"""Importing prompts and candidate responses into a label store.
+
+A JSONL line is an object with
+  - `prompt` (a non-empty string) or `messages` (a list of {"role", "content"}),
+  - `responses`: two or more distinct non-empty strings (optional with `--generate`),
+  - optionally `models`: one model spec per response (recorded with it), `id`, `meta`.
+Every pair of a prompt's responses becomes a comparison.
+
+The whole file is validated before anything is generated or written; a bad line is
+a UserError naming file:line and the problem, and nothing is imported. All rows go
+in one transaction, so an import is all or nothing. Importing the same prompt or
+response again reuses its row (prompts and responses are keyed by content hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from alignkit.errors import UserError
+from alignkit.store.db import Store
+from alignkit.store.models import Comparison, Prompt, Response
+
+ROLES = ("system", "user", "assistant", "tool")
+KEYS = {"prompt", "messages", "responses", "models", "id", "meta"}
+
+
+@dataclass
+class ImportRow:
+    prompt: Any  # str or list of messages
+    source: str  # file:line
+    responses: list[str] = field(default_factory=list)
+    models: list[str | None] = field(default_factory=list)
+    sampling: list[dict | None] = field(default_factory=list)
+
+
+@dataclass
+class ImportSummary:
+    prompts: int
+    responses: int
+    comparisons: int
+    new_comparisons: int
+
+    def __str__(self) -> str:
+        return (f"{self.prompts} prompts, {self.responses} responses, {self.comparisons} comparisons "
+                f"({self.new_comparisons} new)")
+
+
+def _key(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _check_messages(msgs: Any, where: str) -> list[dict]:
+    if not isinstance(msgs, list) or not msgs:
+        raise UserError(f"{where}: `messages` must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
+            raise UserError(f"{where}: messages[{i}] must be an object with exactly `role` and `content`")
+        if m["role"] not in ROLES:
+            raise UserError(f"{where}: messages[{i}].role {m['role']!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise UserError(f"{where}: messages[{i}].content must be a string")
+    if msgs[-1]["role"] == "assistant":
+        raise UserError(f"{where}: the last message is the assistant's; a prompt ends with the turn to answer")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def parse_import_file(path: str | Path, *, responses_required: bool = True) -> list[ImportRow]:
+    """Validate the whole file; the first bad line raises UserError("FILE:LINE: problem")."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"import file not found: {path}")
+    if path.is_dir():
+        raise UserError(f"import file {path} is a directory, expected a .jsonl file")
+    rows: list[ImportRow] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{where}: malformed JSON ({err.msg})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            unknown = sorted(set(obj) - KEYS)
+            if unknown:
+                raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} (expected prompt or messages, "
+                                f"responses, models, id, meta)")
+            if ("prompt" in obj) == ("messages" in obj):
+                raise UserError(f"{where}: give exactly one of `prompt` (a string) or `messages` (a list)")
+            if "prompt" in obj:
+                prompt = obj["prompt"]
+                if not isinstance(prompt, str) or not prompt.strip():
+                    raise UserError(f"{where}: `prompt` must be a non-empty string")
+            else:
+                prompt = _check_messages(obj["messages"], where)
+            responses = obj.get("responses", [])
+            if not isinstance(responses, list) or not all(isinstance(r, str) and r.strip() for r in responses):
+                raise UserError(f"{where}: `responses` must be a list of non-empty strings")
+            if len(set(responses)) != len(responses):
+                raise UserError(f"{where}: `responses` has duplicates")
+            if responses_required and len(responses) < 2:
+                raise UserError(f"{where}: needs at least 2 `responses` (or import with --generate MODEL_SPEC)")
+            models = obj.get("models", [None] * len(responses))
+            if not isinstance(models, list) or len(models) != len(responses) or \
+                    not all(m is None or isinstance(m, str) for m in models):
+                raise UserError(f"{where}: `models` must be a list of model specs, one per response")
+            rows.append(ImportRow(prompt, where, list(responses), list(models), [None] * len(responses)))
+    if not rows:
+        raise UserError(f"{path}: no prompts in file")
+    return rows
+
+
+def generate_responses(rows: Sequence[ImportRow], specs: Sequence[str], params, *, progress: bool = True,
+                       loader: Callable | None = None) -> None:
+    """Add sampled responses to each row: one per spec, or two samples when one spec is given."""
+    from alignkit.generation import generate_batch
+    from alignkit.modeling import load_model_for_inference
+
+    loader = loader or load_model_for_inference
+    n_ret = 2 if len(specs) == 1 else 1
+    prompts = [r.prompt for r in rows]
+    for spec in specs:
+        model, tokenizer, _ = loader(spec)
+        p = type(params)(**{**params.to_dict(), "num_return_sequences": n_ret})
+        result = generate_batch(model, tokenizer, prompts, p, progress=progress)
+        for i, row in enumerate(rows):
+            for k in range(n_ret):
+                text = result.texts[i * n_ret + k]
+                if not text.strip() or text in row.responses:
+                    continue  # an empty or duplicate sample makes no comparison
+                row.responses.append(text)
+                row.models.append(spec)
+                row.sampling.append({**p.to_dict(), "sample_index": k})
+        del model
+
+
+def write_rows(store: Store, rows: Sequence[ImportRow]) -> ImportSummary:
+    """Insert prompts, responses and all pairwise comparisons in one transaction."""
+
+    def run(session: Session) -> ImportSummary:
+        now = time.time()
+        n_resp = n_comp = new_comp = 0
+        for row in rows:
+            key = _key(row.prompt)
+            prompt = session.scalars(select(Prompt).where(Prompt.key == key)).one_or_none()
+            if prompt is None:
+                prompt = Prompt(key=key, content_json=json.dumps(row.prompt, ensure_ascii=False), source=row.source,
+                                created_at=now)
+                session.add(prompt)
+                session.flush()
+            ids = []
+            for text, model, sampling in zip(row.responses, row.models, row.sampling):
+                rkey = _key(text)
+                resp = session.scalars(select(Response).where(Response.prompt_id == prompt.id,
+                                                              Response.key == rkey)).one_or_none()
+                if resp is None:
+                    resp = Response(prompt_id=prompt.id, key=rkey, text=text, model_spec=model,
+                                    sampling_json=json.dumps(sampling) if sampling else None, created_at=now)
+                    session.add(resp)
+                    session.flush()
+                ids.append(resp.id)
+                n_resp += 1
+            for x, y in itertools.combinations(sorted(set(ids)), 2):
+                n_comp += 1
+                if session.scalars(select(Comparison.id).where(Comparison.response_a_id == x,
+                                                               Comparison.response_b_id == y)).first() is None:
+                    session.add(Comparison(prompt_id=prompt.id, response_a_id=x, response_b_id=y, created_at=now))
+                    new_comp += 1
+        session.flush()
+        return ImportSummary(len(rows), n_resp, n_comp, new_comp)
+
+    return store.write(run)
+
+
+def import_file(store: Store, path: str | Path, *, generate: Sequence[str] = (), params=None,
+                progress: bool = True) -> ImportSummary:
+    """Validate `path`, sample responses with each `generate` spec if given, and import everything."""
+    rows = parse_import_file(path, responses_required=not generate)
+    if generate:
+        from alignkit.generation import SamplingParams
+
+        generate_responses(rows, list(generate), params or SamplingParams(), progress=progress)
+    short = [r.source for r in rows if len(r.responses) < 2]
+    if short:
+        raise UserError(f"{short[0]}: fewer than 2 distinct responses after generation "
+                        f"({len(short)} prompt(s) affected); nothing imported")
+    return write_rows(store, rows)

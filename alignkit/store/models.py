@@ -1,0 +1,142 @@
+"""The label store's tables (SQLAlchemy 2 declarative models).
+
+Timestamps are Unix seconds (float): they compare the same way on SQLite and
+PostgreSQL, with no time-zone handling in SQL.
+
+A comparison is an unordered pair of two responses to one prompt, stored with
+`response_a_id < response_b_id`. A vote's `choice` is always in those canonical
+terms (`a` = response_a won); `swapped` records whether the annotator saw
+response_b on the left, so side bias can be measured.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+CHOICES = ("a", "b", "tie", "both_bad")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SchemaVersion(Base):
+    __tablename__ = "schema_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1: a one-row table
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    updated_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class Annotator(Base):
+    __tablename__ = "annotators"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class Prompt(Base):
+    __tablename__ = "prompts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # sha256 of the canonical JSON of the prompt: importing the same prompt twice reuses the row.
+    key: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    # JSON: a string (plain prompt) or a list of {"role", "content"} messages.
+    content_json: Mapped[str] = mapped_column(Text, nullable=False)
+    source: Mapped[str | None] = mapped_column(String(500))  # file:line it came from
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+    @property
+    def content(self) -> Any:
+        return json.loads(self.content_json)
+
+
+class Response(Base):
+    __tablename__ = "responses"
+    __table_args__ = (UniqueConstraint("prompt_id", "key", name="uq_response_prompt_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), nullable=False, index=True)
+    key: Mapped[str] = mapped_column(String(64), nullable=False)  # sha256 of the text
+    text: Mapped[str] = mapped_column(Text, nullable=False)
+    model_spec: Mapped[str | None] = mapped_column(String(1000))  # None: imported with no model named
+    sampling_json: Mapped[str | None] = mapped_column(Text)  # SamplingParams.to_dict() as JSON
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class Comparison(Base):
+    __tablename__ = "comparisons"
+    __table_args__ = (
+        UniqueConstraint("response_a_id", "response_b_id", name="uq_comparison_pair"),
+        CheckConstraint("response_a_id < response_b_id", name="ck_comparison_order"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), nullable=False, index=True)
+    response_a_id: Mapped[int] = mapped_column(ForeignKey("responses.id"), nullable=False)
+    response_b_id: Mapped[int] = mapped_column(ForeignKey("responses.id"), nullable=False)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+    prompt: Mapped[Prompt] = relationship(lazy="joined")
+    response_a: Mapped[Response] = relationship(foreign_keys=[response_a_id], lazy="joined")
+    response_b: Mapped[Response] = relationship(foreign_keys=[response_b_id], lazy="joined")
+
+
+class Assignment(Base):
+    """A lease: comparison C is being labeled by annotator U until expires_at.
+
+    status: `active` (leased, no vote yet; counts toward the overlap while
+    unexpired), `done` (voted), `skipped` (the annotator passed; never served to
+    them again). One row per (comparison, annotator) ever: an annotator is never
+    served the same comparison twice.
+    """
+
+    __tablename__ = "assignments"
+    __table_args__ = (
+        UniqueConstraint("comparison_id", "annotator_id", name="uq_assignment_once"),
+        CheckConstraint("status IN ('active', 'done', 'skipped')", name="ck_assignment_status"),
+        Index("ix_assignment_slots", "comparison_id", "status", "expires_at"),
+        Index("ix_assignment_annotator", "annotator_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id"), nullable=False)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    swapped: Mapped[bool] = mapped_column(Boolean, nullable=False)  # response_b shown on the left (as "A")
+    served_at: Mapped[float] = mapped_column(Float, nullable=False)
+    expires_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class Vote(Base):
+    __tablename__ = "votes"
+    __table_args__ = (
+        UniqueConstraint("comparison_id", "annotator_id", name="uq_vote_once"),
+        CheckConstraint("choice IN ('a', 'b', 'tie', 'both_bad')", name="ck_vote_choice"),
+        Index("ix_vote_annotator_created", "annotator_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id"), nullable=False, index=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), nullable=False)
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id"), nullable=False)
+    choice: Mapped[str] = mapped_column(String(16), nullable=False)  # canonical: a = comparison.response_a
+    swapped: Mapped[bool] = mapped_column(Boolean, nullable=False)  # side order the annotator saw
+    rationale: Mapped[str | None] = mapped_column(Text)
+    seconds: Mapped[float] = mapped_column(Float, nullable=False)  # from serving to the vote
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)

@@ -1,0 +1,272 @@
+"""The labeling queue: leases (assignments) with overlap, votes exactly once, skip and undo.
+
+Rules, all enforced inside one database transaction each:
+- a comparison is handed to at most `overlap` distinct annotators at a time;
+  an assignment occupies a slot while it is voted or its lease is unexpired, so an
+  abandoned item is served again once its lease runs out;
+- an annotator is never served the same comparison twice (one assignment row per
+  (comparison, annotator), a unique constraint) and votes on it at most once
+  (a unique constraint on votes);
+- a vote is accepted only on a comparison assigned to that annotator, and never
+  beyond the overlap: a late vote on an expired lease whose slot went to
+  someone else is refused.
+
+Concurrency: on SQLite every write transaction holds the database write lock from
+its start (BEGIN IMMEDIATE, see db.py), so these read-then-write steps are
+serialized. On PostgreSQL `next_item` picks a comparison with
+`SELECT ... FOR UPDATE SKIP LOCKED` (two annotators asking at once get different
+rows) and re-counts its slots after the lock, in a fresh snapshot; `submit_vote`
+locks the comparison row (`FOR UPDATE`) before counting, so simultaneous votes on
+one comparison are serialized.
+
+Choices arrive as the annotator saw them (`a` = the left response); votes are
+stored in canonical terms (`a` = comparison.response_a) with the side order shown.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, delete, exists, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from alignkit.errors import UserError
+from alignkit.store.db import Store
+from alignkit.store.models import CHOICES, Annotator, Assignment, Comparison, Vote
+
+MAX_RATIONALE_CHARS = 10_000
+_SWAP = {"a": "b", "b": "a", "tie": "tie", "both_bad": "both_bad"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One comparison as served to one annotator: `left`/`right` are what is shown as A/B."""
+
+    comparison_id: int
+    prompt: Any  # str, or a list of chat messages, as imported
+    left: str
+    right: str
+    swapped: bool  # response_b of the comparison is shown on the left
+    served_at: float
+    expires_at: float
+
+    @property
+    def prompt_text(self) -> str:
+        return prompt_as_text(self.prompt)
+
+    @property
+    def prompt_markdown(self) -> str:
+        return prompt_as_markdown(self.prompt)
+
+
+@dataclass(frozen=True)
+class VoteReceipt:
+    vote_id: int
+    comparison_id: int
+    choice: str  # as the annotator saw it (a = left)
+    canonical_choice: str  # a = comparison.response_a
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    done: int  # votes by this annotator
+    remaining: int  # comparisons this annotator could still be served (including one on lease now)
+    skipped: int
+
+
+def prompt_as_text(prompt: Any) -> str:
+    """A plain-text rendering of a prompt: the string itself, or `role: content` per message."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in prompt)
+
+
+def prompt_as_markdown(prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return "\n\n".join(f"**{m.get('role', '?')}**\n\n{m.get('content', '')}" for m in prompt)
+
+
+def check_choice(choice: Any) -> str:
+    if choice not in CHOICES:
+        raise UserError(f"unknown choice {choice!r}: expected one of {', '.join(CHOICES)}")
+    return choice
+
+
+def annotator_id(store: Store, session: Session, name: str) -> int:
+    """The annotator's id, created on first sight (safe under concurrent first sights)."""
+    if not name or not isinstance(name, str):
+        raise UserError("no annotator: log in first")
+    found = session.scalar(select(Annotator.id).where(Annotator.name == name))
+    if found is None:
+        if store.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        session.execute(insert(Annotator).values(name=name, created_at=time.time()).on_conflict_do_nothing())
+        found = session.scalar(select(Annotator.id).where(Annotator.name == name))
+    return found
+
+
+def _occupied(now: float, *, exclude_annotator: int | None = None):
+    """SQL count of the slots a comparison's assignments hold (correlated on Comparison.id)."""
+    cond = [Assignment.comparison_id == Comparison.id,
+            or_(Assignment.status == "done", and_(Assignment.status == "active", Assignment.expires_at > now))]
+    if exclude_annotator is not None:
+        cond.append(Assignment.annotator_id != exclude_annotator)
+    return select(func.count(Assignment.id)).where(*cond).correlate(Comparison).scalar_subquery()
+
+
+def _eligible(uid: int, overlap: int, now: float):
+    mine = exists().where(Assignment.comparison_id == Comparison.id, Assignment.annotator_id == uid)
+    return and_(~mine, _occupied(now) < overlap)
+
+
+def _to_item(comp: Comparison, a: Assignment) -> Item:
+    first, second = (comp.response_b, comp.response_a) if a.swapped else (comp.response_a, comp.response_b)
+    return Item(comp.id, json.loads(comp.prompt.content_json), first.text, second.text, a.swapped, a.served_at,
+                a.expires_at)
+
+
+def next_item(store: Store, annotator: str, *, overlap: int | None = None, now: float | None = None,
+              rng: random.Random | None = None) -> Item | None:
+    """Lease the next comparison to `annotator` (or return the one they already hold); None when none is left."""
+    overlap = store.overlap if overlap is None else overlap
+    coin = (rng or random).random() < 0.5
+
+    def run(session: Session) -> Item | None:
+        t = time.time() if now is None else now
+        uid = annotator_id(store, session, annotator)
+        held = session.scalars(
+            select(Assignment).where(Assignment.annotator_id == uid, Assignment.status == "active",
+                                     Assignment.expires_at > t).order_by(Assignment.served_at.desc()).limit(1)
+        ).first()
+        if held is not None:
+            return _to_item(session.get(Comparison, held.comparison_id), held)
+        tried: list[int] = []
+        while True:
+            q = select(Comparison.id).where(_eligible(uid, overlap, t))
+            if tried:
+                q = q.where(Comparison.id.not_in(tried))
+            q = q.order_by(Comparison.id).limit(1)
+            if store.dialect == "postgresql":
+                q = q.with_for_update(skip_locked=True, of=Comparison)
+            cid = session.scalar(q)
+            if cid is None:
+                return None
+            if store.dialect == "postgresql":
+                # The row is locked now; re-check in a fresh snapshot (READ COMMITTED) that sees
+                # every assignment committed before we got the lock.
+                still = session.scalar(select(Comparison.id).where(Comparison.id == cid, _eligible(uid, overlap, t)))
+                if still is None:
+                    tried.append(cid)
+                    continue
+            a = Assignment(comparison_id=cid, annotator_id=uid, status="active", swapped=coin, served_at=t,
+                           expires_at=t + store.lease_seconds)
+            session.add(a)
+            session.flush()
+            return _to_item(session.get(Comparison, cid), a)
+
+    return store.write(run)
+
+
+def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, rationale: str | None = None, *,
+                overlap: int | None = None, now: float | None = None) -> VoteReceipt:
+    """Record `annotator`'s vote on a comparison assigned to them; `choice` is as shown (a = left)."""
+    overlap = store.overlap if overlap is None else overlap
+    check_choice(choice)
+    if not isinstance(comparison_id, int) or isinstance(comparison_id, bool):
+        raise UserError(f"comparison id must be an integer, got {comparison_id!r}")
+    rationale = (rationale or "").strip() or None
+    if rationale is not None and len(rationale) > MAX_RATIONALE_CHARS:
+        raise UserError(f"rationale is longer than {MAX_RATIONALE_CHARS} characters")
+
+    def run(session: Session) -> VoteReceipt:
+        t = time.time() if now is None else now
+        uid = annotator_id(store, session, annotator)
+        q = select(Comparison.id).where(Comparison.id == comparison_id)
+        if store.dialect == "postgresql":
+            q = q.with_for_update()  # serializes votes (and leases) on this comparison
+        if session.scalar(q) is None:
+            raise UserError(f"comparison {comparison_id} does not exist")
+        a = session.scalars(select(Assignment).where(Assignment.comparison_id == comparison_id,
+                                                     Assignment.annotator_id == uid)).one_or_none()
+        if a is None:
+            raise UserError(f"comparison {comparison_id} is not assigned to {annotator}")
+        if a.status == "done":
+            raise UserError(f"{annotator} already voted on comparison {comparison_id}")
+        if a.status == "skipped":
+            raise UserError(f"{annotator} skipped comparison {comparison_id}")
+        others = session.scalar(select(_occupied(t, exclude_annotator=uid)).select_from(Comparison)
+                                .where(Comparison.id == comparison_id))
+        if others >= overlap:
+            raise UserError(f"the lease on comparison {comparison_id} expired and it went to other annotators")
+        canonical = _SWAP[choice] if a.swapped else choice
+        vote = Vote(comparison_id=comparison_id, annotator_id=uid, assignment_id=a.id, choice=canonical,
+                    swapped=a.swapped, rationale=rationale, seconds=max(0.0, t - a.served_at), created_at=t)
+        session.add(vote)
+        a.status = "done"
+        session.flush()
+        return VoteReceipt(vote.id, comparison_id, choice, canonical, vote.seconds)
+
+    try:
+        return store.write(run)
+    except IntegrityError:
+        raise UserError(f"{annotator} already voted on comparison {comparison_id}") from None
+
+
+def skip(store: Store, annotator: str, comparison_id: int) -> None:
+    """Pass on a leased comparison: its slot is freed and it is never served to this annotator again."""
+
+    def run(session: Session) -> None:
+        uid = annotator_id(store, session, annotator)
+        a = session.scalars(select(Assignment).where(Assignment.comparison_id == comparison_id,
+                                                     Assignment.annotator_id == uid)).one_or_none()
+        if a is None or a.status != "active":
+            raise UserError(f"comparison {comparison_id} is not on lease to {annotator}")
+        a.status = "skipped"
+
+    store.write(run)
+
+
+def undo_last_vote(store: Store, annotator: str, *, now: float | None = None) -> Item | None:
+    """Delete the annotator's latest vote and lease that comparison to them again; None if they have no vote."""
+
+    def run(session: Session) -> Item | None:
+        t = time.time() if now is None else now
+        uid = annotator_id(store, session, annotator)
+        vote = session.scalars(select(Vote).where(Vote.annotator_id == uid)
+                               .order_by(Vote.created_at.desc(), Vote.id.desc()).limit(1)).first()
+        if vote is None:
+            return None
+        a = session.get(Assignment, vote.assignment_id)
+        session.execute(delete(Vote).where(Vote.id == vote.id))
+        a.status, a.served_at, a.expires_at = "active", t, t + store.lease_seconds
+        session.flush()
+        return _to_item(session.get(Comparison, a.comparison_id), a)
+
+    return store.write(run)
+
+
+def progress(store: Store, annotator: str, *, overlap: int | None = None, now: float | None = None) -> Progress:
+    overlap = store.overlap if overlap is None else overlap
+    t = time.time() if now is None else now
+
+    def run(session: Session) -> Progress:
+        uid = annotator_id(store, session, annotator)
+        done = session.scalar(select(func.count(Vote.id)).where(Vote.annotator_id == uid))
+        skipped = session.scalar(select(func.count(Assignment.id)).where(Assignment.annotator_id == uid,
+                                                                         Assignment.status == "skipped"))
+        held = session.scalar(select(func.count(Assignment.id)).where(
+            Assignment.annotator_id == uid, Assignment.status == "active", Assignment.expires_at > t))
+        open_ = session.scalar(select(func.count(Comparison.id)).where(_eligible(uid, overlap, t)))
+        return Progress(done, held + open_, skipped)
+
+    # Creates the annotator row on first sight, hence a write transaction.
+    return store.write(run)

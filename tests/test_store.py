@@ -1,0 +1,390 @@
+"""The label store on SQLite and PostgreSQL: queue rules, votes exactly once, import, agreement, export."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import func, select, text
+
+from _pg import create_database, postgres_cluster
+from alignkit.errors import UserError
+from alignkit.store import db as store_db
+from alignkit.store import next_item, open_store, progress, skip, submit_vote, undo_last_vote
+from alignkit.store.agreement import agreement_report, cohen_pairs, fleiss, load_votes
+from alignkit.store.export import aggregate, export_dataset, preference_rows
+from alignkit.store.importer import import_file, parse_import_file
+from alignkit.store.models import Assignment, Comparison, Prompt, Vote
+
+
+@pytest.fixture(scope="module")
+def pg_cluster():
+    with postgres_cluster() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return str(tmp_path / "labels.db")
+    return create_database(request.getfixturevalue("pg_cluster"))
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def populate(store, tmp_path, n_prompts=6, n_responses=2):
+    rows = [{"prompt": f"question {i}", "responses": [f"answer {i}-{k}" + "!" * k for k in range(n_responses)]}
+            for i in range(n_prompts)]
+    return import_file(store, write_jsonl(tmp_path / "in.jsonl", rows))
+
+
+def count(store, model):
+    with store.read() as s:
+        return s.scalar(select(func.count()).select_from(model))
+
+
+def test_import_and_overlap_never_twice(store_url, tmp_path):
+    store = open_store(store_url, overlap=2)
+    summary = populate(store, tmp_path, n_prompts=5, n_responses=3)
+    assert (summary.prompts, summary.responses, summary.comparisons) == (5, 15, 15)
+    served = {u: [] for u in ("ann", "bob", "cat")}
+    for _ in range(40):
+        for u in served:
+            item = next_item(store, u)
+            if item is not None:
+                served[u].append(item.comparison_id)
+                submit_vote(store, u, item.comparison_id, random.choice(["a", "b", "tie", "both_bad"]))
+    for u, ids in served.items():
+        assert len(ids) == len(set(ids)), f"{u} was served a comparison twice"
+    per_comp = Counter(c for ids in served.values() for c in ids)
+    assert set(per_comp.values()) == {2} and len(per_comp) == 15  # every comparison to exactly K=2 annotators
+    assert count(store, Vote) == 30
+    assert progress(store, "ann").remaining == 0
+    # importing the same file again adds nothing
+    again = populate(store, tmp_path, n_prompts=5, n_responses=3)
+    assert again.new_comparisons == 0 and count(store, Comparison) == 15
+    store.close()
+
+
+def test_held_item_is_returned_again_and_lease_expiry_reserves(store_url, tmp_path):
+    store = open_store(store_url, overlap=1, lease_seconds=60)
+    populate(store, tmp_path, n_prompts=1)
+    first = next_item(store, "ann", now=1000.0)
+    assert next_item(store, "ann", now=1001.0).comparison_id == first.comparison_id  # reload: same lease
+    assert next_item(store, "bob", now=1001.0) is None  # the only slot is leased
+    abandoned = next_item(store, "bob", now=1061.0)  # ann's lease ran out: served again
+    assert abandoned is not None and abandoned.comparison_id == first.comparison_id
+    # ann's late vote is refused because the slot went to bob; bob's vote counts
+    with pytest.raises(UserError, match="expired"):
+        submit_vote(store, "ann", first.comparison_id, "a", now=1062.0)
+    submit_vote(store, "bob", first.comparison_id, "b", now=1062.0)
+    assert count(store, Vote) == 1
+    # an expired lease whose slot nobody took is still honoured
+    store.overlap = 2
+    populate(store, tmp_path, n_prompts=2)
+    it = next_item(store, "cat", now=2000.0)
+    submit_vote(store, "cat", it.comparison_id, "a", now=5000.0)
+    store.close()
+
+
+def test_concurrent_leases_and_votes_never_exceed_overlap(store_url, tmp_path):
+    store = open_store(store_url, overlap=3)
+    populate(store, tmp_path, n_prompts=10)  # 10 comparisons, 30 slots
+    names = [f"u{i}" for i in range(24)]
+    barrier = threading.Barrier(len(names))
+
+    def grab(name):
+        barrier.wait()
+        got = []
+        while (item := next_item(store, name)) is not None:
+            got.append(item.comparison_id)
+            submit_vote(store, name, item.comparison_id, "a")
+        return got
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        results = list(pool.map(grab, names))
+    for got in results:
+        assert len(got) == len(set(got))
+    per_comp = Counter(c for got in results for c in got)
+    assert sum(per_comp.values()) == 30 and max(per_comp.values()) == 3
+    with store.read() as s:
+        per_vote = Counter(s.scalars(select(Vote.comparison_id)).all())
+    assert max(per_vote.values()) == 3 and sum(per_vote.values()) == 30
+
+    store.close()
+
+
+def test_simultaneous_submits_never_exceed_overlap(store_url, tmp_path):
+    """Leases expired and re-served in waves; then every lease holder submits at once: exactly K votes land."""
+    store = open_store(store_url, overlap=2, lease_seconds=10)
+    populate(store, tmp_path, n_prompts=1)
+    voters = [f"v{i}" for i in range(8)]
+    for wave in range(4):
+        for v in voters[2 * wave: 2 * wave + 2]:
+            assert next_item(store, v, now=20.0 * wave).comparison_id == 1
+    gate = threading.Barrier(len(voters))
+
+    def vote(v):
+        gate.wait()
+        try:
+            submit_vote(store, v, 1, "b", now=61.0)
+            return v
+        except UserError:
+            return None
+
+    with ThreadPoolExecutor(len(voters)) as pool:
+        ok = [v for v in pool.map(vote, voters) if v]
+    assert sorted(ok) == ["v6", "v7"]  # the two live leases; expired ones whose slots were re-served are refused
+    assert count(store, Vote) == 2
+    store.close()
+
+
+def test_bad_votes_store_nothing(store_url, tmp_path):
+    store = open_store(store_url, overlap=2)
+    populate(store, tmp_path, n_prompts=3)
+    item = next_item(store, "ann")
+    other = next_item(store, "bob")
+    with pytest.raises(UserError, match="unknown choice"):
+        submit_vote(store, "ann", item.comparison_id, "left")
+    with pytest.raises(UserError, match="does not exist"):
+        submit_vote(store, "ann", 999_999, "a")
+    unassigned = [c for c in (1, 2, 3) if c != item.comparison_id][0]
+    with pytest.raises(UserError, match="not assigned"):
+        submit_vote(store, "ann", unassigned, "a")
+    with pytest.raises(UserError, match="comparison id"):
+        submit_vote(store, "ann", "1; DROP TABLE votes", "a")
+    assert count(store, Vote) == 0
+    submit_vote(store, "ann", item.comparison_id, "tie", rationale="  same  ")
+    with pytest.raises(UserError, match="already voted"):
+        submit_vote(store, "ann", item.comparison_id, "a")
+    skip(store, "bob", other.comparison_id)
+    with pytest.raises(UserError, match="skipped"):
+        submit_vote(store, "bob", other.comparison_id, "a")
+    with pytest.raises(UserError, match="not on lease"):
+        skip(store, "bob", other.comparison_id)
+    assert next_item(store, "bob").comparison_id != other.comparison_id  # never served again after a skip
+    votes = load_votes(store)
+    assert [(v.annotator, v.choice, v.rationale) for v in votes] == [("ann", "tie", "same")]
+    store.close()
+
+
+def test_sides_are_recorded_and_votes_stored_canonically(store_url, tmp_path):
+    store = open_store(store_url, overlap=50)
+    populate(store, tmp_path, n_prompts=1)
+    with store.read() as s:
+        comp = s.scalars(select(Comparison)).one()
+        a_text = comp.response_a.text
+    rng = random.Random(0)
+    swaps = []
+    for i in range(30):
+        item = next_item(store, f"x{i}", rng=rng)
+        swaps.append(item.swapped)
+        left_is_a = item.left == a_text
+        assert left_is_a != item.swapped
+        submit_vote(store, f"x{i}", item.comparison_id, "a")  # "the left one"
+    assert 5 < sum(swaps) < 25  # sides randomised per assignment
+    with store.read() as s:
+        rows = s.execute(select(Vote.choice, Vote.swapped)).all()
+    assert all((choice == "b") == swapped for choice, swapped in rows)
+    store.close()
+
+
+def test_undo_last_vote(store_url, tmp_path):
+    store = open_store(store_url, overlap=1)
+    populate(store, tmp_path, n_prompts=3)
+    assert undo_last_vote(store, "ann") is None
+    first = next_item(store, "ann")
+    submit_vote(store, "ann", first.comparison_id, "a")
+    second = next_item(store, "ann")
+    submit_vote(store, "ann", second.comparison_id, "b")
+    assert progress(store, "ann").done == 2
+    undone = undo_last_vote(store, "ann")
+    assert undone.comparison_id == second.comparison_id and undone.swapped == second.swapped
+    assert progress(store, "ann").done == 1
+    assert next_item(store, "ann").comparison_id == second.comparison_id  # served again to re-vote
+    submit_vote(store, "ann", second.comparison_id, "tie")
+    assert sorted(v.choice for v in load_votes(store)) == sorted(["tie", "a" if not first.swapped else "b"])
+    store.close()
+
+
+def test_schema_version_and_forward_migration(store_url, tmp_path, monkeypatch):
+    store = open_store(store_url)
+    assert store_db.schema_version(store) == store_db.SCHEMA_VERSION
+    store.close()
+
+    # A newer alignkit (schema 2, with a migration 1 -> 2) opens this older store and upgrades it.
+    def add_column(conn):
+        conn.execute(text("ALTER TABLE votes ADD COLUMN flagged BOOLEAN NOT NULL DEFAULT FALSE"))
+
+    monkeypatch.setattr(store_db, "SCHEMA_VERSION", 2)
+    monkeypatch.setitem(store_db.MIGRATIONS, 1, add_column)
+    store = open_store(store_url)
+    assert store_db.schema_version(store) == 2
+    with store.read() as s:
+        s.execute(text("SELECT flagged FROM votes"))
+    store.close()
+
+    # ... and this alignkit (schema 1) refuses that newer store instead of misreading it.
+    monkeypatch.setattr(store_db, "SCHEMA_VERSION", 1)
+    with pytest.raises(UserError, match="newer than this alignkit"):
+        open_store(store_url)
+
+
+def test_import_validation_names_line_and_imports_nothing(store_url, tmp_path):
+    store = open_store(store_url)
+    good = {"prompt": "p", "responses": ["x", "y"]}
+    cases = [
+        ("{not json", "malformed JSON"),
+        ('["a list"]', "expected a JSON object"),
+        ({"prompt": "p", "responses": ["only one"]}, "at least 2"),
+        ({"prompt": "", "responses": ["x", "y"]}, "non-empty string"),
+        ({"prompt": "p", "messages": [], "responses": ["x", "y"]}, "exactly one of"),
+        ({"messages": [{"role": "robot", "content": "hi"}], "responses": ["x", "y"]}, "role 'robot'"),
+        ({"prompt": "p", "respones": ["x", "y"]}, "unknown key"),
+        ({"prompt": "p", "responses": ["x", "x"]}, "duplicates"),
+        ({"prompt": "p", "responses": ["x", "y"], "models": ["m"]}, "one per response"),
+    ]
+    for bad, message in cases:
+        path = write_jsonl(tmp_path / "bad.jsonl", [good, good | {"prompt": "q"}, bad])
+        with pytest.raises(UserError, match=message) as err:
+            import_file(store, path)
+        assert str(err.value).startswith(f"{path}:3: ")
+    with pytest.raises(UserError, match="not found"):
+        import_file(store, tmp_path / "missing.jsonl")
+    assert count(store, Prompt) == 0 and count(store, Comparison) == 0
+    # chat prompts and recorded model specs
+    path = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+         "responses": ["hello", "hey", "yo"], "models": ["m1", "m2", None]}])
+    assert import_file(store, path).comparisons == 3
+    item = next_item(store, "ann")
+    assert item.prompt[1] == {"role": "user", "content": "hi"} and "user: hi" in item.prompt_text
+    store.close()
+
+
+def test_parse_allows_prompts_alone_when_generating(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"messages": [{"role": "user", "content": "b"}]}])
+    rows = parse_import_file(path, responses_required=False)
+    assert [r.responses for r in rows] == [[], []]
+    with pytest.raises(UserError, match="p.jsonl:1: needs at least 2"):
+        parse_import_file(path)
+
+
+def test_open_store_errors(tmp_path):
+    with pytest.raises(UserError, match="no label store"):
+        open_store(tmp_path / "nope.db", create=False)
+    with pytest.raises(UserError, match="does not exist"):
+        open_store(tmp_path / "no" / "dir.db")
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(UserError, match="not a SQLite database"):
+        open_store(junk)
+    with pytest.raises(UserError, match="not supported"):
+        open_store("mysql://x/y")
+
+
+def test_sqlite_read_then_write_transactions_do_not_fail_under_contention(tmp_path):
+    """64 threads each doing a read-then-write transaction at once: BEGIN IMMEDIATE + retry, no 'locked'."""
+    store = open_store(tmp_path / "c.db")
+    populate(store, tmp_path, n_prompts=1)
+    barrier = threading.Barrier(64)
+
+    def work(i):
+        barrier.wait()
+        for _ in range(5):
+            def run(s):
+                n = s.scalar(select(func.count()).select_from(Prompt))
+                s.add(Prompt(key=f"k{i}-{random.random()}", content_json='"x"', created_at=float(n)))
+            store.write(run)
+
+    with ThreadPoolExecutor(64) as pool:
+        list(pool.map(work, range(64)))
+    assert count(store, Prompt) == 1 + 64 * 5
+    with store.read() as s:
+        assert s.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    store.close()
+
+
+def test_aggregation_policy():
+    assert aggregate(["a", "a", "b"]) == ("a", 2 / 3, "kept")
+    assert aggregate(["a", "b"])[2] == "no_majority"
+    assert aggregate(["tie", "tie", "a"])[2] == "tie"
+    assert aggregate(["tie", "tie", "a"], ties="ignore") == ("a", 1.0, "kept")
+    assert aggregate(["both_bad", "both_bad", "b"])[2] == "both_bad"
+    assert aggregate(["both_bad", "both_bad", "b"], both_bad="ignore") == ("b", 1.0, "kept")
+    assert aggregate(["a", "a", "b"], min_agreement=0.7)[2] == "below_min_agreement"
+    assert aggregate(["a"], min_votes=2)[2] == "too_few_votes"
+
+
+def test_agreement_matches_libraries():
+    from sklearn.metrics import cohen_kappa_score
+
+    from alignkit.store.agreement import VoteRow
+
+    x = ["a", "b", "a", "tie", "b", "a", "both_bad", "a"]
+    y = ["a", "b", "b", "tie", "b", "a", "a", "a"]
+    votes = [VoteRow(i, "x", c, False, 1.0, None) for i, c in enumerate(x)] + \
+            [VoteRow(i, "y", c, False, 1.0, None) for i, c in enumerate(y)]
+    (pair,) = cohen_pairs(votes)
+    assert pair["kappa"] == pytest.approx(cohen_kappa_score(x, y)) and pair["n"] == 8
+    assert pair["agreement"] == pytest.approx(6 / 8)
+    # Fleiss on a textbook-sized table: perfect agreement on varied labels is 1
+    result = fleiss({0: ["a", "a", "a"], 1: ["b", "b", "b"], 2: ["tie", "tie", "tie"], 3: ["a", "a"]})
+    assert result == {"kappa": pytest.approx(1.0), "n_items": 3, "raters_per_item": 3}
+    assert fleiss({0: ["a"]}) is None
+
+
+def test_export_writes_dataset_and_jsonl(store_url, tmp_path):
+    import datasets
+
+    store = open_store(store_url, overlap=3)
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        {"prompt": "p0", "responses": ["short", "much longer"]},
+        {"prompt": "p1", "responses": ["x", "y"]},
+        {"messages": [{"role": "user", "content": "p2"}], "responses": ["u", "v"]},
+        {"prompt": "p3", "responses": ["m", "n"]},
+    ])
+    import_file(store, path)
+    # comparison 1: a,a,b -> chosen "short"; 2: tie majority -> dropped; 3: b,b,b -> "v"; 4: both_bad -> dropped
+    plan = {1: ["a", "a", "b"], 2: ["tie", "tie", "a"], 3: ["b", "b", "b"], 4: ["both_bad", "both_bad", "a"]}
+    for cid, labels in plan.items():
+        for i, label in enumerate(labels):
+            u = f"u{i}"
+            item = next_item(store, u)
+            assert item.comparison_id == cid
+            shown = {"a": "b", "b": "a"}.get(label, label) if item.swapped else label
+            submit_vote(store, u, cid, shown)
+    rows = preference_rows(store_url)
+    assert [(r["prompt"], r["chosen"], r["rejected"], r["n_annotators"]) for r in rows] == [
+        ("p0", "short", "much longer", 3), ([{"role": "user", "content": "p2"}], "v", "u", 3)]
+    assert rows[0]["agreement"] == pytest.approx(2 / 3)
+    assert len(preference_rows(store_url, min_agreement=0.9)) == 1
+    assert len(preference_rows(store_url, ties="ignore", both_bad="ignore")) == 4
+    with pytest.raises(UserError, match="ties policy"):
+        preference_rows(store_url, ties="keep-ish")
+
+    out = tmp_path / "export"
+    summary = export_dataset(store, out)
+    assert summary["rows"] == 2 and summary["per_reason"] == {"kept": 2, "tie": 1, "both_bad": 1}
+    ds = datasets.load_from_disk(str(out))
+    assert ds.num_rows == 2 and {"prompt", "chosen", "rejected", "n_annotators", "agreement"} <= set(ds.column_names)
+    lines = [json.loads(line) for line in open(out / "preferences.jsonl")]
+    assert lines[0]["chosen"] == "short" and lines[1]["prompt"] == [{"role": "user", "content": "p2"}]
+    # a second export over the first replaces it; a non-export directory is refused
+    assert export_dataset(store, out, min_agreement=0.9)["rows"] == 1
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not an earlier export"):
+        export_dataset(store, tmp_path / "other")
+    report = agreement_report(store)
+    assert report["n_votes"] == 12 and set(report["annotators"]) == {"u0", "u1", "u2"}
+    store.close()
