@@ -203,7 +203,7 @@ def _build_dataclass(cls, values: dict, *, section: str, lines: _Lines, path: Pa
 
 def _resolve_path(value: Any, base_dir: Path) -> Any:
     """Relative paths resolve against the YAML's directory; URLs and non-strings pass through."""
-    if not isinstance(value, str) or "://" in value:
+    if not isinstance(value, str) or "://" in value or value.startswith("hf:"):
         return value
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else (base_dir / p).resolve())
@@ -308,6 +308,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
             if ref == s.name:
                 raise UserError(f"{lines.where(path, f'stages.{s.name}.{role}')}: stage {s.name!r} cannot depend on itself")
     order_stages(stages)  # raises on cycles
+    if peft.method in ("prompt_tuning", "prefix_tuning"):
+        child = next((s for s in stages if s.after), None)
+        if child is not None:
+            raise UserError(f"{lines.where(path, f'stages.{child.name}.after')}: peft.method={peft.method} cannot be continued by a "
+                            f"later stage (PEFT loads prompt-learning adapters frozen only); use lora/dora/ia3 for chained stages")
     return RecipeConfig(path=path, model=model, peft=peft, run_dir=run_dir, seed=seed, stages=stages,
                         description=raw.get("description", ""), raw=raw)
 

@@ -121,6 +121,9 @@ def resolve_model_spec(spec: str) -> ResolvedSpec:
         settings = dict(stage.get("model", {}))
         base = stage["base"]
         adapter = path if (path / "adapter_config.json").exists() else None
+        if adapter is None and (path / "config.json").exists():
+            base = str(path)  # a fully fine-tuned stage is itself the model
+            settings["quantization"] = "none"
         return ResolvedSpec(spec, resolve_base(base), adapter, path, settings, stage)
     if path.is_dir() and (path / "adapter_config.json").exists():
         cfg = json.loads((path / "adapter_config.json").read_text())

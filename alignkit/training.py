@@ -115,5 +115,32 @@ def save_policy(model, tokenizer, stage_dir: Path, adapter_name: str = "default"
     tokenizer.save_pretrained(str(stage_dir))
 
 
+def load_policy(stage, gradient_checkpointing: bool):
+    """(model, new_adapter_config, info): the base with the parent's policy, or ready for a fresh adapter.
+
+    - parent with an adapter: the base (quantized as configured) + that adapter, trainable;
+    - parent that was fully fine-tuned: the parent's weights are the base;
+    - no parent: the base, and the PEFT config of a new adapter for the trainer to add.
+    """
+    import dataclasses
+
+    from alignkit.modeling import attach_adapter, load_base_model, peft_config, prepare_for_training
+
+    parent = stage.parents.get("after")
+    settings = stage.model
+    info: dict = {}
+    if parent is not None and not (Path(parent) / "adapter_config.json").exists():
+        settings = dataclasses.replace(settings, base=str(parent))
+        info["initialized_from"] = str(parent)
+    model = load_base_model(settings)
+    model = prepare_for_training(model, settings, gradient_checkpointing)
+    if parent is not None and (Path(parent) / "adapter_config.json").exists():
+        info["initialized_from"] = str(parent)
+        return attach_adapter(model, parent, trainable=True), None, info
+    if stage.peft.method == "full":
+        return model, None, info
+    return model, peft_config(stage.peft), info
+
+
 def config_fields(config_cls) -> set[str]:
     return {f.name for f in dataclasses.fields(config_cls)}

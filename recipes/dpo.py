@@ -19,8 +19,8 @@ from trl import DPOConfig, DPOTrainer
 
 from alignkit.artifacts import file_fingerprint
 from alignkit.data.sources import load_preference_split
-from alignkit.modeling import attach_adapter, load_base_model, load_tokenizer, peft_config, prepare_for_training, resolve_base
-from alignkit.training import divergence_guard, final_metrics, save_policy, tensorboard_callback, trl_args
+from alignkit.modeling import load_tokenizer, resolve_base
+from alignkit.training import divergence_guard, final_metrics, load_policy, save_policy, tensorboard_callback, trl_args
 
 TRAIN_CONFIG = DPOConfig
 DATA_KEYS = {"train", "eval", "eval_fraction", "labels_db", "min_agreement", "ties", "both_bad"}
@@ -42,16 +42,14 @@ def run(stage) -> dict:
     args = trl_args(DPOConfig, stage, DEFAULTS)
 
     # Model: one base; the parent's adapter becomes the trainable policy ("default") and TRL's frozen "ref".
-    model = load_base_model(stage.model)
-    model = prepare_for_training(model, stage.model, args.gradient_checkpointing)
-    new_adapter = None
-    if parent:
-        model = attach_adapter(model, parent, trainable=True)
-        info["initialized_from"] = str(parent)
+    model, new_adapter, started = load_policy(stage, args.gradient_checkpointing)
+    info.update(started)
+    if parent and (parent / "adapter_model.safetensors").exists():
         info["initialized_from_sha256"] = file_fingerprint(parent / "adapter_model.safetensors")
         info["reference"] = f"{parent} (frozen copy of the parent adapter)"
+    elif parent:
+        info["reference"] = f"{parent} (full model, loaded a second time by TRL)"
     else:
-        new_adapter = peft_config(stage.peft)
         info["reference"] = "base model (adapter disabled)"
 
     trainer = DPOTrainer(

@@ -16,8 +16,8 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from alignkit.data.sources import load_sft_split
-from alignkit.modeling import attach_adapter, load_base_model, load_tokenizer, peft_config, prepare_for_training, resolve_base
-from alignkit.training import divergence_guard, final_metrics, save_policy, tensorboard_callback, trl_args
+from alignkit.modeling import load_tokenizer, resolve_base
+from alignkit.training import divergence_guard, final_metrics, load_policy, save_policy, tensorboard_callback, trl_args
 
 TRAIN_CONFIG = SFTConfig
 DATA_KEYS = {"train", "eval", "eval_fraction"}
@@ -54,14 +54,8 @@ def run(stage) -> dict:
     args = trl_args(SFTConfig, stage, {**DEFAULTS, "assistant_only_loss": fmt == "messages" and marks_generation})
 
     # Model: the base (4-bit by default) with either the parent's adapter, trainable, or a fresh one.
-    model = load_base_model(stage.model)
-    model = prepare_for_training(model, stage.model, args.gradient_checkpointing)
-    new_adapter = None
-    if parent:
-        model = attach_adapter(model, parent, trainable=True)
-        info["initialized_from"] = str(parent)
-    else:
-        new_adapter = peft_config(stage.peft)
+    model, new_adapter, started = load_policy(stage, args.gradient_checkpointing)
+    info.update(started)
 
     trainer = SFTTrainer(
         model=model,

@@ -13,7 +13,11 @@ if [[ -f "$stamp" && "$stamp" -nt pyproject.toml ]]; then
 fi
 echo "== setting up $VENV (torch: $TORCH_SPEC)"
 "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
-"$VENV/bin/python" -m pip install -q -e ".[dev]"
+pip_install() {
+  # This machine's pip config names local indexes that may be absent; their warnings are noise.
+  "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+pip_install --upgrade pip
+pip_install "$TORCH_SPEC"
+pip_install -e ".[dev]"
 touch "$stamp"

@@ -31,8 +31,23 @@ def read_jsonl(path: str | Path, *, what: str = "data") -> list[dict]:
     return rows
 
 
+def load_hub_rows(source: str, *, what: str = "data") -> list[dict]:
+    """`hf:NAME[:SPLIT]` — a dataset from the Hugging Face hub (or its local cache), default split `train`."""
+    import datasets
+
+    name, _, split = source[3:].partition(":")
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as err:  # the hub client raises many types; all mean "cannot get that dataset"
+        raise UserError(f"{what}: cannot load {source}: {str(err).splitlines()[0]}") from None
+    return [dict(r) for r in ds]
+
+
 def load_rows(source: str | Path, *, what: str = "data") -> list[dict]:
-    """Rows from a .jsonl/.json file or a `datasets.save_to_disk` directory. Rows carry `_line` when from JSONL."""
+    """Rows from a .jsonl/.json file, a `datasets.save_to_disk` directory, or `hf:NAME[:SPLIT]`.
+    Rows carry `_line` when from JSONL."""
+    if isinstance(source, str) and source.startswith("hf:"):
+        return load_hub_rows(source, what=what)
     path = Path(source)
     if path.is_dir():
         if not ((path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists()):

@@ -89,7 +89,9 @@ def load_prompt_rows(data: dict, stage: str, key: str = "prompts") -> tuple[list
 def _fingerprint(data: dict) -> str:
     parts = {}
     for key in ("train", "eval", "prompts"):
-        if key in data:
+        if key in data and str(data[key]).startswith("hf:"):
+            parts[key] = data[key]  # hub datasets are pinned by name (and the hub's own cache)
+        elif key in data:
             try:
                 parts[key] = file_fingerprint(data[key])
             except FileNotFoundError:
