@@ -1,0 +1,217 @@
+"""`alignkit label ...`: import, serve, add-user, export, simulate, stats.
+
+Bad input raises UserError; `alignkit.cli` prints it as one line and exits 2
+(running this module directly does the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import secrets
+import sys
+from pathlib import Path
+
+from alignkit.errors import UserError
+
+
+def _fraction(s: str) -> float:
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {s}")
+    return x
+
+
+def _positive(s: str) -> int:
+    try:
+        x = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+    if x < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {s}")
+    return x
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignkit label", description="label store and labeling app")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import", help="import prompts and responses (JSONL) into a label store")
+    p.add_argument("--db", required=True, help="label store: a SQLite file path or a postgresql+psycopg:// URL")
+    p.add_argument("file", help="JSONL: {prompt | messages, responses: [...] (>= 2)}; prompts alone with --generate")
+    p.add_argument("--generate", action="append", default=[], metavar="MODEL_SPEC",
+                   help="sample a response per prompt with this model (repeat per model; given once: two samples)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive, default=16)
+
+    p = sub.add_parser("serve", help="serve the labeling app (login required unless --no-auth)")
+    p.add_argument("--db", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--users", help="users file written by `alignkit label add-user`")
+    p.add_argument("--overlap", type=_positive, default=3, help="distinct annotators per comparison (default 3)")
+    p.add_argument("--no-auth", action="store_true", help="no login, one local annotator; loopback only")
+    p.add_argument("--lease-seconds", type=float, default=600.0, help="an unanswered item is served again after this")
+    p.add_argument("--export-dir", help="where the admin tab's export writes (default: DB.export next to the store)")
+    p.add_argument("--concurrency-limit", type=_positive, default=None,
+                   help="handler calls run at once (default: labeling_ui.app.DEFAULT_CONCURRENCY_LIMIT)")
+
+    p = sub.add_parser("add-user", help="add or update an annotator in a users file")
+    p.add_argument("--users", required=True)
+    p.add_argument("name")
+    p.add_argument("--password", help="asked for when not given")
+    p.add_argument("--admin", action="store_true", help="may see the admin tab (agreement, export)")
+
+    p = sub.add_parser("export", help="votes -> preference dataset (HF dataset dir + preferences.jsonl)")
+    p.add_argument("--db", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--min-agreement", type=_fraction, default=0.0)
+    p.add_argument("--ties", choices=["drop", "ignore"], default="drop",
+                   help="drop: comparisons whose plurality is tie are dropped; ignore: tie votes are left out")
+    p.add_argument("--both-bad", choices=["drop", "ignore"], default="drop")
+    p.add_argument("--min-votes", type=_positive, default=1)
+
+    p = sub.add_parser("simulate", help="simulated annotators labeling through a running server")
+    p.add_argument("--url", required=True)
+    p.add_argument("--judge", default="length", help="length | random | python:module:function")
+    p.add_argument("--annotators", type=_positive, default=1)
+    p.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD", help="log in as (repeatable)")
+    p.add_argument("--users", help="users file of the server: add sim-1..sim-N with fresh passwords and use them")
+    p.add_argument("--votes", type=_positive, default=None, help="stop after this many votes in all")
+    p.add_argument("--noise", type=_fraction, default=0.0, help="share of votes replaced by a random choice")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("stats", help="agreement and per-annotator statistics as JSON")
+    p.add_argument("--db", required=True)
+    return parser
+
+
+def _import(args) -> int:
+    from alignkit.generation import SamplingParams
+    from alignkit.store import open_store
+    from alignkit.store.importer import import_file, parse_import_file
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, batch_size=args.batch_size)
+    parse_import_file(args.file, responses_required=not args.generate)  # fail before creating a store
+    store = open_store(args.db)
+    try:
+        summary = import_file(store, args.file, generate=args.generate, params=params)
+    finally:
+        store.close()
+    print(f"imported into {args.db}: {summary}")
+    return 0
+
+
+def _serve(args) -> int:
+    from alignkit.store import open_store
+    from labeling_ui.app import DEFAULT_CONCURRENCY_LIMIT, build_app, is_loopback, launch
+    from labeling_ui.users import UsersFile
+
+    if args.no_auth and args.users:
+        raise UserError("give either --users FILE or --no-auth, not both")
+    if not args.no_auth and not args.users:
+        raise UserError("serving needs --users FILE (see `alignkit label add-user`); "
+                        "--no-auth is allowed on loopback only")
+    if args.no_auth and not is_loopback(args.host):
+        raise UserError(f"--no-auth serves only on loopback (127.0.0.1, ::1, localhost), not {args.host}")
+    auth = UsersFile(args.users) if args.users else None
+    limit = args.concurrency_limit or DEFAULT_CONCURRENCY_LIMIT
+    store = open_store(args.db, create=False, overlap=args.overlap, lease_seconds=args.lease_seconds,
+                       pool_size=limit + 4)
+    demo = build_app(store, auth=auth, overlap=args.overlap, export_dir=args.export_dir, concurrency_limit=limit)
+    blocked = [Path(args.users)] if args.users else []
+    if "://" not in str(args.db):
+        blocked.append(Path(args.db))
+    print(f"alignkit label: serving {args.db} on http://{args.host}:{args.port} "
+          f"(overlap {args.overlap}, {'no login' if auth is None else 'login required'})", flush=True)
+    launch(demo, host=args.host, port=args.port, blocked_paths=blocked)
+    return 0
+
+
+def _add_user(args) -> int:
+    from labeling_ui.users import add_user
+
+    password = args.password
+    if password is None:
+        if not sys.stdin.isatty():
+            raise UserError("no --password given and no terminal to ask on")
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise UserError("passwords differ")
+    new = add_user(args.users, args.name, password, admin=args.admin)
+    print(f"{'added' if new else 'updated'} {args.name}{' (admin)' if args.admin else ''} in {args.users}")
+    return 0
+
+
+def _export(args) -> int:
+    from alignkit.store import open_store
+    from alignkit.store.export import export_dataset
+
+    store = open_store(args.db, create=False)
+    try:
+        s = export_dataset(store, args.out, min_agreement=args.min_agreement, ties=args.ties,
+                           both_bad=args.both_bad, min_votes=args.min_votes)
+    finally:
+        store.close()
+    print(f"exported {s['rows']} rows to {s['out']} (per reason: {s['per_reason']})")
+    return 0
+
+
+def _simulate(args) -> int:
+    from labeling_ui.simulate import load_judge, run_simulated_annotators
+    from labeling_ui.users import add_user
+
+    judge = load_judge(args.judge)
+    users: list[tuple[str, str]] | None = None
+    if args.user:
+        users = []
+        for entry in args.user:
+            name, sep, pw = entry.partition(":")
+            if not sep or not name:
+                raise UserError(f"--user {entry!r}: expected NAME:PASSWORD")
+            users.append((name, pw))
+    elif args.users:
+        users = [(f"sim-{i + 1}", secrets.token_urlsafe(12)) for i in range(args.annotators)]
+        for name, pw in users:
+            add_user(args.users, name, pw)
+    result = run_simulated_annotators(args.url, users, judge, args.votes, args.noise, args.seed,
+                                      clients_without_auth=args.annotators)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _stats(args) -> int:
+    from alignkit.store import open_store
+    from alignkit.store.agreement import agreement_report
+
+    store = open_store(args.db, create=False)
+    try:
+        print(json.dumps(agreement_report(store), indent=2))
+    finally:
+        store.close()
+    return 0
+
+
+COMMANDS = {"import": _import, "serve": _serve, "add-user": _add_user, "export": _export, "simulate": _simulate,
+            "stats": _stats}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(COMMANDS[args.command](args) or 0)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as err:
+        print(f"alignkit: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,128 @@
+"""The users file: annotators with salted scrypt password hashes and an admin flag, as JSON.
+
+    {"version": 1,
+     "users": {"alice": {"kdf": "scrypt", "n": 16384, "r": 8, "p": 1,
+                         "salt": "<hex>", "hash": "<hex>", "admin": false}}}
+
+Written atomically with mode 0600. The server reads it again when it changes, so
+`alignkit label add-user` works while the server runs. Passwords are compared with
+`hmac.compare_digest`; the file never holds a password.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignkit.errors import UserError
+
+SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+MIN_PASSWORD = 8
+
+
+def hash_password(password: str, *, salt: bytes | None = None, n: int = SCRYPT["n"], r: int = SCRYPT["r"],
+                  p: int = SCRYPT["p"]) -> dict:
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, dklen=32)
+    return {"kdf": "scrypt", "n": n, "r": r, "p": p, "salt": salt.hex(), "hash": digest.hex()}
+
+
+def verify_password(password: str, record: dict) -> bool:
+    if record.get("kdf") != "scrypt":
+        return False
+    try:
+        expected = bytes.fromhex(record["hash"])
+        digest = hashlib.scrypt(password.encode("utf-8"), salt=bytes.fromhex(record["salt"]), n=int(record["n"]),
+                                r=int(record["r"]), p=int(record["p"]), dklen=len(expected))
+    except (KeyError, ValueError, TypeError):
+        return False
+    return hmac.compare_digest(digest, expected)
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"users file not found: {path} (create it with `alignkit label add-user --users {path} NAME`)") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"users file {path}: malformed JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("users"), dict):
+        raise UserError(f"users file {path}: expected an object with a `users` object")
+    return data
+
+
+def add_user(path: str | Path, name: str, password: str, *, admin: bool = False) -> bool:
+    """Add or replace a user; returns True when the user is new. Creates the file (0600) if needed."""
+    path = Path(path)
+    if not NAME_RE.match(name or ""):
+        raise UserError(f"user name {name!r}: use 1-64 letters, digits, _ . @ - (starting with a letter or digit)")
+    if len(password) < MIN_PASSWORD:
+        raise UserError(f"password for {name} is too short (at least {MIN_PASSWORD} characters)")
+    if path.is_dir():
+        raise UserError(f"users file {path} is a directory")
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write users file {path}: directory {path.parent} does not exist")
+    data = _read(path) if path.exists() else {"version": 1, "users": {}}
+    new = name not in data["users"]
+    data["users"][name] = {**hash_password(password), "admin": bool(admin)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return new
+
+
+@dataclass
+class _Snapshot:
+    mtime_ns: int
+    size: int
+    users: dict
+
+
+class UsersFile:
+    """Login checks against a users file, re-read whenever it changes on disk (thread-safe)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
+        self._lock = threading.Lock()
+        self._snap: _Snapshot | None = None
+        if not self.users():
+            raise UserError(f"users file {self.path} has no users (add one with `alignkit label add-user`)")
+
+    def users(self) -> dict:
+        st = self.path.stat() if self.path.exists() else None
+        with self._lock:
+            if st is None:
+                if self._snap is None:
+                    _read(self.path)  # raises "not found"
+                return self._snap.users
+            if self._snap is None or (st.st_mtime_ns, st.st_size) != (self._snap.mtime_ns, self._snap.size):
+                self._snap = _Snapshot(st.st_mtime_ns, st.st_size, _read(self.path)["users"])
+            return self._snap.users
+
+    def check(self, username: str, password: str) -> bool:
+        """Gradio's `auth` callable: True when the name exists and the password matches."""
+        record = self.users().get(username)
+        if record is None:
+            # Spend the same time as a real check, so timing does not tell which user names exist.
+            verify_password(password, {"kdf": "scrypt", **SCRYPT, "salt": "00" * 16, "hash": "00" * 32})
+            return False
+        return verify_password(password, record)
+
+    def is_admin(self, username: str | None) -> bool:
+        return bool(username) and bool(self.users().get(username, {}).get("admin", False))
