@@ -1,0 +1,93 @@
+"""A real headless browser (Debian's chromium via Playwright) logs in and labels with the keyboard."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from _labeling_server import Server, make_store, make_users
+from alignkit.store import open_store
+from alignkit.store.agreement import load_votes
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2"><b id="injected">bold</b>'
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"browser tests SKIPPED: {CHROMIUM} missing (apt-get install -y chromium)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="browser tests SKIPPED: playwright not installed")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield b
+        b.close()
+
+
+def test_login_label_three_with_shortcuts_and_model_html_stays_text(browser, tmp_path):
+    db = make_store(str(tmp_path / "labels.db"), tmp_path, 0, extra=[
+        {"prompt": "Which answer is **safer**?\n\n```python\nprint('hi')\n```", "responses": [XSS, "plain answer"]},
+        {"prompt": "second", "responses": ["one", "two"]},
+        {"prompt": "third", "responses": ["three", "four"]},
+        {"prompt": "fourth", "responses": ["five", "six"]},
+    ])
+    creds = make_users(tmp_path / "users.json", ["erin"])
+    server = Server(db, users=tmp_path / "users.json", overlap=1, log=tmp_path / "server.log").start()
+    page = browser.new_page()
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    try:
+        page.goto(server.url, wait_until="domcontentloaded")
+        page.fill("input[type=text]", "erin")
+        page.fill("input[type=password]", creds["erin"])
+        page.keyboard.press("Enter")
+        left = page.locator("#ak-left textarea")
+        right = page.locator("#ak-right textarea")
+        page.wait_for_function("() => { const t = document.querySelector('#ak-left textarea'); "
+                               "return t && t.value.length > 0; }", timeout=30_000)
+
+        # The response with <script> and an onerror image is shown verbatim as text, never run.
+        texts = [left.input_value(), right.input_value()]
+        assert XSS in texts
+        assert page.evaluate("window.__xss") is None
+        assert page.locator("#injected").count() == 0 and page.locator("img[src=x]").count() == 0
+        # The prompt is markdown: the code block is rendered.
+        assert page.locator("#ak-prompt pre code").count() >= 1
+
+        shown = []
+        for key, expect in (("1", "a"), ("2", "b"), ("3", "tie")):
+            before = (left.input_value(), right.input_value())
+            shown.append(before)
+            page.locator("body").click(position={"x": 5, "y": 5})  # focus outside any text box
+            page.keyboard.press(key)
+            page.wait_for_function(
+                "(n) => (document.querySelector('#ak-status') || {}).innerText?.includes('Saved #' + n)",
+                arg=str(len(shown)), timeout=15_000)
+        progress = page.locator("#ak-progress").inner_text()
+        assert "done 3" in progress and "remaining 1" in progress
+        assert dialogs == []
+    finally:
+        page.close()
+        server.stop()
+
+    store = open_store(db, create=False)
+    votes = load_votes(store)
+    with store.read() as s:
+        from alignkit.store.models import Comparison
+
+        pairs = {c.id: (c.response_a.text, c.response_b.text) for c in s.query(Comparison)}
+    store.close()
+    assert [v.annotator for v in votes] == ["erin"] * 3
+    # Each stored vote, mapped back through the side order shown, is the key that was pressed.
+    for v, (shown_left, _), pressed in zip(votes, shown, ("a", "b", "tie")):
+        a_text, b_text = pairs[v.comparison_id]
+        assert shown_left == (b_text if v.swapped else a_text)
+        if pressed == "tie":
+            assert v.choice == "tie"
+        else:
+            left_won = pressed == "a"
+            assert v.choice == ("a" if left_won != v.swapped else "b")
