@@ -49,6 +49,7 @@ class ModelSettings:
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_use_double_quant: bool = True
     compute_dtype: str = "float32"  # bnb compute dtype; bfloat16 on GPUs that have it
+    bnb_4bit_quant_storage: str | None = None  # e.g. "bfloat16": FSDP can then shard the 4-bit weights
     dtype: str = "float32"  # dtype of the non-quantized weights
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"
     trust_remote_code: bool = False
@@ -172,6 +173,7 @@ def quantization_config(settings: ModelSettings):
             bnb_4bit_quant_type=settings.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=settings.bnb_4bit_use_double_quant,
             bnb_4bit_compute_dtype=torch_dtype(settings.compute_dtype),
+            **({"bnb_4bit_quant_storage": torch_dtype(settings.bnb_4bit_quant_storage)} if settings.bnb_4bit_quant_storage else {}),
         )
     if settings.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)

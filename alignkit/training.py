@@ -102,6 +102,10 @@ def final_metrics(trainer, train_output=None) -> dict:
 
 def save_policy(model, tokenizer, stage_dir: Path, adapter_name: str = "default") -> None:
     """The trained adapter (only the policy's, not TRL's frozen `ref` copy) + tokenizer at the stage dir top level."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return  # data-parallel ranks hold identical weights; one writer, no race on the files
     if hasattr(model, "peft_config"):
         model.save_pretrained(str(stage_dir), selected_adapters=[adapter_name], safe_serialization=True)
         # PEFT writes non-default adapters into a subfolder; the policy must sit at the top level.

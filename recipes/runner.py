@@ -244,6 +244,7 @@ def run_stage_from_plan(plan_path: str) -> int:
     if hasattr(module, "load_data"):
         run.prepared = module.load_data(run)
     result = module.run(run)
+    result.setdefault("data", {})["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
     if int(os.environ.get("RANK", "0")) == 0:
         artifacts.write_json_atomic(run.stage_dir / "result.json", result)
     return 0
