@@ -1,0 +1,85 @@
+"""Generation: alignkit's batched sampling (length-sorted, left-padded) vs a naive per-prompt `generate` loop.
+
+    python -m benchmarks.bench_generation            # full: appends to benchmarks/RESULTS.md
+    python -m benchmarks.bench_generation --quick    # smoke: prints only
+
+PPO rollouts, label import and compare all sample through alignkit.generation.generate_batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.harness import compare, emit, ratio, record
+
+MODULE = "benchmarks.bench_generation"
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return {"hidden": 64, "layers": 2, "prompts": 8, "new_tokens": 8, "batch": 8}
+    return {"hidden": 256, "layers": 4, "prompts": 64, "new_tokens": 32, "batch": 16}
+
+
+def prompts(n: int) -> list[str]:
+    from alignkit.tiny import tiny_corpus
+
+    return [line for line in tiny_corpus(n_lines=n, seed=1)][:n]
+
+
+def run(variant: str, work: Path, s: dict) -> dict:
+    import torch
+
+    from alignkit.generation import SamplingParams, generate_batch
+    from alignkit.modeling import load_model_for_inference
+    from alignkit.tiny import build_tiny_model
+
+    base = build_tiny_model(work / f"base-{s['hidden']}x{s['layers']}", hidden_size=s["hidden"], num_layers=s["layers"])
+    model, tok, _ = load_model_for_inference(str(base), quantization="4bit")
+    texts = prompts(s["prompts"])
+    # Greedy, no EOS stop, so both sides produce exactly the same number of tokens.
+    params = SamplingParams(max_new_tokens=s["new_tokens"], temperature=0.0, batch_size=s["batch"])
+    model.generation_config.eos_token_id = None
+    start = time.perf_counter()
+    if variant == "batched":
+        out = generate_batch(model, tok, texts, params)
+        tokens = sum(len(r) for r in out.response_ids)
+    else:
+        tokens = 0
+        for t in texts:
+            ids = tok(t, return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                gen = model.generate(**ids, max_new_tokens=s["new_tokens"], do_sample=False, pad_token_id=tok.pad_token_id)
+            tokens += gen.shape[1] - ids["input_ids"].shape[1]
+    seconds = time.perf_counter() - start
+    return {"tokens_per_second": tokens / seconds, "tokens": tokens, "seconds": seconds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    s = settings(args.quick)
+    if args.variant:
+        emit(run(args.variant, Path(args.work), s))
+        return
+    work = Path(tempfile.mkdtemp(prefix="bench-gen-"))
+    repeats = 1 if args.quick else args.repeats
+    naive, batched = compare(MODULE, "naive", "batched", ["--work", str(work)] + (["--quick"] if args.quick else []), repeats)
+    cmd = "python -m benchmarks.bench_generation" + (" --quick" if args.quick else "")
+    record("Generation: batched vs per-prompt generate (tokens/s)", cmd,
+           ["naive tokens/s", "batched tokens/s", "speed-up", "naive peak MB", "batched peak MB"],
+           [[f"{naive['tokens_per_second']:.1f}", f"{batched['tokens_per_second']:.1f}", ratio(batched["tokens_per_second"], naive["tokens_per_second"]),
+             f"{naive['peak_memory_mb']:.0f}", f"{batched['peak_memory_mb']:.0f}"]],
+           notes=f"Model: 4-bit Llama {s['hidden']}x{s['layers']}; {s['prompts']} prompts x {s['new_tokens']} new tokens, greedy, "
+                 f"batch {s['batch']}; median of {repeats} alternating runs.", quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()

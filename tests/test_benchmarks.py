@@ -1,0 +1,28 @@
+"""Each benchmark runs in --quick mode and prints its ratio line. No timing is asserted, only that it measures."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+QUICK = {
+    "benchmarks.bench_stage_overhead": [r"\| SFT \|.*\| \d+\.\d{3} \|", r"\| DPO \|.*\| \d+\.\d{3} \|"],
+    "benchmarks.bench_dpo_ref": [r"\| \d+\.\d{3} \| \d+\.\d{3} \| \d+\.\d{3} \|"],
+    "benchmarks.bench_generation": [r"\| \d+\.\d \| \d+\.\d \| \d+\.\d{3} \|"],
+    "benchmarks.gpu_qlora": [r"tokens/s ratio \d+\.\d{3}"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", sorted(QUICK))
+def test_benchmark_quick_mode_prints_ratios(module, tmp_path):
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    out = subprocess.run([sys.executable, "-m", module, "--quick"], capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for pattern in QUICK[module]:
+        assert re.search(pattern, out.stdout), f"{module}: no line matching {pattern!r} in:\n{out.stdout[-2000:]}"
