@@ -146,5 +146,36 @@ def load_policy(stage, gradient_checkpointing: bool):
     return model, peft_config(stage.peft), info
 
 
+def _render(tokenizer, value, *, prompt: bool = False) -> str:
+    if isinstance(value, str):
+        return value
+    return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=prompt)
+
+
+def truncation_report(tokenizer, rows: list[dict], max_length: int | None, fmt: str) -> dict:
+    """How many rows exceed max_length (TRL truncates them silently), and the longest, in tokens."""
+    if not rows or not max_length:
+        return {}
+    texts = []
+    for r in rows:
+        if fmt == "messages":
+            texts.append(_render(tokenizer, r["messages"]))
+        elif fmt == "text":
+            texts.append(r["text"])
+        elif fmt == "prompt_completion":
+            texts.append(_render(tokenizer, r["prompt"], prompt=True) + _render(tokenizer, r["completion"]))
+        else:  # preference: the longer of the two sequences the trainer builds
+            p = _render(tokenizer, r["prompt"], prompt=True)
+            texts.append(max(p + _render(tokenizer, r["chosen"]), p + _render(tokenizer, r["rejected"]), key=len))
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    over = sum(n > max_length for n in lengths)
+    if over:
+        import logging
+
+        logging.getLogger("alignkit").warning("%d of %d rows are longer than max_length=%d tokens and will be truncated",
+                                              over, len(rows), max_length)
+    return {"max_length": max_length, "rows_truncated": over, "longest_tokens": max(lengths)}
+
+
 def config_fields(config_cls) -> set[str]:
     return {f.name for f in dataclasses.fields(config_cls)}

@@ -20,7 +20,7 @@ from trl import DPOConfig, DPOTrainer
 from alignkit.artifacts import file_fingerprint
 from alignkit.data.sources import load_preference_split
 from alignkit.modeling import load_tokenizer, resolve_base
-from alignkit.training import divergence_guard, final_metrics, load_policy, save_policy, tensorboard_callback, trl_args
+from alignkit.training import divergence_guard, final_metrics, load_policy, save_policy, tensorboard_callback, trl_args, truncation_report
 
 TRAIN_CONFIG = DPOConfig
 DATA_KEYS = {"train", "eval", "eval_fraction", "labels_db", "min_agreement", "ties", "both_bad"}
@@ -40,6 +40,7 @@ def run(stage) -> dict:
     parent = stage.parents.get("after")
     tokenizer = load_tokenizer(str(parent) if parent else resolve_base(stage.model.base))
     args = trl_args(DPOConfig, stage, DEFAULTS)
+    info.update(truncation_report(tokenizer, train_rows, args.max_length, "preference"))
 
     # Model: one base; the parent's adapter becomes the trainable policy ("default") and TRL's frozen "ref".
     model, new_adapter, started = load_policy(stage, args.gradient_checkpointing)

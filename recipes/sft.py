@@ -17,7 +17,7 @@ from trl import SFTConfig, SFTTrainer
 
 from alignkit.data.sources import load_sft_split
 from alignkit.modeling import load_tokenizer, resolve_base
-from alignkit.training import divergence_guard, final_metrics, load_policy, save_policy, tensorboard_callback, trl_args
+from alignkit.training import divergence_guard, final_metrics, load_policy, save_policy, tensorboard_callback, trl_args, truncation_report
 
 TRAIN_CONFIG = SFTConfig
 DATA_KEYS = {"train", "eval", "eval_fraction"}
@@ -52,6 +52,8 @@ def run(stage) -> dict:
     else:
         info["loss_on"] = {"messages": "assistant tokens", "prompt_completion": "completion tokens", "text": "all tokens"}[fmt]
     args = trl_args(SFTConfig, stage, {**DEFAULTS, "assistant_only_loss": fmt == "messages" and marks_generation})
+    if not args.packing:  # packed sequences are cut to max_length by design
+        info.update(truncation_report(tokenizer, train_rows, args.max_length, "prompt_completion" if "prompt" in train_rows[0] else fmt))
 
     # Model: the base (4-bit by default) with either the parent's adapter, trainable, or a fresh one.
     model, new_adapter, started = load_policy(stage, args.gradient_checkpointing)

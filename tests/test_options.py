@@ -75,3 +75,10 @@ def test_full_finetune_chain_dpo_from_full_sft(tiny_recipe, tiny_model_dir):
     dpo = read_stage(path.parent / "run" / "dpo")
     assert dpo["complete"] and dpo["data"]["initialized_from"].endswith("sft")
     assert (path.parent / "run" / "dpo" / "model.safetensors").exists()
+
+
+def test_truncation_is_reported(tiny_recipe, tiny_model_dir):
+    path = tiny_recipe(lambda raw: _sft_only(raw, max_length=12))
+    run_recipe(path, log=lambda *_: None)
+    data = read_stage(path.parent / "run" / "sft")["data"]
+    assert data["max_length"] == 12 and data["rows_truncated"] > 0 and data["longest_tokens"] > 12

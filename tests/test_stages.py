@@ -70,6 +70,9 @@ def test_stage_json_complete_and_correct(chain):
         assert (chain["run"] / stage["name"] / "tokenizer_config.json").exists()
         assert any((chain["run"] / stage["name"] / "logs").iterdir()), "no TensorBoard logs"
     assert sft["data"]["dropped_duplicate"] > 0  # the tiny SFT file has duplicates on purpose
+    for stage in (sft, dpo):
+        assert stage["data"]["max_length"] == 128 and stage["data"]["rows_truncated"] == 0
+        assert 0 < stage["data"]["longest_tokens"] <= 128
     assert dpo["parents"]["after"]["name"] == "sft"
     assert dpo["parents"]["after"]["config_hash"] == sft["config_hash"]
     assert dpo["lineage"] == ["sft"]
