@@ -21,9 +21,11 @@ per comparison, so a handful of worker threads keeps the database busy while
 bounding threads and pooled connections (the store's pool is sized above it).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: gr.api derives the endpoints' inputs and
+# outputs from these functions' real type hints (a tuple return = one output per element),
+# and Gradio resolves string hints again on every call.
 import ipaddress
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -238,6 +240,11 @@ def build_app(store: Store, *, auth: UsersFile | None = None, overlap: int = 3, 
             labeling_tab(ctx, demo)
             admin_tab(ctx, demo)
         api_endpoints(ctx)
+    # Gradio keeps up to 10,000 past events and rebuilds a pandas summary of them after every
+    # event, for the /monitoring page (which we keep off): at a few thousand votes that costs
+    # more than our handlers. Its own settings turn it down, unless the user set them.
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "100")
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000000000")
     demo.queue(default_concurrency_limit=concurrency_limit)
     demo.alignkit_context = ctx
     return demo

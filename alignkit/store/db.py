@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -111,6 +112,10 @@ class Store:
         self.lease_seconds = lease_seconds
         self.dialect = engine.dialect.name  # "sqlite" | "postgresql"
         self._read_engine = engine.execution_options(sqlite_begin="DEFERRED")
+        # SQLite takes one writer at a time; threads of this process queue on a lock instead of
+        # polling the file lock in SQLite's busy handler (which sleeps in growing steps).
+        # Other processes are still kept out by BEGIN IMMEDIATE + busy_timeout + retry.
+        self._write_lock = threading.Lock() if self.dialect == "sqlite" else nullcontext()
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -125,7 +130,7 @@ class Store:
         """
         for attempt in range(MAX_RETRIES):
             try:
-                with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                with self._write_lock, Session(self.engine, expire_on_commit=False) as session, session.begin():
                     return fn(session)
             except (OperationalError, DBAPIError) as err:
                 if not _is_retryable(err) or attempt == MAX_RETRIES - 1:
