@@ -18,7 +18,6 @@ key that was probably meant.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import types
@@ -112,6 +111,16 @@ class _Lines:
                 return f"{path}:{self.lines[probe]}"
             probe = probe.rpartition(".")[0]
         return str(path)
+
+
+def _unshare(obj: Any) -> Any:
+    """A copy with no shared nodes: YAML anchors/aliases (`train: *defaults`) would otherwise let
+    `--set stages.dpo.train.x=…` change every stage that uses the anchor (copy.deepcopy keeps sharing)."""
+    if isinstance(obj, dict):
+        return {k: _unshare(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unshare(v) for v in obj]
+    return obj
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -223,7 +232,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
         raise UserError(f"{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping with model, peft, run_dir and stages")
-    raw = copy.deepcopy(raw)
+    raw = _unshare(raw)
     for item in overrides or []:
         apply_override(raw, item)
     lines = _Lines(text)

@@ -71,3 +71,19 @@ def test_dependency_cycle_is_an_error(tiny_recipe):
 def test_apply_override_rejects_missing_equals():
     with pytest.raises(UserError, match="KEY=VALUE"):
         apply_override({}, "seed")
+
+
+def test_override_does_not_leak_through_yaml_anchors(tmp_path):
+    from tests.conftest import TINY_RECIPE
+
+    data = (TINY_RECIPE.parent / "../data").resolve()
+    path = tmp_path / "anchors.yaml"
+    path.write_text(f"""
+model: {{base: alignkit-tiny}}
+stages:
+  - {{name: sft, kind: sft, data: {{train: {data}/tiny_sft.jsonl}}, train: &common {{max_steps: 2}}}}
+  - {{name: dpo, kind: dpo, after: sft, data: {{train: {data}/tiny_prefs.jsonl}}, train: *common}}
+""")
+    cfg = load_recipe(path, ["stages.dpo.train.beta=0.3"], stage_kinds=RECIPES)
+    assert cfg.stage("dpo").train == {"max_steps": 2, "beta": 0.3}
+    assert cfg.stage("sft").train == {"max_steps": 2}

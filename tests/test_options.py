@@ -82,3 +82,16 @@ def test_truncation_is_reported(tiny_recipe, tiny_model_dir):
     run_recipe(path, log=lambda *_: None)
     data = read_stage(path.parent / "run" / "sft")["data"]
     assert data["max_length"] == 12 and data["rows_truncated"] > 0 and data["longest_tokens"] > 12
+
+
+@pytest.mark.parametrize("loss", [["ipo"], ["sigmoid", "sft"]], ids=lambda l: "+".join(l))
+def test_dpo_loss_types_pass_through(tiny_recipe, tiny_model_dir, loss):
+    def edit(raw):
+        raw["stages"][0]["train"]["max_steps"] = 2
+        raw["stages"][1]["train"].update(max_steps=2, loss_type=loss, loss_weights=[1.0] * len(loss))
+
+    path = tiny_recipe(edit)
+    run_recipe(path, log=lambda *_: None)
+    dpo = read_stage(path.parent / "run" / "dpo")
+    assert dpo["complete"] and dpo["config"]["train"]["loss_type"] == loss
+    assert "rewards/margins" in dpo["metrics"]
