@@ -10,14 +10,13 @@ total, so the number is what a user's wall clock sees.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.bench_stage_overhead import base_model, recipe, settings
-from benchmarks.harness import compare, emit, ratio, record
+from benchmarks.harness import compare, emit, parse_args, ratio, record
 
 MODULE = "benchmarks.bench_dpo_ref"
 
@@ -37,12 +36,7 @@ def run(variant: str, work: Path, s: dict) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variant", help=argparse.SUPPRESS)
-    p.add_argument("--work", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = parse_args(__doc__)
     s = settings(args.quick)
     if args.variant:
         emit(run(args.variant, Path(args.work), s))

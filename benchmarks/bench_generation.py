@@ -8,12 +8,11 @@ PPO rollouts, label import and compare all sample through alignkit.generation.ge
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import compare, emit, ratio, record
+from benchmarks.harness import compare, emit, parse_args, ratio, record
 
 MODULE = "benchmarks.bench_generation"
 
@@ -59,12 +58,7 @@ def run(variant: str, work: Path, s: dict) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variant", help=argparse.SUPPRESS)
-    p.add_argument("--work", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = parse_args(__doc__)
     s = settings(args.quick)
     if args.variant:
         emit(run(args.variant, Path(args.work), s))

@@ -8,7 +8,6 @@ Target: ours/plain samples-per-second ratio >= 0.98 for both stages.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.harness import compare, emit, ratio, record
+from benchmarks.harness import compare, emit, parse_args, ratio, record
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "recipes" / "data"
@@ -108,12 +107,7 @@ def ours(stage: str, work: Path, s: dict) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variant", help=argparse.SUPPRESS)
-    p.add_argument("--work", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = parse_args(__doc__)
     s = settings(args.quick)
     if args.variant:
         side, stage = args.variant.split("-")

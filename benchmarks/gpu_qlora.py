@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import compare, emit, ratio, record
+from benchmarks.harness import compare, emit, parse_args, ratio, record
 
 MODULE = "benchmarks.gpu_qlora"
 SHAPES = {
@@ -136,18 +136,16 @@ def run(variant: str, shape: str, kind: str, work: Path, steps: int, seq_len: in
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny shape on CPU: checks the code path, measures nothing useful")
-    p.add_argument("--shapes", default="1b,8b")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--variant", help=argparse.SUPPRESS)
-    p.add_argument("--kind", help=argparse.SUPPRESS)
-    p.add_argument("--shape", help=argparse.SUPPRESS)
-    p.add_argument("--work", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = parse_args(__doc__, **{
+        "--shapes": dict(default="1b,8b", help="comma-separated: 1b, 8b"),
+        "--steps": dict(type=int, default=10),
+        "--seq-len": dict(type=int, default=2048),
+        "--batch": dict(type=int, default=1),
+        "--kind": dict(help=argparse.SUPPRESS),
+        "--shape": dict(help=argparse.SUPPRESS),
+    })
+    if args.repeats == 3 and not args.variant:
+        args.repeats = 1  # GPU runs are long and steady; one alternation is enough
     if args.quick:
         args.shapes, args.steps, args.seq_len, args.batch = "tiny", 2, 64, 2
     if args.variant:

@@ -55,6 +55,20 @@ def compare(module: str, baseline: str, ours: str, args: list[str], repeats: int
     return med[baseline], med[ours]
 
 
+def parse_args(doc: str, **extra):
+    """The flags every benchmark takes; `extra` adds its own (name -> argparse kwargs)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one repeat, nothing appended")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each variant; the median is reported")
+    p.add_argument("--variant", help=argparse.SUPPRESS)  # set when the harness runs one side in a fresh process
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    for name, kwargs in extra.items():
+        p.add_argument(name, **kwargs)
+    return p.parse_args()
+
+
 def machine() -> str:
     import torch
 
