@@ -122,6 +122,7 @@ def _stored(db):
 
 def run_cell(backend_url, tmp: Path, n: int, votes: int, think: float, overlap: int, args, users_file, creds_all):
     creds = dict(list(creds_all.items())[:n])
+    load_before = os.getloadavg()[0]  # other work on the machine shows up here
     n_comparisons = math.ceil(n * votes / overlap) + n
     db = make_store(backend_url, tmp, n_comparisons)
     extra = ["--concurrency-limit", str(args.concurrency_limit)] if args.concurrency_limit else []
@@ -141,7 +142,7 @@ def run_cell(backend_url, tmp: Path, n: int, votes: int, think: float, overlap: 
     dup = sum(c - 1 for c in Counter((v.annotator, v.comparison_id) for v in stored).values() if c > 1)
     lost = n_acked - len(stored) if args.client == "gradio_client" else \
         len({(a, c) for a, c in acked} - {(v.annotator, v.comparison_id) for v in stored})
-    return {"annotators": n, "think_s": think, "votes": n_acked, "seconds": seconds,
+    return {"annotators": n, "think_s": think, "load1": load_before, "votes": n_acked, "seconds": seconds,
             "votes_per_s": n_acked / seconds if seconds else None, **pct, "lost": lost, "duplicates": dup,
             "errors": len(errors), "over_overlap": max(Counter(v.comparison_id for v in stored).values()) > overlap}
 
@@ -156,17 +157,19 @@ def markdown(results: list[dict], args, env: dict) -> str:
         "Each annotator: log in, then next_item -> submit_vote; latency = one submit_vote call. "
         "think=0: closed loop with no pause (saturation); think=T: exponential pause, mean T s, before each vote.",
         "",
-        "| store | annotators | think (s) | votes | votes/s | p50 ms | p95 ms | p99 ms | lost | duplicates | refused |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "load = the machine's 1-minute load average before the cell (2 cores: above ~2 means other work competed).",
+        "",
+        "| store | annotators | think (s) | votes | votes/s | p50 ms | p95 ms | p99 ms | lost | duplicates | refused | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['backend']} | – | – | – | – | – | – | – | – | – | skipped: {r['skipped']} |")
+            lines.append(f"| {r['backend']} | – | – | – | – | – | – | – | – | – | skipped: {r['skipped']} | – |")
             continue
         f = lambda k: f"{r[k]:.0f}" if r.get(k) is not None else "–"  # noqa: E731
         lines.append(f"| {r['backend']} | {r['annotators']} | {r['think_s']:g} | {r['votes']} | "
                      f"{r['votes_per_s']:.0f} | {f('p50')} | {f('p95')} | {f('p99')} | {r['lost']} | "
-                     f"{r['duplicates']} | {r['errors']} |")
+                     f"{r['duplicates']} | {r['errors']} | {r['load1']:.1f} |")
     target = [r for r in results if r.get("annotators") == 50 and "p95" in r]
     if target:
         lines += ["", "Target: 50 concurrent annotators at p95 <= 150 ms with nothing lost — " + "; ".join(

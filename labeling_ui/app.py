@@ -285,6 +285,7 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, blocke
         pwa=False,
         share=False,
         strict_cors=True,
+        max_file_size="1mb",  # the app takes no uploads; Gradio's upload route stays small
         show_error=False,  # gr.Error messages still reach the client; other exceptions do not leak
         max_threads=max(40, 4 * DEFAULT_CONCURRENCY_LIMIT),
         head=KEYBOARD_HEAD,

@@ -119,6 +119,8 @@ def test_concurrent_leases_and_votes_never_exceed_overlap(store_url, tmp_path):
     with store.read() as s:
         per_vote = Counter(s.scalars(select(Vote.comparison_id)).all())
     assert max(per_vote.values()) == 3 and sum(per_vote.values()) == 30
+    with store.read() as s:  # the stored per-comparison vote count matches the votes
+        assert dict(s.execute(select(Comparison.id, Comparison.n_votes)).all()) == dict(per_vote)
 
     store.close()
 
@@ -210,6 +212,8 @@ def test_undo_last_vote(store_url, tmp_path):
     undone = undo_last_vote(store, "ann")
     assert undone.comparison_id == second.comparison_id and undone.swapped == second.swapped
     assert progress(store, "ann").done == 1
+    with store.read() as s:
+        assert s.get(Comparison, second.comparison_id).n_votes == 0
     assert next_item(store, "ann").comparison_id == second.comparison_id  # served again to re-vote
     submit_vote(store, "ann", second.comparison_id, "tie")
     assert sorted(v.choice for v in load_votes(store)) == sorted(["tie", "a" if not first.swapped else "b"])

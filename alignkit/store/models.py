@@ -80,16 +80,25 @@ class Response(Base):
 
 
 class Comparison(Base):
+    """A pair of responses to one prompt.
+
+    `n_votes` is the number of votes on it, kept in the same transaction as every vote
+    insert and delete. It is stored only so the queue can skip full comparisons through
+    an index instead of counting the votes of every comparison on every request.
+    """
+
     __tablename__ = "comparisons"
     __table_args__ = (
         UniqueConstraint("response_a_id", "response_b_id", name="uq_comparison_pair"),
         CheckConstraint("response_a_id < response_b_id", name="ck_comparison_order"),
+        Index("ix_comparison_open", "n_votes", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), nullable=False, index=True)
     response_a_id: Mapped[int] = mapped_column(ForeignKey("responses.id"), nullable=False)
     response_b_id: Mapped[int] = mapped_column(ForeignKey("responses.id"), nullable=False)
+    n_votes: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     created_at: Mapped[float] = mapped_column(Float, nullable=False)
 
     prompt: Mapped[Prompt] = relationship(lazy="joined")

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, or_, select
+from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -125,7 +125,9 @@ def _occupied(now: float, *, exclude_annotator: int | None = None):
 
 def _eligible(uid: int, overlap: int, now: float):
     mine = exists().where(Assignment.comparison_id == Comparison.id, Assignment.annotator_id == uid)
-    return and_(~mine, _occupied(now) < overlap)
+    # n_votes < overlap first: full comparisons drop out through an index, so the slot count
+    # below runs only over comparisons that still take votes.
+    return and_(Comparison.n_votes < overlap, ~mine, _occupied(now) < overlap)
 
 
 def _to_item(comp: Comparison, a: Assignment) -> Item:
@@ -212,6 +214,8 @@ def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, r
                     swapped=a.swapped, rationale=rationale, seconds=max(0.0, t - a.served_at), created_at=t)
         session.add(vote)
         a.status = "done"
+        session.execute(update(Comparison).where(Comparison.id == comparison_id)
+                        .values(n_votes=Comparison.n_votes + 1))
         session.flush()
         return VoteReceipt(vote.id, comparison_id, choice, canonical, vote.seconds)
 
@@ -247,6 +251,8 @@ def undo_last_vote(store: Store, annotator: str, *, now: float | None = None) ->
             return None
         a = session.get(Assignment, vote.assignment_id)
         session.execute(delete(Vote).where(Vote.id == vote.id))
+        session.execute(update(Comparison).where(Comparison.id == vote.comparison_id)
+                        .values(n_votes=Comparison.n_votes - 1))
         a.status, a.served_at, a.expires_at = "active", t, t + store.lease_seconds
         session.flush()
         return _to_item(session.get(Comparison, a.comparison_id), a)
@@ -255,11 +261,14 @@ def undo_last_vote(store: Store, annotator: str, *, now: float | None = None) ->
 
 
 def progress(store: Store, annotator: str, *, overlap: int | None = None, now: float | None = None) -> Progress:
+    """Votes done, comparisons this annotator could still be served (including one on lease), skips."""
     overlap = store.overlap if overlap is None else overlap
     t = time.time() if now is None else now
-
-    def run(session: Session) -> Progress:
-        uid = annotator_id(store, session, annotator)
+    with store.read() as session:
+        uid = session.scalar(select(Annotator.id).where(Annotator.name == annotator))
+        if uid is None:  # never seen: nothing done, everything not yet full is open to them
+            return Progress(0, session.scalar(select(func.count(Comparison.id)).where(
+                Comparison.n_votes < overlap, _occupied(t) < overlap)), 0)
         done = session.scalar(select(func.count(Vote.id)).where(Vote.annotator_id == uid))
         skipped = session.scalar(select(func.count(Assignment.id)).where(Assignment.annotator_id == uid,
                                                                          Assignment.status == "skipped"))
@@ -267,6 +276,3 @@ def progress(store: Store, annotator: str, *, overlap: int | None = None, now: f
             Assignment.annotator_id == uid, Assignment.status == "active", Assignment.expires_at > t))
         open_ = session.scalar(select(func.count(Comparison.id)).where(_eligible(uid, overlap, t)))
         return Progress(done, held + open_, skipped)
-
-    # Creates the annotator row on first sight, hence a write transaction.
-    return store.write(run)
