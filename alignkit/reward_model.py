@@ -1,0 +1,166 @@
+"""Reward models: a sequence-scoring head on the base, as the reward stage trains and saves it.
+
+A reward stage directory holds a PEFT adapter of task SEQ_CLS whose
+`modules_to_save=["score"]` carries the score head (a Linear(hidden, 1) applied
+to the hidden state of the last non-pad token), plus tokenizer files and
+stage.json. Everything that reads a reward stage goes through this module:
+
+- `load_reward_scorer(stage_dir).score(prompts, responses)` — batched scores
+  (PPO's callers, `alignkit compare --judge reward:STAGE`, the demo);
+- `reward_input_ids(...)` — the exact token sequence the reward trainer scored
+  (TRL's RewardTrainer: prompt + response through the chat template, or plain
+  text + EOS), so a response is scored the way the model was trained;
+- `last_token_index`, `reward_stage_weights` — what PPO needs to run the reward
+  role on its one shared base (adapter weights + a separate head).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from alignkit.errors import UserError
+
+log = logging.getLogger("alignkit")
+
+# Held-out pairwise accuracy below this is "near chance": the reward stage warns and PPO's gate refuses by default.
+NEAR_CHANCE_ACCURACY = 0.6
+
+
+def reward_input_ids(tokenizer, prompt: Any, response: Any) -> list[int]:
+    """Token ids of (prompt, response) exactly as TRL's RewardTrainer builds them from a preference row.
+
+    Conversational (prompt is a message list): prompt + the assistant reply through
+    the chat template. Plain text: prompt + response + EOS (EOS added if missing).
+    """
+    if isinstance(prompt, list):
+        reply = response if isinstance(response, list) else [{"role": "assistant", "content": response}]
+        return list(tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=True)["input_ids"])
+    if isinstance(response, list):
+        raise UserError("a conversational response (message list) needs a conversational prompt (message list)")
+    text = prompt + response
+    if not text.endswith(tokenizer.eos_token):
+        text += tokenizer.eos_token
+    return list(tokenizer(text=text)["input_ids"])
+
+
+def last_token_index(input_ids, pad_token_id: int):
+    """Index of the rightmost non-pad token per row — the position transformers' *ForSequenceClassification scores."""
+    import torch
+
+    non_pad = (input_ids != pad_token_id).long()
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    return (positions * non_pad).argmax(-1)
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_token_id: int):
+    """(input_ids, attention_mask) right-padded to the longest sequence."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def read_reward_stage(stage_dir: str | Path) -> dict:
+    """The stage.json of a complete reward stage; a clear error for anything else."""
+    stage_dir = Path(stage_dir)
+    path = stage_dir / "stage.json"
+    if not path.exists():
+        raise UserError(f"reward stage {stage_dir}: no stage.json (not a stage directory)")
+    stage = json.loads(path.read_text())
+    if not stage.get("complete"):
+        raise UserError(f"reward stage {stage_dir} is not complete")
+    if stage.get("kind") != "reward":
+        raise UserError(f"{stage_dir} is a {stage.get('kind')!r} stage, not a reward stage: "
+                        f"point `reward:` at a stage of kind reward")
+    return stage
+
+
+def heldout_accuracy(stage: dict) -> float | None:
+    value = stage.get("metrics", {}).get("heldout_accuracy", stage.get("metrics", {}).get("eval_accuracy"))
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def reward_stage_weights(stage_dir: str | Path) -> tuple[dict, dict, Any]:
+    """(adapter_config, adapter tensors without the head, head tensors {"weight"[, "bias"]}) of a reward stage."""
+    from safetensors.torch import load_file
+
+    stage_dir = Path(stage_dir)
+    cfg_path, weights_path = stage_dir / "adapter_config.json", stage_dir / "adapter_model.safetensors"
+    if not cfg_path.exists() or not weights_path.exists():
+        raise UserError(f"reward stage {stage_dir} has no PEFT adapter (adapter_config.json + adapter_model.safetensors)")
+    config = json.loads(cfg_path.read_text())
+    tensors = load_file(str(weights_path))
+    head = {k.rsplit(".", 1)[-1]: v for k, v in tensors.items() if k.rsplit(".", 2)[-2] == "score"}
+    if "weight" not in head:
+        raise UserError(f"reward stage {stage_dir}: the adapter has no score head (modules_to_save=['score'])")
+    adapter = {k: v for k, v in tensors.items() if k.rsplit(".", 2)[-2] != "score"}
+    return config, adapter, head
+
+
+@dataclass
+class RewardScorer:
+    """A loaded reward model: `score(prompts, responses)` -> one float per pair, batched."""
+
+    model: Any
+    tokenizer: Any
+    batch_size: int = 16
+    stage: dict | None = None
+
+    def score(self, prompts: Sequence[Any], responses: Sequence[Any]) -> list[float]:
+        import torch
+
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        encoded = [reward_input_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        return self.score_ids(encoded)
+
+    def score_ids(self, encoded: Sequence[Sequence[int]]) -> list[float]:
+        import torch
+
+        device = next(self.model.parameters()).device
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        scores: list[float] = [0.0] * len(encoded)
+        pad = self.tokenizer.pad_token_id
+        with torch.no_grad():
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                ids, mask = pad_right([encoded[i] for i in batch], pad)
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                for i, v in zip(batch, logits[:, 0].float().cpu().tolist()):
+                    scores[i] = v
+        return scores
+
+    __call__ = score
+
+
+def load_reward_scorer(stage_dir: str | Path, *, quantization: str | None = None, batch_size: int = 16) -> RewardScorer:
+    """Load a reward stage (its recorded base and quantization, its adapter + score head) for scoring."""
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit.modeling import ModelSettings, load_base_model, load_tokenizer, resolve_model_spec
+
+    stage = read_reward_stage(stage_dir)
+    resolved = resolve_model_spec(str(stage_dir))
+    settings = dict(resolved.model_settings)
+    settings["base"] = resolved.base
+    if quantization is not None:
+        settings["quantization"] = quantization
+    tokenizer = load_tokenizer(str(stage_dir), padding_side="right")
+    model = load_base_model(ModelSettings.from_dict(settings), model_class=AutoModelForSequenceClassification,
+                            num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if resolved.adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(resolved.adapter_dir), is_trainable=False)
+    model.eval()
+    return RewardScorer(model=model, tokenizer=tokenizer, batch_size=batch_size, stage=stage)

@@ -1,0 +1,193 @@
+"""Reward stage: a sequence-scoring reward model on the same (4-bit) base, with TRL's RewardTrainer.
+
+Reads top to bottom: data -> tokenizer -> model (+ parent's LoRA weights, fresh score head) -> trainer
+-> held-out evaluation -> stage directory.
+
+The model is the base loaded as AutoModelForSequenceClassification(num_labels=1):
+the same decoder weights, plus a `score` Linear(hidden, 1) on the last non-pad
+token. Its adapter (task SEQ_CLS, `modules_to_save=["score"]`) starts from the
+parent (SFT) stage: every LoRA tensor whose name matches is copied from the
+parent adapter, and the score head is new and trained. The stage directory is
+that adapter (head included) + tokenizer + stage.json;
+`alignkit.reward_model.load_reward_scorer(stage_dir)` loads it for scoring, and
+PPO runs it as the `reward` role on its one base.
+
+Data: prompt/chosen/rejected (plain strings or conversational message lists),
+optional `margin` column (TRL subtracts it inside the Bradley-Terry loss), from
+JSONL, a dataset dir, or `labels_db:` (a label store's export). Unless the
+recipe gives `eval` or `eval_fraction`, 10% of pairs are held out.
+
+Reported in stage.json metrics: held-out pairwise accuracy (`heldout_accuracy`,
+also `eval_accuracy`), mean margin (`heldout_margin`), reward mean / std over the
+held-out responses, and a `warning` when the accuracy is near chance (< 0.6):
+PPO against a reward model that cannot tell pairs apart is wasted compute, and
+PPO's accuracy gate refuses it by default.
+
+Defaults that differ from TRL's RewardConfig (besides alignkit.training's):
+  learning_rate  1e-4  (same as TRL's; stated because adapters and a fresh head like it)
+  max_length     512   (TRL: 1024; pairs longer are dropped by TRL, counted here)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from pathlib import Path
+
+from datasets import Dataset
+from trl import RewardConfig, RewardTrainer
+
+from alignkit.data.sources import load_preference_split
+from alignkit.modeling import load_tokenizer, resolve_base
+from alignkit.reward_model import NEAR_CHANCE_ACCURACY, RewardScorer
+from alignkit.training import divergence_guard, final_metrics, save_policy, tensorboard_callback, trl_args, truncation_report
+
+TRAIN_CONFIG = RewardConfig
+DATA_KEYS = {"train", "eval", "eval_fraction", "labels_db", "min_agreement", "ties", "both_bad"}
+DEFAULTS = {"learning_rate": 1e-4, "max_length": 512}
+DEFAULT_EVAL_FRACTION = 0.1
+
+log = logging.getLogger("alignkit")
+
+
+def load_data(stage):
+    data = dict(stage.data)
+    if "eval" not in data and "eval_fraction" not in data:
+        data["eval_fraction"] = DEFAULT_EVAL_FRACTION
+    return load_preference_split(data, stage.seed, stage.name)
+
+
+def _reward_model(stage, args):
+    """(model, info): the base as a 1-label sequence classifier with a SEQ_CLS adapter started from the parent."""
+    import dataclasses
+
+    import peft
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, set_seed
+
+    from alignkit.modeling import load_base_model, peft_config, prepare_for_training
+
+    parent = stage.parents.get("after")
+    parent_adapter = parent is not None and (Path(parent) / "adapter_config.json").exists()
+    settings, info = stage.model, {}
+    if parent is not None and not parent_adapter:
+        settings = dataclasses.replace(settings, base=str(parent))  # a fully fine-tuned parent is the base
+        info["initialized_from"] = str(parent)
+    set_seed(args.seed)  # the score head is initialised randomly: make it reproducible
+    model = load_base_model(settings, model_class=AutoModelForSequenceClassification, num_labels=1)
+    model = prepare_for_training(model, settings, args.gradient_checkpointing)
+    if stage.peft.method == "full":
+        return model, info
+    if parent_adapter:
+        # Same shape as the parent's adapter, so its tensors can be copied in.
+        config = peft.PeftConfig.from_pretrained(str(parent))
+        config.task_type = "SEQ_CLS"
+        config.inference_mode = False
+        config.modules_to_save = sorted(set(config.modules_to_save or []) | {"score"})
+    else:
+        config = peft_config(stage.peft, task_type="SEQ_CLS")
+        config.modules_to_save = sorted(set(config.modules_to_save or []) | {"score"})
+    model = peft.get_peft_model(model, config)
+    if parent_adapter:
+        weights = load_file(str(Path(parent) / "adapter_model.safetensors"))
+        current = peft.get_peft_model_state_dict(model)  # includes the fresh score head, which stays as it is
+        matched = {k: v for k, v in weights.items() if k in current and current[k].shape == v.shape}
+        peft.set_peft_model_state_dict(model, {**current, **matched})
+        info["initialized_from"] = str(parent)
+        info["parent_tensors_copied"] = len(matched)
+        info["parent_tensors_skipped"] = len(weights) - len(matched)
+        if not matched:
+            log.warning("reward stage %s: no tensor of the parent adapter %s matched; starting from a fresh adapter",
+                        stage.name, parent)
+    return model, info
+
+
+def _match_compute_dtype(model, compute_dtype: str) -> None:
+    """TRL casts a quantized model's trainable weights to bfloat16 (the QLoRA paper's choice); with another
+    compute dtype (float32 on CPU) that breaks the score head's matmul. Put them back in the compute dtype."""
+    import torch
+
+    if compute_dtype == "bfloat16":
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.bfloat16:
+            param.data = param.data.to(getattr(torch, compute_dtype))
+
+
+def _score_pairs(model, tokenizer, rows: list[dict], batch_size: int) -> tuple[list[float], list[float]]:
+    scorer = RewardScorer(model=model, tokenizer=tokenizer, batch_size=batch_size)
+    chosen = scorer.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    rejected = scorer.score([r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    return chosen, rejected
+
+
+def pair_metrics(chosen: list[float], rejected: list[float]) -> dict:
+    """Pairwise accuracy (ties count half), mean margin, reward mean / std, and a 95% Wilson interval."""
+    n = len(chosen)
+    wins = sum((c > r) + 0.5 * (c == r) for c, r in zip(chosen, rejected))
+    acc = wins / n
+    z = 1.96
+    centre = (acc + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    rewards = chosen + rejected
+    return {
+        "accuracy": acc,
+        "accuracy_ci95": [round(centre - half, 4), round(centre + half, 4)],
+        "margin": statistics.fmean(c - r for c, r in zip(chosen, rejected)),
+        "reward_mean": statistics.fmean(rewards),
+        "reward_std": statistics.pstdev(rewards),
+        "pairs": n,
+    }
+
+
+def run(stage) -> dict:
+    train_rows, eval_rows, info = stage.prepared
+    columns = ("prompt", "chosen", "rejected") + (("margin",) if "margin" in train_rows[0] else ())
+    train_rows = [{k: r[k] for k in columns if k in r} for r in train_rows]
+    eval_rows = [{k: r[k] for k in columns if k in r} for r in eval_rows]
+
+    parent = stage.parents.get("after")
+    tokenizer = load_tokenizer(str(parent) if parent else resolve_base(stage.model.base))
+    args = trl_args(RewardConfig, stage, DEFAULTS)
+    info.update(truncation_report(tokenizer, train_rows, args.max_length, "preference"))
+
+    model, started = _reward_model(stage, args)
+    info.update(started)
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        callbacks=[divergence_guard(), tensorboard_callback(stage.stage_dir)],
+    )
+    _match_compute_dtype(trainer.model, stage.model.compute_dtype)
+    output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
+    save_policy(trainer.model, tokenizer, stage.stage_dir)
+
+    metrics = final_metrics(trainer, output)
+    # Our own held-out evaluation: every pair, scored exactly as load_reward_scorer will score it.
+    trainer.model.eval()
+    heldout = bool(eval_rows)
+    rows = eval_rows if heldout else train_rows
+    chosen, rejected = _score_pairs(trainer.model, tokenizer, rows, args.per_device_eval_batch_size)
+    pm = pair_metrics(chosen, rejected)
+    prefix = "heldout" if heldout else "train"
+    metrics.update({
+        f"{prefix}_accuracy": pm["accuracy"], f"{prefix}_accuracy_ci95": pm["accuracy_ci95"],
+        f"{prefix}_margin": pm["margin"], f"{prefix}_pairs": pm["pairs"],
+        "reward_mean": pm["reward_mean"], "reward_std": pm["reward_std"],
+    })
+    if heldout:
+        metrics["eval_accuracy"] = pm["accuracy"]
+    if pm["accuracy"] < NEAR_CHANCE_ACCURACY:
+        what = "held-out" if heldout else "training (no held-out pairs)"
+        warning = (f"reward model {what} pairwise accuracy {pm['accuracy']:.3f} over {pm['pairs']} pairs is near chance "
+                   f"(< {NEAR_CHANCE_ACCURACY}); PPO against it would be wasted compute — more or cleaner pairs, "
+                   f"more steps, or a stronger base")
+        log.warning("stage %s: %s", stage.name, warning)
+        metrics["warning"] = warning
+    return {"metrics": metrics, "data": info}
