@@ -39,6 +39,9 @@ from labeling_ui import handlers
 from labeling_ui.users import UsersFile
 
 DEFAULT_CONCURRENCY_LIMIT = 8
+# Every event of the app is in one concurrency group, so the limit bounds all handler calls
+# together (Gradio's limit is otherwise per event: 11 events x 8 would be 88 at once).
+CONCURRENCY_ID = "store"
 LOCAL_USER = "local"  # the annotator's name with --no-auth (loopback only)
 
 # Keyboard shortcuts: 1 = A better, 2 = B better, 3 = tie, 4 = both bad, s = skip, u = undo.
@@ -70,6 +73,7 @@ class AppContext:
     overlap: int
     auth: UsersFile | None  # None: --no-auth (loopback only), everyone is LOCAL_USER and admin
     export_dir: Path
+    concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT
 
     def user(self, request: gr.Request | None) -> str:
         name = getattr(request, "username", None) if request is not None else None
@@ -136,11 +140,12 @@ def api_endpoints(ctx: AppContext) -> None:
         """Votes done and comparisons remaining for the logged-in annotator."""
         return asdict(store_progress(ctx.store, ctx.user(request), overlap=ctx.overlap))
 
-    gr.api(next_item, api_name="next_item")
-    gr.api(submit_vote, api_name="submit_vote")
-    gr.api(skip, api_name="skip")
-    gr.api(undo_last, api_name="undo_last_vote")
-    gr.api(my_progress, api_name="progress")
+    group = dict(concurrency_id=CONCURRENCY_ID)
+    gr.api(next_item, api_name="next_item", **group)
+    gr.api(submit_vote, api_name="submit_vote", **group)
+    gr.api(skip, api_name="skip", **group)
+    gr.api(undo_last, api_name="undo_last_vote", **group)
+    gr.api(my_progress, api_name="progress", **group)
 
 
 def labeling_tab(ctx: AppContext, demo: gr.Blocks) -> None:
@@ -184,7 +189,7 @@ def labeling_tab(ctx: AppContext, demo: gr.Blocks) -> None:
     def on_undo(request: gr.Request):
         return render(handlers.undo(ctx.store, ctx.user(request), overlap=ctx.overlap))
 
-    ui = dict(api_visibility="private", show_progress="hidden")
+    ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
     demo.load(show, outputs=outputs, **ui)
     for button, choice in ((btn_a, "a"), (btn_b, "b"), (btn_tie, "tie"), (btn_bad, "both_bad")):
         button.click(on_vote(choice), inputs=[comparison, rationale], outputs=outputs, **ui)
@@ -220,7 +225,7 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
         require_admin(request)
         return {export_status: handlers.admin_export(ctx.store, ctx.export_dir, min_agreement=x, ties=t, both_bad=b)}
 
-    ui = dict(api_visibility="private", show_progress="hidden")
+    ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
     demo.load(show, outputs=[tab, summary, annotators, pairs], **ui)
     refresh.click(show, outputs=[tab, summary, annotators, pairs], **ui)
     export.click(do_export, inputs=[min_agreement, ties, both_bad], outputs=[export_status], **ui)
@@ -233,7 +238,7 @@ def build_app(store: Store, *, auth: UsersFile | None = None, overlap: int = 3, 
         raise UserError(f"overlap must be at least 1, got {overlap}")
     export_dir = Path(export_dir) if export_dir else Path(store.name + ".export") if "://" not in store.name \
         else Path("labels.export")
-    ctx = AppContext(store, overlap, auth, export_dir.resolve())
+    ctx = AppContext(store, overlap, auth, export_dir.resolve(), concurrency_limit)
     with gr.Blocks(title="alignkit labeling") as demo:
         gr.Markdown("### alignkit labeling — which response is better?")
         with gr.Tabs():
@@ -245,7 +250,10 @@ def build_app(store: Store, *, auth: UsersFile | None = None, overlap: int = 3, 
     # more than our handlers. Its own settings turn it down, unless the user set them.
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "100")
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000000000")
-    demo.queue(default_concurrency_limit=concurrency_limit)
+    # status_update_rate as a number turns off Gradio's live queue estimates, which otherwise
+    # send a message to every waiting call each time one starts (quadratic under load);
+    # our calls take milliseconds, so a periodic estimate is plenty.
+    demo.queue(default_concurrency_limit=concurrency_limit, status_update_rate=5)
     demo.alignkit_context = ctx
     return demo
 
@@ -287,7 +295,7 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, blocke
         strict_cors=True,
         max_file_size="1mb",  # the app takes no uploads; Gradio's upload route stays small
         show_error=False,  # gr.Error messages still reach the client; other exceptions do not leak
-        max_threads=max(40, 4 * DEFAULT_CONCURRENCY_LIMIT),
+        max_threads=max(40, 2 * ctx.concurrency_limit),
         head=KEYBOARD_HEAD,
         css=CSS,
         footer_links=["api"],

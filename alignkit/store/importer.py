@@ -187,6 +187,12 @@ def import_file(store: Store, path: str | Path, *, generate: Sequence[str] = (),
                 progress: bool = True) -> ImportSummary:
     """Validate `path`, sample responses with each `generate` spec if given, and import everything."""
     rows = parse_import_file(path, responses_required=not generate)
+    return import_rows(store, rows, generate=generate, params=params, progress=progress)
+
+
+def import_rows(store: Store, rows: list[ImportRow], *, generate: Sequence[str] = (), params=None,
+                progress: bool = True) -> ImportSummary:
+    """Import rows from `parse_import_file`, first sampling responses with each `generate` spec if given."""
     if generate:
         from alignkit.generation import SamplingParams
 
