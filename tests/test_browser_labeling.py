@@ -35,7 +35,7 @@ def test_login_label_three_with_shortcuts_and_model_html_stays_text(browser, tmp
         {"prompt": "third", "responses": ["three", "four"]},
         {"prompt": "fourth", "responses": ["five", "six"]},
     ])
-    creds = make_users(tmp_path / "users.json", ["erin"])
+    creds = make_users(tmp_path / "users.json", ["erin", "root"], admins=("root",))
     server = Server(db, users=tmp_path / "users.json", overlap=1, log=tmp_path / "server.log").start()
     page = browser.new_page()
     dialogs = []
@@ -69,7 +69,18 @@ def test_login_label_three_with_shortcuts_and_model_html_stays_text(browser, tmp
                 arg=str(len(shown)), timeout=15_000)
         progress = page.locator("#ak-progress").inner_text()
         assert "done 3" in progress and "remaining 1" in progress
+        assert page.get_by_role("tab", name="Admin").count() == 0  # not an admin: no admin tab
         assert dialogs == []
+
+        # An admin sees the admin tab with the counts.
+        admin = browser.new_context().new_page()
+        admin.goto(server.url, wait_until="domcontentloaded")
+        admin.fill("input[type=text]", "root")
+        admin.fill("input[type=password]", creds["root"])
+        admin.keyboard.press("Enter")
+        admin.get_by_role("tab", name="Admin").click(timeout=30_000)
+        admin.get_by_text("3 votes on 3 comparisons").wait_for(timeout=15_000)
+        admin.close()
     finally:
         page.close()
         server.stop()
