@@ -248,15 +248,10 @@ class PPOTrainer:
         if self.reward_fn is not None:
             scores = torch.tensor([float(s) for s in self.reward_fn(prompts, responses)], dtype=torch.float32)
         else:
-            texts = []
-            for p, r, done in zip(prompts, responses, finished):
-                if isinstance(p, str):
-                    texts.append(p + r + (self.tokenizer.eos_token if done else ""))
-                else:
-                    texts.append(self.tokenizer.apply_chat_template(list(p) + [{"role": "assistant", "content": r}], tokenize=False))
-            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-            if self.tokenizer.bos_token_id is not None and getattr(self.tokenizer, "add_bos_token", False):
-                ids = [[self.tokenizer.bos_token_id] + x for x in ids]
+            from alignkit.reward_model import reward_input_ids
+
+            # Exactly the sequence the reward trainer scored (chat template, or text + EOS).
+            ids = [reward_input_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
             width = max(len(x) for x in ids)
             input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros_like(input_ids)
