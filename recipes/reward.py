@@ -141,6 +141,16 @@ def pair_metrics(chosen: list[float], rejected: list[float]) -> dict:
     }
 
 
+def near_chance_warning(pm: dict, heldout: bool) -> str | None:
+    """The warning for a reward model whose pairwise accuracy is near chance, or None."""
+    if pm["accuracy"] >= NEAR_CHANCE_ACCURACY:
+        return None
+    what = "held-out" if heldout else "training (no held-out pairs)"
+    return (f"reward model {what} pairwise accuracy {pm['accuracy']:.3f} over {pm['pairs']} pairs is near chance "
+            f"(< {NEAR_CHANCE_ACCURACY}); PPO against it would be wasted compute: more or cleaner pairs, "
+            f"more steps, or a stronger base")
+
+
 def run(stage) -> dict:
     train_rows, eval_rows, info = stage.prepared
     columns = ("prompt", "chosen", "rejected") + (("margin",) if "margin" in train_rows[0] else ())
@@ -183,11 +193,8 @@ def run(stage) -> dict:
     })
     if heldout:
         metrics["eval_accuracy"] = pm["accuracy"]
-    if pm["accuracy"] < NEAR_CHANCE_ACCURACY:
-        what = "held-out" if heldout else "training (no held-out pairs)"
-        warning = (f"reward model {what} pairwise accuracy {pm['accuracy']:.3f} over {pm['pairs']} pairs is near chance "
-                   f"(< {NEAR_CHANCE_ACCURACY}); PPO against it would be wasted compute — more or cleaner pairs, "
-                   f"more steps, or a stronger base")
+    warning = near_chance_warning(pm, heldout)
+    if warning:
         log.warning("stage %s: %s", stage.name, warning)
         metrics["warning"] = warning
     return {"metrics": metrics, "data": info}
