@@ -1,0 +1,170 @@
+"""PPO on the tiny 4-bit model with a programmatic reward: it learns, the reference stays put,
+the base weights exist once, and a NaN reward stops the run with its last good checkpoint kept."""
+
+import gc
+import json
+import math
+
+import pytest
+import torch
+
+from alignkit.artifacts import last_complete_checkpoint
+from alignkit.errors import TrainingDiverged
+from alignkit.modeling import ModelSettings, PeftSettings, load_base_model, load_tokenizer
+from alignkit.ppo.config import PPOConfig
+from alignkit.ppo.trainer import PPOTrainer
+
+# lm_head is a target too: the tiny model is random, and its logits are too flat for the
+# decoder-only LoRA to move them far in a dozen steps. Real recipes keep all-linear.
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+PROMPTS = [f"{q} {s}?" for q in ("Describe", "Tell me about") for s in
+           ("the film", "the music", "the plot", "the cast", "the book", "the show", "the food", "the room")]
+TARGET_CHAR = "e"
+
+
+def char_reward(prompts, responses):
+    """10 x the share of characters that are 'e': dense enough to learn from a random tiny model."""
+    return [10.0 * sum(c == TARGET_CHAR for c in r) / max(1, len(r)) for r in responses]
+
+
+def peft_settings():
+    return PeftSettings(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
+
+
+@pytest.fixture(scope="module")
+def parent_adapter(tmp_path_factory, tiny_model_dir):
+    """A stand-in SFT stage adapter (random LoRA B, so policy != base) + tokenizer."""
+    from peft import LoraConfig, get_peft_model
+
+    out = tmp_path_factory.mktemp("sft")
+    base = load_base_model(ModelSettings(base=str(tiny_model_dir), quantization="none"))
+    torch.manual_seed(1)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    model.save_pretrained(str(out))
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(str(out))
+    return out
+
+
+def config(**kw):
+    values = dict(steps=12, rollout_batch_size=16, mini_batch_size=8, ppo_epochs=2, learning_rate=1e-2,
+                  max_new_tokens=12, init_kl_coef=0.01, save_steps=100, min_reward_accuracy=0.0, seed=0)
+    values.update(kw)
+    return PPOConfig(**values)
+
+
+def params4bit_in_memory() -> int:
+    import bitsandbytes as bnb
+
+    return sum(isinstance(o, bnb.nn.Params4bit) for o in gc.get_objects())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, parent_adapter):
+    stage_dir = tmp_path_factory.mktemp("ppo")
+    counts = {}
+
+    def on_step(trainer, step, metrics):
+        if step == 1:  # mid-run: every role has done forward passes, the optimizer holds state
+            counts["params4bit"] = params4bit_in_memory()
+
+    trainer = PPOTrainer(config(), ModelSettings(base=str(tiny_model_dir), quantization="4bit"), peft_settings(),
+                         prompts=PROMPTS, stage_dir=stage_dir, reward=char_reward, policy_adapter=parent_adapter,
+                         seed=0, on_step=on_step)
+    ref_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".reference." in n}
+    policy_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".policy." in n}
+    metrics = trainer.train()
+    trainer.save()
+    return {"trainer": trainer, "metrics": metrics, "dir": stage_dir, "counts": counts,
+            "ref_before": ref_before, "policy_before": policy_before}
+
+
+@pytest.mark.slow
+def test_ppo_raises_the_reward(trained):
+    rewards = [h["mean_reward"] for h in trained["trainer"].history]
+    assert len(rewards) == 12
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    # Random responses score ~0.8 with a batch std of ~0.4: a 3-step mean of 48 responses has a
+    # standard error of ~0.06, so +0.5 is ~8 standard errors (seeded: this run gives ~+0.7).
+    noise = max(trained["trainer"].history[0]["reward_std"], 0.1) / math.sqrt(3 * 16)
+    assert last > first + max(0.5, 6 * noise), rewards
+    assert trained["metrics"]["mean_reward"] > trained["metrics"]["mean_reward_first"]
+
+
+@pytest.mark.slow
+def test_reference_unchanged_policy_moved(trained):
+    params = dict(trained["trainer"].model.named_parameters())
+    assert trained["ref_before"], "no reference adapter"
+    for n, before in trained["ref_before"].items():
+        assert torch.equal(params[n].detach(), before), n
+    moved = sum((params[n].detach() - b).norm().item() for n, b in trained["policy_before"].items())
+    assert moved > 1e-3
+
+
+@pytest.mark.slow
+def test_base_weights_loaded_once(trained):
+    import bitsandbytes as bnb
+
+    model = trained["trainer"].model
+    layers = {id(m) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+    config = model.get_base_model().config
+    assert len(layers) == 7 * config.num_hidden_layers  # q k v o gate up down per layer; lm_head stays unquantized
+    # Every 4-bit tensor alive in the process during PPO: exactly one per base layer, for four roles.
+    assert trained["counts"]["params4bit"] == len(layers)
+
+
+@pytest.mark.slow
+def test_stage_outputs_and_logs(trained):
+    d = trained["dir"]
+    assert (d / "adapter_config.json").exists() and (d / "adapter_model.safetensors").exists()
+    assert (d / "tokenizer_config.json").exists()
+    assert (d / "value" / "adapter_model.safetensors").exists() and (d / "value" / "value_head.safetensors").exists()
+    assert any((d / "logs").iterdir())
+    lines = [json.loads(l) for l in (d / "ppo_log.jsonl").read_text().splitlines()]
+    assert len(lines) == 12
+    for key in ("mean_reward", "kl", "entropy", "policy_loss", "value_loss", "clip_frac", "approx_kl",
+                "response_length", "kl_coef", "samples"):
+        assert key in lines[-1], key
+    assert lines[-1]["samples"] and "response" in lines[-1]["samples"][0]
+    # The top-level policy adapter is a model spec: it loads and generates.
+    from alignkit.generation import SamplingParams, generate_from_spec
+
+    assert len(generate_from_spec(str(d), ["Describe the film?"], SamplingParams(max_new_tokens=4))) == 1
+
+
+@pytest.mark.slow
+def test_nan_reward_diverges_keeps_last_checkpoint_and_resumes(tmp_path, tiny_model_dir, parent_adapter):
+    calls = {"n": 0}
+
+    def flaky(prompts, responses):
+        calls["n"] += 1
+        return [math.nan if calls["n"] == 3 else 1.0 for _ in responses]
+
+    settings = ModelSettings(base=str(tiny_model_dir), quantization="4bit")
+    cfg = config(steps=4, rollout_batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, save_steps=1)
+    trainer = PPOTrainer(cfg, settings, peft_settings(), prompts=PROMPTS, stage_dir=tmp_path, reward=flaky,
+                         policy_adapter=parent_adapter)
+    with pytest.raises(TrainingDiverged, match="reward is not finite"):
+        trainer.train()
+    assert not (tmp_path / "stage.json").exists()
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+    ckpt = last_complete_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.name == "checkpoint-2"
+
+    resumed = PPOTrainer(cfg, settings, peft_settings(), prompts=PROMPTS, stage_dir=tmp_path,
+                         reward=lambda p, r: [1.0] * len(r), policy_adapter=parent_adapter)
+    resumed.train(resume_from=ckpt)
+    assert resumed.step == 4 and [h["step"] for h in resumed.history] == [1, 2, 3, 4]
+    # Resumed weights are the checkpoint's, not the fresh parent's: step 3 started where step 2 ended.
+    assert resumed.kl_ctl.value == pytest.approx(trainer.kl_ctl.value)
+
+
+def test_ppo_config_rejects_bad_values():
+    with pytest.raises(ValueError):
+        PPOConfig(mini_batch_size=32, rollout_batch_size=16)
+    with pytest.raises(ValueError):
+        PPOConfig(temperature=0)
+    assert all(f.metadata.get("help") for f in __import__("dataclasses").fields(PPOConfig))
