@@ -34,7 +34,7 @@ class PretrainSettings:
     num_layers: int = 4
     num_heads: int = 4
     vocab_size: int = 512
-    steps: int = 600
+    steps: int = 200
     batch_size: int = 64
     learning_rate: float = 3e-3
     warmup_steps: int = 30
@@ -43,7 +43,10 @@ class PretrainSettings:
     seed: int = 0
 
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "version": PRETRAIN_VERSION}, sort_keys=True)
+        from alignkit.tasks import sentiment
+
+        corpus_hash = hashlib.sha256("\n".join(sentiment.corpus(self.corpus_size, self.corpus_seed)).encode()).hexdigest()
+        blob = json.dumps({**asdict(self), "corpus": corpus_hash, "version": PRETRAIN_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -10,7 +10,7 @@ Everything here is deterministic for a seed and needs no download:
     positive, negative and mixed reviews alike, so alignment has room to move it
     (`sft_rows`);
   - the oracle `score(text)`: the signed sum of lexicon word weights, squashed
-    to (-1, 1) with tanh — the stand-in for the sentiment classifier the DPO
+    to [-1, 1] with tanh — the stand-in for the sentiment classifier the DPO
     paper used as ground-truth reward;
   - `oracle_judge(prompt, a, b)` and `NoisyAnnotator`, the judge that simulated
     annotators use to vote through the labeling server (AlpacaFarm-style noise).
@@ -22,9 +22,11 @@ garbage are ignored, so it scores anything a model writes.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import re
+import threading
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -35,24 +37,24 @@ NAME = "sentiment"
 # ---------------------------------------------------------------------------
 
 POSITIVE_ADJECTIVES = {
-    "brilliant": 3, "superb": 3, "wonderful": 3, "excellent": 3, "outstanding": 3, "amazing": 3,
-    "great": 2, "delightful": 2, "lovely": 2, "beautiful": 2, "moving": 2, "charming": 2,
-    "good": 1, "nice": 1, "fun": 1, "clever": 1, "solid": 1, "pleasant": 1, "warm": 1, "funny": 1,
+    "brilliant": 3, "wonderful": 3, "superb": 3, "excellent": 3,
+    "great": 2, "lovely": 2, "charming": 2, "delightful": 2,
+    "good": 1, "nice": 1, "fun": 1, "clever": 1,
 }
 NEGATIVE_ADJECTIVES = {
-    "awful": -3, "terrible": -3, "horrible": -3, "dreadful": -3, "atrocious": -3, "painful": -3,
-    "bad": -2, "poor": -2, "ugly": -2, "annoying": -2, "boring": -2, "tedious": -2,
-    "dull": -1, "weak": -1, "bland": -1, "silly": -1, "messy": -1, "flat": -1, "slow": -1, "cold": -1,
+    "awful": -3, "terrible": -3, "horrible": -3, "dreadful": -3,
+    "bad": -2, "poor": -2, "boring": -2, "annoying": -2,
+    "dull": -1, "weak": -1, "bland": -1, "silly": -1,
 }
 NEUTRAL_ADJECTIVES = [
     "long", "short", "loud", "quiet", "simple", "typical", "ordinary", "familiar", "modern", "old",
     "dark", "bright", "strange", "serious", "busy", "calm", "plain", "new", "complex", "different",
 ]
-POSITIVE_VERBS = {"loved": 3, "adored": 3, "enjoyed": 2, "liked": 1, "admired": 2, "praised": 1}
-NEGATIVE_VERBS = {"hated": -3, "loathed": -3, "disliked": -2, "regretted": -2, "endured": -1, "doubted": -1}
+POSITIVE_VERBS = {"loved": 3, "adored": 3, "enjoyed": 2, "liked": 1}
+NEGATIVE_VERBS = {"hated": -3, "loathed": -3, "disliked": -2, "doubted": -1}
 NEUTRAL_VERBS = ["noticed", "remembered", "watched", "followed", "discussed", "saw"]
-POSITIVE_NOUNS = {"masterpiece": 3, "triumph": 3, "gem": 2, "treat": 2, "joy": 2, "pleasure": 1}
-NEGATIVE_NOUNS = {"disaster": -3, "mess": -3, "failure": -2, "bore": -2, "letdown": -2, "chore": -1}
+POSITIVE_NOUNS = {"masterpiece": 3, "gem": 2, "treat": 1}
+NEGATIVE_NOUNS = {"disaster": -3, "mess": -2, "letdown": -1}
 NEUTRAL_NOUNS = ["film", "story", "drama", "comedy", "thriller", "sequel"]
 
 LEXICON: dict[str, int] = {
@@ -200,7 +202,10 @@ def raw_score(text: str) -> int:
 
 
 def score(text: str) -> float:
-    """Oracle sentiment in (-1, 1): tanh(raw_score / 4). 0.0 for text with no sentiment words."""
+    """Oracle sentiment in [-1, 1]: tanh(raw_score / 4). 0.0 for text with no sentiment words.
+
+    Monotone in `raw_score`, so rankings (and the oracle judge) follow the raw sum exactly.
+    """
     return math.tanh(raw_score(text) / SCALE)
 
 
@@ -216,7 +221,12 @@ class NoisyAnnotator:
 
     `tie_rate` is the chance of answering `tie` when the oracle sees no difference
     (otherwise a coin flip between a and b, as a hurried person would).
-    Each instance has its own seeded random stream, so a run is reproducible.
+
+    The randomness is a hash of (seed, prompt, the two responses in a canonical
+    order, how many times this judge has seen the pair), not a shared stream: the
+    k-th vote on a comparison is the same whichever thread asks first and
+    whichever side the server shows each response on, so simulated labeling
+    through a concurrent server is reproducible. Safe to call from many threads.
     """
 
     noise: float = 0.2
@@ -226,14 +236,28 @@ class NoisyAnnotator:
     def __post_init__(self):
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"noise must be in [0, 1], got {self.noise}")
-        self._rng = random.Random(f"annotator-{self.seed}")
+        if not 0.0 <= self.tie_rate <= 1.0:
+            raise ValueError(f"tie_rate must be in [0, 1], got {self.tie_rate}")
+        self._seen: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _uniforms(self, prompt: str, first: str, second: str) -> tuple[float, float, float]:
+        pair = json.dumps([str(prompt), first, second])
+        with self._lock:
+            k = self._seen.get(pair, 0)
+            self._seen[pair] = k + 1
+        digest = hashlib.sha256(f"{self.seed}|{k}|{pair}".encode()).digest()
+        return tuple(int.from_bytes(digest[i : i + 8], "big") / 2**64 for i in (0, 8, 16))  # type: ignore[return-value]
 
     def __call__(self, prompt: str, a: str, b: str) -> str:
-        verdict = oracle_judge(prompt, a, b)
-        if self._rng.random() < self.noise:
-            return self._rng.choice(["a", "b"])
-        if verdict == "tie" and self._rng.random() >= self.tie_rate:
-            return self._rng.choice(["a", "b"])
+        swapped = b < a  # decide in a canonical order, then map back to the sides as shown
+        first, second = (b, a) if swapped else (a, b)
+        u_noise, u_coin, u_tie = self._uniforms(prompt, first, second)
+        verdict = oracle_judge(prompt, first, second)
+        if u_noise < self.noise or (verdict == "tie" and u_tie >= self.tie_rate):
+            verdict = "a" if u_coin < 0.5 else "b"
+        if swapped and verdict != "tie":
+            verdict = "b" if verdict == "a" else "a"
         return verdict
 
 
