@@ -27,7 +27,13 @@ POLICY_KINDS = ("sft", "dpo")
 
 
 def load_data(stage):
-    return load_prompt_rows(stage.data, stage.name)
+    rows = load_prompt_rows(stage.data, stage.name)
+    # Parents already complete (a re-run): check them now, before the runner touches this stage's directory.
+    from alignkit.artifacts import is_complete
+
+    if stage.parents and all(is_complete(p) for p in stage.parents.values()):
+        check_parents(stage, ppo_config(stage))
+    return rows
 
 
 def ppo_config(stage) -> PPOConfig:
