@@ -168,3 +168,16 @@ def test_ppo_config_rejects_bad_values():
     with pytest.raises(ValueError):
         PPOConfig(temperature=0)
     assert all(f.metadata.get("help") for f in __import__("dataclasses").fields(PPOConfig))
+
+
+@pytest.mark.slow
+def test_minibatch_over_ratio_threshold_is_skipped(tmp_path, tiny_model_dir, parent_adapter):
+    # ratio starts at exactly 1 (no dropout, same adapter): a threshold below 1 skips every minibatch.
+    cfg = config(steps=1, rollout_batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=4, ratio_threshold=0.5)
+    trainer = PPOTrainer(cfg, ModelSettings(base=str(tiny_model_dir), quantization="4bit"), peft_settings(), prompts=PROMPTS,
+                         stage_dir=tmp_path, reward=char_reward, policy_adapter=parent_adapter)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".policy." in n}
+    trainer.train()
+    assert trainer.history[0]["skipped_minibatches"] == 2
+    params = dict(trainer.model.named_parameters())
+    assert all(torch.equal(params[n].detach(), b) for n, b in before.items())
