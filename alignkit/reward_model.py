@@ -164,3 +164,66 @@ def load_reward_scorer(stage_dir: str | Path, *, quantization: str | None = None
         model = PeftModel.from_pretrained(model, str(resolved.adapter_dir), is_trainable=False)
     model.eval()
     return RewardScorer(model=model, tokenizer=tokenizer, batch_size=batch_size, stage=stage)
+
+
+class AttachedReward:
+    """The reward stage as one more adapter (+ its score head) on an existing PeftModel: a reward on the same base.
+
+    For trainers that take reward callables (TRL's GRPO / RLOO): `scores = reward(prompts, completions)`.
+    Scoring switches the model to the `reward` adapter under no_grad and back to
+    the adapter that was active, so the base weights are shared with the policy.
+    """
+
+    def __init__(self, peft_model, tokenizer, reward_stage: str | Path, *, name: str = "reward", batch_size: int = 8):
+        import copy
+
+        import peft
+        import torch
+        from torch import nn
+
+        read_reward_stage(reward_stage)
+        config = copy.deepcopy(peft.PeftConfig.from_pretrained(str(reward_stage)))
+        config.task_type, config.modules_to_save, config.inference_mode = "CAUSAL_LM", None, True
+        if hasattr(config, "lora_dropout"):
+            config.lora_dropout = 0.0  # a reward must not be stochastic, even while the policy trains with dropout
+        _, tensors, head = reward_stage_weights(reward_stage)
+        previous = peft_model.active_adapter
+        peft_model.add_adapter(name, config)
+        result = peft.set_peft_model_state_dict(peft_model, tensors, adapter_name=name)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            raise UserError(f"reward stage {reward_stage}: its adapter does not fit this base (e.g. {unexpected[0]})")
+        peft_model.set_adapter(previous)
+        lm = peft_model.get_base_model()
+        hidden = lm.config.get_text_config().hidden_size
+        device = next(peft_model.parameters()).device
+        self.head = nn.Linear(hidden, 1, bias="bias" in head).to(device=device, dtype=torch.float32)
+        with torch.no_grad():
+            self.head.weight.copy_(head["weight"].reshape(1, hidden))
+            if "bias" in head:
+                self.head.bias.copy_(head["bias"].reshape(1))
+        self.head.requires_grad_(False)
+        self.model, self.tokenizer, self.name, self.batch_size = peft_model, tokenizer, name, batch_size
+        self.decoder = getattr(lm, lm.base_model_prefix)
+        self.__name__ = "reward_model"  # TRL names reward columns in its logs after the callable
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **_: Any) -> list[float]:
+        import torch
+
+        encoded = [reward_input_ids(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        previous = self.model.active_adapter
+        device = next(self.model.parameters()).device
+        scores: list[float] = []
+        try:
+            self.model.set_adapter(self.name, inference_mode=True)
+            with torch.no_grad():
+                for start in range(0, len(encoded), self.batch_size):
+                    ids, mask = pad_right(encoded[start : start + self.batch_size], self.tokenizer.pad_token_id)
+                    ids, mask = ids.to(device), mask.to(device)
+                    hidden = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                    last = last_token_index(ids, self.tokenizer.pad_token_id)
+                    picked = hidden[torch.arange(ids.shape[0], device=device), last].float()
+                    scores += self.head(picked).squeeze(-1).cpu().tolist()
+        finally:
+            self.model.set_adapter(previous)
+        return scores

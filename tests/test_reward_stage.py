@@ -137,3 +137,67 @@ def test_missing_column_is_one_clear_error_and_trains_nothing(tmp_path, tiny_mod
     with pytest.raises(UserError, match=r"bad\.jsonl:1: missing column 'rejected'"):
         run_recipe(write_recipe(tmp_path, edit=edit), log=lambda *_: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_attached_reward_matches_the_standalone_scorer(reward_run, tiny_model_dir):
+    """The reward as an extra adapter on a policy's base scores exactly what load_reward_scorer scores."""
+    from alignkit.modeling import ModelSettings, attach_adapter, load_base_model, load_tokenizer
+    from alignkit.reward_model import AttachedReward, load_reward_scorer
+
+    run = reward_run["run"]
+    prompt = [{"role": "user", "content": "Describe the plot?"}]
+    responses = ["the plot was very wonderful.", "the plot was very dull.", "the plot"]
+    expected = load_reward_scorer(run / "reward").score([prompt] * 3, responses)
+    policy = attach_adapter(load_base_model(ModelSettings(base=str(tiny_model_dir))), run / "sft", trainable=True)
+    policy.eval()
+    reward = AttachedReward(policy, load_tokenizer(str(run / "sft")), run / "reward", batch_size=2)
+    conversational = [[{"role": "assistant", "content": r}] for r in responses]  # how TRL passes completions
+    assert reward([prompt] * 3, conversational) == pytest.approx(expected, abs=1e-4)
+    assert policy.active_adapter == "default"
+    assert all(p.requires_grad == (".default." in n) for n, p in policy.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_grpo_and_rloo_stages_use_the_reward_stage(kind, reward_run, tmp_path):
+    """A critic-free stage after SFT with the reward stage as reward function: trains, saves only the policy adapter."""
+    import shutil
+
+    run = tmp_path / "run"
+    for name in ("sft", "reward"):
+        shutil.copytree(reward_run["run"] / name, run / name)
+
+    def edit(raw):
+        raw["run_dir"] = str(run)
+        raw["stages"].append({"name": kind, "kind": kind, "after": "sft", "reward": "reward",
+                              "data": {"prompts": str(RLHF_RECIPE.parent.parent / "data" / "tiny_prompts.jsonl")},
+                              "train": {"max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 4,
+                                        "max_completion_length": 8, "logging_steps": 1, "save_steps": 2,
+                                        "learning_rate": 1e-3, "gradient_checkpointing": False}})
+
+    records = run_recipe(write_recipe(tmp_path, edit=edit), log=lambda *_: None)
+    stage = records[kind]
+    assert stage["parents"]["reward"]["name"] == "reward" and stage["lineage"] == ["sft"]
+    assert stage["metrics"]["global_step"] == 2
+    assert "rewards/reward_model/mean" in stage["metrics"]
+    weights = load_file(str(run / kind / "adapter_model.safetensors"))
+    sft = load_file(str(run / "sft" / "adapter_model.safetensors"))
+    assert set(weights) == set(sft), "only the policy adapter belongs in the stage directory"
+
+
+def test_grpo_refuses_a_policy_stage_as_reward(reward_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    for name in ("sft", "reward"):
+        shutil.copytree(reward_run["run"] / name, run / name)
+
+    def edit(raw):
+        raw["run_dir"] = str(run)
+        raw["stages"].append({"name": "grpo", "kind": "grpo", "after": "sft", "reward": "sft",
+                              "data": {"prompts": str(RLHF_RECIPE.parent.parent / "data" / "tiny_prompts.jsonl")},
+                              "train": {"max_steps": 1}})
+
+    with pytest.raises(UserError, match="'sft' stage, not a reward stage"):
+        run_recipe(write_recipe(tmp_path, edit=edit), log=lambda *_: None)
+    assert not (run / "grpo" / "stage.json").exists()
