@@ -201,3 +201,34 @@ def test_grpo_refuses_a_policy_stage_as_reward(reward_run, tmp_path):
     with pytest.raises(UserError, match="'sft' stage, not a reward stage"):
         run_recipe(write_recipe(tmp_path, edit=edit), log=lambda *_: None)
     assert not (run / "grpo" / "stage.json").exists()
+
+
+def test_mixed_format_pairs_are_normalised():
+    """UltraFeedback-style rows (string prompt, whole conversations as responses) become one conversational format."""
+    from recipes.reward import normalise_pair
+
+    user = {"role": "user", "content": "hi"}
+    row = normalise_pair({"prompt": "hi", "chosen": [user, {"role": "assistant", "content": "a"}],
+                          "rejected": [user, {"role": "assistant", "content": "b"}]})
+    assert row == {"prompt": [user], "chosen": [{"role": "assistant", "content": "a"}],
+                   "rejected": [{"role": "assistant", "content": "b"}]}
+    row = normalise_pair({"prompt": [user], "chosen": "a", "rejected": "b", "margin": 2.0})
+    assert row["chosen"] == [{"role": "assistant", "content": "a"}] and row["margin"] == 2.0
+    plain = {"prompt": "p ", "chosen": "a", "rejected": "b"}
+    assert normalise_pair(plain) == plain
+
+
+@pytest.mark.parametrize("name", ["tiny_rlhf", "llama-3.2-1b_rlhf", "llama-3.1-8b_rlhf"])
+def test_rlhf_recipes_validate_every_stage(name):
+    """Keys are checked by the config loader; values too: RewardConfig / PPOConfig accept each stage's settings."""
+    from alignkit.config import load_recipe
+    from alignkit.ppo.config import PPOConfig
+    from recipes.runner import RECIPES
+
+    cfg = load_recipe(REPO / "recipes" / "configs" / f"{name}.yaml", stage_kinds=RECIPES)
+    kinds = [s.kind for s in cfg.stages]
+    assert kinds == ["sft", "reward", "ppo"]
+    ppo, reward = cfg.stage("ppo"), cfg.stage("reward")
+    assert ppo.after == "sft" and ppo.reward == "reward" and reward.after == "sft"
+    PPOConfig(**ppo.train)
+    assert set(reward.data) <= RECIPES["reward"].DATA_KEYS
