@@ -192,3 +192,18 @@ def win_matrix(battles: Iterable, models: Sequence[str] | None = None) -> dict[s
 def expected_win_rate(rating_x: float, rating_y: float) -> float:
     """P(x beats y) under the ratings (400 points per factor of 10)."""
     return 1.0 / (1.0 + BASE ** ((rating_y - rating_x) / SCALE))
+
+
+def online_elo(battles: Iterable, k: float = 4.0) -> dict[str, float]:
+    """Sequential Elo in battle order (Chatbot Arena's compute_online_elo: K=4, scale 400, base 10, init 1000).
+
+    Order-dependent and shown only beside the Bradley–Terry ratings, as the Arena used to.
+    """
+    rating: dict[str, float] = {}
+    for b in _battles(battles):
+        ra, rb = rating.setdefault(b.model_a, INIT_RATING), rating.setdefault(b.model_b, INIT_RATING)
+        ea = expected_win_rate(ra, rb)
+        sa = 0.5 if b.winner == "tie" else float(b.winner == "a")
+        rating[b.model_a] = ra + k * (sa - ea)
+        rating[b.model_b] = rb + k * ((1 - sa) - (1 - ea))
+    return rating

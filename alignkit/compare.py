@@ -1,0 +1,474 @@
+"""`alignkit compare`: blind A/B comparison of models with a judge; win rates, ratings, plots.
+
+    alignkit compare --model sft=runs/x/sft --model dpo=runs/x/dpo --prompts prompts.jsonl \
+        --judge reward:runs/x/reward --out runs/x/compare
+
+1. Models are model specs (DESIGN.md: stage dir, adapter dir, model dir, hub id), each
+   with an optional display name (`NAME=SPEC`).
+2. Responses are sampled with pinned SamplingParams (recorded in compare.json) and
+   cached in OUT/cache/<key>.jsonl, one file per (model identity, sampling params),
+   one line per prompt. The model identity is the stage's config_hash for a stage
+   directory, the adapter's safetensors fingerprint for an adapter directory, and the
+   path or hub id of a plain model. Adding a model later samples only that model.
+3. Every pair of models meets on every prompt. Sides are randomised per (pair, prompt)
+   with the seed; the judge sees "a" and "b" only. Automatic judges whose verdict
+   could depend on the order (llm:) score both orders (see alignkit.judges).
+4. Statistics (alignkit.stats): per pair wins/losses/ties, win rate with a 95%
+   bootstrap CI; with >= 3 models Bradley–Terry ratings on the Elo scale with
+   bootstrap CIs; the pairwise win matrix; mean response length per model.
+5. Output: OUT/compare.json, OUT/compare.md, OUT/battles.jsonl, OUT/win_rates.png,
+   OUT/ratings.png (>= 3 models).
+
+With `--judge human:DB` the pairs go into the label store (responses recorded with
+their model spec, which annotators do not see before voting) and OUT/human.json
+records what was sent; `--collect` later reads the votes and writes the results.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from alignkit import stats
+from alignkit.artifacts import file_fingerprint, stable_hash, write_json_atomic
+from alignkit.errors import UserError
+from alignkit.generation import SamplingParams
+
+CACHE_DIR = "cache"
+HUMAN_JSON = "human.json"
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------
+
+
+def parse_model_args(values: Sequence[str]) -> dict[str, str]:
+    """`[NAME=]SPEC` strings -> {name: spec}, names unique; at least two models."""
+    from alignkit.modeling import resolve_model_spec
+
+    if len(values) < 2:
+        raise UserError(f"compare needs at least 2 --model arguments, got {len(values)}")
+    models: dict[str, str] = {}
+    for value in values:
+        name, sep, spec = value.partition("=")
+        if not sep or not name or not spec or os.path.exists(value):
+            name, spec = "", value
+        if not name:
+            name = resolve_model_spec(spec).display_name
+        base, k = name, 2
+        while name in models:
+            name, k = f"{base}-{k}", k + 1
+        models[name] = spec
+    return models
+
+
+def read_prompts(path: str | Path | None, limit: int | None = None) -> list[Any]:
+    """Prompts from JSONL: each line an object with `prompt` (string) or `messages` (chat list)."""
+    if not path:
+        raise UserError("--prompts is required (a JSONL file with a `prompt` or `messages` field per line)")
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompts file does not exist: {path}")
+    prompts: list[Any] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a JSON object with `prompt` or `messages`")
+            if "messages" in row:
+                msgs = row["messages"]
+                if (not isinstance(msgs, list) or not msgs
+                        or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                   and isinstance(m.get("content"), str) for m in msgs)):
+                    raise UserError(f"{where}: `messages` must be a non-empty list of {{role, content}} strings")
+                prompts.append(msgs)
+            elif "prompt" in row:
+                if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+                    raise UserError(f"{where}: `prompt` must be a non-empty string")
+                prompts.append(row["prompt"])
+            else:
+                raise UserError(f"{where}: no `prompt` or `messages` field (keys: {', '.join(sorted(row)) or 'none'})")
+            if limit is not None and len(prompts) >= limit:
+                break
+    if not prompts:
+        raise UserError(f"{path}: no prompts")
+    return prompts
+
+
+def model_identity(spec: str) -> dict[str, str]:
+    """What makes a model's responses the same: stage config hash, adapter fingerprint, or base path/id."""
+    from alignkit.modeling import resolve_model_spec
+
+    resolved = resolve_model_spec(spec)
+    if resolved.stage is not None and resolved.stage.get("config_hash"):
+        return {"stage_config_hash": resolved.stage["config_hash"], "base": resolved.base}
+    if resolved.adapter_dir is not None:
+        weights = sorted(resolved.adapter_dir.glob("adapter_model*.safetensors")) or sorted(resolved.adapter_dir.glob("adapter_model*"))
+        h = stable_hash([file_fingerprint(w) for w in weights])
+        return {"adapter_fingerprint": h, "base": resolved.base}
+    base = resolved.base
+    return {"base": str(Path(base).resolve()) if Path(base).exists() else base}
+
+
+def _sampling_key(params: SamplingParams) -> dict:
+    d = params.to_dict()
+    d.pop("batch_size", None)  # a throughput knob; the cached responses are what make a run reproducible
+    return d
+
+
+def _prompt_key(prompt: Any) -> str:
+    return stable_hash(prompt)
+
+
+# ---------------------------------------------------------------------------
+# Generation with a cache
+# ---------------------------------------------------------------------------
+
+
+def _read_cache(path: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                out[row["prompt_key"]] = row["response"]
+            except (json.JSONDecodeError, KeyError):
+                continue  # a torn last line from an interrupted run is just regenerated
+    return out
+
+
+def generate_cached(models: dict[str, str], prompts: list[Any], params: SamplingParams, out_dir: Path,
+                    *, progress: bool = False) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """{name: responses in prompt order}, {name: {identity, cache_file, generated, cached}}."""
+    from alignkit.generation import generate_batch
+    from alignkit.modeling import load_model_for_inference
+
+    cache_root = out_dir / CACHE_DIR
+    cache_root.mkdir(parents=True, exist_ok=True)
+    pkeys = [_prompt_key(p) for p in prompts]
+    responses: dict[str, list[str]] = {}
+    info: dict[str, dict] = {}
+    for name, spec in models.items():
+        identity = model_identity(spec)
+        key = stable_hash({"model": identity, "sampling": _sampling_key(params)})[:32]
+        path = cache_root / f"{key}.jsonl"
+        cached = _read_cache(path)
+        missing = [i for i, k in enumerate(pkeys) if k not in cached]
+        # The same prompt twice in the file is sampled once.
+        todo = list(dict.fromkeys(pkeys[i] for i in missing))
+        if todo:
+            first = {k: prompts[pkeys.index(k)] for k in todo}
+            model, tokenizer, _ = load_model_for_inference(spec)
+            result = generate_batch(model, tokenizer, [first[k] for k in todo], params, progress=progress)
+            del model
+            with open(path, "a", encoding="utf-8") as f:
+                for k, text in zip(todo, result.texts):
+                    f.write(json.dumps({"prompt_key": k, "prompt": first[k], "response": text,
+                                        "spec": spec, "sampling": params.to_dict()}, ensure_ascii=False) + "\n")
+                    cached[k] = text
+        responses[name] = [cached[k] for k in pkeys]
+        info[name] = {"spec": spec, "identity": identity, "cache_file": str(path.relative_to(out_dir)),
+                      "generated": len(todo), "cached": len(prompts) - len(missing)}
+    return responses, info
+
+
+# ---------------------------------------------------------------------------
+# Judging and statistics
+# ---------------------------------------------------------------------------
+
+
+def _pairs(names: Sequence[str]) -> list[tuple[str, str]]:
+    return list(itertools.combinations(names, 2))
+
+
+def judge_all(judge, prompts: list[Any], responses: dict[str, list[str]], seed: int) -> list[dict]:
+    """Every pair on every prompt, sides randomised per (pair, prompt); one battle record each."""
+    rng = np.random.default_rng(seed)
+    battles = []
+    for x, y in _pairs(list(responses)):
+        swap = rng.random(len(prompts)) < 0.5
+        shown_a = [y if s else x for s in swap]
+        shown_b = [x if s else y for s in swap]
+        verdicts = judge.judge(prompts, [responses[m][i] for i, m in enumerate(shown_a)],
+                               [responses[m][i] for i, m in enumerate(shown_b)])
+        for i, v in enumerate(verdicts):
+            if v not in stats.OUTCOMES:
+                raise RuntimeError(f"judge {judge.name} returned {v!r}")
+            battles.append({"prompt_index": i, "model_a": shown_a[i], "model_b": shown_b[i], "winner": v})
+    return battles
+
+
+def summarise(names: Sequence[str], battles: list[dict], responses: dict[str, list[str]] | None,
+              *, bootstrap: int, seed: int) -> dict:
+    """pairs / ratings / win_matrix / mean_length from battle records (keys as in compare.json)."""
+    if bootstrap < stats.MIN_BOOTSTRAP:
+        raise UserError(f"--bootstrap must be >= {stats.MIN_BOOTSTRAP}, got {bootstrap}")
+    tuples = [(b["model_a"], b["model_b"], b["winner"]) for b in battles]
+    pairs = []
+    for k, (x, y) in enumerate(_pairs(names)):
+        # Orient every battle of the pair as (x, y) so wins/losses are x's.
+        oriented = [(x, y, w) if a == x else (x, y, {"a": "b", "b": "a", "tie": "tie"}[w])
+                    for a, b, w in tuples if {a, b} == {x, y}]
+        if not oriented:
+            pairs.append({"model_a": x, "model_b": y, "wins": 0, "losses": 0, "ties": 0, "n": 0,
+                          "win_rate": None, "ci_low": None, "ci_high": None})
+            continue
+        s = stats.pair_stats(oriented, rounds=bootstrap, seed=seed + k)[(x, y)]
+        pairs.append({"model_a": x, "model_b": y, **s})
+    out: dict[str, Any] = {"pairs": pairs, "win_matrix": stats.win_matrix(tuples, names) if tuples else {}}
+    if len(names) >= 3 and tuples:
+        boot = stats.bootstrap_ratings(tuples, rounds=bootstrap, seed=seed)
+        elo = stats.online_elo(tuples)
+        out["ratings"] = {m: {**boot[m], "elo": elo[m]} for m in sorted(boot, key=lambda m: -boot[m]["rating"])}
+    if responses is not None:
+        out["mean_length"] = {m: {"chars": float(np.mean([len(t) for t in responses[m]])),
+                                  "words": float(np.mean([len(t.split()) for t in responses[m]]))} for m in names}
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------
+
+
+def _fmt(x: float | None, nd: int = 3) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    s = result["sampling"]
+    lines = [
+        "# Model comparison", "",
+        f"Judge: `{result['judge']}`. {result['n_prompts']} prompts; every pair of models on every prompt, "
+        f"sides randomised per pair (seed {s['seed']}). Sampling: max_new_tokens={s['max_new_tokens']}, "
+        f"temperature={s['temperature']}, top_p={s['top_p']}, seed={s['seed']}. "
+        f"Ties count half a win; 95% percentile bootstrap CIs over battles ({result['bootstrap']} rounds).", "",
+        "## Models", "", "| name | spec | mean length (chars) | mean length (words) | generated | cached |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for m, info in result["models"].items():
+        ml = result.get("mean_length", {}).get(m, {})
+        lines.append(f"| {m} | `{info['spec']}` | {_fmt(ml.get('chars'), 1)} | {_fmt(ml.get('words'), 1)} | "
+                     f"{info.get('generated', '–')} | {info.get('cached', '–')} |")
+    lines += ["", "## Pairs", "", "| model A | model B | wins | losses | ties | win rate of A | 95% CI |",
+              "|---|---|---:|---:|---:|---:|---|"]
+    for p in result["pairs"]:
+        lines.append(f"| {p['model_a']} | {p['model_b']} | {p['wins']} | {p['losses']} | {p['ties']} | "
+                     f"{_fmt(p['win_rate'])} | [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}] |")
+    if "ratings" in result:
+        lines += ["", "## Ratings", "",
+                  "Bradley–Terry by maximum likelihood on the Elo scale (400 points per factor of 10 in the odds, "
+                  "centred on 1000), as Chatbot Arena computes it; online Elo (K=4) beside it.", "",
+                  "| model | rating | 95% CI | online Elo |", "|---|---:|---|---:|"]
+        for m, r in result["ratings"].items():
+            lines.append(f"| {m} | {r['rating']:.1f} | [{r['ci_low']:.1f}, {r['ci_high']:.1f}] | {r['elo']:.1f} |")
+    if result.get("win_matrix"):
+        names = list(result["models"])
+        lines += ["", "## Win matrix (row's win rate over column)", "", "| | " + " | ".join(names) + " |",
+                  "|---|" + "---:|" * len(names)]
+        for x in names:
+            lines.append(f"| {x} | " + " | ".join(_fmt(result["win_matrix"][x][y], 2) for y in names) + " |")
+    lines += ["", "Mean length is reported because length bias is the most common way reward models and people "
+              "are fooled: a win rate that tracks length deserves a second look.", ""]
+    path.write_text("\n".join(lines))
+
+
+def _write_outputs(result: dict, out_dir: Path) -> dict:
+    from alignkit import plots
+
+    result["plots"] = {"win_rates": "win_rates.png"}
+    plots.win_rates_plot(result["pairs"], out_dir / "win_rates.png", title=f"Win rates, judge {result['judge']}")
+    if "ratings" in result:
+        result["plots"]["ratings"] = "ratings.png"
+        plots.ratings_plot(result["ratings"], out_dir / "ratings.png", title=f"Bradley–Terry ratings, judge {result['judge']}")
+    write_json_atomic(out_dir / "compare.json", result)
+    write_markdown(result, out_dir / "compare.md")
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------
+
+
+def _store_key(value: Any) -> str:
+    """The label store's prompt/response key (alignkit.store.importer._key): sha256 of canonical JSON."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def send_to_store(out_dir: Path, db: str, models: dict[str, str], prompts: list[Any],
+                  responses: dict[str, list[str]], info: dict[str, dict], params: SamplingParams) -> dict:
+    """Human judge, step 1: put every pair into the label store for blind voting; record what was sent."""
+    from alignkit.store import open_store
+    from alignkit.store.importer import ImportRow, write_rows
+
+    specs = [models[m] for m in models]
+    if len(set(specs)) != len(specs):
+        raise UserError("human judge: two --model arguments name the same spec; the store records responses by spec")
+    rows = []
+    for i, prompt in enumerate(prompts):
+        texts = [responses[m][i] for m in models]
+        # Identical responses collapse into one in the store (no comparison): counted as ties at --collect.
+        rows.append(ImportRow(prompt=prompt, source=f"alignkit compare {out_dir} prompt {i}", responses=texts,
+                              models=specs, sampling=[{**params.to_dict(), "compare_out": str(out_dir)}] * len(texts)))
+    store = open_store(db, create=True)
+    try:
+        summary = write_rows(store, rows)
+    finally:
+        store.close()
+    write_json_atomic(out_dir / HUMAN_JSON, {"db": db, "models": info, "prompts": prompts, "responses": responses,
+                                             "sampling": params.to_dict(), "comparisons": summary.comparisons,
+                                             "new_comparisons": summary.new_comparisons})
+    message = (f"human judge: {summary.comparisons} comparisons in {db} ({summary.new_comparisons} new); "
+               f"annotators vote blind in the labeling app (alignkit label serve --db {db}); then run "
+               f"`alignkit compare --judge human:{db} --out {out_dir} --collect`")
+    return {"pending": True, "message": message, "comparisons": summary.comparisons,
+            "new_comparisons": summary.new_comparisons, "models": info}
+
+
+def collect_from_store(out_dir: Path, db: str, bootstrap: int) -> dict:
+    """Human judge, step 2: read the votes on the pairs `send_to_store` queued; write the results."""
+    from sqlalchemy import select
+
+    from alignkit.store import open_store
+    from alignkit.store.models import Comparison, Prompt, Response, Vote
+
+    path = out_dir / HUMAN_JSON
+    if not path.exists():
+        raise UserError(f"--collect: {path} does not exist; run compare with --judge human:{db} first")
+    sent = json.loads(path.read_text())
+    if os.path.abspath(str(sent["db"])) != os.path.abspath(db) and sent["db"] != db:
+        raise UserError(f"--collect: {out_dir} was sent to {sent['db']}, not {db}")
+    names = list(sent["models"])
+    prompts, responses = sent["prompts"], sent["responses"]
+    params = SamplingParams(**sent["sampling"])
+    store = open_store(db, create=False)
+    battles, votes, unvoted, identical = [], 0, 0, 0
+    try:
+        with store.read() as s:
+            for i, prompt in enumerate(prompts):
+                pid = s.scalars(select(Prompt.id).where(Prompt.key == _store_key(prompt))).first()
+                if pid is None:
+                    raise UserError(f"--collect: prompt {i} of {path} is not in {db}")
+                ids = {}
+                for m in names:
+                    ids[m] = s.scalars(select(Response.id).where(Response.prompt_id == pid,
+                                                                 Response.key == _store_key(responses[m][i]))).first()
+                for x, y in _pairs(names):
+                    if ids[x] == ids[y]:
+                        identical += 1
+                        battles.append({"prompt_index": i, "model_a": x, "model_b": y, "winner": "tie", "identical": True})
+                        continue
+                    lo, hi = sorted((ids[x], ids[y]))
+                    comp = s.scalars(select(Comparison.id).where(Comparison.response_a_id == lo,
+                                                                 Comparison.response_b_id == hi)).first()
+                    choices = s.scalars(select(Vote.choice).where(Vote.comparison_id == comp)).all() if comp else []
+                    if not choices:
+                        unvoted += 1
+                    first = x if ids[x] == lo else y  # the store's canonical "a" is the lower response id
+                    second = y if first == x else x
+                    for c in choices:
+                        votes += 1
+                        # "both bad" is a tie between the two, as Chatbot Arena counts "tie (bothbad)".
+                        winner = c if c in ("a", "b") else "tie"
+                        battles.append({"prompt_index": i, "model_a": first, "model_b": second, "winner": winner})
+    finally:
+        store.close()
+    with open(out_dir / "battles.jsonl", "w", encoding="utf-8") as f:
+        for b in battles:
+            f.write(json.dumps(b) + "\n")
+    result = {
+        "judge": f"human:{db}", "tie_margin": 0.0, "bootstrap": bootstrap, "n_prompts": len(prompts),
+        "sampling": params.to_dict(), "seed": params.seed, "models": sent["models"],
+        "human": {"votes": votes, "comparisons_without_votes": unvoted, "identical_responses_counted_as_ties": identical},
+        **summarise(names, battles, responses, bootstrap=bootstrap, seed=params.seed),
+    }
+    return _write_outputs(result, out_dir)
+
+
+def compare_models(models: dict[str, str], prompts: list, judge: str, out_dir: str | Path, params: SamplingParams,
+                   tie_margin: float = 0.0, bootstrap: int = 1000, *, progress: bool = False) -> dict:
+    """Generate (cached), judge every pair on every prompt, write compare.json / .md / plots; returns compare.json.
+
+    With a `human:DB` judge the pairs go to the label store instead and the return value has
+    `pending: True` (collect the votes later with `collect_from_store`).
+    """
+    from alignkit.judges import load_judge, parse_judge
+
+    if len(models) < 2:
+        raise UserError(f"compare needs at least 2 models, got {len(models)}")
+    if not prompts:
+        raise UserError("compare needs at least one prompt")
+    kind, arg = parse_judge(judge)
+    if bootstrap < stats.MIN_BOOTSTRAP:
+        raise UserError(f"--bootstrap must be >= {stats.MIN_BOOTSTRAP}, got {bootstrap}")
+    out_dir = Path(out_dir)
+    judge_obj = None if kind == "human" else load_judge(judge, tie_margin=tie_margin)  # fail before generating
+    out_dir.mkdir(parents=True, exist_ok=True)
+    responses, info = generate_cached(models, prompts, params, out_dir, progress=progress)
+    if kind == "human":
+        return send_to_store(out_dir, arg, models, prompts, responses, info, params)
+    battles = judge_all(judge_obj, prompts, responses, params.seed)
+    with open(out_dir / "battles.jsonl", "w", encoding="utf-8") as f:
+        for b in battles:
+            f.write(json.dumps(b) + "\n")
+    result = {
+        "judge": judge,
+        "tie_margin": tie_margin,
+        "bootstrap": bootstrap,
+        "n_prompts": len(prompts),
+        "sampling": params.to_dict(),
+        "seed": params.seed,
+        "models": info,
+        "generated": sum(i["generated"] for i in info.values()),
+        "cached": sum(i["cached"] for i in info.values()),
+        **summarise(list(models), battles, responses, bootstrap=bootstrap, seed=params.seed),
+    }
+    return _write_outputs(result, out_dir)
+
+
+def compare_from_cli(args) -> int:
+    from alignkit.judges import parse_judge
+
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise UserError("--max-new-tokens and --batch-size must be >= 1")
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, batch_size=args.batch_size)
+    kind, arg = parse_judge(args.judge)
+    if args.collect:
+        if kind != "human":
+            raise UserError("--collect is only for --judge human:DB")
+        if args.bootstrap < stats.MIN_BOOTSTRAP:
+            raise UserError(f"--bootstrap must be >= {stats.MIN_BOOTSTRAP}, got {args.bootstrap}")
+        result = collect_from_store(Path(args.out), arg, args.bootstrap)
+    else:
+        models = parse_model_args(args.models)
+        prompts = read_prompts(args.prompts, args.limit)
+        result = compare_models(models, prompts, args.judge, args.out, params, args.tie_margin, args.bootstrap,
+                                progress=True)
+    if result.get("pending"):
+        print(result["message"])
+        return 0
+    print(Path(args.out) / "compare.md")
+    for p in result["pairs"]:
+        print(f"{p['model_a']} vs {p['model_b']}: {p['wins']}-{p['losses']}-{p['ties']} "
+              f"win rate {_fmt(p['win_rate'])} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}]")
+    for m, r in result.get("ratings", {}).items():
+        print(f"{m}: {r['rating']:.0f} [{r['ci_low']:.0f}, {r['ci_high']:.0f}]")
+    if "generated" in result:
+        print(f"responses: {result['generated']} generated, {result['cached']} from cache")
+    return 0

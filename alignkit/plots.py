@@ -1,0 +1,55 @@
+"""PNG plots for `alignkit compare` (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def win_rates_plot(pairs: list[dict], path: str | Path, *, title: str = "Win rates") -> Path:
+    """One horizontal bar per pair: model A's win rate over model B (ties half), 95% CI whiskers, 0.5 line."""
+    plt = _pyplot()
+    rows = [p for p in pairs if p.get("win_rate") is not None]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * max(2, len(rows)) + 1.2))
+    labels = [f"{p['model_a']} vs {p['model_b']}" for p in rows]
+    ys = list(range(len(rows)))
+    rates = [p["win_rate"] for p in rows]
+    err = [[r - p["ci_low"] for r, p in zip(rates, rows)], [p["ci_high"] - r for r, p in zip(rates, rows)]]
+    ax.barh(ys, rates, color="#4c72b0", alpha=0.8)
+    ax.errorbar(rates, ys, xerr=err, fmt="none", ecolor="black", capsize=4)
+    ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(ys, labels)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("win rate of the first model (ties = half), 95% bootstrap CI")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def ratings_plot(ratings: dict[str, dict], path: str | Path, *, title: str = "Ratings") -> Path:
+    """Bradley–Terry (Elo-scale) rating per model with its 95% bootstrap CI, best first."""
+    plt = _pyplot()
+    names = sorted(ratings, key=lambda m: -ratings[m]["rating"])
+    vals = [ratings[m]["rating"] for m in names]
+    err = [[v - ratings[m]["ci_low"] for v, m in zip(vals, names)], [ratings[m]["ci_high"] - v for v, m in zip(vals, names)]]
+    fig, ax = plt.subplots(figsize=(1.2 * max(3, len(names)) + 2, 4))
+    ax.errorbar(range(len(names)), vals, yerr=err, fmt="o", color="#dd8452", ecolor="black", capsize=5)
+    ax.axhline(1000, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel("rating (400 per factor of 10 in the odds)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

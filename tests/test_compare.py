@@ -1,0 +1,210 @@
+"""`alignkit compare` end to end on tiny models: generation cache, judges, statistics, outputs, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignkit.cli import main
+from alignkit.compare import compare_models, parse_model_args, read_prompts
+from alignkit.errors import UserError
+from alignkit.generation import SamplingParams
+
+PROMPTS = ["the acting was", "the plot felt", "I watched the movie last night and", "my friend said the film was",
+           "the ending seemed", "overall the music was"]
+
+
+def make_lora_adapter(base_dir: Path, out: Path, seed: int, *, scale: float = 0.5) -> Path:
+    """A LoRA adapter on the tiny base with random (non-zero) lora_B, so it changes the model's outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, scale)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+    return out
+
+
+def make_reward_stage(base_dir: Path, out: Path, seed: int = 0) -> Path:
+    """A complete reward stage (LoRA + score head on the tiny base, unquantized) without training it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignkit.artifacts import complete_stage
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1, dtype=torch.float32,
+                                                               pad_token_id=tok.pad_token_id)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
+                                             modules_to_save=["score"], task_type="SEQ_CLS"))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    complete_stage(out, {"name": "reward", "kind": "reward", "base": str(base_dir), "parents": [],
+                         "model": {"quantization": "none", "dtype": "float32"}, "config_hash": "reward-test",
+                         "metrics": {"heldout_accuracy": 1.0}})
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("compare-models")
+    return {
+        "base": tiny_model_dir,
+        "ad1": make_lora_adapter(tiny_model_dir, root / "ad1", seed=1),
+        "ad2": make_lora_adapter(tiny_model_dir, root / "ad2", seed=2),
+    }
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": p} for p in PROMPTS[:-1]] + [{"messages": [{"role": "user", "content": PROMPTS[-1]}]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _cli(*argv) -> int:
+    return main(["compare", *map(str, argv)])
+
+
+def test_compare_end_to_end_with_cache_and_a_third_model(models, prompts_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["--prompts", prompts_file, "--judge", "oracle:length", "--out", out, "--max-new-tokens", 12,
+              "--bootstrap", 200, "--seed", 3]
+    assert _cli("--model", f"base={models['base']}", "--model", f"ad1={models['ad1']}", *common) == 0
+    first = json.loads((out / "compare.json").read_text())
+    assert first["generated"] == 2 * len(PROMPTS) and first["cached"] == 0
+    assert first["judge"] == "oracle:length"
+    assert first["sampling"] == {"max_new_tokens": 12, "temperature": 0.7, "top_p": 1.0, "seed": 3, "batch_size": 16,
+                                 "num_return_sequences": 1}
+    (pair,) = first["pairs"]
+    for key in ("wins", "losses", "ties", "win_rate", "ci_low", "ci_high"):
+        assert key in pair
+    assert pair["wins"] + pair["losses"] + pair["ties"] == len(PROMPTS)
+    assert pair["ci_low"] <= pair["win_rate"] <= pair["ci_high"]
+    assert set(first["mean_length"]) == {"base", "ad1"} and "ratings" not in first
+    assert (out / "compare.md").exists() and (out / "win_rates.png").stat().st_size > 1000
+    assert not (out / "ratings.png").exists()
+
+    # The oracle verdicts agree with the cached responses' lengths.
+    texts = {}
+    for name in ("base", "ad1"):
+        cache = out / first["models"][name]["cache_file"]
+        texts[name] = [json.loads(line)["response"] for line in cache.read_text().splitlines()]
+    expected = sum(len(a.strip()) > len(b.strip()) for a, b in zip(texts["base"], texts["ad1"]))
+    assert pair["wins"] == expected
+
+    # Second run: everything from the cache, same results.
+    assert _cli("--model", f"base={models['base']}", "--model", f"ad1={models['ad1']}", *common) == 0
+    second = json.loads((out / "compare.json").read_text())
+    assert second["generated"] == 0 and second["cached"] == 2 * len(PROMPTS)
+    assert second["pairs"] == first["pairs"]
+
+    # A third model: only it is sampled; ratings, the win matrix and the ratings plot appear.
+    assert _cli("--model", f"base={models['base']}", "--model", f"ad1={models['ad1']}",
+                "--model", f"ad2={models['ad2']}", *common) == 0
+    third = json.loads((out / "compare.json").read_text())
+    assert {m: i["generated"] for m, i in third["models"].items()} == {"base": 0, "ad1": 0, "ad2": len(PROMPTS)}
+    assert len(third["pairs"]) == 3
+    assert set(third["ratings"]) == {"base", "ad1", "ad2"}
+    for r in third["ratings"].values():
+        assert r["ci_low"] <= r["rating"] <= r["ci_high"] and "elo" in r
+    assert third["win_matrix"]["base"]["ad1"] == pytest.approx(first["pairs"][0]["win_rate"])
+    assert (out / "ratings.png").stat().st_size > 1000
+    assert "## Ratings" in (out / "compare.md").read_text()
+    assert "generated" in capsys.readouterr().out
+
+
+def test_sentiment_oracle_and_library_call(models, tmp_path):
+    from alignkit.tasks import sentiment
+
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, seed=0)
+    result = compare_models({"base": str(models["base"]), "ad2": str(models["ad2"])}, PROMPTS, "oracle:sentiment",
+                            tmp_path / "o", params, bootstrap=100)
+    (pair,) = result["pairs"]
+    battles = [json.loads(line) for line in (tmp_path / "o" / "battles.jsonl").read_text().splitlines()]
+    # Sides were randomised, and each verdict is the oracle's on the sides as shown.
+    cache = {m: [json.loads(x)["response"] for x in (tmp_path / "o" / result["models"][m]["cache_file"]).read_text().splitlines()]
+             for m in ("base", "ad2")}
+    for b in battles:
+        i = b["prompt_index"]
+        assert b["winner"] == sentiment.oracle_judge(PROMPTS[i], cache[b["model_a"]][i], cache[b["model_b"]][i])
+    assert pair["wins"] + pair["losses"] + pair["ties"] == len(PROMPTS)
+
+
+def test_reward_judge(models, tmp_path):
+    from alignkit.reward_model import load_reward_scorer
+
+    stage = make_reward_stage(models["base"], tmp_path / "reward")
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, seed=0)
+    result = compare_models({"base": str(models["base"]), "ad1": str(models["ad1"])}, PROMPTS, f"reward:{stage}",
+                            tmp_path / "r", params, bootstrap=100)
+    (pair,) = result["pairs"]
+    scorer = load_reward_scorer(stage)
+    texts = {m: [json.loads(x)["response"] for x in (tmp_path / "r" / result["models"][m]["cache_file"]).read_text().splitlines()]
+             for m in ("base", "ad1")}
+    sb, sa = scorer.score(PROMPTS, texts["base"]), scorer.score(PROMPTS, texts["ad1"])
+    assert pair["wins"] == sum(x > y for x, y in zip(sb, sa))
+    assert pair["losses"] == sum(x < y for x, y in zip(sb, sa))
+    # A huge margin makes everything a tie.
+    wide = compare_models({"base": str(models["base"]), "ad1": str(models["ad1"])}, PROMPTS, f"reward:{stage}",
+                          tmp_path / "r", params, tie_margin=1e9, bootstrap=100)
+    assert wide["pairs"][0]["ties"] == len(PROMPTS) and wide["generated"] == 0
+
+
+def test_llm_judge_scores_both_orders(models):
+    from alignkit.judges import LLMJudge
+
+    judge = LLMJudge.load(str(models["base"]))
+    a = ["the film was great", "bad", "it was fine"]
+    b = ["the film was awful", "good", "it was fine"]
+    verdicts = judge.judge(PROMPTS[:3], a, b)
+    assert all(v in ("a", "b", "tie") for v in verdicts)
+    # Identical responses: both orders give the same margin, so the judge cannot prefer a side.
+    f, r = judge.last_margins[2]
+    assert f == pytest.approx(r, abs=1e-5) and verdicts[2] == "tie"
+    for v, (f, r) in zip(verdicts, judge.last_margins):
+        assert v == ("a" if f > 0 and r < 0 else "b" if f < 0 and r > 0 else "tie")
+    # Swapping the inputs swaps the verdicts (order cancels out).
+    swapped = judge.judge(PROMPTS[:3], b, a)
+    assert swapped == [{"a": "b", "b": "a", "tie": "tie"}[v] for v in verdicts]
+
+
+def test_bad_input(models, prompts_file, tmp_path, capsys):
+    out = tmp_path / "bad"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    assert _cli("--model", models["base"], "--model", models["ad1"], "--prompts", bad, "--judge", "oracle:length",
+                "--out", out) == 2
+    assert f"{bad}:2" in capsys.readouterr().err
+    assert _cli("--model", models["base"], "--prompts", prompts_file, "--judge", "oracle:length", "--out", out) == 2
+    assert "at least 2" in capsys.readouterr().err
+    assert _cli("--model", models["base"], "--model", models["ad1"], "--prompts", prompts_file,
+                "--judge", "oracle:nope", "--out", out) == 2
+    assert "unknown oracle" in capsys.readouterr().err
+    assert _cli("--model", models["base"], "--model", tmp_path / "missing", "--prompts", prompts_file,
+                "--judge", "oracle:length", "--out", out) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert _cli("--model", models["base"], "--model", models["ad1"], "--prompts", prompts_file,
+                "--judge", f"reward:{tmp_path / 'nostage'}", "--out", out) == 2
+    assert "reward" in capsys.readouterr().err
+    assert not out.exists()  # nothing written for bad input
+
+
+def test_model_names_and_prompt_parsing(models, prompts_file):
+    named = parse_model_args([f"x={models['base']}", str(models["ad1"]), str(models["ad1"])])
+    assert list(named) == ["x", "ad1", "ad1-2"]
+    assert read_prompts(prompts_file, limit=2) == PROMPTS[:2]
+    with pytest.raises(UserError, match="does not exist"):
+        read_prompts("/nonexistent.jsonl")
