@@ -57,8 +57,8 @@ class DemoSettings:
 
     pretrain: PretrainSettings = field(default_factory=PretrainSettings)
     sft_rows: int = 1200
-    label_prompts: int = 1200  # comparisons to label (one pair of SFT samples per prompt)
-    overlap: int = 3  # votes per comparison, from distinct annotators
+    label_prompts: int = 1300  # comparisons to label (one pair of SFT samples per prompt)
+    overlap: int = 2  # votes per comparison, from distinct annotators (a split vote is dropped)
     annotators: int = 6
     noise: float = 0.2  # share of votes replaced by a coin flip
     pair_max_new_tokens: int = 32
@@ -67,6 +67,8 @@ class DemoSettings:
     temperature: float = 1.0  # sampling for pairs and evaluation: the policies' own distributions
     bootstrap: int = 1000
     seed: int = 0
+    # Processes training stages at once after labeling: the reward -> PPO lane beside the DPO lane.
+    workers: int = int(os.environ.get("ALIGNKIT_DEMO_WORKERS", "2"))
     recipe_overrides: list[str] = field(default_factory=list)  # --set style, applied to the template
 
     @classmethod
@@ -83,7 +85,7 @@ class DemoSettings:
                 "stages.ppo.train.min_reward_accuracy=0",
                 "stages.ppo_kl03.train.steps=2", "stages.ppo_kl03.train.rollout_batch_size=8",
                 "stages.ppo_kl03.train.min_reward_accuracy=0",
-                "stages.dpo.train.max_steps=4", "stages.dpo_beta05.train.max_steps=4",
+                "stages.dpo.train.max_steps=4", "stages.dpo_beta01.train.max_steps=4",
             ],
         )
 
@@ -128,7 +130,7 @@ def run_demo(workdir: str | Path, settings: DemoSettings | None = None, *, quick
     with step("labeling"):
         labeling = label_pairs(workdir, workdir / "run" / "sft", records["sft"]["config_hash"], settings, log=log)
     with step("reward, ppo, dpo stages"):
-        records = run_recipe(recipe, log=log)
+        records = run_stages(recipe, workers=settings.workers, log=log)
     with step("evaluation"):
         evaluation = evaluate(workdir, records, settings, log=log)
     wall = time.time() - start
@@ -342,35 +344,64 @@ def _make_annotators(users_path: Path, n: int, seed: int) -> list[tuple[str, str
 
 
 def _serve_and_label(store, labels: Path, users: list[tuple[str, str]], s: DemoSettings, *, log=print) -> dict:
-    """Start the labeling app on a free loopback port with login, run the annotators through it, stop it."""
-    from labeling_ui.app import build_app, launch
+    """Start `alignkit label serve` (login, loopback, a free port), run the annotators through it, stop it.
+
+    The server is its own process, exactly as a user starts it, so it and the annotators' clients do not
+    share one interpreter lock (measured: 30 vs 23 votes/s here).
+    """
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from sqlalchemy import func, select
+
+    from alignkit.store.models import Comparison
     from labeling_ui.simulate import run_simulated_annotators
-    from labeling_ui.users import UsersFile
 
-    app = build_app(store, auth=UsersFile(labels / "users.json"), overlap=s.overlap, export_dir=labels / "admin-exports")
     port = _free_port()
-    launch(app, host="127.0.0.1", port=port, blocked_paths=[labels / "users.json", labels / "labels.db"],
-           prevent_thread_lock=True, quiet=True)
     url = f"http://127.0.0.1:{port}/"
-    total = None
+    cmd = [sys.executable, "-m", "alignkit.cli", "label", "serve", "--db", str(labels / "labels.db"),
+           "--users", str(labels / "users.json"), "--host", "127.0.0.1", "--port", str(port),
+           "--overlap", str(s.overlap), "--export-dir", str(labels / "admin-exports")]
+    server_log = open(labels / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     try:
-        from sqlalchemy import func, select
-
-        from alignkit.store.models import Comparison, Vote
-
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the labeling server exited with status {proc.returncode}; see {labels / 'server.log'}")
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # it answers (a login page or a refusal): it is up
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"the labeling server did not answer on {url} within 120 s") from None
+                time.sleep(0.3)
         with store.read() as session:
             total = session.scalar(select(func.count(Comparison.id))) * s.overlap
-        log(f"labels: server on {url} (login required, overlap {s.overlap}); {len(users)} simulated annotators "
-            f"(oracle + {s.noise:.0%} coin flips) voting")
+        log(f"labels: `alignkit label serve` on {url} (login required, overlap {s.overlap}); {len(users)} simulated "
+            f"annotators (oracle + {s.noise:.0%} coin flips) voting through /next_item and /submit_vote")
         stop = threading.Event()
         watcher = threading.Thread(target=_watch_votes, args=(store, total, stop), daemon=True)
         watcher.start()
         judge = sentiment.noisy_judge(noise=s.noise, seed=s.seed)
-        result = run_simulated_annotators(url, users, judge, None, 0.0, s.seed)
-        stop.set()
-        watcher.join()
+        try:
+            result = run_simulated_annotators(url, users, judge, None, 0.0, s.seed)
+        finally:
+            stop.set()
+            watcher.join()
     finally:
-        app.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        server_log.close()
     if result.get("errors"):
         log(f"labels: {len(result['errors'])} votes refused by the server, e.g. {result['errors'][0]}")
     log(f"labels: {result['votes']} votes in {result['seconds']:.0f}s ({result['votes_per_s']:.0f}/s, "
@@ -392,6 +423,112 @@ def _watch_votes(store, total: int, stop: threading.Event) -> None:
             bar.update(n - bar.n)
         with store.read() as session:
             bar.update(session.scalar(select(func.count(Vote.id))) - bar.n)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Stages after labeling: two lanes in parallel
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_lanes(recipe: Path) -> list[list[str]]:
+    """The recipe's stages after SFT split into independent lanes: reward and the stages needing it; the rest."""
+    from alignkit.config import load_recipe, order_stages
+    from recipes.runner import RECIPES
+
+    cfg = load_recipe(recipe, stage_kinds=RECIPES)
+    ordered = [st for st in order_stages(cfg.stages) if st.name != "sft"]
+    rewards = {st.name for st in ordered if st.kind == "reward"}
+    lane_a = [st.name for st in ordered if st.name in rewards or st.reward in rewards]
+    lane_b = [st.name for st in ordered if st.name not in lane_a]
+    return [lane for lane in (lane_a, lane_b) if lane]
+
+
+def run_stages(recipe: Path, *, workers: int = 2, log=print) -> dict[str, dict]:
+    """Run every stage of the recipe through the runner; with workers > 1, independent lanes in parallel processes.
+
+    Each lane is `run_recipe(recipe, only=lane)` in a spawned process (the runner's library entry point, one
+    thread each): on two cores the reward -> PPO lane and the DPO lane take about half the time one after the
+    other would. Afterwards the runner is called once more here: every stage is complete, so it only collects
+    the records (and would train anything a lane left undone).
+    """
+    from recipes.runner import run_recipe
+
+    lanes = stage_lanes(recipe)
+    if workers > 1 and len(lanes) > 1:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        threads = int(os.environ.get("ALIGNKIT_DEMO_THREADS", "1"))
+        procs = []
+        for tag, lane in zip("AB", lanes):
+            log(f"lane {tag}: {' -> '.join(lane)}")
+            proc = ctx.Process(target=_run_lane, args=(str(recipe), lane, f"[lane {tag}] ", threads), daemon=False)
+            proc.start()
+            procs.append((tag, lane, proc))
+        run_dir = recipe.parent / "run"
+        seen: dict[str, str] = {}
+        try:
+            while any(p.is_alive() for _, _, p in procs):
+                time.sleep(3)
+                for _, lane, _ in procs:
+                    for name in lane:
+                        status = _stage_status(run_dir / name)
+                        if status and seen.get(name) != status:
+                            seen[name] = status
+                            log(f"  {name}: {status}")
+        except KeyboardInterrupt:
+            for _, _, p in procs:
+                p.terminate()
+            raise
+        for tag, lane, p in procs:
+            p.join()
+            if p.exitcode != 0:
+                from alignkit.errors import TrainingDiverged, UserError
+
+                what = f"lane {tag} ({', '.join(lane)}) failed with exit status {p.exitcode}; see its output above"
+                raise (TrainingDiverged if p.exitcode == 3 else UserError)(what)
+    return run_recipe(recipe, log=lambda line: None if "complete, skipped" in line else log(line))
+
+
+def _stage_status(stage_dir: Path) -> str | None:
+    """A one-line progress note for a stage being trained by a lane (PPO logs per step; Trainer stages print their own)."""
+    if artifacts.is_complete(stage_dir):
+        return "complete"
+    log_path = stage_dir / "ppo_log.jsonl"
+    if log_path.exists():
+        lines = log_path.read_text().splitlines()
+        if lines:
+            try:
+                last = json.loads(lines[-1])
+                return f"PPO step {last['step']}: mean reward {last['mean_reward']:.3g}, KL {last['kl']:.3g}"
+            except (json.JSONDecodeError, KeyError):
+                return None
+    return "training" if (stage_dir / artifacts.PENDING_JSON).exists() else None
+
+
+def _lane_log(prefix: str, message: str) -> None:
+    print(prefix + message, flush=True)
+
+
+def _run_lane(recipe: str, lane: list[str], prefix: str, threads: int) -> None:
+    """Body of a lane process: the runner on these stages (their parents are complete or in the lane)."""
+    import functools
+    import sys
+
+    os.environ["TQDM_DISABLE"] = "1"  # two processes' progress bars would overwrite each other
+    os.environ["ALIGNKIT_DEMO_THREADS"] = str(threads)
+    _quiet_libraries()
+    from alignkit.errors import TrainingDiverged, UserError
+    from recipes.runner import run_recipe
+
+    try:
+        run_recipe(recipe, only=lane, log=functools.partial(_lane_log, prefix))
+    except UserError as err:
+        print(f"{prefix}alignkit: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except TrainingDiverged as err:
+        print(f"{prefix}alignkit: training diverged: {err}", file=sys.stderr, flush=True)
+        sys.exit(3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,18 +559,42 @@ def _sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[li
     return out
 
 
-def _bootstrap_win_rate(outcomes: list[float], rounds: int, seed: int) -> tuple[float, float, float]:
-    """Win rate (ties count half) with a percentile bootstrap 95% CI over prompts."""
-    import numpy as np
+def _compare_vs_sft(workdir: Path, policies: list[str], prompts: list[str], samples: dict[str, dict], judge: str,
+                    s: DemoSettings, *, log=print) -> dict:
+    """Blind A/B of every policy pair with `alignkit compare`'s judging and statistics, on the demo's samples.
 
-    x = np.asarray(outcomes, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(rounds, len(x)))].mean(axis=1)
-    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    `alignkit.compare.judge_all` randomises sides per (pair, prompt) and asks the judge; `summarise` gives
+    wins / losses / ties, the win rate with a bootstrap CI and Bradley–Terry ratings. The responses are the
+    ones the KL is measured on, so the win rates and the frontier describe the same samples (and a
+    continuation keeps its leading space, which the reward model needs to see the review as written).
+    """
+    from alignkit.compare import judge_all, summarise
+    from alignkit.judges import load_judge
+
+    kind = judge.split(":", 1)[0]
+    out = workdir / "compare" / f"{kind}.json"
+    names = [n for n in policies if n != "sft"] + ["sft"]  # SFT last: each pair (model, sft) counts the model's wins
+    responses = {n: samples[n]["texts"] for n in names}
+    key = artifacts.stable_hash({"judge": judge, "responses": responses, "bootstrap": s.bootstrap, "seed": s.seed,
+                                 "judge_stage": _stage_hash_of(judge)})
+    cached = json.loads(out.read_text()) if out.exists() else None
+    if cached and cached.get("key") == key:
+        result = cached
+    else:
+        log(f"eval: compare {', '.join(names)} with judge {judge}")
+        battles = judge_all(load_judge(judge), prompts, responses, s.seed)
+        result = {"key": key, "judge": judge, "n_prompts": len(prompts), "seed": s.seed, "bootstrap": s.bootstrap,
+                  **summarise(names, battles, responses, bootstrap=s.bootstrap, seed=s.seed)}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        artifacts.write_json_atomic(out, result)
+    vs_sft = {p["model_a"]: {k: p[k] for k in ("win_rate", "ci_low", "ci_high", "wins", "losses", "ties", "n")}
+              for p in result["pairs"] if p["model_b"] == "sft"}
+    return {"vs_sft": vs_sft, "dir": str(out), "ratings": result.get("ratings")}
 
 
-def _outcome(verdict: str) -> float:
-    return {"a": 1.0, "b": 0.0, "tie": 0.5}[verdict]
+def _stage_hash_of(judge: str) -> str | None:
+    kind, _, arg = judge.partition(":")
+    return (artifacts.read_stage(arg) or {}).get("config_hash") if kind == "reward" else None
 
 
 def evaluate(workdir: Path, records: dict[str, dict], s: DemoSettings, *, log=print) -> dict:
@@ -482,19 +643,18 @@ def evaluate(workdir: Path, records: dict[str, dict], s: DemoSettings, *, log=pr
     rm_path = eval_dir / "reward_model.json"
     rm = json.loads(rm_path.read_text()) if rm_path.exists() else None
     if not rm or rm.get("key") != rm_key:
-        log(f"eval: reward model vs oracle on held-out pairs, and as a judge")
+        log("eval: reward model vs oracle on held-out pairs")
         if sft_model is None:
             sft_model, sft_tok, _ = load_model_for_inference(str(run_dir / "sft"))
         pairs = sample_continuations(run_dir / "sft", prompts, n=2, max_new_tokens=s.eval_max_new_tokens,
                                      temperature=s.temperature, seed=s.seed + 2, model=sft_model, tokenizer=sft_tok)
         scorer = load_reward_scorer(reward_dir, batch_size=64)
         a_texts, b_texts = pairs["texts"][0::2], pairs["texts"][1::2]
-        rm_a, rm_b = scorer.score(prompts, a_texts), scorer.score(prompts, b_texts)
-        # The reward model as a judge of every policy's samples (same prompts, so vs SFT is paired).
-        judged = {name: scorer.score(prompts, samples[name]["texts"]) for name in policies}
-        rm = {"key": rm_key, "a": a_texts, "b": b_texts, "rm_a": rm_a, "rm_b": rm_b, "judged": judged}
+        rm = {"key": rm_key, "a": a_texts, "b": b_texts,
+              "rm_a": scorer.score(prompts, a_texts), "rm_b": scorer.score(prompts, b_texts)}
         artifacts.write_json_atomic(rm_path, rm)
         del scorer
+    del sft_model
     heldout = [(sentiment.raw_score(a) - sentiment.raw_score(b), ra - rb)
                for a, b, ra, rb in zip(rm["a"], rm["b"], rm["rm_a"], rm["rm_b"])
                if sentiment.raw_score(a) != sentiment.raw_score(b)]
@@ -503,22 +663,15 @@ def evaluate(workdir: Path, records: dict[str, dict], s: DemoSettings, *, log=pr
     for (d, _), ok in zip(heldout, rm_correct):
         by_gap.setdefault(str(min(abs(d), 5)) + ("+" if abs(d) >= 5 else ""), []).append(ok)
 
-    # Win rates vs SFT (paired by prompt), under the oracle and under the reward model.
-    sft = samples["sft"]
-    win_oracle, win_rm, kl, oracle_score = {}, {}, {}, {}
-    for j, name in enumerate(policies):
+    # Win rates vs SFT: `alignkit compare` with the oracle judge and with the reward-model judge.
+    win_oracle = _compare_vs_sft(workdir, policies, prompts, samples, "oracle:sentiment", s, log=log)
+    win_rm = _compare_vs_sft(workdir, policies, prompts, samples, f"reward:{reward_dir}", s, log=log)
+
+    kl, oracle_score = {}, {}
+    for name in policies:
         m = samples[name]
         oracle_score[name] = statistics.fmean(sentiment.score(t) for t in m["texts"])
         kl[name] = 0.0 if name == "sft" else statistics.fmean(a - b for a, b in zip(m["logp"], m["logp_sft"]))
-        if name == "sft":
-            continue
-        o = [_outcome(sentiment.oracle_judge(p, a, b)) for p, a, b in zip(prompts, m["texts"], sft["texts"])]
-        r = [1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(rm["judged"][name], rm["judged"]["sft"])]
-        for table, outcomes in ((win_oracle, o), (win_rm, r)):
-            rate, lo, hi = _bootstrap_win_rate(outcomes, s.bootstrap, s.seed + j)
-            table[name] = {"win_rate": rate, "ci_low": lo, "ci_high": hi, "n": len(outcomes),
-                           "wins": sum(x == 1.0 for x in outcomes), "ties": sum(x == 0.5 for x in outcomes),
-                           "losses": sum(x == 0.0 for x in outcomes)}
     return {
         "prompts": prompts,
         "policies": policies,
@@ -527,8 +680,10 @@ def evaluate(workdir: Path, records: dict[str, dict], s: DemoSettings, *, log=pr
         "rm_pairs": len(rm_correct),
         "rm_accuracy_by_gap": {k: {"accuracy": statistics.fmean(v), "pairs": len(v)} for k, v in sorted(by_gap.items())},
         "rm_heldout": heldout,
-        "win_rate": win_oracle,
-        "win_rate_reward_model": win_rm,
+        "win_rate": win_oracle["vs_sft"],
+        "win_rate_reward_model": win_rm["vs_sft"],
+        "compare": {"oracle": win_oracle["dir"], "reward_model": win_rm["dir"],
+                    "ratings_oracle": win_oracle.get("ratings"), "ratings_reward_model": win_rm.get("ratings")},
         "kl": kl,
         "oracle_score": oracle_score,
         "mean_length": {n: statistics.fmean(samples[n]["lengths"]) for n in policies},
@@ -566,6 +721,8 @@ def _summarise(workdir: Path, records: dict, labeling: dict, ev: dict, s: DemoSe
         "rm_heldout_pairs": ev["rm_pairs"],
         "rm_accuracy_by_oracle_gap": ev["rm_accuracy_by_gap"],
         "reward_stage_heldout_accuracy": records["reward"].get("metrics", {}).get("heldout_accuracy"),
+        "ratings_oracle": ev["compare"]["ratings_oracle"],
+        "compare": {"oracle": ev["compare"]["oracle"], "reward_model": ev["compare"]["reward_model"]},
         "win_rate_reward_model": {m: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in w.items()}
                                   for m, w in ev["win_rate_reward_model"].items()},
         "oracle_score": {m: round(v, 4) for m, v in ev["oracle_score"].items()},
@@ -704,7 +861,8 @@ def _report(workdir: Path, result: dict, ev: dict, plots: dict[str, str]) -> str
         "## Win rates against SFT",
         "",
         f"One sample per held-out prompt ({result['eval_prompts']} prompts) from each model at temperature "
-        f"{result['sampling']['temperature']}, paired by prompt; ties count half; 95% percentile bootstrap CI over prompts. "
+        f"{result['sampling']['temperature']}; every pair of models judged blind on every prompt (sides randomised) "
+        "with `alignkit compare`'s judges and statistics; ties count half; 95% percentile bootstrap CI over prompts. "
         "KL(policy ‖ SFT) is the mean over the policy's own samples of log π(y|x) − log π_sft(y|x).",
         "",
         "| model | oracle win rate [95% CI] | reward-model win rate [95% CI] | KL to SFT (nats) | mean oracle score | tokens | ended |",
@@ -718,6 +876,11 @@ def _report(workdir: Path, result: dict, ev: dict, plots: dict[str, str]) -> str
         lines.append(f"| {m} | {o['win_rate']:.3f} [{o['ci_low']:.3f}, {o['ci_high']:.3f}] | "
                      f"{r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {ev['kl'][m]:.2f} | "
                      f"{ev['oracle_score'][m]:.3f} | {ev['mean_length'][m]:.1f} | {ev['eos_fraction'][m]:.2f} |")
+    ratings = result.get("ratings_oracle") or {}
+    if ratings:
+        lines += ["", "Bradley–Terry ratings under the oracle (Elo scale, 95% bootstrap CI): " + ", ".join(
+            f"{m} {r['rating']:.0f} [{r['ci_low']:.0f}, {r['ci_high']:.0f}]" for m, r in ratings.items()
+            if all(k in r for k in ("rating", "ci_low", "ci_high")))]
     lines += ["", f"![win rates]({plots['win_rates']})", "", "## Reward-vs-KL frontier", "",
               f"![frontier]({plots['frontier']})", "",
               "## Reward model against the oracle", "",

@@ -34,7 +34,7 @@ class PretrainSettings:
     num_layers: int = 4
     num_heads: int = 4
     vocab_size: int = 512
-    steps: int = 200
+    steps: int = 150
     batch_size: int = 64
     learning_rate: float = 3e-3
     warmup_steps: int = 30
