@@ -215,21 +215,27 @@ class MemoryEstimate:
         return d
 
     def format(self) -> str:
-        """A small table in GiB, for the CLI and a stage's first log lines."""
+        """A small table (GiB, or MiB for small models), for the CLI and a stage's first log lines."""
         ckpt = "on" if self.gradient_checkpointing else "off"
         lora = f", LoRA r={self.lora_r} all-linear" if self.method != "full" else ""
+        unit, div = ("GiB", GIB) if self.total >= GIB / 4 else ("MiB", 1024**2)
         rows = [
-            f"{self.method} training of a {self.model_type} model: {self.params_total / 1e9:.3f} B parameters, "
-            f"{self.params_trainable / 1e6:,.2f} M trainable{lora}",
+            f"{self.method} training of a {self.model_type} model: {_count(self.params_total)} parameters, "
+            f"{_count(self.params_trainable)} trainable{lora}",
             f"batch {self.batch_size} x {self.seq_len} tokens, gradient checkpointing {ckpt}, "
             f"optimizer {self.settings.get('optimizer')}",
-            f"  weights      {self.weights / GIB:9.2f} GiB",
-            f"  gradients    {self.gradients / GIB:9.2f} GiB",
-            f"  optimizer    {self.optimizer / GIB:9.2f} GiB",
-            f"  activations  {self.activations / GIB:9.2f} GiB",
-            f"  total        {self.total / GIB:9.2f} GiB  (+ ~0.5-1 GiB CUDA context and allocator slack)",
         ]
+        for name in ("weights", "gradients", "optimizer", "activations", "total"):
+            rows.append(f"  {name:<12} {getattr(self, name) / div:9.2f} {unit}")
+        rows[-1] += "  (+ ~0.5-1 GiB CUDA context and allocator slack)"
         return "\n".join(rows)
+
+
+def _count(n: int) -> str:
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:,.2f} {suffix}"
+    return str(n)
 
 
 def estimate_memory(
