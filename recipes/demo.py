@@ -107,7 +107,7 @@ def demo_from_cli(args) -> int:
 def run_demo(workdir: str | Path, settings: DemoSettings | None = None, *, quick: bool = False, log=print) -> dict:
     """Run (or reuse) every step of the demo in `workdir`; returns what demo.json holds."""
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
-    start = time.time()
+    start, cpu_start = time.time(), _cpu_seconds()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     _quiet_libraries()
@@ -138,22 +138,37 @@ def run_demo(workdir: str | Path, settings: DemoSettings | None = None, *, quick
     with step("report"):
         _write_outputs(workdir, result, evaluation)
     result["wall_seconds"] = round(time.time() - start, 1)
+    result["cpu_seconds"] = round(_cpu_seconds() - cpu_start, 1)
     artifacts.write_json_atomic(workdir / "demo.json", result)
     return result
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (lanes, the labeling server)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 class _Step:
-    """Times a step and prints a header, so progress reads as a list of numbered steps."""
+    """Times a step (wall and CPU) and prints a header, so progress reads as a list of steps.
+
+    CPU seconds are recorded beside wall seconds because on a shared machine the wall time depends on
+    what else runs; the CPU time of a step barely does.
+    """
 
     def __init__(self, name: str, timings: dict, log):
         self.name, self.timings, self.log = name, timings, log
 
     def __enter__(self):
         self.log(f"\n== {self.name}")
-        self.t0 = time.time()
+        self.t0, self.c0 = time.time(), _cpu_seconds()
 
     def __exit__(self, *exc):
         self.timings[self.name] = round(time.time() - self.t0, 1)
+        self.timings.setdefault("cpu", {})[self.name] = round(_cpu_seconds() - self.c0, 1)
         if exc[0] is None:
             self.log(f"== {self.name}: {self.timings[self.name]:.0f}s")
 
@@ -454,7 +469,9 @@ def run_stages(recipe: Path, *, workers: int = 2, log=print) -> dict[str, dict]:
     from recipes.runner import run_recipe
 
     lanes = stage_lanes(recipe)
-    if workers > 1 and len(lanes) > 1:
+    todo: list[str] = []
+    run_recipe(recipe, dry_run=True, log=lambda line: todo.append(line) if "would train" in line else None)
+    if workers > 1 and len(lanes) > 1 and todo:
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
@@ -487,6 +504,8 @@ def run_stages(recipe: Path, *, workers: int = 2, log=print) -> dict[str, dict]:
 
                 what = f"lane {tag} ({', '.join(lane)}) failed with exit status {p.exitcode}; see its output above"
                 raise (TrainingDiverged if p.exitcode == 3 else UserError)(what)
+    if not todo:
+        log("every stage is complete with this recipe and data: skipped")
     return run_recipe(recipe, log=lambda line: None if "complete, skipped" in line else log(line))
 
 
@@ -507,7 +526,8 @@ def _stage_status(stage_dir: Path) -> str | None:
 
 
 def _lane_log(prefix: str, message: str) -> None:
-    print(prefix + message, flush=True)
+    if "complete, skipped" not in message:
+        print(prefix + message, flush=True)
 
 
 def _run_lane(recipe: str, lane: list[str], prefix: str, threads: int) -> None:
@@ -733,7 +753,8 @@ def _summarise(workdir: Path, records: dict, labeling: dict, ev: dict, s: DemoSe
                                               "oracle_ties_among_pairs", "agreement", "seconds", "settings")
                      if k in labeling},
         "stages": stage_info,
-        "step_seconds": timings,
+        "step_seconds": {k: v for k, v in timings.items() if k != "cpu"},
+        "step_cpu_seconds": timings.get("cpu", {}),
         "sampling": {"temperature": s.temperature, "top_p": 1.0, "max_new_tokens": s.eval_max_new_tokens, "seed": s.seed},
         "settings": dataclasses.asdict(s),
         "workdir": str(workdir),
@@ -822,7 +843,10 @@ def _plots(workdir: Path, result: dict, ev: dict) -> dict[str, str]:
         color, marker = styles[kind]
         ax.scatter(ev["kl"][name], ev["oracle_score"][name], color=color, marker=marker, s=50,
                    label=kind if not any(n.startswith(kind) for n in ev["policies"][: ev["policies"].index(name)]) else None)
-        ax.annotate(name, (ev["kl"][name], ev["oracle_score"][name]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        train = (result["stages"].get(name) or {}).get("train") or {}
+        knob = f" (β={train['beta']})" if "beta" in train else f" (KL coef {train['init_kl_coef']})" if "init_kl_coef" in train else ""
+        ax.annotate(name + knob, (ev["kl"][name], ev["oracle_score"][name]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
     ax.set_xlabel("KL(policy || sft), nats per response (sampled)")
     ax.set_ylabel("mean oracle sentiment score")
     ax.set_title("Reward vs KL frontier")
@@ -908,5 +932,6 @@ def _report(workdir: Path, result: dict, ev: dict, plots: dict[str, str]) -> str
     for name, st in result["stages"].items():
         metrics = ", ".join(f"{k}={st['metrics'][k]:.3g}" for k in keys if k in st["metrics"])
         lines.append(f"| {name} | {st['kind']} | {st['wall_seconds']} | {metrics} |")
-    lines += ["", "Step times this run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["step_seconds"].items()), ""]
+    lines += ["", "Step times this run, wall (CPU) seconds: " + ", ".join(
+        f"{k} {v:.0f} ({result['step_cpu_seconds'].get(k, 0):.0f})" for k, v in result["step_seconds"].items()), ""]
     return "\n".join(lines)
