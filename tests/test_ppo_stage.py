@@ -56,20 +56,25 @@ def config(**kw):
     return PPOConfig(**values)
 
 
-def params4bit_in_memory() -> int:
+def params4bit_in_memory() -> list:
     import bitsandbytes as bnb
 
-    return sum(isinstance(o, bnb.nn.Params4bit) for o in gc.get_objects())
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, bnb.nn.Params4bit)]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir, parent_adapter):
     stage_dir = tmp_path_factory.mktemp("ppo")
     counts = {}
+    # 4-bit tensors other tests of the session left alive are not ours to count; holding them
+    # here keeps their ids from being reused by the tensors this run creates.
+    earlier = params4bit_in_memory()
 
     def on_step(trainer, step, metrics):
         if step == 1:  # mid-run: every role has done forward passes, the optimizer holds state
-            counts["params4bit"] = params4bit_in_memory()
+            seen = {id(o) for o in earlier}
+            counts["params4bit"] = sum(id(o) not in seen for o in params4bit_in_memory())
 
     trainer = PPOTrainer(config(), ModelSettings(base=str(tiny_model_dir), quantization="4bit"), peft_settings(),
                          prompts=PROMPTS, stage_dir=stage_dir, reward=char_reward, policy_adapter=parent_adapter,
@@ -78,6 +83,7 @@ def trained(tmp_path_factory, tiny_model_dir, parent_adapter):
     policy_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".policy." in n}
     metrics = trainer.train()
     trainer.save()
+    del earlier
     return {"trainer": trainer, "metrics": metrics, "dir": stage_dir, "counts": counts,
             "ref_before": ref_before, "policy_before": policy_before}
 
