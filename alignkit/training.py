@@ -179,3 +179,81 @@ def truncation_report(tokenizer, rows: list[dict], max_length: int | None, fmt: 
 
 def config_fields(config_cls) -> set[str]:
     return {f.name for f in dataclasses.fields(config_cls)}
+
+
+def available_memory() -> tuple[int | None, str]:
+    """Bytes free to train in, and where: the current CUDA device's free memory, else the host's MemAvailable."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info()
+        return free, f"{torch.cuda.get_device_name()} (cuda:{torch.cuda.current_device()}, free)"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "host RAM (MemAvailable)"
+    except OSError:
+        pass
+    return None, "unknown"
+
+
+def _longest_sequence(args) -> int:
+    """Tokens in the longest training sequence: max_length, or prompt + completion for online stages."""
+    if getattr(args, "max_length", None):
+        return int(args.max_length)
+    return int(getattr(args, "max_prompt_length", None) or 512) + int(getattr(args, "max_completion_length", None) or 256)
+
+
+def memory_preflight(stage, args, *, sequences_per_example: int = 1, log=print) -> dict:
+    """Print the estimate command's numbers for this stage against the memory free now; warn when it will not fit.
+
+    `sequences_per_example` is 2 for pairwise stages (DPO, reward), whose chosen and rejected
+    sequences run in one batch. The figures are `alignkit estimate`'s (alignkit/estimate.py).
+    """
+    import os
+
+    from alignkit.estimate import estimate_memory, load_config, shape_from_config
+    from alignkit.modeling import resolve_base
+
+    base = resolve_base(stage.model.base)
+    try:
+        shape = shape_from_config(load_config(base), where=f"{base} config.json")
+    except UserError as err:  # an architecture the estimator does not know: say so, train anyway
+        log(f"{stage.name}: no memory estimate ({err})")
+        return {}
+    if stage.peft.method == "full":
+        method = "full"
+    else:
+        # 8-bit bases are estimated as 16-bit LoRA: an upper bound on their weights.
+        method = "qlora" if stage.model.quantization == "4bit" else "lora"
+    half = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
+    weight_dtype = stage.model.dtype if stage.model.dtype in ("float32", "bfloat16", "float16") else "bfloat16"
+    est = estimate_memory(
+        shape, method,
+        batch_size=args.per_device_train_batch_size * sequences_per_example,
+        seq_len=_longest_sequence(args),
+        lora_r=stage.peft.r,
+        lora_dropout=stage.peft.lora_dropout,
+        gradient_checkpointing=bool(args.gradient_checkpointing),
+        weight_dtype=weight_dtype,
+        activation_dtype="bfloat16" if half else "float32",
+        optimizer="adamw_8bit" if "8bit" in str(args.optim) else "adamw",
+        double_quant=stage.model.bnb_4bit_use_double_quant,
+    )
+    available, where = available_memory()
+    fits = available is None or est.total <= available
+    report = {"method": method, "expected_bytes": est.total, "available_bytes": available, "device": where,
+              "fits": fits, "breakdown": {k: getattr(est, k) for k in ("weights", "gradients", "optimizer", "activations")}}
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate: one report, from the main process
+        return report
+    gib = 1024**3
+    log(f"{stage.name}: expected memory (alignkit estimate, at the longest sequence):\n{est.format()}")
+    if available is not None:
+        log(f"{stage.name}: available {available / gib:.2f} GiB on {where}")
+    if not fits:
+        log(f"WARNING: {stage.name} expects ~{est.total / gib:.2f} GiB but {where} has {available / gib:.2f} GiB: "
+            "it will likely run out of memory. Lower per_device_train_batch_size or max_length (raise "
+            "gradient_accumulation_steps to keep the batch), turn on gradient_checkpointing, use "
+            "optim: paged_adamw_8bit, or load the base in 4-bit.")
+    return report

@@ -20,7 +20,8 @@ from trl import DPOConfig, DPOTrainer
 from alignkit.artifacts import file_fingerprint
 from alignkit.data.sources import load_preference_split
 from alignkit.modeling import load_tokenizer, resolve_base
-from alignkit.training import divergence_guard, final_metrics, load_policy, save_policy, tensorboard_callback, trl_args, truncation_report
+from alignkit.training import (divergence_guard, final_metrics, load_policy, memory_preflight, save_policy,
+                               tensorboard_callback, trl_args, truncation_report)
 
 TRAIN_CONFIG = DPOConfig
 DATA_KEYS = {"train", "eval", "eval_fraction", "labels_db", "min_agreement", "ties", "both_bad"}
@@ -41,6 +42,7 @@ def run(stage) -> dict:
     tokenizer = load_tokenizer(str(parent) if parent else resolve_base(stage.model.base))
     args = trl_args(DPOConfig, stage, DEFAULTS)
     info.update(truncation_report(tokenizer, train_rows, args.max_length, "preference"))
+    memory = memory_preflight(stage, args, sequences_per_example=2)  # chosen and rejected in one batch
 
     # Model: one base; the parent's adapter becomes the trainable policy ("default") and TRL's frozen "ref".
     model, new_adapter, started = load_policy(stage, args.gradient_checkpointing)
@@ -65,4 +67,4 @@ def run(stage) -> dict:
     output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
 
     save_policy(trainer.model, tokenizer, stage.stage_dir)
-    return {"metrics": final_metrics(trainer, output), "data": info}
+    return {"metrics": final_metrics(trainer, output), "data": info, "memory": memory}

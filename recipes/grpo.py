@@ -81,12 +81,14 @@ def run_online(stage, config_cls, trainer_cls, defaults: dict) -> dict:
     """The GRPO / RLOO stage body: one base, policy + TRL's ref + reward adapters, reward callable, save."""
     from alignkit.modeling import load_tokenizer, resolve_base
     from alignkit.reward_model import AttachedReward
-    from alignkit.training import divergence_guard, final_metrics, load_policy, save_policy, tensorboard_callback, trl_args
+    from alignkit.training import (divergence_guard, final_metrics, load_policy, memory_preflight, save_policy,
+                                   tensorboard_callback, trl_args)
 
     rows, info = stage.prepared
     args = trl_args(config_cls, stage, defaults)
     policy, reward, parents_info = check_parents(stage, args.min_reward_accuracy)
     info.update(parents_info)
+    memory = memory_preflight(stage, args)
     tokenizer = load_tokenizer(str(policy) if policy else resolve_base(stage.model.base), padding_side="left")
 
     model, new_adapter, started = load_policy(stage, args.gradient_checkpointing)
@@ -110,7 +112,7 @@ def run_online(stage, config_cls, trainer_cls, defaults: dict) -> dict:
     )
     output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
     save_policy(trainer.model, tokenizer, stage.stage_dir)
-    return {"metrics": final_metrics(trainer, output), "data": info}
+    return {"metrics": final_metrics(trainer, output), "data": info, "memory": memory}
 
 
 def run(stage) -> dict:

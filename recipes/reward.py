@@ -41,7 +41,8 @@ from trl import RewardConfig, RewardTrainer
 from alignkit.data.sources import load_preference_split
 from alignkit.modeling import load_tokenizer, resolve_base
 from alignkit.reward_model import NEAR_CHANCE_ACCURACY, RewardScorer
-from alignkit.training import divergence_guard, final_metrics, save_policy, tensorboard_callback, trl_args, truncation_report
+from alignkit.training import (divergence_guard, final_metrics, memory_preflight, save_policy, tensorboard_callback,
+                               trl_args, truncation_report)
 
 TRAIN_CONFIG = RewardConfig
 DATA_KEYS = {"train", "eval", "eval_fraction", "labels_db", "min_agreement", "ties", "both_bad"}
@@ -184,6 +185,7 @@ def run(stage) -> dict:
     tokenizer = load_tokenizer(str(parent) if parent else resolve_base(stage.model.base))
     args = trl_args(RewardConfig, stage, DEFAULTS)
     info.update(truncation_report(tokenizer, train_rows, args.max_length, "preference"))
+    memory = memory_preflight(stage, args, sequences_per_example=2)  # chosen and rejected in one batch
 
     model, started = _reward_model(stage, args)
     info.update(started)
@@ -220,4 +222,4 @@ def run(stage) -> dict:
     if warning:
         log.warning("stage %s: %s", stage.name, warning)
         metrics["warning"] = warning
-    return {"metrics": metrics, "data": info}
+    return {"metrics": metrics, "data": info, "memory": memory}

@@ -139,6 +139,7 @@ def _record(cfg: RecipeConfig, stage: StageConfig, run: StageRun, result: dict, 
         "config_hash": run.config_hash,
         "data": result.get("data", {}),
         "metrics": result.get("metrics", {}),
+        "memory": result.get("memory", {}),
         "wall_seconds": round(wall, 2),
     }
 

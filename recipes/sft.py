@@ -17,7 +17,8 @@ from trl import SFTConfig, SFTTrainer
 
 from alignkit.data.sources import load_sft_split
 from alignkit.modeling import load_tokenizer, resolve_base
-from alignkit.training import divergence_guard, final_metrics, load_policy, save_policy, tensorboard_callback, trl_args, truncation_report
+from alignkit.training import (divergence_guard, final_metrics, load_policy, memory_preflight, save_policy,
+                               tensorboard_callback, trl_args, truncation_report)
 
 TRAIN_CONFIG = SFTConfig
 DATA_KEYS = {"train", "eval", "eval_fraction"}
@@ -55,6 +56,8 @@ def run(stage) -> dict:
     if not args.packing:  # packed sequences are cut to max_length by design
         info.update(truncation_report(tokenizer, train_rows, args.max_length, "prompt_completion" if "prompt" in train_rows[0] else fmt))
 
+    memory = memory_preflight(stage, args)
+
     # Model: the base (4-bit by default) with either the parent's adapter, trainable, or a fresh one.
     model, new_adapter, started = load_policy(stage, args.gradient_checkpointing)
     info.update(started)
@@ -71,4 +74,4 @@ def run(stage) -> dict:
     output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
 
     save_policy(trainer.model, tokenizer, stage.stage_dir)
-    return {"metrics": final_metrics(trainer, output), "data": info}
+    return {"metrics": final_metrics(trainer, output), "data": info, "memory": memory}

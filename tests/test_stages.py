@@ -100,3 +100,39 @@ def test_stage_dirs_are_model_specs(chain):
 
     texts = generate_from_spec(str(chain["run"] / "dpo"), ["Describe the film?"], SamplingParams(max_new_tokens=5, temperature=0))
     assert len(texts) == 1 and isinstance(texts[0], str)
+
+
+def test_stage_json_records_the_memory_estimate(chain):
+    from alignkit.estimate import estimate_memory, load_config
+
+    for name, pairwise in (("sft", False), ("dpo", True)):
+        record = read_stage(chain["run"] / name)
+        memory, train = record["memory"], record["config"]["train"]
+        assert memory["method"] == "qlora" and memory["fits"] is True
+        assert memory["available_bytes"] > 0 and "MemAvailable" in memory["device"]
+        # The figure is the estimate command's for this stage's batch (x2 for chosen + rejected) and length.
+        expected = estimate_memory(load_config(str(chain["base"])), "qlora",
+                                   batch_size=train.get("per_device_train_batch_size", 8) * (2 if pairwise else 1),
+                                   seq_len=train["max_length"], lora_r=record["peft"]["r"],
+                                   lora_dropout=record["peft"]["lora_dropout"],
+                                   gradient_checkpointing=train.get("gradient_checkpointing", False),
+                                   weight_dtype="float32", activation_dtype="float32")
+        assert memory["expected_bytes"] == expected.total, name
+
+
+def test_memory_preflight_warns_when_the_stage_will_not_fit(tmp_path, tiny_model_dir):
+    from trl import SFTConfig
+
+    from alignkit.modeling import PeftSettings
+    from alignkit.training import memory_preflight
+    from recipes.runner import StageRun
+
+    stage = StageRun("sft", "sft", tmp_path, ModelSettings(base=str(tiny_model_dir)), PeftSettings(), {}, {}, {}, 0)
+    lines = []
+    # 65k sequences of 64k tokens: petabytes of activations, far beyond any machine's memory.
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=65536, max_length=65536, use_cpu=True,
+                     bf16=False, report_to="none")
+    report = memory_preflight(stage, args, log=lines.append)
+    assert report["fits"] is False and report["expected_bytes"] > report["available_bytes"]
+    assert any(line.startswith("WARNING: sft expects") and "per_device_train_batch_size" in line for line in lines)
+    assert any("activations" in line for line in lines)  # the estimate's table is shown first
