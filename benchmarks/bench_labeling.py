@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency-limit", type=int, default=None)
     p.add_argument("--client", choices=["http", "gradio_client"], default="http")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results_labeling.md"))
+    p.add_argument("--out", default=None, help="markdown file to write (default benchmarks/results_labeling.md; "
+                   "--quick runs only print unless --out is given)")
     args = p.parse_args(argv)
     from labeling_ui.app import DEFAULT_CONCURRENCY_LIMIT
 
@@ -231,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
                     cluster.__exit__(None, None, None)
     md = markdown(results, args, env)
     print("\n" + md)
-    Path(args.out).write_text(md)
-    print(f"wrote {args.out}")
+    out = args.out or (None if args.quick else str(REPO / "benchmarks" / "results_labeling.md"))
+    if out:
+        Path(out).write_text(md)
+        print(f"wrote {out}")
     return 0
 
 

@@ -15,14 +15,18 @@ QUICK = {
     "benchmarks.bench_dpo_ref": [r"\| \d+\.\d{3} \| \d+\.\d{3} \| \d+\.\d{3} \|"],
     "benchmarks.bench_generation": [r"\| \d+\.\d \| \d+\.\d \| \d+\.\d{3} \|"],
     "benchmarks.gpu_qlora": [r"tokens/s ratio \d+\.\d{3}"],
+    "benchmarks.bench_ppo_roles": [r"peak memory ratio \d+\.\d{3}, step time ratio \d+\.\d{3}"],
+    # The labeling load test's smallest cell: 5 annotators on SQLite, its latency columns and no lost votes.
+    "benchmarks.bench_labeling": [r"\| sqlite \| 5 \| 0 \| 30 \| \d+ \| \d+ \| \d+ \| \d+ \| 0 \| 0 \| 0 \|"],
 }
+EXTRA_ARGS = {"benchmarks.bench_labeling": ["--annotators", "5", "--backends", "sqlite", "--think", "0"]}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module", sorted(QUICK))
 def test_benchmark_quick_mode_prints_ratios(module, tmp_path):
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    out = subprocess.run([sys.executable, "-m", module, "--quick"], capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
+    out = subprocess.run([sys.executable, "-m", module, "--quick", *EXTRA_ARGS.get(module, [])], capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     for pattern in QUICK[module]:
         assert re.search(pattern, out.stdout), f"{module}: no line matching {pattern!r} in:\n{out.stdout[-2000:]}"
