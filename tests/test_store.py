@@ -9,7 +9,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, inspect, select, text
 
 from _pg import create_database, postgres_cluster
 from alignkit.errors import UserError
@@ -225,22 +225,68 @@ def test_schema_version_and_forward_migration(store_url, tmp_path, monkeypatch):
     assert store_db.schema_version(store) == store_db.SCHEMA_VERSION
     store.close()
 
-    # A newer alignkit (schema 2, with a migration 1 -> 2) opens this older store and upgrades it.
+    # A newer alignkit (one more version, with a migration to it) opens this older store and upgrades it.
+    current = store_db.SCHEMA_VERSION
+
     def add_column(conn):
         conn.execute(text("ALTER TABLE votes ADD COLUMN flagged BOOLEAN NOT NULL DEFAULT FALSE"))
 
-    monkeypatch.setattr(store_db, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(store_db.MIGRATIONS, 1, add_column)
+    monkeypatch.setattr(store_db, "SCHEMA_VERSION", current + 1)
+    monkeypatch.setitem(store_db.MIGRATIONS, current, add_column)
     store = open_store(store_url)
-    assert store_db.schema_version(store) == 2
+    assert store_db.schema_version(store) == current + 1
     with store.read() as s:
         s.execute(text("SELECT flagged FROM votes"))
     store.close()
 
-    # ... and this alignkit (schema 1) refuses that newer store instead of misreading it.
-    monkeypatch.setattr(store_db, "SCHEMA_VERSION", 1)
+    # ... and this alignkit refuses that newer store instead of misreading it.
+    monkeypatch.setattr(store_db, "SCHEMA_VERSION", current)
     with pytest.raises(UserError, match="newer than this alignkit"):
         open_store(store_url)
+
+
+def comparisons_schema(store):
+    """The comparisons table's columns (in order) and indexes, as the database reports them."""
+    with store.read() as s:
+        insp = inspect(s.connection())
+        columns = [(c["name"], type(c["type"]).__name__, c["nullable"]) for c in insp.get_columns("comparisons")]
+        indexes = sorted((i["name"], tuple(i["column_names"])) for i in insp.get_indexes("comparisons"))
+    return columns, indexes
+
+
+def test_schema_1_store_upgrades_to_arena_battles(store_url, tmp_path):
+    """A store written by schema 1 (before arena battles) opens, gains the arena flag and the pool index, and
+    keeps its comparisons, leases and votes in the Label pool."""
+    store = open_store(store_url, overlap=2)
+    populate(store, tmp_path, n_prompts=3)
+    voted = next_item(store, "ann")
+    submit_vote(store, "ann", voted.comparison_id, "a")
+    held = next_item(store, "ann")
+    fresh = comparisons_schema(store)
+
+    # Make it what schema 1 wrote: no `arena` column, the queue index without it, version 1.
+    def to_v1(s):
+        for sql in ("DROP INDEX ix_comparison_open", "ALTER TABLE comparisons DROP COLUMN arena",
+                    "CREATE INDEX ix_comparison_open ON comparisons (n_votes, id)",
+                    "UPDATE schema_version SET version = 1"):
+            s.execute(text(sql))
+
+    store.write(to_v1)
+    columns, indexes = comparisons_schema(store)
+    assert [c[0] for c in columns] == ["id", "prompt_id", "response_a_id", "response_b_id", "n_votes", "created_at"]
+    assert ("ix_comparison_open", ("n_votes", "id")) in indexes
+    store.close()
+
+    store = open_store(store_url, overlap=2)
+    assert store_db.schema_version(store) == store_db.SCHEMA_VERSION == 2
+    assert comparisons_schema(store) == fresh  # the same schema as a store created at version 2
+    with store.read() as s:
+        assert s.scalars(select(Comparison.arena)).all() == [False] * 3
+    assert [(v.annotator, v.comparison_id) for v in load_votes(store)] == [("ann", voted.comparison_id)]
+    assert next_item(store, "ann").comparison_id == held.comparison_id  # the lease survived
+    assert next_item(store, "ann", arena=True) is None  # nothing became a battle
+    assert progress(store, "bob").remaining == 3
+    store.close()
 
 
 def test_import_validation_names_line_and_imports_nothing(store_url, tmp_path):
@@ -391,4 +437,77 @@ def test_export_writes_dataset_and_jsonl(store_url, tmp_path):
         export_dataset(store, tmp_path / "other")
     report = agreement_report(store)
     assert report["n_votes"] == 12 and set(report["annotators"]) == {"u0", "u1", "u2"}
+    store.close()
+
+
+def arena_rows(n_prompts, models=("alpha", "beta")):
+    """Rows as `alignkit compare --judge human:DB` writes them: one response per named model."""
+    from alignkit.store.importer import ImportRow
+
+    return [ImportRow(prompt=f"battle {i}", source=f"compare {i}",
+                      responses=[f"answer {k} to battle {i}" for k in range(len(models))],
+                      models=[f"/specs/{m}" for m in models],
+                      sampling=[{"model_name": m} for m in models]) for i in range(n_prompts)]
+
+
+def test_arena_battles_are_their_own_pool(store_url, tmp_path):
+    from alignkit.store.arena import reveal
+    from alignkit.store.importer import write_rows
+
+    store = open_store(store_url, overlap=2)
+    populate(store, tmp_path, n_prompts=2)  # comparisons 1, 2: the Label pool
+    assert write_rows(store, arena_rows(2), arena=True).new_comparisons == 2  # 3, 4: battles
+    with store.read() as s:
+        assert dict(s.execute(select(Comparison.id, Comparison.arena)).all()) == {1: False, 2: False, 3: True, 4: True}
+    assert (progress(store, "ann").remaining, progress(store, "ann", arena=True).remaining) == (2, 2)
+
+    # One lease per pool at once, each returned again by its own pool only.
+    label = next_item(store, "ann")
+    battle = next_item(store, "ann", arena=True)
+    assert (label.comparison_id, battle.comparison_id) == (1, 3)
+    assert next_item(store, "ann").comparison_id == 1 and next_item(store, "ann", arena=True).comparison_id == 3
+    # A call for one pool refuses the other's comparisons and stores nothing.
+    with pytest.raises(UserError, match="comparison 3 is an arena battle"):
+        submit_vote(store, "ann", 3, "a")
+    with pytest.raises(UserError, match="comparison 1 is not an arena battle"):
+        submit_vote(store, "ann", 1, "a", arena=True)
+    with pytest.raises(UserError, match="arena battle"):
+        skip(store, "ann", 3)
+    with pytest.raises(UserError, match="has not voted on comparison 3"):
+        reveal(store, "ann", 3)  # names only after the vote
+    assert count(store, Vote) == 0
+
+    submit_vote(store, "ann", 1, "a")
+    submit_vote(store, "ann", 3, "b", arena=True)
+    r = reveal(store, "ann", 3)
+    # "answer 0" is alpha's; the names follow the sides the annotator saw.
+    shown = ("beta", "alpha") if battle.swapped else ("alpha", "beta")
+    assert battle.left.startswith(f"answer {int(battle.swapped)}")
+    assert (r.model_left, r.model_right, r.left, r.right, r.choice) == (*shown, battle.left, battle.right, "b")
+    with pytest.raises(UserError, match="not an arena battle"):
+        reveal(store, "ann", 1)
+    assert (progress(store, "ann").done, progress(store, "ann", arena=True).done) == (1, 1)
+    # Undo takes back the latest vote of its own pool (the battle vote came later).
+    assert undo_last_vote(store, "ann").comparison_id == 1
+    assert undo_last_vote(store, "ann", arena=True).comparison_id == 3
+    submit_vote(store, "ann", 1, "a")
+    submit_vote(store, "ann", 3, "b", arena=True)
+
+    # Battles are kept out of the preference export; agreement counts every vote and says how many were battles.
+    assert [r["comparison_id"] for r in preference_rows(store)] == [1]
+    report = agreement_report(store)
+    assert (report["n_votes"], report["n_arena_votes"]) == (2, 1)
+
+    # Sending an existing ordinary comparison as a battle makes it one; an import never turns one back.
+    from alignkit.store.importer import ImportRow
+
+    with store.read() as s:
+        c2 = s.get(Comparison, 2)
+        row = ImportRow(prompt="question 1", source="x", responses=[c2.response_a.text, c2.response_b.text],
+                        models=["m1", "m2"], sampling=[None, None])
+    assert write_rows(store, [row], arena=True).new_comparisons == 0
+    assert write_rows(store, arena_rows(2)).new_comparisons == 0
+    with store.read() as s:
+        battles = s.scalars(select(Comparison.id).where(Comparison.arena.is_(True)).order_by(Comparison.id)).all()
+    assert battles == [2, 3, 4]
     store.close()

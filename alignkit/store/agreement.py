@@ -8,6 +8,10 @@
   most common number of raters (two or more), since Fleiss needs a fixed count.
 Labels are the canonical choices a, b, tie, both_bad. A kappa that is undefined
 (every label the same) is reported as None.
+
+Votes on arena battles count too: a battle is judged like any comparison (blind,
+sides randomised, the same overlap), so its votes say as much about an annotator's
+consistency and side bias; `n_arena_votes` says how many there are.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 from sqlalchemy import select
 
 from alignkit.store.db import Store
-from alignkit.store.models import CHOICES, Annotator, Vote
+from alignkit.store.models import CHOICES, Annotator, Comparison, Vote
 
 
 @dataclass(frozen=True)
@@ -33,12 +37,14 @@ class VoteRow:
     swapped: bool
     seconds: float
     rationale: str | None
+    arena: bool = False  # a vote on an arena battle
 
 
 def load_votes(store: Store) -> list[VoteRow]:
     with store.read() as s:
         rows = s.execute(select(Vote.comparison_id, Annotator.name, Vote.choice, Vote.swapped, Vote.seconds,
-                                Vote.rationale).join(Annotator, Annotator.id == Vote.annotator_id)
+                                Vote.rationale, Comparison.arena).join(Annotator, Annotator.id == Vote.annotator_id)
+                         .join(Comparison, Comparison.id == Vote.comparison_id)
                          .order_by(Vote.comparison_id, Vote.id)).all()
     return [VoteRow(*r) for r in rows]
 
@@ -117,6 +123,7 @@ def agreement_report(store: Store) -> dict[str, Any]:
 
     return {
         "n_votes": len(votes),
+        "n_arena_votes": sum(v.arena for v in votes),
         "n_comparisons_voted": len(by_comparison),
         "overall": rates(votes),
         "annotators": {name: rates(vs) for name, vs in sorted(per.items())},

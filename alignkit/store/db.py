@@ -35,14 +35,22 @@ from sqlalchemy.orm import Session
 from alignkit.errors import UserError
 from alignkit.store.models import Base, SchemaVersion
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+def _add_arena(conn: Connection) -> None:
+    """v1 -> v2: comparisons get the `arena` flag (every existing one is an ordinary comparison),
+    and the queue's index leads with it, as a fresh v2 store has it."""
+    conn.execute(text("ALTER TABLE comparisons ADD COLUMN arena BOOLEAN NOT NULL DEFAULT FALSE"))
+    conn.execute(text("DROP INDEX ix_comparison_open"))
+    conn.execute(text("CREATE INDEX ix_comparison_open ON comparisons (arena, n_votes, id)"))
+
 
 # Forward migrations: MIGRATIONS[v] upgrades a store at version v to v + 1, inside
 # the transaction that then records the new version. A newer alignkit therefore
-# opens an older store; an older alignkit refuses a newer store.
-# Example for a future version 2:  MIGRATIONS[1] = lambda conn: conn.execute(text(
-#     "ALTER TABLE votes ADD COLUMN flagged BOOLEAN NOT NULL DEFAULT FALSE"))
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+# opens an older store; an older alignkit refuses a newer store. Each must leave
+# the same schema as a fresh store of the new version (tests/test_store.py checks).
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_arena}
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 MAX_RETRIES = 12

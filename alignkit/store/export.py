@@ -12,6 +12,11 @@ Per comparison, the votes are aggregated by plurality:
 A kept row has prompt (str, or a messages list, as imported), chosen, rejected,
 n_annotators (all votes on the comparison), agreement, comparison_id and the
 vote counts.
+
+Arena battles (`alignkit compare --judge human:DB`) are left out: their prompts are
+evaluation prompts, and training on their votes would contaminate every later
+comparison on them. Their votes are read by `alignkit compare --collect` and the
+app's leaderboard instead.
 """
 
 from __future__ import annotations
@@ -70,11 +75,13 @@ def aggregate(labels: list[str], *, ties: str = "drop", both_bad: str = "drop",
 
 def aggregate_store(store: Store, *, min_agreement: float = 0.0, ties: str = "drop", both_bad: str = "drop",
                     min_votes: int = 1) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """(rows, counts of kept / dropped-by-reason) for every comparison with at least one vote."""
+    """(rows, counts of kept / dropped-by-reason) for every non-arena comparison with at least one vote."""
     _check_policy(min_agreement, ties, both_bad, min_votes)
     with store.read() as s:
         labels: dict[int, list[str]] = defaultdict(list)
-        for cid, choice in s.execute(select(Vote.comparison_id, Vote.choice).order_by(Vote.comparison_id, Vote.id)):
+        for cid, choice in s.execute(select(Vote.comparison_id, Vote.choice)
+                                     .join(Comparison, Comparison.id == Vote.comparison_id)
+                                     .where(Comparison.arena.is_(False)).order_by(Vote.comparison_id, Vote.id)):
             labels[cid].append(choice)
         comps = {c.id: c for c in s.scalars(select(Comparison).where(Comparison.id.in_(list(labels))))} if labels else {}
         rows, reasons = [], Counter()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from alignkit.errors import UserError
@@ -145,8 +145,13 @@ def generate_responses(rows: Sequence[ImportRow], specs: Sequence[str], params, 
         del model
 
 
-def write_rows(store: Store, rows: Sequence[ImportRow]) -> ImportSummary:
-    """Insert prompts, responses and all pairwise comparisons in one transaction."""
+def write_rows(store: Store, rows: Sequence[ImportRow], *, arena: bool = False) -> ImportSummary:
+    """Insert prompts, responses and all pairwise comparisons in one transaction.
+
+    arena=True (`alignkit compare --judge human:DB`): the comparisons are arena battles, served
+    only in the Arena tab; one that already exists becomes a battle too (votes it has stay and
+    count as battle votes). arena=False never turns a battle back into an ordinary comparison.
+    """
 
     def run(session: Session) -> ImportSummary:
         now = time.time()
@@ -173,10 +178,14 @@ def write_rows(store: Store, rows: Sequence[ImportRow]) -> ImportSummary:
                 n_resp += 1
             for x, y in itertools.combinations(sorted(set(ids)), 2):
                 n_comp += 1
-                if session.scalars(select(Comparison.id).where(Comparison.response_a_id == x,
-                                                               Comparison.response_b_id == y)).first() is None:
-                    session.add(Comparison(prompt_id=prompt.id, response_a_id=x, response_b_id=y, created_at=now))
+                cid = session.scalars(select(Comparison.id).where(Comparison.response_a_id == x,
+                                                                  Comparison.response_b_id == y)).first()
+                if cid is None:
+                    session.add(Comparison(prompt_id=prompt.id, response_a_id=x, response_b_id=y, arena=arena,
+                                           created_at=now))
                     new_comp += 1
+                elif arena:
+                    session.execute(update(Comparison).where(Comparison.id == cid).values(arena=True))
         session.flush()
         return ImportSummary(len(rows), n_resp, n_comp, new_comp)
 

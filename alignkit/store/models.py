@@ -7,6 +7,10 @@ A comparison is an unordered pair of two responses to one prompt, stored with
 `response_a_id < response_b_id`. A vote's `choice` is always in those canonical
 terms (`a` = response_a won); `swapped` records whether the annotator saw
 response_b on the left, so side bias can be measured.
+
+A comparison with `arena` set is a blind battle between two models (sent by
+`alignkit compare --judge human:DB`): it is served only in the app's Arena tab,
+and its votes rate models rather than become training data.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -85,13 +90,16 @@ class Comparison(Base):
     `n_votes` is the number of votes on it, kept in the same transaction as every vote
     insert and delete. It is stored only so the queue can skip full comparisons through
     an index instead of counting the votes of every comparison on every request.
+
+    `arena`: a battle between two models (schema v2), served only to the arena pool.
     """
 
     __tablename__ = "comparisons"
     __table_args__ = (
         UniqueConstraint("response_a_id", "response_b_id", name="uq_comparison_pair"),
         CheckConstraint("response_a_id < response_b_id", name="ck_comparison_order"),
-        Index("ix_comparison_open", "n_votes", "id"),
+        # Every queue query picks one pool (arena or not) and skips full comparisons.
+        Index("ix_comparison_open", "arena", "n_votes", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -100,6 +108,8 @@ class Comparison(Base):
     response_b_id: Mapped[int] = mapped_column(ForeignKey("responses.id"), nullable=False)
     n_votes: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    # Last, where the v1 -> v2 migration's ALTER TABLE puts it: both stores have one schema.
+    arena: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
 
     prompt: Mapped[Prompt] = relationship(lazy="joined")
     response_a: Mapped[Response] = relationship(foreign_keys=[response_a_id], lazy="joined")

@@ -21,6 +21,11 @@ one comparison are serialized.
 
 Choices arrive as the annotator saw them (`a` = the left response); votes are
 stored in canonical terms (`a` = comparison.response_a) with the side order shown.
+
+Two pools share these rules: ordinary preference comparisons (`arena=False`, the
+Label tab) and arena battles between models (`arena=True`, the Arena tab). Every
+function here works on one pool: it serves, counts, votes on, skips and undoes
+only comparisons of that pool, so an annotator may hold one lease in each.
 """
 
 from __future__ import annotations
@@ -123,11 +128,28 @@ def _occupied(now: float, *, exclude_annotator: int | None = None):
     return select(func.count(Assignment.id)).where(*cond).correlate(Comparison).scalar_subquery()
 
 
-def _eligible(uid: int, overlap: int, now: float):
+def _eligible(uid: int, overlap: int, now: float, arena: bool):
     mine = exists().where(Assignment.comparison_id == Comparison.id, Assignment.annotator_id == uid)
-    # n_votes < overlap first: full comparisons drop out through an index, so the slot count
-    # below runs only over comparisons that still take votes.
-    return and_(Comparison.n_votes < overlap, ~mine, _occupied(now) < overlap)
+    # pool and n_votes < overlap first: full comparisons drop out through an index, so the slot
+    # count below runs only over comparisons that still take votes.
+    return and_(Comparison.arena == arena, Comparison.n_votes < overlap, ~mine, _occupied(now) < overlap)
+
+
+def _check_pool(store: Store, session: Session, comparison_id: int, arena: bool, *, lock: bool = False) -> None:
+    """Refuse a comparison that does not exist or is of the other pool: the Arena reveals model names
+    after its own votes only, and must not reveal an ordinary comparison's models.
+
+    lock: on PostgreSQL, lock the comparison row (serializes votes and leases on it)."""
+    q = select(Comparison.arena).where(Comparison.id == comparison_id)
+    if lock and store.dialect == "postgresql":
+        q = q.with_for_update()
+    found = session.scalar(q)
+    if found is None:
+        raise UserError(f"comparison {comparison_id} does not exist")
+    if found and not arena:
+        raise UserError(f"comparison {comparison_id} is an arena battle, served in the Arena tab")
+    if arena and not found:
+        raise UserError(f"comparison {comparison_id} is not an arena battle")
 
 
 def _to_item(comp: Comparison, a: Assignment) -> Item:
@@ -137,8 +159,8 @@ def _to_item(comp: Comparison, a: Assignment) -> Item:
 
 
 def next_item(store: Store, annotator: str, *, overlap: int | None = None, now: float | None = None,
-              rng: random.Random | None = None) -> Item | None:
-    """Lease the next comparison to `annotator` (or return the one they already hold); None when none is left."""
+              rng: random.Random | None = None, arena: bool = False) -> Item | None:
+    """Lease the next comparison of the pool to `annotator` (or return the one they hold); None when none is left."""
     overlap = store.overlap if overlap is None else overlap
     coin = (rng or random).random() < 0.5
 
@@ -146,14 +168,15 @@ def next_item(store: Store, annotator: str, *, overlap: int | None = None, now: 
         t = time.time() if now is None else now
         uid = annotator_id(store, session, annotator)
         held = session.scalars(
-            select(Assignment).where(Assignment.annotator_id == uid, Assignment.status == "active",
-                                     Assignment.expires_at > t).order_by(Assignment.served_at.desc()).limit(1)
+            select(Assignment).join(Comparison, Comparison.id == Assignment.comparison_id)
+            .where(Assignment.annotator_id == uid, Assignment.status == "active", Assignment.expires_at > t,
+                   Comparison.arena == arena).order_by(Assignment.served_at.desc()).limit(1)
         ).first()
         if held is not None:
             return _to_item(session.get(Comparison, held.comparison_id), held)
         tried: list[int] = []
         while True:
-            q = select(Comparison.id).where(_eligible(uid, overlap, t))
+            q = select(Comparison.id).where(_eligible(uid, overlap, t, arena))
             if tried:
                 q = q.where(Comparison.id.not_in(tried))
             q = q.order_by(Comparison.id).limit(1)
@@ -165,7 +188,8 @@ def next_item(store: Store, annotator: str, *, overlap: int | None = None, now: 
             if store.dialect == "postgresql":
                 # The row is locked now; re-check in a fresh snapshot (READ COMMITTED) that sees
                 # every assignment committed before we got the lock.
-                still = session.scalar(select(Comparison.id).where(Comparison.id == cid, _eligible(uid, overlap, t)))
+                still = session.scalar(select(Comparison.id).where(Comparison.id == cid,
+                                                                   _eligible(uid, overlap, t, arena)))
                 if still is None:
                     tried.append(cid)
                     continue
@@ -179,8 +203,8 @@ def next_item(store: Store, annotator: str, *, overlap: int | None = None, now: 
 
 
 def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, rationale: str | None = None, *,
-                overlap: int | None = None, now: float | None = None) -> VoteReceipt:
-    """Record `annotator`'s vote on a comparison assigned to them; `choice` is as shown (a = left)."""
+                overlap: int | None = None, now: float | None = None, arena: bool = False) -> VoteReceipt:
+    """Record `annotator`'s vote on a comparison of the pool assigned to them; `choice` is as shown (a = left)."""
     overlap = store.overlap if overlap is None else overlap
     check_choice(choice)
     if not isinstance(comparison_id, int) or isinstance(comparison_id, bool):
@@ -192,11 +216,7 @@ def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, r
     def run(session: Session) -> VoteReceipt:
         t = time.time() if now is None else now
         uid = annotator_id(store, session, annotator)
-        q = select(Comparison.id).where(Comparison.id == comparison_id)
-        if store.dialect == "postgresql":
-            q = q.with_for_update()  # serializes votes (and leases) on this comparison
-        if session.scalar(q) is None:
-            raise UserError(f"comparison {comparison_id} does not exist")
+        _check_pool(store, session, comparison_id, arena, lock=True)  # serializes votes (and leases) on it
         a = session.scalars(select(Assignment).where(Assignment.comparison_id == comparison_id,
                                                      Assignment.annotator_id == uid)).one_or_none()
         if a is None:
@@ -225,11 +245,12 @@ def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, r
         raise UserError(f"{annotator} already voted on comparison {comparison_id}") from None
 
 
-def skip(store: Store, annotator: str, comparison_id: int) -> None:
+def skip(store: Store, annotator: str, comparison_id: int, *, arena: bool = False) -> None:
     """Pass on a leased comparison: its slot is freed and it is never served to this annotator again."""
 
     def run(session: Session) -> None:
         uid = annotator_id(store, session, annotator)
+        _check_pool(store, session, comparison_id, arena)
         a = session.scalars(select(Assignment).where(Assignment.comparison_id == comparison_id,
                                                      Assignment.annotator_id == uid)).one_or_none()
         if a is None or a.status != "active":
@@ -239,13 +260,14 @@ def skip(store: Store, annotator: str, comparison_id: int) -> None:
     store.write(run)
 
 
-def undo_last_vote(store: Store, annotator: str, *, now: float | None = None) -> Item | None:
-    """Delete the annotator's latest vote and lease that comparison to them again; None if they have no vote."""
+def undo_last_vote(store: Store, annotator: str, *, now: float | None = None, arena: bool = False) -> Item | None:
+    """Delete the annotator's latest vote in the pool and lease that comparison to them again; None if none."""
 
     def run(session: Session) -> Item | None:
         t = time.time() if now is None else now
         uid = annotator_id(store, session, annotator)
-        vote = session.scalars(select(Vote).where(Vote.annotator_id == uid)
+        vote = session.scalars(select(Vote).join(Comparison, Comparison.id == Vote.comparison_id)
+                               .where(Vote.annotator_id == uid, Comparison.arena == arena)
                                .order_by(Vote.created_at.desc(), Vote.id.desc()).limit(1)).first()
         if vote is None:
             return None
@@ -260,19 +282,22 @@ def undo_last_vote(store: Store, annotator: str, *, now: float | None = None) ->
     return store.write(run)
 
 
-def progress(store: Store, annotator: str, *, overlap: int | None = None, now: float | None = None) -> Progress:
-    """Votes done, comparisons this annotator could still be served (including one on lease), skips."""
+def progress(store: Store, annotator: str, *, overlap: int | None = None, now: float | None = None,
+             arena: bool = False) -> Progress:
+    """In the pool: votes done, comparisons this annotator could still be served (including one on lease), skips."""
     overlap = store.overlap if overlap is None else overlap
     t = time.time() if now is None else now
     with store.read() as session:
         uid = session.scalar(select(Annotator.id).where(Annotator.name == annotator))
         if uid is None:  # never seen: nothing done, everything not yet full is open to them
             return Progress(0, session.scalar(select(func.count(Comparison.id)).where(
-                Comparison.n_votes < overlap, _occupied(t) < overlap)), 0)
-        done = session.scalar(select(func.count(Vote.id)).where(Vote.annotator_id == uid))
-        skipped = session.scalar(select(func.count(Assignment.id)).where(Assignment.annotator_id == uid,
-                                                                         Assignment.status == "skipped"))
-        held = session.scalar(select(func.count(Assignment.id)).where(
-            Assignment.annotator_id == uid, Assignment.status == "active", Assignment.expires_at > t))
-        open_ = session.scalar(select(func.count(Comparison.id)).where(_eligible(uid, overlap, t)))
+                Comparison.arena == arena, Comparison.n_votes < overlap, _occupied(t) < overlap)), 0)
+        pool = Comparison.arena == arena
+        done = session.scalar(select(func.count(Vote.id)).join(Comparison, Comparison.id == Vote.comparison_id)
+                              .where(Vote.annotator_id == uid, pool))
+        mine = select(func.count(Assignment.id)).join(Comparison, Comparison.id == Assignment.comparison_id) \
+            .where(Assignment.annotator_id == uid, pool)
+        skipped = session.scalar(mine.where(Assignment.status == "skipped"))
+        held = session.scalar(mine.where(Assignment.status == "active", Assignment.expires_at > t))
+        open_ = session.scalar(select(func.count(Comparison.id)).where(_eligible(uid, overlap, t, arena)))
         return Progress(done, held + open_, skipped)

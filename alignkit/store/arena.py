@@ -1,0 +1,92 @@
+"""Arena battles in the label store: the models behind a vote, revealed after it, and all votes as battles.
+
+An arena comparison (`Comparison.arena`) pairs two models' responses to one prompt; it is
+written by `alignkit compare --judge human:DB` and served, leased and voted on by the queue's
+arena pool (`next_item(..., arena=True)` and friends) under the same rules as any comparison.
+The model names are never part of what the queue serves: `reveal` gives them to an annotator
+only for a battle they have already voted on.
+
+A response's model name is the display name compare sent it with (`model_name` in its
+sampling record, from `--model NAME=SPEC`), else its model spec. Responses are stored once
+per (prompt, text), so a text first stored by an earlier import or compare keeps the name
+it was stored with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+
+from alignkit.errors import UserError
+from alignkit.store.db import Store
+from alignkit.store.models import Annotator, Comparison, Response, Vote
+from alignkit.store.queue import _SWAP
+
+UNNAMED = "(unnamed model)"
+
+
+def model_name(response: Response) -> str:
+    """The name a response's model is shown under: compare's display name, else the model spec."""
+    if response.sampling_json:
+        name = json.loads(response.sampling_json).get("model_name")
+        if isinstance(name, str) and name:
+            return name
+    return response.model_spec or UNNAMED
+
+
+@dataclass(frozen=True)
+class Reveal:
+    """One annotator's vote on a battle, with the models behind the sides as they saw them."""
+
+    comparison_id: int
+    prompt: Any  # str, or a list of chat messages
+    left: str  # the text shown as A
+    right: str
+    choice: str  # as the annotator saw it (a = left)
+    model_left: str
+    model_right: str
+
+
+def reveal(store: Store, annotator: str, comparison_id: int) -> Reveal:
+    """The models behind `annotator`'s vote on an arena battle; refused before they have voted on it."""
+    with store.read() as s:
+        row = s.execute(select(Vote, Comparison).join(Comparison, Comparison.id == Vote.comparison_id)
+                        .join(Annotator, Annotator.id == Vote.annotator_id)
+                        .where(Vote.comparison_id == comparison_id, Annotator.name == annotator)).first()
+        if row is None:
+            exists = s.scalar(select(Comparison.arena).where(Comparison.id == comparison_id))
+            if exists is None:
+                raise UserError(f"comparison {comparison_id} does not exist")
+            raise UserError(f"{annotator} has not voted on comparison {comparison_id}: its models are shown "
+                            f"only after the vote")
+        vote, comp = row
+        if not comp.arena:
+            raise UserError(f"comparison {comparison_id} is not an arena battle")
+        left, right = (comp.response_b, comp.response_a) if vote.swapped else (comp.response_a, comp.response_b)
+        return Reveal(comp.id, json.loads(comp.prompt.content_json), left.text, right.text,
+                      _SWAP[vote.choice] if vote.swapped else vote.choice, model_name(left), model_name(right))
+
+
+@dataclass(frozen=True)
+class ArenaBattles:
+    battles: list[tuple[str, str, str]]  # (model_a, model_b, winner a | b | tie), one per vote
+    votes: int  # all votes on arena battles
+    same_model_votes: int  # left out: both sides carry the same model name
+
+
+def arena_battles(store: Store) -> ArenaBattles:
+    """Every vote on an arena battle as (model_a, model_b, winner); both_bad is a tie, as compare counts it."""
+    with store.read() as s:
+        rows = s.execute(select(Vote.choice, Comparison).join(Comparison, Comparison.id == Vote.comparison_id)
+                         .where(Comparison.arena.is_(True)).order_by(Vote.id)).all()
+        battles, same = [], 0
+        for choice, comp in rows:
+            a, b = model_name(comp.response_a), model_name(comp.response_b)
+            if a == b:  # e.g. two compare runs that named different specs alike: no battle to rate
+                same += 1
+                continue
+            battles.append((a, b, choice if choice in ("a", "b") else "tie"))
+    return ArenaBattles(battles, len(rows), same)
