@@ -19,9 +19,10 @@
 5. Output: OUT/compare.json, OUT/compare.md, OUT/battles.jsonl, OUT/win_rates.png,
    OUT/ratings.png (>= 3 models).
 
-With `--judge human:DB` the pairs go into the label store (responses recorded with
-their model spec, which annotators do not see before voting) and OUT/human.json
-records what was sent; `--collect` later reads the votes and writes the results.
+With `--judge human:DB` the pairs go into the label store as arena battles (responses
+recorded with their model spec and display name, which annotators see only after their
+vote, in the labeling app's Arena tab) and OUT/human.json records what was sent;
+`--collect` later reads the votes and writes the results.
 """
 
 from __future__ import annotations
@@ -323,18 +324,20 @@ def send_to_store(out_dir: Path, db: str, models: dict[str, str], prompts: list[
     for i, prompt in enumerate(prompts):
         texts = [responses[m][i] for m in models]
         # Identical responses collapse into one in the store (no comparison): counted as ties at --collect.
+        # model_name: the display name the Arena reveals after a vote (alignkit.store.arena.model_name).
+        sampling = [{**params.to_dict(), "compare_out": str(out_dir), "model_name": m} for m in models]
         rows.append(ImportRow(prompt=prompt, source=f"alignkit compare {out_dir} prompt {i}", responses=texts,
-                              models=specs, sampling=[{**params.to_dict(), "compare_out": str(out_dir)}] * len(texts)))
+                              models=specs, sampling=sampling))
     store = open_store(db, create=True)
     try:
-        summary = write_rows(store, rows)
+        summary = write_rows(store, rows, arena=True)
     finally:
         store.close()
     write_json_atomic(out_dir / HUMAN_JSON, {"db": db, "models": info, "prompts": prompts, "responses": responses,
                                              "sampling": params.to_dict(), "comparisons": summary.comparisons,
                                              "new_comparisons": summary.new_comparisons})
     message = (f"human judge: {summary.comparisons} comparisons in {db} ({summary.new_comparisons} new); "
-               f"annotators vote blind in the labeling app (alignkit label serve --db {db}); then run "
+               f"annotators vote blind in the labeling app's Arena tab (alignkit label serve --db {db}); then run "
                f"`alignkit compare --judge human:{db} --out {out_dir} --collect`")
     return {"pending": True, "message": message, "comparisons": summary.comparisons,
             "new_comparisons": summary.new_comparisons, "models": info}
