@@ -1,7 +1,15 @@
 """The labeling app: Gradio Blocks wiring over the handlers in handlers.py.
 
-One function per tab (`labeling_tab`, `admin_tab`), each taking the AppContext and
-the Blocks, so a new tab is one more function and one more line in `build_app`.
+One function per tab (`labeling_tab`, `arena_tab`, `leaderboard_tab`, `admin_tab`), each
+taking the AppContext and the Blocks, so a new tab is one more function and one more line
+in `build_app`.
+
+- Label: ordinary preference comparisons (from `alignkit label import`), voted blind.
+- Arena: battles between models (from `alignkit compare --judge human:DB`): a prompt and
+  two anonymous responses; after the vote the buttons lock and the models behind A and B
+  are named. Battles are never served in the Label tab, nor comparisons in the Arena.
+- Leaderboard: Bradley–Terry ratings with bootstrap CIs from every vote on a battle.
+- Admin (admins only): agreement statistics and the preference-dataset export.
 
 Named API endpoints (gradio_client: `Client(url, auth=(name, password))`), acting
 as the logged-in annotator:
@@ -10,8 +18,13 @@ as the logged-in annotator:
   /skip(comparison_id)                         -> {"skipped": comparison_id}
   /undo_last_vote                              -> (comparison_id | None, prompt, response_a, response_b)
   /progress                                    -> {"done", "remaining", "skipped"}
+  /arena_next                                  -> (comparison_id | None, prompt, response_a, response_b), no names
+  /arena_vote(comparison_id, choice)           -> {"comparison_id", "choice", "model_a", "model_b"}
+  /leaderboard                                 -> {"votes", "battles", "models": [...], "pairs": [...], "bootstrap"}
 `choice` is a | b | tie | both_bad as shown (a = the response returned first / shown on
-the left). Errors come back as gradio_client AppError with a one-line message.
+the left; model_a is the model behind it). The first five serve ordinary comparisons
+only, the arena ones battles only. Errors come back as gradio_client AppError with a
+one-line message.
 
 Concurrency: Gradio runs one call of an event at a time unless told otherwise
 (default_concurrency_limit=1), which queues every annotator behind every other.
@@ -35,35 +48,40 @@ import gradio as gr
 from alignkit.errors import UserError
 from alignkit.store import Store, next_item as store_next_item, progress as store_progress
 from alignkit.store import skip as store_skip, submit_vote as store_submit_vote, undo_last_vote
+from alignkit.store.arena import reveal
 from labeling_ui import handlers
 from labeling_ui.users import UsersFile
 
 DEFAULT_CONCURRENCY_LIMIT = 8
 # Every event of the app is in one concurrency group, so the limit bounds all handler calls
-# together (Gradio's limit is otherwise per event: 11 events x 8 would be 88 at once).
+# together (Gradio's limit is otherwise per event: 8 for each of two dozen events, ~200 at once).
 CONCURRENCY_ID = "store"
 LOCAL_USER = "local"  # the annotator's name with --no-auth (loopback only)
 
-# Keyboard shortcuts: 1 = A better, 2 = B better, 3 = tie, 4 = both bad, s = skip, u = undo.
-# Ignored while typing in an editable field (the rationale box).
+# Keyboard shortcuts: 1 = A better, 2 = B better, 3 = tie, 4 = both bad, in the Label and the
+# Arena tab; s = skip, u = undo (Label), n = next battle (Arena). A key clicks the button of the
+# tab in view only (a hidden tab's buttons have no offsetParent). Ignored while typing in an
+# editable field (the rationale box).
 KEYBOARD_HEAD = """
 <script>
 document.addEventListener('keydown', function (e) {
   var t = e.target;
   if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
   if (t && ((t.tagName === 'TEXTAREA' || t.tagName === 'INPUT') && !t.readOnly || t.isContentEditable)) return;
-  var ids = {'1': 'ak-vote-a', '2': 'ak-vote-b', '3': 'ak-vote-tie', '4': 'ak-vote-both-bad',
-             's': 'ak-skip', 'u': 'ak-undo'};
-  var id = ids[(e.key || '').toLowerCase()];
-  if (!id) return;
-  var el = document.getElementById(id);
-  if (el && !el.disabled) { e.preventDefault(); el.click(); }
+  var ids = {'1': ['ak-vote-a', 'ak-arena-a'], '2': ['ak-vote-b', 'ak-arena-b'],
+             '3': ['ak-vote-tie', 'ak-arena-tie'], '4': ['ak-vote-both-bad', 'ak-arena-both-bad'],
+             's': ['ak-skip'], 'u': ['ak-undo'], 'n': ['ak-arena-next']};
+  var list = ids[(e.key || '').toLowerCase()] || [];
+  for (var i = 0; i < list.length; i++) {
+    var el = document.getElementById(list[i]);
+    if (el && !el.disabled && el.offsetParent !== null) { e.preventDefault(); el.click(); return; }
+  }
 });
 </script>
 """
 
 CSS = """
-#ak-prompt { max-height: 22em; overflow-y: auto; }
+#ak-prompt, #ak-arena-prompt { max-height: 22em; overflow-y: auto; }
 """
 
 
@@ -140,12 +158,34 @@ def api_endpoints(ctx: AppContext) -> None:
         """Votes done and comparisons remaining for the logged-in annotator."""
         return asdict(store_progress(ctx.store, ctx.user(request), overlap=ctx.overlap))
 
+    @_api
+    def arena_next(request: gr.Request) -> tuple[int | None, str, str, str]:
+        """Lease the next arena battle (or return the one held); the models stay unnamed until the vote."""
+        return _item_tuple(store_next_item(ctx.store, ctx.user(request), overlap=ctx.overlap, arena=True))
+
+    @_api
+    def arena_vote(comparison_id: int, choice: str, request: gr.Request = None) -> dict:
+        """Vote on a leased battle (a | b | tie | both_bad, a = first/left); returns the models behind A and B."""
+        user = ctx.user(request)
+        store_submit_vote(ctx.store, user, comparison_id, choice, overlap=ctx.overlap, arena=True)
+        r = reveal(ctx.store, user, comparison_id)
+        return {"comparison_id": r.comparison_id, "choice": r.choice, "model_a": r.model_left,
+                "model_b": r.model_right}
+
+    @_api
+    def arena_leaderboard() -> dict:
+        """Bradley–Terry ratings with bootstrap CIs, votes per model and win rates per pair, from all battles."""
+        return asdict(handlers.leaderboard(ctx.store))
+
     group = dict(concurrency_id=CONCURRENCY_ID)
     gr.api(next_item, api_name="next_item", **group)
     gr.api(submit_vote, api_name="submit_vote", **group)
     gr.api(skip, api_name="skip", **group)
     gr.api(undo_last, api_name="undo_last_vote", **group)
     gr.api(my_progress, api_name="progress", **group)
+    gr.api(arena_next, api_name="arena_next", **group)
+    gr.api(arena_vote, api_name="arena_vote", **group)
+    gr.api(arena_leaderboard, api_name="leaderboard", **group)
 
 
 def labeling_tab(ctx: AppContext, demo: gr.Blocks) -> None:
@@ -197,6 +237,71 @@ def labeling_tab(ctx: AppContext, demo: gr.Blocks) -> None:
     btn_undo.click(on_undo, outputs=outputs, **ui)
 
 
+def arena_tab(ctx: AppContext, demo: gr.Blocks) -> None:
+    with gr.Tab("Arena", id="arena") as tab:
+        gr.Markdown("Two anonymous models answer the same prompt. Vote for the better answer; "
+                    "you see which models they were after your vote.")
+        progress = gr.Markdown(elem_id="ak-arena-progress")
+        prompt = gr.Markdown(label="Prompt", elem_id="ak-arena-prompt", sanitize_html=True, container=True)
+        with gr.Row(equal_height=True):
+            # Model text goes in read-only text boxes: shown as text, never parsed as HTML or markdown.
+            left = gr.Textbox(label="Model A", lines=10, max_lines=30, interactive=False, elem_id="ak-arena-left")
+            right = gr.Textbox(label="Model B", lines=10, max_lines=30, interactive=False, elem_id="ak-arena-right")
+        with gr.Row():
+            btn_a = gr.Button("A is better  [1]", variant="primary", elem_id="ak-arena-a")
+            btn_b = gr.Button("B is better  [2]", variant="primary", elem_id="ak-arena-b")
+            btn_tie = gr.Button("Tie  [3]", elem_id="ak-arena-tie")
+            btn_bad = gr.Button("Both are bad  [4]", elem_id="ak-arena-both-bad")
+        reveal_md = gr.Markdown(elem_id="ak-arena-reveal")
+        btn_next = gr.Button("Next battle  [n]", visible=False, elem_id="ak-arena-next")
+        status = gr.Markdown(elem_id="ak-arena-status")
+        comparison = gr.State(None)
+
+    vote_buttons = [btn_a, btn_b, btn_tie, btn_bad]
+    outputs = [comparison, prompt, left, right, progress, status, reveal_md, btn_next, *vote_buttons]
+
+    def render(view: handlers.ArenaView) -> dict:
+        # Vote buttons: hidden when nothing is left, locked once this battle is voted and revealed.
+        buttons = {b: gr.Button(visible=not view.done, interactive=not view.revealed) for b in vote_buttons}
+        return {comparison: view.comparison_id, prompt: view.prompt_markdown, left: view.left, right: view.right,
+                progress: view.progress, status: view.status, reveal_md: view.reveal_markdown,
+                btn_next: gr.Button(visible=view.revealed), **buttons}
+
+    def show(request: gr.Request):
+        return render(handlers.arena_view(ctx.store, ctx.user(request), overlap=ctx.overlap))
+
+    def on_vote(choice: str):
+        def fn(cid, request: gr.Request):
+            return render(handlers.arena_vote(ctx.store, ctx.user(request), cid, choice, overlap=ctx.overlap))
+
+        return fn
+
+    ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
+    # Leased when the tab is opened, not on page load: most visitors label, and a lease holds a slot.
+    tab.select(show, outputs=outputs, **ui)
+    btn_next.click(show, outputs=outputs, **ui)
+    for button, choice in ((btn_a, "a"), (btn_b, "b"), (btn_tie, "tie"), (btn_bad, "both_bad")):
+        button.click(on_vote(choice), inputs=[comparison], outputs=outputs, **ui)
+
+
+def leaderboard_tab(ctx: AppContext, demo: gr.Blocks) -> None:
+    with gr.Tab("Leaderboard", id="leaderboard") as tab:
+        summary = gr.Markdown(elem_id="ak-leaderboard-summary")
+        models = gr.Dataframe(headers=handlers.LEADERBOARD_COLUMNS, interactive=False, label="Models",
+                              elem_id="ak-leaderboard")
+        pairs = gr.Dataframe(headers=handlers.LEADERBOARD_PAIR_COLUMNS, interactive=False, label="Pairs")
+        refresh = gr.Button("Refresh", size="sm")
+
+    def show():
+        board = handlers.leaderboard(ctx.store)
+        return {summary: board.summary_markdown, models: board.model_rows(), pairs: board.pair_rows()}
+
+    ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
+    # Computed when looked at (a bootstrap refit per round), not on every page load.
+    tab.select(show, outputs=[summary, models, pairs], **ui)
+    refresh.click(show, outputs=[summary, models, pairs], **ui)
+
+
 def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
     with gr.Tab("Admin", id="admin", visible=False) as tab:
         summary = gr.Markdown()
@@ -243,6 +348,8 @@ def build_app(store: Store, *, auth: UsersFile | None = None, overlap: int = 3, 
         gr.Markdown("### alignkit labeling — which response is better?")
         with gr.Tabs():
             labeling_tab(ctx, demo)
+            arena_tab(ctx, demo)
+            leaderboard_tab(ctx, demo)
             admin_tab(ctx, demo)
         api_endpoints(ctx)
     # Gradio keeps up to 10,000 past events and rebuilds a pandas summary of them after every

@@ -8,14 +8,22 @@ cause (an unknown choice, a comparison not assigned to them) are UserError.
 from __future__ import annotations
 
 import html
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignkit import stats
 from alignkit.errors import UserError
 from alignkit.store import Item, Store, next_item, progress, skip, submit_vote, undo_last_vote
 from alignkit.store.agreement import agreement_report
+from alignkit.store.arena import arena_battles, reveal
 from alignkit.store.export import export_dataset
+from alignkit.store.queue import prompt_as_markdown
+
+CHOICE_LABELS = {"a": "A better", "b": "B better", "tie": "tie", "both_bad": "both bad"}
+LEADERBOARD_BOOTSTRAP = 200  # rounds: a refit per round, so a click costs a fraction of a second
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,7 @@ def vote(store: Store, user: str, comparison_id: int | None, choice: str, ration
         receipt = submit_vote(store, user, int(comparison_id), choice, rationale, overlap=overlap)
     except UserError as err:
         return current_view(store, user, overlap=overlap, status=f"Not saved: {err}")
-    label = {"a": "A better", "b": "B better", "tie": "tie", "both_bad": "both bad"}[choice]
+    label = CHOICE_LABELS[choice]
     return current_view(store, user, overlap=overlap,
                         status=f"Saved #{receipt.comparison_id}: {label} ({receipt.seconds:.0f} s).")
 
@@ -106,8 +114,9 @@ def admin_view(store: Store) -> AdminView:
     fleiss_text = (f"{_fmt(fl['kappa'])} over {fl['n_items']} comparisons with {fl['raters_per_item']} votes each"
                    if fl else "– (needs comparisons with 2+ votes)")
     o = r["overall"]
+    arena = f" ({r['n_arena_votes']} of them on arena battles)" if r["n_arena_votes"] else ""
     summary = "\n".join([
-        f"**{r['n_votes']}** votes on **{r['n_comparisons_voted']}** comparisons",
+        f"**{r['n_votes']}** votes on **{r['n_comparisons_voted']}** comparisons{arena}",
         f"- raw agreement: {_fmt(r['raw_agreement'])}",
         f"- Fleiss' kappa: {fleiss_text}",
         f"- tie rate: {_fmt(o['tie_rate'])}, both-bad rate: {_fmt(o['both_bad_rate'])}, "
@@ -126,3 +135,123 @@ def admin_export(store: Store, out_dir: str | Path, *, min_agreement: float, tie
     except UserError as err:
         return f"Export failed: {err}"
     return f"Exported {s['rows']} preference rows to `{s['out']}` (per reason: {s['per_reason']})."
+
+
+# ---------------------------------------------------------------------------
+# Arena: blind battles between models, names revealed after the vote
+# ---------------------------------------------------------------------------
+
+
+def markdown_text(s: str) -> str:
+    """`s` shown literally inside markdown: every ASCII punctuation mark backslash-escaped (no HTML, no
+    formatting), for text we do not control, such as model names."""
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", s)
+
+
+@dataclass(frozen=True)
+class ArenaView:
+    """The Arena tab: one battle (or none left); after a vote, the models behind A and B."""
+
+    comparison_id: int | None
+    prompt_markdown: str
+    left: str  # model text: shown in a text box, never as HTML
+    right: str
+    progress: str
+    status: str = ""
+    choice: str | None = None  # this annotator's vote, as shown (a = left); set with the names
+    model_left: str | None = None  # None until this annotator has voted on this battle
+    model_right: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.comparison_id is None
+
+    @property
+    def revealed(self) -> bool:
+        return self.model_left is not None
+
+    @property
+    def reveal_markdown(self) -> str:
+        if not self.revealed:
+            return ""
+        return (f"A was **{markdown_text(self.model_left)}**, B was **{markdown_text(self.model_right)}** "
+                f"(you voted: {CHOICE_LABELS[self.choice]}).")
+
+
+def _arena_progress(store: Store, user: str, overlap: int) -> str:
+    p = progress(store, user, overlap=overlap, arena=True)
+    return f"**{html.escape(user)}** — battles judged {p.done}, remaining {p.remaining}"
+
+
+def arena_view(store: Store, user: str, *, overlap: int, status: str = "") -> ArenaView:
+    """The annotator's leased battle (leasing a new one if they hold none), without model names."""
+    item = next_item(store, user, overlap=overlap, arena=True)
+    line = _arena_progress(store, user, overlap)
+    if item is None:
+        return ArenaView(None, "*No battles left for you. Thank you!*", "", "", line, status)
+    return ArenaView(item.comparison_id, item.prompt_markdown, item.left, item.right, line, status)
+
+
+def arena_vote(store: Store, user: str, comparison_id: int | None, choice: str, *, overlap: int) -> ArenaView:
+    """Record a vote on a battle (choice as shown: a = left), then show the same battle with its models named."""
+    if comparison_id is None:
+        return arena_view(store, user, overlap=overlap, status="Nothing to vote on.")
+    try:
+        submit_vote(store, user, int(comparison_id), choice, overlap=overlap, arena=True)
+    except UserError as err:
+        return arena_view(store, user, overlap=overlap, status=f"Not saved: {err}")
+    r = reveal(store, user, int(comparison_id))
+    return ArenaView(r.comparison_id, prompt_as_markdown(r.prompt), r.left, r.right,
+                     _arena_progress(store, user, overlap), f"Saved #{r.comparison_id}.", r.choice, r.model_left,
+                     r.model_right)
+
+
+@dataclass(frozen=True)
+class Leaderboard:
+    """Ratings from every vote on an arena battle: Bradley–Terry on the Elo scale with bootstrap CIs."""
+
+    votes: int  # all votes on arena battles
+    battles: int  # the votes rated (both sides under one name are left out)
+    models: list[dict[str, Any]]  # best first: model, rating, ci_low, ci_high, votes, wins, losses, ties
+    pairs: list[dict[str, Any]]  # model_a, model_b, wins/losses/ties of model_a, n, win_rate, ci_low, ci_high
+    bootstrap: int
+
+    def model_rows(self) -> list[list[Any]]:
+        return [[i + 1, m["model"], round(m["rating"], 1), f"[{m['ci_low']:.1f}, {m['ci_high']:.1f}]", m["votes"],
+                 m["wins"], m["losses"], m["ties"]] for i, m in enumerate(self.models)]
+
+    def pair_rows(self) -> list[list[Any]]:
+        return [[p["model_a"], p["model_b"], p["n"], round(p["win_rate"], 3),
+                 f"[{p['ci_low']:.3f}, {p['ci_high']:.3f}]"] for p in self.pairs]
+
+    @property
+    def summary_markdown(self) -> str:
+        if not self.models:
+            return "*No votes on arena battles yet.*"
+        return (f"**{self.battles}** rated votes on arena battles, **{len(self.models)}** models. Bradley–Terry "
+                f"ratings on the Elo scale (1000 = average) with 95% bootstrap CIs ({self.bootstrap} rounds); "
+                f"ties and both-bad count as ties.")
+
+
+LEADERBOARD_COLUMNS = ["rank", "model", "rating", "95% CI", "votes", "wins", "losses", "ties"]
+LEADERBOARD_PAIR_COLUMNS = ["model A", "model B", "votes", "win rate of A", "95% CI"]
+
+
+def leaderboard(store: Store, *, bootstrap: int = LEADERBOARD_BOOTSTRAP, seed: int = 0) -> Leaderboard:
+    """Ratings, CIs, votes per model and win rates per pair, from all votes on arena battles."""
+    if bootstrap < stats.MIN_BOOTSTRAP:
+        raise UserError(f"bootstrap must be >= {stats.MIN_BOOTSTRAP}, got {bootstrap}")
+    ab = arena_battles(store)
+    if not ab.battles:
+        return Leaderboard(ab.votes, 0, [], [], bootstrap)
+    ratings = stats.bootstrap_ratings(ab.battles, rounds=bootstrap, seed=seed)
+    record: dict[str, Counter] = {m: Counter() for m in ratings}
+    for a, b, winner in ab.battles:
+        for model, won in ((a, "a"), (b, "b")):
+            record[model]["votes"] += 1
+            record[model]["ties" if winner == "tie" else "wins" if winner == won else "losses"] += 1
+    models = [{"model": m, **ratings[m], **{k: record[m][k] for k in ("votes", "wins", "losses", "ties")}}
+              for m in sorted(ratings, key=lambda m: -ratings[m]["rating"])]
+    pairs = [{"model_a": x, "model_b": y, **s}
+             for (x, y), s in stats.pair_stats(ab.battles, rounds=bootstrap, seed=seed).items()]
+    return Leaderboard(ab.votes, len(ab.battles), models, pairs, bootstrap)

@@ -65,7 +65,8 @@ def test_build_app_wires_named_endpoints(store):
 
     demo = build_app(store, overlap=2)
     names = {d.api_name for d in demo.fns.values() if d.api_visibility == "public"}
-    assert {"next_item", "submit_vote", "skip", "undo_last_vote", "progress"} <= names
+    assert {"next_item", "submit_vote", "skip", "undo_last_vote", "progress", "arena_next", "arena_vote",
+            "leaderboard"} <= names
     assert all(d.api_name in names for d in demo.fns.values() if d.api_visibility == "public")
     assert demo._queue.default_concurrency_limit == 8 and not demo._queue.live_updates
     assert {d.concurrency_id for d in demo.fns.values()} == {"store"}  # one limit for all calls

@@ -1,0 +1,206 @@
+"""Human judging in the Arena: compare's pairs land in the store as battles, are voted blind (handlers and the
+real server), names are revealed only after the vote, and the votes come back through the leaderboard and
+`alignkit compare --collect`."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict
+
+import pytest
+from gradio_client.exceptions import AppError
+from sqlalchemy import select
+
+from _labeling_server import Server, client, make_users
+from alignkit.compare import send_to_store
+from alignkit.errors import UserError
+from alignkit.generation import SamplingParams
+from alignkit.store import open_store
+from alignkit.store.arena import model_name, reveal
+from alignkit.store.export import preference_rows
+from alignkit.store.importer import import_file
+from alignkit.store.models import Comparison, Response
+from labeling_ui import handlers
+
+MODELS = {"alpha-k3": "/specs/alpha-model", "beta-q7": "/specs/beta-model", "gamma-z9": "/specs/gamma-model"}
+PROMPTS = [f"Write line {i} of a poem." for i in range(4)]
+
+
+def fixed_responses(models) -> dict[str, list[str]]:
+    return {m: [f"response {k} to line {i}" for i in range(len(PROMPTS))] for k, m in enumerate(models)}
+
+
+def add_label_prompts(db, tmp_path, n=2):
+    path = tmp_path / "label.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"label prompt {i}", "responses": [f"x{i}", f"y{i}"]}) + "\n"
+                            for i in range(n)))
+    store = open_store(db)
+    try:
+        import_file(store, path)
+    finally:
+        store.close()
+
+
+def shown_model(responses: dict[str, list[str]], prompt_index: int, text: str) -> str:
+    (name,) = [m for m in responses if responses[m][prompt_index] == text]
+    return name
+
+
+def test_arena_handlers_blind_vote_reveal_and_leaderboard(tmp_path):
+    db = str(tmp_path / "labels.db")
+    add_label_prompts(db, tmp_path)  # comparisons 1, 2: ordinary preference pairs
+    responses = fixed_responses(MODELS)
+    (tmp_path / "out").mkdir()
+    sent = send_to_store(tmp_path / "out", db, MODELS, PROMPTS, responses,
+                         {m: {"spec": s} for m, s in MODELS.items()}, SamplingParams())
+    assert sent["comparisons"] == sent["new_comparisons"] == 3 * len(PROMPTS)
+    store = open_store(db, create=False)
+    with store.read() as s:
+        battle_ids = set(s.scalars(select(Comparison.id).where(Comparison.arena.is_(True))).all())
+        names = {r.text: model_name(r) for r in s.scalars(select(Response))}
+    assert battle_ids == set(range(3, 15))
+    assert names["response 2 to line 0"] == "gamma-z9"  # the display name, not the spec
+
+    # The Label tab serves only the ordinary pairs.
+    view = handlers.current_view(store, "ann", overlap=3)
+    seen = []
+    while not view.done:
+        seen.append(view.comparison_id)
+        view = handlers.vote(store, "ann", view.comparison_id, "a", None, overlap=3)
+    assert seen == [1, 2]
+
+    # The Arena serves only battles; three annotators prefer gamma, and alpha over beta except once each.
+    cast = []  # (winner model or "tie", model_left, model_right)
+    for user in ("ann", "bob", "cat"):
+        view = handlers.arena_view(store, user, overlap=3)
+        n = 0
+        while not view.done:
+            assert view.comparison_id in battle_ids and not view.revealed and view.reveal_markdown == ""
+            shown = json.dumps(asdict(view))
+            assert not any(x in shown for x in [*MODELS, *MODELS.values()]), shown  # nothing names a model
+            i = int(view.prompt_markdown.split()[2])  # "Write line {i} ..."
+            left, right = shown_model(responses, i, view.left), shown_model(responses, i, view.right)
+            n += 1
+            if "gamma-z9" in (left, right):
+                choice = "a" if left == "gamma-z9" else "b"
+            elif n % 4 == 0:
+                choice = "both_bad"
+            else:
+                choice = "a" if left == "alpha-k3" else "b"
+            voted = handlers.arena_vote(store, user, view.comparison_id, choice, overlap=3)
+            # The same battle, now with the names of the models behind each side as shown.
+            assert (voted.comparison_id, voted.left, voted.right, voted.choice) == \
+                (view.comparison_id, view.left, view.right, choice)
+            assert (voted.model_left, voted.model_right) == (left, right) == (names[view.left], names[view.right])
+            assert voted.reveal_markdown.startswith(f"A was **{handlers.markdown_text(left)}**, "
+                                                    f"B was **{handlers.markdown_text(right)}**")
+            again = handlers.arena_vote(store, user, view.comparison_id, "a", overlap=3)
+            assert again.status.startswith("Not saved") and not again.revealed
+            winner = {"a": left, "b": right}.get(choice, "tie")
+            cast.append((winner, left, right))
+            view = handlers.arena_view(store, user, overlap=3)
+        assert n == 12
+    assert handlers.current_view(store, "bob", overlap=3).comparison_id == 1  # battles never reach the Label tab
+    with pytest.raises(UserError, match="not an arena battle"):
+        reveal(store, "ann", 1)
+
+    board = handlers.leaderboard(store, bootstrap=200)
+    assert board.votes == board.battles == len(cast) == 36
+    assert [m["model"] for m in board.models] == ["gamma-z9", "alpha-k3", "beta-q7"]
+    for m in board.models:
+        assert m["ci_low"] <= m["rating"] <= m["ci_high"]
+        won = sum(w == m["model"] for w, *_ in cast)
+        ties = sum(w == "tie" and m["model"] in (a, b) for w, a, b in cast)
+        assert (m["votes"], m["wins"], m["ties"]) == (24, won, ties)
+    assert board.models[0]["wins"] == 24 and board.models[1]["wins"] > board.models[2]["wins"]
+    assert {frozenset((p["model_a"], p["model_b"])) for p in board.pairs} == \
+        {frozenset(p) for p in [("alpha-k3", "beta-q7"), ("alpha-k3", "gamma-z9"), ("beta-q7", "gamma-z9")]}
+    assert all(p["n"] == 12 for p in board.pairs)
+    assert board.model_rows()[0][:2] == [1, "gamma-z9"]
+    # Battles stay out of the preference export: only the two Label-tab votes are training data.
+    assert [r["comparison_id"] for r in preference_rows(store)] == [1, 2]
+    store.close()
+
+
+def test_leaderboard_without_battles(tmp_path):
+    db = str(tmp_path / "labels.db")
+    add_label_prompts(db, tmp_path)
+    store = open_store(db, create=False)
+    board = handlers.leaderboard(store)
+    assert (board.votes, board.models, board.pairs) == (0, [], [])
+    assert "No votes" in board.summary_markdown
+    view = handlers.arena_view(store, "ann", overlap=3)
+    assert view.done and "No battles left" in view.prompt_markdown
+    with pytest.raises(UserError, match="bootstrap must be >= 100"):
+        handlers.leaderboard(store, bootstrap=10)
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory, tiny_model_dir):
+    from test_compare import make_lora_adapter
+
+    root = tmp_path_factory.mktemp("arena-models")
+    return {"alpha-k3": str(tiny_model_dir), "beta-q7": str(make_lora_adapter(tiny_model_dir, root / "ad", seed=1))}
+
+
+def test_human_judge_through_the_real_server_and_collect(two_models, tmp_path):
+    from alignkit.cli import main
+    from alignkit.compare import compare_models
+
+    db, out = str(tmp_path / "labels.db"), tmp_path / "compare"
+    sent = compare_models(two_models, PROMPTS, f"human:{db}", out, SamplingParams(max_new_tokens=12, seed=0),
+                          bootstrap=200)
+    assert sent["pending"]
+    human = json.loads((out / "human.json").read_text())
+    responses = human["responses"]
+    distinct = [i for i in range(len(PROMPTS)) if responses["alpha-k3"][i] != responses["beta-q7"][i]]
+    assert sent["comparisons"] == sent["new_comparisons"] == len(distinct) >= 2  # identical samples make no battle
+    add_label_prompts(db, tmp_path)  # ordinary pairs in the same store: never served as battles
+    secrets = [*two_models, *two_models.values()]
+
+    creds = make_users(tmp_path / "users.json", ["ann", "bob"])
+    server = Server(db, users=tmp_path / "users.json", overlap=2, log=tmp_path / "server.log").start()
+    try:
+        cast = []  # (winner model or "tie") per vote
+        for user, plan in (("ann", ["a", "b", "tie", "both_bad"]), ("bob", ["a", "a", "b", "b"])):
+            c = client(server.url, (user, creds[user]))
+            label_cid = c.predict(api_name="/next_item")[0]
+            for k in range(len(distinct) + 1):
+                payload = c.predict(api_name="/arena_next")
+                cid, prompt, a, b = payload
+                if cid is None:
+                    break
+                assert cid != label_cid and prompt in PROMPTS
+                assert not any(x in json.dumps(payload) for x in secrets), payload  # blind before the vote
+                with pytest.raises(AppError, match="is an arena battle"):
+                    c.predict(comparison_id=cid, choice="a", rationale="", api_name="/submit_vote")
+                i = PROMPTS.index(prompt)
+                choice = plan[k % len(plan)]
+                receipt = c.predict(comparison_id=cid, choice=choice, api_name="/arena_vote")
+                assert receipt == {"comparison_id": cid, "choice": choice,
+                                   "model_a": shown_model(responses, i, a), "model_b": shown_model(responses, i, b)}
+                cast.append({"a": receipt["model_a"], "b": receipt["model_b"]}.get(choice, "tie"))
+                with pytest.raises(AppError, match="already voted"):
+                    c.predict(comparison_id=cid, choice="b", api_name="/arena_vote")
+            assert k == len(distinct)  # every battle once, then none left
+            with pytest.raises(AppError, match="not an arena battle"):
+                c.predict(comparison_id=label_cid, choice="a", api_name="/arena_vote")
+        assert len(cast) == 2 * len(distinct)
+        board = client(server.url, ("ann", creds["ann"])).predict(api_name="/leaderboard")
+        assert board["votes"] == len(cast) and {m["model"] for m in board["models"]} == set(two_models)
+        assert all(m["ci_low"] <= m["rating"] <= m["ci_high"] and m["votes"] == len(cast) for m in board["models"])
+    finally:
+        server.stop()
+
+    assert main(["compare", "--judge", f"human:{db}", "--out", str(out), "--collect", "--bootstrap", "200"]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    identical = len(PROMPTS) - len(distinct)
+    assert result["human"] == {"votes": len(cast), "comparisons_without_votes": 0,
+                               "identical_responses_counted_as_ties": identical}
+    (pair,) = result["pairs"]
+    counts = Counter(cast)
+    assert (pair["model_a"], pair["model_b"]) == ("alpha-k3", "beta-q7")
+    assert (pair["wins"], pair["losses"], pair["ties"]) == (counts["alpha-k3"], counts["beta-q7"],
+                                                            counts["tie"] + identical)
