@@ -35,6 +35,15 @@ def test_login_label_three_with_shortcuts_and_model_html_stays_text(browser, tmp
         {"prompt": "third", "responses": ["three", "four"]},
         {"prompt": "fourth", "responses": ["five", "six"]},
     ])
+    # One arena battle, as `alignkit compare --judge human:DB` sends it; a model name with HTML in it.
+    from alignkit.store.importer import ImportRow, write_rows
+
+    battle_models = ["sft-model", 'dpo<img src=x onerror="window.__xss = 3">']
+    store = open_store(db)
+    write_rows(store, [ImportRow("battle prompt", "test", ["battle answer one", "battle answer two"],
+                                 ["/specs/sft", "/specs/dpo"], [{"model_name": m} for m in battle_models])],
+               arena=True)
+    store.close()
     creds = make_users(tmp_path / "users.json", ["erin", "root"], admins=("root",))
     server = Server(db, users=tmp_path / "users.json", overlap=1, log=tmp_path / "server.log").start()
     page = browser.new_page()
@@ -81,6 +90,23 @@ def test_login_label_three_with_shortcuts_and_model_html_stays_text(browser, tmp
         admin.get_by_role("tab", name="Admin").click(timeout=30_000)
         admin.get_by_text("3 votes on 3 comparisons").wait_for(timeout=15_000)
         admin.close()
+
+        # The Arena: anonymous texts, a vote with the same key, then the names (as text) and locked buttons.
+        page.get_by_role("tab", name="Arena").click()
+        page.wait_for_function("() => { const t = document.querySelector('#ak-arena-left textarea'); "
+                               "return t && t.value.length > 0; }", timeout=15_000)
+        arena_left = page.locator("#ak-arena-left textarea").input_value()
+        assert "model" not in page.locator("#ak-arena-reveal").inner_text()
+        page.locator("body").click(position={"x": 5, "y": 5})
+        page.keyboard.press("1")  # A is better; the hidden Label tab's button must not take it
+        page.locator("#ak-arena-reveal").get_by_text("A was").wait_for(timeout=15_000)
+        left_model = battle_models[0] if arena_left == "battle answer one" else battle_models[1]
+        right_model = battle_models[1] if left_model == battle_models[0] else battle_models[0]
+        assert page.locator("#ak-arena-reveal").inner_text().startswith(f"A was {left_model}, B was {right_model}")
+        assert page.locator("#ak-arena-a").is_disabled() and page.locator("#ak-arena-next").is_visible()
+        assert page.evaluate("window.__xss") is None and page.locator("img[src=x]").count() == 0
+        page.get_by_role("tab", name="Leaderboard").click()
+        page.locator("#ak-leaderboard").get_by_text("sft-model").wait_for(timeout=30_000)
     finally:
         page.close()
         server.stop()
@@ -92,7 +118,10 @@ def test_login_label_three_with_shortcuts_and_model_html_stays_text(browser, tmp
 
         pairs = {c.id: (c.response_a.text, c.response_b.text) for c in s.query(Comparison)}
     store.close()
+    (battle_vote,) = [v for v in votes if v.arena]
+    votes = [v for v in votes if not v.arena]
     assert [v.annotator for v in votes] == ["erin"] * 3
+    assert battle_vote.annotator == "erin" and battle_vote.choice == ("b" if battle_vote.swapped else "a")
     # Each stored vote, mapped back through the side order shown, is the key that was pressed.
     for v, (shown_left, _), pressed in zip(votes, shown, ("a", "b", "tie")):
         a_text, b_text = pairs[v.comparison_id]
