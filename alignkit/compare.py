@@ -37,6 +37,7 @@ import numpy as np
 
 from alignkit import stats
 from alignkit.artifacts import file_fingerprint, stable_hash, write_json_atomic
+from alignkit.data.io import read_jsonl
 from alignkit.errors import UserError
 from alignkit.generation import SamplingParams
 
@@ -73,36 +74,24 @@ def read_prompts(path: str | Path | None, limit: int | None = None) -> list[Any]
     """Prompts from JSONL: each line an object with `prompt` (string) or `messages` (chat list)."""
     if not path:
         raise UserError("--prompts is required (a JSONL file with a `prompt` or `messages` field per line)")
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompts file does not exist: {path}")
     prompts: list[Any] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: expected a JSON object with `prompt` or `messages`")
-            if "messages" in row:
-                msgs = row["messages"]
-                if (not isinstance(msgs, list) or not msgs
-                        or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                   and isinstance(m.get("content"), str) for m in msgs)):
-                    raise UserError(f"{where}: `messages` must be a non-empty list of {{role, content}} strings")
-                prompts.append(msgs)
-            elif "prompt" in row:
-                if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-                    raise UserError(f"{where}: `prompt` must be a non-empty string")
-                prompts.append(row["prompt"])
-            else:
-                raise UserError(f"{where}: no `prompt` or `messages` field (keys: {', '.join(sorted(row)) or 'none'})")
-            if limit is not None and len(prompts) >= limit:
-                break
+    for row in read_jsonl(path, what="prompts"):
+        where = f"{path}:{row.pop('_line')}"
+        if "messages" in row:
+            msgs = row["messages"]
+            if (not isinstance(msgs, list) or not msgs
+                    or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                               and isinstance(m.get("content"), str) for m in msgs)):
+                raise UserError(f"{where}: `messages` must be a non-empty list of {{role, content}} strings")
+            prompts.append(msgs)
+        elif "prompt" in row:
+            if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+                raise UserError(f"{where}: `prompt` must be a non-empty string")
+            prompts.append(row["prompt"])
+        else:
+            raise UserError(f"{where}: no `prompt` or `messages` field (keys: {', '.join(sorted(row)) or 'none'})")
+        if limit is not None and len(prompts) >= limit:
+            break
     if not prompts:
         raise UserError(f"{path}: no prompts")
     return prompts

@@ -206,5 +206,5 @@ def test_model_names_and_prompt_parsing(models, prompts_file):
     named = parse_model_args([f"x={models['base']}", str(models["ad1"]), str(models["ad1"])])
     assert list(named) == ["x", "ad1", "ad1-2"]
     assert read_prompts(prompts_file, limit=2) == PROMPTS[:2]
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="prompts file not found"):
         read_prompts("/nonexistent.jsonl")

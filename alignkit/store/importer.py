@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from alignkit.data.io import read_jsonl
 from alignkit.errors import UserError
 from alignkit.store.db import Store
 from alignkit.store.models import Comparison, Prompt, Response
@@ -75,47 +76,33 @@ def _check_messages(msgs: Any, where: str) -> list[dict]:
 
 def parse_import_file(path: str | Path, *, responses_required: bool = True) -> list[ImportRow]:
     """Validate the whole file; the first bad line raises UserError("FILE:LINE: problem")."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"import file not found: {path}")
-    if path.is_dir():
-        raise UserError(f"import file {path} is a directory, expected a .jsonl file")
     rows: list[ImportRow] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{where}: malformed JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            unknown = sorted(set(obj) - KEYS)
-            if unknown:
-                raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} (expected prompt or messages, "
-                                f"responses, models, id, meta)")
-            if ("prompt" in obj) == ("messages" in obj):
-                raise UserError(f"{where}: give exactly one of `prompt` (a string) or `messages` (a list)")
-            if "prompt" in obj:
-                prompt = obj["prompt"]
-                if not isinstance(prompt, str) or not prompt.strip():
-                    raise UserError(f"{where}: `prompt` must be a non-empty string")
-            else:
-                prompt = _check_messages(obj["messages"], where)
-            responses = obj.get("responses", [])
-            if not isinstance(responses, list) or not all(isinstance(r, str) and r.strip() for r in responses):
-                raise UserError(f"{where}: `responses` must be a list of non-empty strings")
-            if len(set(responses)) != len(responses):
-                raise UserError(f"{where}: `responses` has duplicates")
-            if responses_required and len(responses) < 2:
-                raise UserError(f"{where}: needs at least 2 `responses` (or import with --generate MODEL_SPEC)")
-            models = obj.get("models", [None] * len(responses))
-            if not isinstance(models, list) or len(models) != len(responses) or \
-                    not all(m is None or isinstance(m, str) for m in models):
-                raise UserError(f"{where}: `models` must be a list of model specs, one per response")
-            rows.append(ImportRow(prompt, where, list(responses), list(models), [None] * len(responses)))
+    for obj in read_jsonl(path, what="import"):
+        where = f"{path}:{obj.pop('_line')}"
+        unknown = sorted(set(obj) - KEYS)
+        if unknown:
+            raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} (expected prompt or messages, "
+                            f"responses, models, id, meta)")
+        if ("prompt" in obj) == ("messages" in obj):
+            raise UserError(f"{where}: give exactly one of `prompt` (a string) or `messages` (a list)")
+        if "prompt" in obj:
+            prompt = obj["prompt"]
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise UserError(f"{where}: `prompt` must be a non-empty string")
+        else:
+            prompt = _check_messages(obj["messages"], where)
+        responses = obj.get("responses", [])
+        if not isinstance(responses, list) or not all(isinstance(r, str) and r.strip() for r in responses):
+            raise UserError(f"{where}: `responses` must be a list of non-empty strings")
+        if len(set(responses)) != len(responses):
+            raise UserError(f"{where}: `responses` has duplicates")
+        if responses_required and len(responses) < 2:
+            raise UserError(f"{where}: needs at least 2 `responses` (or import with --generate MODEL_SPEC)")
+        models = obj.get("models", [None] * len(responses))
+        if not isinstance(models, list) or len(models) != len(responses) or \
+                not all(m is None or isinstance(m, str) for m in models):
+            raise UserError(f"{where}: `models` must be a list of model specs, one per response")
+        rows.append(ImportRow(prompt, where, list(responses), list(models), [None] * len(responses)))
     if not rows:
         raise UserError(f"{path}: no prompts in file")
     return rows
