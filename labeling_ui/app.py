@@ -188,19 +188,35 @@ def api_endpoints(ctx: AppContext) -> None:
     gr.api(arena_leaderboard, api_name="leaderboard", **group)
 
 
+@dataclass
+class PairWidgets:
+    """A prompt, two responses side by side and the four vote buttons (by choice: a, b, tie, both_bad)."""
+
+    prompt: gr.Markdown
+    left: gr.Textbox
+    right: gr.Textbox
+    votes: dict[str, gr.Button]
+
+
+def pair_widgets(elem_prefix: str, vote_prefix: str, side_labels: tuple[str, str], vote_labels: dict[str, str]) -> PairWidgets:
+    prompt = gr.Markdown(label="Prompt", elem_id=f"{elem_prefix}-prompt", sanitize_html=True, container=True)
+    with gr.Row(equal_height=True):
+        # Model text goes in read-only text boxes: shown as text, never parsed as HTML or markdown.
+        left = gr.Textbox(label=side_labels[0], lines=10, max_lines=30, interactive=False, elem_id=f"{elem_prefix}-left")
+        right = gr.Textbox(label=side_labels[1], lines=10, max_lines=30, interactive=False, elem_id=f"{elem_prefix}-right")
+    with gr.Row():
+        votes = {choice: gr.Button(f"{text}  [{key}]", variant="primary" if choice in ("a", "b") else "secondary",
+                                   elem_id=f"{vote_prefix}-{choice.replace('_', '-')}")
+                 for key, (choice, text) in enumerate(vote_labels.items(), 1)}
+    return PairWidgets(prompt, left, right, votes)
+
+
 def labeling_tab(ctx: AppContext, demo: gr.Blocks) -> None:
     with gr.Tab("Label", id="label"):
         progress = gr.Markdown(elem_id="ak-progress")
-        prompt = gr.Markdown(label="Prompt", elem_id="ak-prompt", sanitize_html=True, container=True)
-        with gr.Row(equal_height=True):
-            # Model text goes in read-only text boxes: shown as text, never parsed as HTML or markdown.
-            left = gr.Textbox(label="A", lines=10, max_lines=30, interactive=False, elem_id="ak-left")
-            right = gr.Textbox(label="B", lines=10, max_lines=30, interactive=False, elem_id="ak-right")
-        with gr.Row():
-            btn_a = gr.Button("A better  [1]", variant="primary", elem_id="ak-vote-a")
-            btn_b = gr.Button("B better  [2]", variant="primary", elem_id="ak-vote-b")
-            btn_tie = gr.Button("Tie  [3]", elem_id="ak-vote-tie")
-            btn_bad = gr.Button("Both bad  [4]", elem_id="ak-vote-both-bad")
+        pair = pair_widgets("ak", "ak-vote", ("A", "B"),
+                            {"a": "A better", "b": "B better", "tie": "Tie", "both_bad": "Both bad"})
+        prompt, left, right = pair.prompt, pair.left, pair.right
         rationale = gr.Textbox(label="Rationale (optional)", lines=2, max_lines=6, elem_id="ak-rationale")
         with gr.Row():
             btn_skip = gr.Button("Skip  [s]", size="sm", elem_id="ak-skip")
@@ -231,7 +247,7 @@ def labeling_tab(ctx: AppContext, demo: gr.Blocks) -> None:
 
     ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
     demo.load(show, outputs=outputs, **ui)
-    for button, choice in ((btn_a, "a"), (btn_b, "b"), (btn_tie, "tie"), (btn_bad, "both_bad")):
+    for choice, button in pair.votes.items():
         button.click(on_vote(choice), inputs=[comparison, rationale], outputs=outputs, **ui)
     btn_skip.click(on_skip, inputs=[comparison], outputs=outputs, **ui)
     btn_undo.click(on_undo, outputs=outputs, **ui)
@@ -242,22 +258,15 @@ def arena_tab(ctx: AppContext, demo: gr.Blocks) -> None:
         gr.Markdown("Two anonymous models answer the same prompt. Vote for the better answer; "
                     "you see which models they were after your vote.")
         progress = gr.Markdown(elem_id="ak-arena-progress")
-        prompt = gr.Markdown(label="Prompt", elem_id="ak-arena-prompt", sanitize_html=True, container=True)
-        with gr.Row(equal_height=True):
-            # Model text goes in read-only text boxes: shown as text, never parsed as HTML or markdown.
-            left = gr.Textbox(label="Model A", lines=10, max_lines=30, interactive=False, elem_id="ak-arena-left")
-            right = gr.Textbox(label="Model B", lines=10, max_lines=30, interactive=False, elem_id="ak-arena-right")
-        with gr.Row():
-            btn_a = gr.Button("A is better  [1]", variant="primary", elem_id="ak-arena-a")
-            btn_b = gr.Button("B is better  [2]", variant="primary", elem_id="ak-arena-b")
-            btn_tie = gr.Button("Tie  [3]", elem_id="ak-arena-tie")
-            btn_bad = gr.Button("Both are bad  [4]", elem_id="ak-arena-both-bad")
+        pair = pair_widgets("ak-arena", "ak-arena", ("Model A", "Model B"),
+                            {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"})
+        prompt, left, right = pair.prompt, pair.left, pair.right
         reveal_md = gr.Markdown(elem_id="ak-arena-reveal")
         btn_next = gr.Button("Next battle  [n]", visible=False, elem_id="ak-arena-next")
         status = gr.Markdown(elem_id="ak-arena-status")
         comparison = gr.State(None)
 
-    vote_buttons = [btn_a, btn_b, btn_tie, btn_bad]
+    vote_buttons = list(pair.votes.values())
     outputs = [comparison, prompt, left, right, progress, status, reveal_md, btn_next, *vote_buttons]
 
     def render(view: handlers.ArenaView) -> dict:
@@ -280,7 +289,7 @@ def arena_tab(ctx: AppContext, demo: gr.Blocks) -> None:
     # Leased when the tab is opened, not on page load: most visitors label, and a lease holds a slot.
     tab.select(show, outputs=outputs, **ui)
     btn_next.click(show, outputs=outputs, **ui)
-    for button, choice in ((btn_a, "a"), (btn_b, "b"), (btn_tie, "tie"), (btn_bad, "both_bad")):
+    for choice, button in pair.votes.items():
         button.click(on_vote(choice), inputs=[comparison], outputs=outputs, **ui)
 
 

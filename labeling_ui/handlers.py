@@ -149,22 +149,12 @@ def markdown_text(s: str) -> str:
 
 
 @dataclass(frozen=True)
-class ArenaView:
+class ArenaView(ItemView):
     """The Arena tab: one battle (or none left); after a vote, the models behind A and B."""
 
-    comparison_id: int | None
-    prompt_markdown: str
-    left: str  # model text: shown in a text box, never as HTML
-    right: str
-    progress: str
-    status: str = ""
     choice: str | None = None  # this annotator's vote, as shown (a = left); set with the names
     model_left: str | None = None  # None until this annotator has voted on this battle
     model_right: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.comparison_id is None
 
     @property
     def revealed(self) -> bool:
