@@ -69,6 +69,11 @@ def divergence_guard():
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             if model is None:
                 return
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            # One fused norm and one host sync per step (a norm is non-finite iff some entry is); a check per
+            # parameter would sync once per LoRA matrix, hundreds of times a step on a GPU.
+            if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+                return
             for name, p in model.named_parameters():
                 if p.grad is not None and not torch.isfinite(p.grad).all():
                     raise TrainingDiverged(
@@ -211,6 +216,28 @@ def memory_preflight(stage, args, *, sequences_per_example: int = 1, log=print) 
     `sequences_per_example` is 2 for pairwise stages (DPO, reward), whose chosen and rejected
     sequences run in one batch. The figures are `alignkit estimate`'s (alignkit/estimate.py).
     """
+    half = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
+    return _preflight(stage, batch_size=args.per_device_train_batch_size * sequences_per_example,
+                      seq_len=_longest_sequence(args), gradient_checkpointing=bool(args.gradient_checkpointing),
+                      half=half, optimizer="adamw_8bit" if "8bit" in str(args.optim) else "adamw", log=log,
+                      advice="Lower per_device_train_batch_size or max_length (raise gradient_accumulation_steps to keep "
+                             "the batch), turn on gradient_checkpointing, use optim: paged_adamw_8bit, or load the base "
+                             "in 4-bit.")
+
+
+def ppo_memory_preflight(stage, config, prompts: list, tokenizer, *, log=print) -> dict:
+    """The same report for a PPO stage: four role adapters on one base, two of them (policy, value) trained
+    with fp32 AdamW, a minibatch of the longest prompt plus max_new_tokens, no gradient checkpointing."""
+    longest = max(len(ids) for ids in tokenizer([_render(tokenizer, p, prompt=True) for p in prompts],
+                                                add_special_tokens=False)["input_ids"])
+    return _preflight(stage, batch_size=config.mini_batch_size, seq_len=longest + config.max_new_tokens,
+                      gradient_checkpointing=False, half=False, optimizer="adamw", roles=4, trained_roles=2, log=log,
+                      advice="Lower mini_batch_size (raise gradient_accumulation_steps to keep the batch) or "
+                             "max_new_tokens, or load the base in 4-bit.")
+
+
+def _preflight(stage, *, batch_size: int, seq_len: int, gradient_checkpointing: bool, half: bool, optimizer: str,
+               advice: str, roles: int = 1, trained_roles: int = 1, log=print) -> dict:
     import os
 
     from alignkit.estimate import estimate_memory, load_config, shape_from_config
@@ -227,33 +254,35 @@ def memory_preflight(stage, args, *, sequences_per_example: int = 1, log=print) 
     else:
         # 8-bit bases are estimated as 16-bit LoRA: an upper bound on their weights.
         method = "qlora" if stage.model.quantization == "4bit" else "lora"
-    half = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
     weight_dtype = stage.model.dtype if stage.model.dtype in ("float32", "bfloat16", "float16") else "bfloat16"
     est = estimate_memory(
         shape, method,
-        batch_size=args.per_device_train_batch_size * sequences_per_example,
-        seq_len=_longest_sequence(args),
+        batch_size=batch_size,
+        seq_len=seq_len,
         lora_r=stage.peft.r,
         lora_dropout=stage.peft.lora_dropout,
-        gradient_checkpointing=bool(args.gradient_checkpointing),
+        gradient_checkpointing=gradient_checkpointing,
         weight_dtype=weight_dtype,
         activation_dtype="bfloat16" if half else "float32",
-        optimizer="adamw_8bit" if "8bit" in str(args.optim) else "adamw",
+        optimizer=optimizer,
         double_quant=stage.model.bnb_4bit_use_double_quant,
     )
+    if roles > 1:  # more fp32 adapters on the same base; gradients and optimizer states for each trained one
+        adapter = est.params_trainable
+        est = dataclasses.replace(est, weights=est.weights + (roles - 1) * 4 * adapter,
+                                  gradients=est.gradients * trained_roles, optimizer=est.optimizer * trained_roles)
     available, where = available_memory()
     fits = available is None or est.total <= available
-    report = {"method": method, "expected_bytes": est.total, "available_bytes": available, "device": where,
+    report = {"method": method, "roles": roles, "expected_bytes": est.total, "available_bytes": available, "device": where,
               "fits": fits, "breakdown": {k: getattr(est, k) for k in ("weights", "gradients", "optimizer", "activations")}}
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate: one report, from the main process
         return report
     gib = 1024**3
-    log(f"{stage.name}: expected memory (alignkit estimate, at the longest sequence):\n{est.format()}")
+    what = f", {roles} role adapters of which {trained_roles} trained" if roles > 1 else ""
+    log(f"{stage.name}: expected memory (alignkit estimate, at the longest sequence{what}):\n{est.format()}")
     if available is not None:
         log(f"{stage.name}: available {available / gib:.2f} GiB on {where}")
     if not fits:
         log(f"WARNING: {stage.name} expects ~{est.total / gib:.2f} GiB but {where} has {available / gib:.2f} GiB: "
-            "it will likely run out of memory. Lower per_device_train_batch_size or max_length (raise "
-            "gradient_accumulation_steps to keep the batch), turn on gradient_checkpointing, use "
-            "optim: paged_adamw_8bit, or load the base in 4-bit.")
+            f"it will likely run out of memory. {advice}")
     return report

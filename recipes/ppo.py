@@ -81,16 +81,22 @@ def check_parents(stage, config: PPOConfig) -> tuple[Path | None, Path, dict]:
 
 
 def run(stage) -> dict:
+    from alignkit.modeling import load_tokenizer, resolve_base
     from alignkit.ppo.trainer import PPOTrainer
+    from alignkit.training import ppo_memory_preflight
 
     rows, info = stage.prepared
     config = ppo_config(stage)
     policy, reward, parents_info = check_parents(stage, config)
     info.update(parents_info)
 
-    trainer = PPOTrainer(config, stage.model, stage.peft, prompts=[prompt_of(r) for r in rows], stage_dir=stage.stage_dir,
-                         reward=reward, policy_adapter=policy, seed=stage.seed)
+    prompts = [prompt_of(r) for r in rows]
+    tokenizer = load_tokenizer(str(policy) if policy and (policy / "tokenizer_config.json").exists()
+                               else resolve_base(stage.model.base), padding_side="left")
+    memory = ppo_memory_preflight(stage, config, prompts, tokenizer)
+    trainer = PPOTrainer(config, stage.model, stage.peft, prompts=prompts, stage_dir=stage.stage_dir,
+                         reward=reward, policy_adapter=policy, tokenizer=tokenizer, seed=stage.seed)
     metrics = trainer.train(resume_from=stage.resume_from)
     trainer.save()
     info["roles"] = "policy, reference, reward, value: LoRA adapters on one base"
-    return {"metrics": metrics, "data": info}
+    return {"metrics": metrics, "data": info, "memory": memory}

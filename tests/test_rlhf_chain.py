@@ -49,6 +49,9 @@ def test_lineage_and_outputs(chain):
     for key in ("mean_reward", "kl", "entropy", "policy_loss", "value_loss", "clip_frac", "approx_kl", "response_length"):
         assert key in ppo["metrics"], key
     assert ppo["data"]["reward_heldout_accuracy"] >= 0.6
+    # The memory preflight ran for PPO too: one base, four role adapters, fits this machine.
+    assert ppo["memory"]["roles"] == 4 and ppo["memory"]["fits"] is True
+    assert 0 < ppo["memory"]["expected_bytes"] < ppo["memory"]["available_bytes"]
     d = run / "ppo"
     assert (d / "adapter_config.json").exists() and (d / "value" / "value_head.safetensors").exists()
     assert len((d / "ppo_log.jsonl").read_text().splitlines()) == 4

@@ -136,3 +136,24 @@ def test_memory_preflight_warns_when_the_stage_will_not_fit(tmp_path, tiny_model
     assert report["fits"] is False and report["expected_bytes"] > report["available_bytes"]
     assert any(line.startswith("WARNING: sft expects") and "per_device_train_batch_size" in line for line in lines)
     assert any("activations" in line for line in lines)  # the estimate's table is shown first
+
+
+def test_ppo_memory_preflight_counts_four_roles_and_warns_with_ppo_advice(tmp_path, tiny_model_dir):
+    from alignkit.modeling import PeftSettings, load_tokenizer
+    from alignkit.ppo.config import PPOConfig
+    from alignkit.training import ppo_memory_preflight
+    from recipes.runner import StageRun
+
+    stage = StageRun("ppo", "ppo", tmp_path, ModelSettings(base=str(tiny_model_dir)), PeftSettings(), {}, {}, {}, 0)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prompts = ["a short prompt", [{"role": "user", "content": "a chat prompt"}]]
+    small = ppo_memory_preflight(stage, PPOConfig(mini_batch_size=1, max_new_tokens=8), prompts, tokenizer, log=lambda *_: None)
+    assert small["fits"] is True and small["roles"] == 4
+    # Two trained roles: gradients and optimizer states twice a single adapter's (fp32 AdamW: 8 bytes a parameter).
+    assert small["breakdown"]["optimizer"] == 2 * small["breakdown"]["gradients"]
+    lines = []
+    huge_batches = PPOConfig(rollout_batch_size=65536, mini_batch_size=65536, max_new_tokens=65536)
+    huge = ppo_memory_preflight(stage, huge_batches, prompts, tokenizer, log=lines.append)
+    assert huge["fits"] is False
+    assert any(line.startswith("WARNING: ppo expects") and "mini_batch_size" in line for line in lines)
+    assert any("4 role adapters of which 2 trained" in line for line in lines)
