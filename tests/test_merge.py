@@ -86,7 +86,10 @@ def _adapter_logits(stage_dir: Path, *, quantization: str, seq_cls: bool = False
     tok = load_tokenizer(str(stage_dir))
     settings = ModelSettings(**{**MODEL_4BIT, "quantization": quantization})
     extra = {"model_class": AutoModelForSequenceClassification, "num_labels": 1, "pad_token_id": tok.pad_token_id} if seq_cls else {}
-    model = PeftModel.from_pretrained(load_base_model(settings, **extra), str(stage_dir)).eval()
+    model = PeftModel.from_pretrained(load_base_model(settings, **extra), str(stage_dir))
+    # The forward training runs (no dropout here: LoRA dropout 0). In eval mode without grad, bitsandbytes' CPU
+    # kernel on AVX512-BF16 machines computes in bfloat16 instead, which no float32 merge could reproduce.
+    model.train(quantization == "4bit")
     ids, mask = _inputs(tok)
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask).logits, mask
