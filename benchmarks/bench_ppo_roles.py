@@ -16,9 +16,11 @@ Measured per variant, each in a fresh process, alternating, median of repeats:
     anonymous resident memory (RssAnon) sampled every 10 ms during the PPO
     steps, minus the same after imports and before any model was loaded (the
     Python runtime and torch's libraries, ~0.5 GB that neither variant can
-    avoid, would water the ratio down; file-backed pages of the memory-mapped
-    checkpoint are reclaimable page cache, not model memory). The
-    whole-process ru_maxrss, which counts both, is reported too;
+    avoid, would water the ratio down). Weights that transformers leaves as views
+    of the memory-mapped checkpoint (embeddings, LM head, norms) are copied into
+    the process first (`materialize`), in both variants, since on a GPU every
+    base copy holds its own; otherwise four CPU copies would share one set of
+    page-cache pages. The whole-process ru_maxrss is reported too;
   - step time: mean seconds per PPO iteration (rollout + scoring + optimisation),
     first iteration excluded (warm-up);
   - base copies: Linear4bit modules alive in the process / Linear4bit modules in one base.
@@ -163,6 +165,23 @@ class PeakRSS:
         self.peak = max(self.peak, anon_rss())
 
 
+def materialize(model) -> None:
+    """Copy the weights that are still views of the memory-mapped checkpoint (embeddings, norms, LM head: loaded
+    without a dtype change, transformers keeps them mmapped) into the process's own memory, as a GPU would.
+    Without this every CPU copy of a base shares one set of page-cache pages and the baseline's extra copies
+    look almost free. Shared (tied) tensors stay shared."""
+    import bitsandbytes as bnb
+
+    copies: dict[int, object] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if isinstance(t, bnb.nn.Params4bit):
+            continue  # quantized at load time: already the process's own memory
+        ptr = t.data.data_ptr()
+        if ptr not in copies:
+            copies[ptr] = t.data.clone()
+        t.data = copies[ptr]
+
+
 def split_into_four_models(trainer, settings) -> None:
     """Turn a one-base PPOTrainer into the four-model baseline: reference, reward and value each on its own base."""
     import torch
@@ -174,6 +193,7 @@ def split_into_four_models(trainer, settings) -> None:
     models = {"policy": main}
     for role in ("reference", "reward", "value"):
         base = prepare_for_training(load_base_model(settings), settings, gradient_checkpointing=False)
+        materialize(base)
         config = copy.deepcopy(main.peft_config[role])
         config.inference_mode = role != "value"
         model = get_peft_model(base, config, adapter_name=role)
@@ -232,6 +252,7 @@ def run(variant: str, work: Path, s: dict) -> dict:
     import bitsandbytes as bnb
 
     per_base = sum(1 for m in trainer.model.get_base_model().modules() if isinstance(m, bnb.nn.Linear4bit))
+    materialize(trainer.model)
     if variant == "four_models":
         split_into_four_models(trainer, model_settings(base))
     _trim()
@@ -282,7 +303,8 @@ def main() -> None:
              f"minibatch {s['mini']}, {s['epochs']} PPO epochs; step time excludes the first iteration. Memory: "
              + ("torch.cuda.max_memory_allocated." if "cuda" in machine().lower() or "GPU" in machine() else
                 "peak anonymous RSS (RssAnon) during the PPO steps, sampled every 10 ms, minus the same after imports and "
-                "before loading (file-backed pages of the memory-mapped checkpoint are page cache, not model memory); "
+                "before loading; weights left as views of the memory-mapped checkpoint are first copied into the process "
+                "in both variants, as every base copy on a GPU holds its own; "
                 "process peak = ru_maxrss of the whole process (imports, loading transients included).")
              + " glibc MALLOC_MMAP_THRESHOLD_=131072 (freed large blocks go back to the OS, so RSS is live memory)."
              + f" Median of {repeats} alternating runs, each variant in a fresh process. "
