@@ -234,7 +234,25 @@ def prepare_for_training(model, settings: ModelSettings, gradient_checkpointing:
 
     if settings.quantization in ("4bit", "8bit"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if settings.quantization == "4bit":
+        keep_4bit_differentiable(model)
     return model
+
+
+def keep_4bit_differentiable(model) -> None:
+    """Turn off bitsandbytes' CPU bfloat16 inference kernel on a model that will be trained.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight in place the first time it runs in
+    eval mode without grad (generation, PPO rollouts, evaluation, precomputed reference log-probs), and from then on
+    routes every forward through `gemv_4bit`, which has no autograd formula: the gradient through the frozen base
+    is dropped and LoRA gradients come out ~100% wrong (tests/test_stages.py measures it). Without the kernel every
+    forward dequantizes to the compute dtype, as it does on GPUs.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attach_adapter(model, adapter_dir: str | Path, *, trainable: bool, adapter_name: str = "default"):

@@ -157,3 +157,40 @@ def test_ppo_memory_preflight_counts_four_roles_and_warns_with_ppo_advice(tmp_pa
     assert huge["fits"] is False
     assert any(line.startswith("WARNING: ppo expects") and "mini_batch_size" in line for line in lines)
     assert any("4 role adapters of which 2 trained" in line for line in lines)
+
+
+def test_lora_gradients_survive_an_eval_forward_on_a_4bit_base(tiny_model_dir):
+    """PPO rollouts, evaluation and precomputed reference log-probs run the training model in eval mode without
+    grad. On AVX512-BF16 CPUs that made bitsandbytes switch the 4-bit layers to a kernel without autograd, and the
+    LoRA gradients afterwards were wrong; prepare_for_training keeps them exact."""
+    from peft import LoraConfig, get_peft_model
+
+    from alignkit.modeling import load_tokenizer, prepare_for_training
+
+    settings = ModelSettings(base=str(tiny_model_dir), quantization="4bit")
+    batch = load_tokenizer(str(tiny_model_dir))(["The film was very good. the cast felt rather dull"], return_tensors="pt")
+
+    def lora_model():
+        model = prepare_for_training(load_base_model(settings), settings, gradient_checkpointing=False)
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        return model
+
+    def lora_grads(model):
+        model.train()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    fresh = lora_grads(lora_model())
+    model = lora_model()
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    after_eval = lora_grads(model)
+    assert fresh.keys() == after_eval.keys() and len(fresh) > 0
+    for name in fresh:
+        assert torch.allclose(after_eval[name], fresh[name], rtol=1e-4, atol=1e-7), name
