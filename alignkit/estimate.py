@@ -35,6 +35,8 @@ Optimizer (AdamW)
   full    (8 + 4) * P: fp32 m and v, plus an fp32 master copy when w < 4 (mixed precision);
           adamw_8bit: 2 bytes of state (+ the master copy)
   lora / qlora   8 * P_lora (adamw_8bit: 2 * P_lora); the adapter is already fp32, no master copy
+Several adapters on one base (PPO's roles: `adapters` loaded, `trained_adapters` of them trained):
+  4 * P_lora weights per adapter; gradients and optimizer states per trained adapter
 Activations (bytes autograd keeps for backward; tests/test_estimate.py checks them within 5% against the
 tensors PyTorch actually saves for a bf16 Llama (full, LoRA) and for alignkit's QLoRA under bf16 autocast,
 and the qlora weight figure byte for byte against a real bitsandbytes model)
@@ -252,6 +254,8 @@ def estimate_memory(
     optimizer: str = "adamw",
     double_quant: bool = True,
     attention: str = "sdpa",
+    adapters: int = 1,
+    trained_adapters: int = 1,
 ) -> MemoryEstimate:
     """Memory to train `config` (a config.json dict or a ModelShape) with `method`; formulas in the module docstring."""
     if method not in METHODS:
@@ -265,6 +269,8 @@ def estimate_memory(
             raise UserError(f"{name} must be one of {', '.join(DTYPE_BYTES)}, got {dt!r}")
     if batch_size < 1 or seq_len < 1 or (method != "full" and lora_r < 1):
         raise UserError("batch size, sequence length and LoRA rank must be positive")
+    if not 1 <= trained_adapters <= adapters:
+        raise UserError(f"need 1 <= trained_adapters <= adapters, got {trained_adapters} of {adapters}")
     shape = config if isinstance(config, ModelShape) else shape_from_config(config)
     w, a = DTYPE_BYTES[weight_dtype], DTYPE_BYTES[activation_dtype]
     h, L, V = shape.hidden_size, shape.num_layers, shape.vocab_size
@@ -293,10 +299,10 @@ def estimate_memory(
             base = w * p_total
         else:
             base = L * sum(nf4_bytes(fi * fo, double_quant) * c for _, fi, fo, c in linears) + 4 * p_other
-        weights = base + 4 * p_lora
-        gradients = 4 * p_lora
-        optimizer_bytes = (8 if optimizer == "adamw" else 2) * p_lora
-        trainable = p_lora
+        weights = base + 4 * p_lora * adapters
+        gradients = 4 * p_lora * trained_adapters
+        optimizer_bytes = (8 if optimizer == "adamw" else 2) * p_lora * trained_adapters
+        trainable = p_lora * trained_adapters
 
     # Activations, per token per layer (bytes).
     tokens = batch_size * seq_len

@@ -129,7 +129,8 @@ def _prepare_out(out: Path) -> Path:
 
 def load_adapter_model(spec: str, *, dtype: str = "float32", base_weights: str = "original"):
     """(peft_model, tokenizer, resolved, adapter_cfg): the base unquantized (or NF4-dequantized) with the adapter attached."""
-    from alignkit.modeling import ModelSettings, attach_adapter, load_base_model, load_tokenizer, resolve_model_spec
+    from alignkit.modeling import (ModelSettings, attach_adapter, load_base_model, load_tokenizer, resolve_model_spec,
+                                   tokenizer_source)
 
     if base_weights not in BASE_WEIGHTS:
         raise UserError(f"base_weights must be one of {', '.join(BASE_WEIGHTS)}, got {base_weights!r}")
@@ -143,8 +144,7 @@ def load_adapter_model(spec: str, *, dtype: str = "float32", base_weights: str =
                         f"serve it with PEFT on top of the base instead")
     model_class = _model_class(adapter_cfg)
 
-    tok_dir = resolved.adapter_dir if (resolved.adapter_dir / "tokenizer_config.json").exists() else resolved.base
-    tokenizer = load_tokenizer(str(tok_dir))
+    tokenizer = load_tokenizer(tokenizer_source(resolved.adapter_dir, resolved.base))
     recorded = dict(resolved.model_settings)
     settings = ModelSettings(
         base=resolved.base,

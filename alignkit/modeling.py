@@ -265,6 +265,13 @@ def attach_adapter(model, adapter_dir: str | Path, *, trainable: bool, adapter_n
     return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=trainable)
 
 
+def tokenizer_source(adapter_dir: str | Path | None, base: str | Path) -> str:
+    """An adapter or stage directory's own tokenizer when it saved one (a stage may have changed it), else the base's."""
+    if adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").exists():
+        return str(adapter_dir)
+    return str(base)
+
+
 def load_model_for_inference(spec: str | ResolvedSpec, *, quantization: str | None = None, padding_side: str = "left"):
     """(model, tokenizer, resolved) for any model spec, in eval mode, adapter attached."""
     resolved = spec if isinstance(spec, ResolvedSpec) else resolve_model_spec(spec)

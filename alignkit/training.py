@@ -266,11 +266,9 @@ def _preflight(stage, *, batch_size: int, seq_len: int, gradient_checkpointing: 
         activation_dtype="bfloat16" if half else "float32",
         optimizer=optimizer,
         double_quant=stage.model.bnb_4bit_use_double_quant,
+        adapters=roles,
+        trained_adapters=trained_roles,
     )
-    if roles > 1:  # more fp32 adapters on the same base; gradients and optimizer states for each trained one
-        adapter = est.params_trainable
-        est = dataclasses.replace(est, weights=est.weights + (roles - 1) * 4 * adapter,
-                                  gradients=est.gradients * trained_roles, optimizer=est.optimizer * trained_roles)
     available, where = available_memory()
     fits = available is None or est.total <= available
     report = {"method": method, "roles": roles, "expected_bytes": est.total, "available_bytes": available, "device": where,

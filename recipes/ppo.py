@@ -81,7 +81,7 @@ def check_parents(stage, config: PPOConfig) -> tuple[Path | None, Path, dict]:
 
 
 def run(stage) -> dict:
-    from alignkit.modeling import load_tokenizer, resolve_base
+    from alignkit.modeling import load_tokenizer, resolve_base, tokenizer_source
     from alignkit.ppo.trainer import PPOTrainer
     from alignkit.training import ppo_memory_preflight
 
@@ -91,8 +91,7 @@ def run(stage) -> dict:
     info.update(parents_info)
 
     prompts = [prompt_of(r) for r in rows]
-    tokenizer = load_tokenizer(str(policy) if policy and (policy / "tokenizer_config.json").exists()
-                               else resolve_base(stage.model.base), padding_side="left")
+    tokenizer = load_tokenizer(tokenizer_source(policy, resolve_base(stage.model.base)), padding_side="left")
     memory = ppo_memory_preflight(stage, config, prompts, tokenizer)
     trainer = PPOTrainer(config, stage.model, stage.peft, prompts=prompts, stage_dir=stage.stage_dir,
                          reward=reward, policy_adapter=policy, tokenizer=tokenizer, seed=stage.seed)

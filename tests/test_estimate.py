@@ -63,6 +63,11 @@ def test_qlora_by_hand():
     nodrop = estimate_memory(SMALL, "qlora", lora_r=8, batch_size=2, seq_len=16, gradient_checkpointing=False, lora_dropout=0.0)
     assert nodrop.activations == 2 * 32 * (per_layer - 512) + head == 580096
     assert ckpt.weights == est.weights and ckpt.optimizer == est.optimizer
+    # PPO's roles: four fp32 adapters on the one base, two of them trained.
+    roles = estimate_memory(SMALL, "qlora", lora_r=8, batch_size=2, seq_len=16, gradient_checkpointing=False,
+                            adapters=4, trained_adapters=2)
+    assert roles.weights == nf4 + 4 * P_OTHER + 4 * 4 * P_LORA
+    assert (roles.gradients, roles.optimizer, roles.activations) == (2 * 4 * P_LORA, 2 * 8 * P_LORA, est.activations)
 
 
 def test_options_by_hand():

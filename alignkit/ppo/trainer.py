@@ -103,7 +103,8 @@ class PPOTrainer:
         seed: int = 0,
         on_step: Callable[["PPOTrainer", int, dict], None] | None = None,
     ):
-        from alignkit.modeling import load_base_model, load_tokenizer, peft_config, prepare_for_training, resolve_base
+        from alignkit.modeling import (load_base_model, load_tokenizer, peft_config, prepare_for_training, resolve_base,
+                                       tokenizer_source)
 
         self.config = config
         self.stage_dir = Path(stage_dir)
@@ -117,8 +118,8 @@ class PPOTrainer:
         torch.manual_seed(self.seed)
         random.seed(self.seed)
 
-        tok_source = str(policy_adapter) if policy_adapter and (Path(policy_adapter) / "tokenizer_config.json").exists() else resolve_base(model_settings.base)
-        self.tokenizer = tokenizer or load_tokenizer(tok_source, padding_side="left")
+        self.tokenizer = tokenizer or load_tokenizer(tokenizer_source(policy_adapter, resolve_base(model_settings.base)),
+                                                     padding_side="left")
 
         # One base, loaded once.
         base = load_base_model(model_settings)
