@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from alignkit.errors import UserError
-from alignkit.training import MANAGED_TRAIN_KEYS
+from alignkit.training import MANAGED_TRAIN_KEYS, liger_available
 from alignkit.modeling import DTYPES, PEFT_METHODS, QUANTIZATIONS, ModelSettings, PeftSettings
 
 TOP_LEVEL_KEYS = {"description", "model", "peft", "run_dir", "seed", "stages"}
@@ -304,6 +304,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
                     raise UserError(f"{lines.where(path, f'{where_key}.train.{key}')}: unknown key {where_key}.train.{key}{extra}{_suggest(key, train_fields)}")
                 if not _check_type(value, hints.get(key, Any)):
                     raise UserError(f"{lines.where(path, f'{where_key}.train.{key}')}: {where_key}.train.{key}={value!r} is not a valid {hints.get(key)}")
+            if train.get("use_liger_kernel") and not liger_available():
+                raise UserError(f"{lines.where(path, f'{where_key}.train.use_liger_kernel')}: {where_key}.train.use_liger_kernel "
+                                f"needs the liger-kernel package (pip install 'alignkit[gpu]'), or set it to false")
         data = {k: (_resolve_path(v, base_dir) if k in PATH_DATA_KEYS else v) for k, v in data.items()}
         stages.append(StageConfig(name=sname, kind=kind, data=data, train=train, after=s.get("after"), reward=s.get("reward")))
 

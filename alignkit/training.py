@@ -37,6 +37,23 @@ def alignkit_defaults(seed: int) -> dict:
     }
 
 
+def liger_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def fused_kernel_defaults() -> dict:
+    """Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) for the SFT and DPO stages, on a CUDA GPU with liger-kernel installed.
+
+    TRL already fuses the LM head and loss in these trainers; Liger adds the layer kernels on top.
+    Only SFT and DPO take it: on a sequence-classification model Liger would swap in a causal-LM forward.
+    """
+    import torch
+
+    return {"use_liger_kernel": True} if torch.cuda.is_available() and liger_available() else {}
+
+
 def trl_args(config_cls, stage, extra_defaults: dict | None = None):
     """The stage's TRL config: alignkit defaults < recipe-kind defaults < the recipe's `train:`."""
     values = {**alignkit_defaults(stage.seed), **(extra_defaults or {}), **stage.train}
@@ -90,6 +107,41 @@ def divergence_guard():
     return DivergenceGuard()
 
 
+def throughput_meter():
+    """A TrainerCallback that times the real (non-padding) tokens TRL counts in its `num_tokens` log.
+
+    Tokens per second between the first and the last logged step: the steady state, without the
+    first steps' warm-up (kernel compilation, allocator growth) or DPO's reference precompute, which
+    the Trainer's train_runtime includes. Read by final_metrics as `tokens_per_second`.
+    """
+    import time
+
+    from transformers import TrainerCallback
+
+    class ThroughputMeter(TrainerCallback):
+        def __init__(self):
+            self.marks: list[tuple[float, float]] = []  # (seconds, cumulative tokens) at each train log
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # The log follows a loss .item(), so on a GPU the step's kernels have finished by now.
+            if logs and "num_tokens" in logs and "loss" in logs:
+                self.marks.append((time.perf_counter(), float(logs["num_tokens"])))
+
+        @property
+        def tokens_per_second(self) -> float | None:
+            if len(self.marks) < 2 or self.marks[-1][0] <= self.marks[0][0]:
+                return None
+            (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+            return (n1 - n0) / (t1 - t0)
+
+    return ThroughputMeter()
+
+
+def stage_callbacks(stage_dir: Path) -> list:
+    """What every Trainer-based stage attaches: the divergence guard, TensorBoard logs, the throughput meter."""
+    return [divergence_guard(), tensorboard_callback(stage_dir), throughput_meter()]
+
+
 def final_metrics(trainer, train_output=None) -> dict:
     """Last logged value of each metric, plus the train summary and an evaluation if there is eval data."""
     metrics: dict = {}
@@ -102,6 +154,9 @@ def final_metrics(trainer, train_output=None) -> dict:
     if trainer.eval_dataset is not None:
         metrics.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
     metrics["global_step"] = trainer.state.global_step
+    meter = next((cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "tokens_per_second")), None)
+    if meter is not None and meter.tokens_per_second is not None:
+        metrics["tokens_per_second"] = meter.tokens_per_second
     return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
 
 

@@ -10,6 +10,7 @@ dir, or `labels_db:` (a label store, exported with its aggregation policy).
 
 Defaults that differ from TRL's DPOConfig (besides alignkit.training's):
   learning_rate  5e-5  (TRL: 1e-6, a full fine-tuning rate; adapters want more)
+  use_liger_kernel  true on a CUDA GPU with liger-kernel installed (TRL: false)
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from trl import DPOConfig, DPOTrainer
 from alignkit.artifacts import file_fingerprint
 from alignkit.data.sources import load_preference_split
 from alignkit.modeling import load_tokenizer, resolve_base
-from alignkit.training import (divergence_guard, final_metrics, load_policy, memory_preflight, save_policy,
-                               tensorboard_callback, trl_args, truncation_report)
+from alignkit.training import (final_metrics, fused_kernel_defaults, load_policy, memory_preflight, save_policy,
+                               stage_callbacks, trl_args, truncation_report)
 
 TRAIN_CONFIG = DPOConfig
 DATA_KEYS = {"train", "eval", "eval_fraction", "labels_db", "min_agreement", "ties", "both_bad"}
@@ -40,7 +41,7 @@ def run(stage) -> dict:
 
     parent = stage.parents.get("after")
     tokenizer = load_tokenizer(str(parent) if parent else resolve_base(stage.model.base))
-    args = trl_args(DPOConfig, stage, DEFAULTS)
+    args = trl_args(DPOConfig, stage, {**DEFAULTS, **fused_kernel_defaults()})
     info.update(truncation_report(tokenizer, train_rows, args.max_length, "preference"))
     memory = memory_preflight(stage, args, sequences_per_example=2)  # chosen and rejected in one batch
 
@@ -62,7 +63,7 @@ def run(stage) -> dict:
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         peft_config=new_adapter,
-        callbacks=[divergence_guard(), tensorboard_callback(stage.stage_dir)],
+        callbacks=stage_callbacks(stage.stage_dir),
     )
     output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
 

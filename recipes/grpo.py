@@ -81,8 +81,8 @@ def run_online(stage, config_cls, trainer_cls, defaults: dict) -> dict:
     """The GRPO / RLOO stage body: one base, policy + TRL's ref + reward adapters, reward callable, save."""
     from alignkit.modeling import load_tokenizer, resolve_base
     from alignkit.reward_model import AttachedReward
-    from alignkit.training import (divergence_guard, final_metrics, load_policy, memory_preflight, save_policy,
-                                   tensorboard_callback, trl_args)
+    from alignkit.training import (final_metrics, load_policy, memory_preflight, save_policy,
+                                   stage_callbacks, trl_args)
 
     rows, info = stage.prepared
     args = trl_args(config_cls, stage, defaults)
@@ -108,7 +108,7 @@ def run_online(stage, config_cls, trainer_cls, defaults: dict) -> dict:
         args=args,
         train_dataset=Dataset.from_list([{"prompt": prompt_of(r)} for r in rows]),
         processing_class=tokenizer,
-        callbacks=[divergence_guard(), tensorboard_callback(stage.stage_dir)],
+        callbacks=stage_callbacks(stage.stage_dir),
     )
     output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
     save_policy(trainer.model, tokenizer, stage.stage_dir)

@@ -41,7 +41,7 @@ from trl import RewardConfig, RewardTrainer
 from alignkit.data.sources import load_preference_split
 from alignkit.modeling import load_tokenizer, resolve_base
 from alignkit.reward_model import NEAR_CHANCE_ACCURACY, RewardScorer
-from alignkit.training import (divergence_guard, final_metrics, memory_preflight, save_policy, tensorboard_callback,
+from alignkit.training import (final_metrics, memory_preflight, save_policy, stage_callbacks,
                                trl_args, truncation_report)
 
 TRAIN_CONFIG = RewardConfig
@@ -197,7 +197,7 @@ def run(stage) -> dict:
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
-        callbacks=[divergence_guard(), tensorboard_callback(stage.stage_dir)],
+        callbacks=stage_callbacks(stage.stage_dir),
     )
     _match_compute_dtype(trainer.model, stage.model.compute_dtype)
     output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)

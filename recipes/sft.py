@@ -8,6 +8,7 @@ Empty and duplicate rows are dropped and counted in stage.json.
 Defaults that differ from TRL's SFTConfig (besides alignkit.training's):
   learning_rate        2e-4   (TRL: 2e-5, a full fine-tuning rate; LoRA adapters want ~10x more)
   assistant_only_loss  true for `messages` data when the chat template marks generations
+  use_liger_kernel     true on a CUDA GPU with liger-kernel installed (TRL: false)
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from trl import SFTConfig, SFTTrainer
 
 from alignkit.data.sources import load_sft_split
 from alignkit.modeling import load_tokenizer, resolve_base
-from alignkit.training import (divergence_guard, final_metrics, load_policy, memory_preflight, save_policy,
-                               tensorboard_callback, trl_args, truncation_report)
+from alignkit.training import (final_metrics, fused_kernel_defaults, load_policy, memory_preflight, save_policy,
+                               stage_callbacks, trl_args, truncation_report)
 
 TRAIN_CONFIG = SFTConfig
 DATA_KEYS = {"train", "eval", "eval_fraction"}
@@ -52,7 +53,7 @@ def run(stage) -> dict:
         info["loss_on"] = "last assistant turn (chat template has no generation markers)"
     else:
         info["loss_on"] = {"messages": "assistant tokens", "prompt_completion": "completion tokens", "text": "all tokens"}[fmt]
-    args = trl_args(SFTConfig, stage, {**DEFAULTS, "assistant_only_loss": fmt == "messages" and marks_generation})
+    args = trl_args(SFTConfig, stage, {**DEFAULTS, **fused_kernel_defaults(), "assistant_only_loss": fmt == "messages" and marks_generation})
     if not args.packing:  # packed sequences are cut to max_length by design
         info.update(truncation_report(tokenizer, train_rows, args.max_length, "prompt_completion" if "prompt" in train_rows[0] else fmt))
 
@@ -69,7 +70,7 @@ def run(stage) -> dict:
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         peft_config=new_adapter,
-        callbacks=[divergence_guard(), tensorboard_callback(stage.stage_dir)],
+        callbacks=stage_callbacks(stage.stage_dir),
     )
     output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
 

@@ -46,6 +46,9 @@ def test_invalid_yaml_names_line(capsys, tmp_path):
         (lambda raw: raw["stages"][0]["train"].update(max_steps="lots"), ["stages.sft.train.max_steps='lots'"]),
         (lambda raw: raw["model"].update(base="/no/such/model"), ["model path does not exist", "/no/such/model"]),
         (lambda raw: raw["stages"][0]["data"].update(train="/no/such/data.jsonl"), ["not found", "/no/such/data.jsonl"]),
+        # The CPU test machine has no liger-kernel (it is the [gpu] extra): asking for it is caught before anything trains.
+        (lambda raw: raw["stages"][1]["train"].update(use_liger_kernel=True),
+         ["stages.dpo.train.use_liger_kernel needs the liger-kernel package", "alignkit[gpu]"]),
     ],
 )
 def test_config_mistakes(capsys, tiny_recipe, edit, needles):

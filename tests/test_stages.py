@@ -69,6 +69,11 @@ def test_stage_json_complete_and_correct(chain):
         assert stage["data"]["rows_kept"] + stage["data"]["dropped_duplicate"] + stage["data"]["dropped_empty"] == stage["data"]["rows_read"]
         assert (chain["run"] / stage["name"] / "tokenizer_config.json").exists()
         assert any((chain["run"] / stage["name"] / "logs").iterdir()), "no TensorBoard logs"
+        # Steady-state throughput of real tokens (TRL's num_tokens between the first and last log), in tokens per
+        # second: within a small factor of the whole run's average, which also counts the warm-up.
+        m = stage["metrics"]
+        assert m["num_tokens"] > 0 and m["tokens_per_second"] > 0
+        assert 0.2 < m["tokens_per_second"] / (m["num_tokens"] / m["train_runtime"]) < 20
     assert sft["data"]["dropped_duplicate"] > 0  # the tiny SFT file has duplicates on purpose
     for stage in (sft, dpo):
         assert stage["data"]["max_length"] == 128 and stage["data"]["rows_truncated"] == 0
