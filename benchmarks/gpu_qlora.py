@@ -1,36 +1,51 @@
-"""GPU path: QLoRA SFT and DPO steps on Llama-3.2-1B- and Llama-3.1-8B-shaped models, plain TRL+PEFT vs our defaults.
+"""GPU path: QLoRA SFT and DPO on Llama-3.2-1B- and Llama-3.1-8B-shaped models, plain TRL+PEFT vs alignkit's recipe.
 
-    python -m benchmarks.gpu_qlora                       # on a GPU machine: both shapes, appends to RESULTS.md
-    python -m benchmarks.gpu_qlora --shapes 1b           # one shape
-    python -m benchmarks.gpu_qlora --quick               # CPU smoke of the same code path (tiny shape), prints only
+    python -m benchmarks.gpu_qlora                    # on a GPU: both shapes, appends to RESULTS.md
+    python -m benchmarks.gpu_qlora --shapes 8b        # one shape
+    python -m benchmarks.gpu_qlora --set stages.sft.train.use_liger_kernel=false   # override our side's recipe
+    python -m benchmarks.gpu_qlora --quick            # CPU smoke of the same code path (tiny shape), prints only
+    bash benchmarks/gpu_device.sh                     # the whole device run, wheels included (see that file)
 
-Random weights (the shapes need no download) saved once to a local directory,
-loaded in 4-bit NF4 like a real model; sequence length 2048; the tokenizer is
-alignkit's tiny BPE (ids fit any vocab) with the model's real 128k vocab, so the
-LM head costs what it costs in practice.
-  plain: TRL + PEFT defaults — LoRA r=16 all-linear, padded batches, AdamW (fused),
-         gradient checkpointing on (TRL's default), DPO with a reference forward per step.
-  ours:  alignkit's recipe defaults with the speed-ups on — Liger kernels (use_liger_kernel),
-         padding-free packing for SFT, precomputed reference log-probs for DPO,
-         paged 8-bit AdamW, gradient checkpointing on.
-MFU = 6 · N · tokens/s / peak bf16 FLOP/s (N = base parameters; the 6N convention of
-Kaplan et al. — LoRA skips base weight gradients, so the true FLOPs are nearer 4N and
-this MFU is an upper-bound convention, kept for comparability with published numbers).
-Packages the GPU image lacks (trl, peft, bitsandbytes, liger-kernel, datasets, this
-package) travel as wheels: see benchmarks/RESULTS.md for the command used.
+Random weights (the shapes need no download), saved once in bf16 and loaded in 4-bit NF4
+like a real model, with the real 128k vocabulary (the LM head costs what it costs in
+practice); the tokenizer is alignkit's tiny BPE, whose ids fit any vocabulary.
+Workload: the same examples, one epoch, on both sides. Lengths are drawn log-normally
+up to --seq-len (chat data is mostly short with a long tail), so padding and packing
+cost or save what they do on real data.
+  plain: the script a TRL user writes: 4-bit load, prepare_model_for_kbit_training, the recipe's
+         LoRA, batch size, learning rate, schedule and gradient checkpointing; TRL's defaults for
+         the rest (padded batches, fused AdamW, a reference forward in every DPO step).
+  ours:  `alignkit run` on the shape's shipped recipe (recipes/configs/llama-3.2-1b_sft_dpo.yaml,
+         llama-3.1-8b_sft_dpo.yaml): packing (padding-free) for SFT, precomputed reference
+         log-probs for DPO, paged 8-bit AdamW, Liger kernels (alignkit's default on a GPU).
+  Both sides, to make it a benchmark: synthetic data, one epoch, max_length --seq-len,
+  no gradient accumulation, no evaluation or checkpoints, a log every step. DPO starts from
+  the same SFT adapter on both sides (our SFT run's).
+Measured: tokens/s = real tokens (TRL's num_tokens) / the Trainer's train_runtime, end to end
+(warm-up and DPO's reference precompute included); steady tokens/s between the first and last
+logged step (alignkit.training.throughput_meter, on both sides); peak memory =
+torch.cuda.max_memory_allocated (ru_maxrss on CPU); MFU = 6 · N · tokens/s / the GPU's dense
+bf16 peak, N = parameters doing matmuls (all but the input embedding). LoRA skips the base
+weights' gradients, so the true FLOPs are nearer 4N: this MFU is the published convention,
+an upper bound.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
+import shutil
 import tempfile
-import time
 from pathlib import Path
+
+import yaml
 
 from benchmarks.harness import compare, emit, parse_args, ratio, record
 
 MODULE = "benchmarks.gpu_qlora"
+REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                vocab_size=128256, tie_word_embeddings=True),
@@ -39,18 +54,28 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=1024, tie_word_embeddings=False),
 }
+RECIPES = {"1b": "llama-3.2-1b_sft_dpo.yaml", "8b": "llama-3.1-8b_sft_dpo.yaml", "tiny": "llama-3.2-1b_sft_dpo.yaml"}
+# What plain TRL takes over from our recipe: the hyperparameters. Everything else stays at TRL's defaults.
+SHARED_TRAIN_KEYS = ("per_device_train_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
+                     "max_grad_norm", "gradient_checkpointing", "bf16", "beta", "loss_type")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
 
+def benchmark_train(seq_len: int, gpu: bool) -> dict:
+    """What both sides train with on top of the recipe's hyperparameters."""
+    return {"num_train_epochs": 1, "max_length": seq_len, "gradient_accumulation_steps": 1, "logging_steps": 1,
+            "save_strategy": "no", "eval_strategy": "no", **({} if gpu else {"bf16": False, "optim": "adamw_torch"})}
+
+
 def build_model(work: Path, shape: str) -> Path:
-    """Random-weight Llama of the given shape + the tiny tokenizer, saved once (bf16)."""
+    """Random-weight Llama of the given shape + the tiny tokenizer, saved once (bf16), with its matmul parameter count."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from alignkit.tiny import build_tokenizer, tiny_corpus
 
     out = work / f"llama-{shape}"
-    if (out / "done").exists():
+    if (out / "bench.json").exists():
         return out
     tok = build_tokenizer(tiny_corpus(), vocab_size=512)
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
@@ -58,118 +83,187 @@ def build_model(work: Path, shape: str) -> Path:
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    total = sum(p.numel() for p in model.parameters())
+    matmul = total if cfg.tie_word_embeddings else total - model.model.embed_tokens.weight.numel()
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    (out / "done").write_text("ok")
+    (out / "bench.json").write_text(json.dumps({"parameters": total, "matmul_parameters": matmul}))
     return out
 
 
-def rows(kind: str, n: int, seq_len: int) -> list[dict]:
-    """Synthetic text of about seq_len tokens per example (byte-level BPE: ~3 chars a token)."""
+def write_data(work: Path, n: int, seq_len: int) -> dict[str, Path]:
+    """SFT prompt/completion and DPO prompt/chosen/rejected JSONL, log-normal lengths capped at seq_len tokens."""
     from alignkit.tiny import tiny_corpus
 
     lines = tiny_corpus(n_lines=4000, seed=3)
-    chars = seq_len * 3
+    rng = random.Random(0)
+    chars_per_token = 3  # the tiny byte-level BPE on this corpus
 
-    def text(i: int, share: float) -> str:
-        out, j = [], i * 7
-        while sum(map(len, out)) < chars * share:
-            out.append(lines[j % len(lines)])
-            j += 1
+    def text(tokens: int) -> str:
+        out, size = [], 0
+        while size < tokens * chars_per_token:
+            out.append(lines[rng.randrange(len(lines))])
+            size += len(out[-1]) + 1
         return " ".join(out)
 
-    if kind == "sft":
-        return [{"prompt": text(i, 0.25), "completion": text(i + 1, 0.75)} for i in range(n)]
-    return [{"prompt": text(i, 0.5), "chosen": text(i + 1, 0.5), "rejected": text(i + 2, 0.5)} for i in range(n)]
+    def length() -> int:  # median ~ a third of seq_len, a tail past it (truncated like real data)
+        return max(16, min(seq_len, int(rng.lognormvariate(math.log(seq_len / 3), 0.7))))
+
+    sft, prefs = work / "sft.jsonl", work / "prefs.jsonl"
+    with sft.open("w") as f:
+        for _ in range(n):
+            total = length()
+            f.write(json.dumps({"prompt": text(total // 4), "completion": text(total - total // 4)}) + "\n")
+    with prefs.open("w") as f:
+        for _ in range(n):
+            prompt = length() // 4
+            f.write(json.dumps({"prompt": text(prompt), "chosen": text(length() - prompt), "rejected": text(length() - prompt)}) + "\n")
+    return {"sft": sft, "dpo": prefs}
 
 
-def run(variant: str, shape: str, kind: str, work: Path, steps: int, seq_len: int, batch: int) -> dict:
+def our_recipe(work: Path, shape: str, model: Path, data: dict[str, Path], seq_len: int, gpu: bool, overrides: list[str]) -> Path:
+    """The shipped recipe for this shape with the benchmark's model, data and run settings (see the docstring)."""
+    from alignkit.config import apply_override
+
+    raw = yaml.safe_load((REPO / "recipes" / "configs" / RECIPES[shape]).read_text())
+    raw["model"]["base"] = str(model)
+    if not gpu:
+        raw["model"].update(compute_dtype="float32", dtype="float32")
+    for stage in raw["stages"]:
+        stage["data"] = {"train": str(data[stage["kind"]])}
+        for key in ("eval_steps", "save_steps"):
+            stage["train"].pop(key, None)
+        stage["train"].update(benchmark_train(seq_len, gpu))
+    for item in overrides:
+        apply_override(raw, item)
+    path = work / f"recipe-{shape}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def run_ours(kind: str, recipe: Path, work: Path) -> dict:
+    from alignkit.artifacts import read_stage
+    from recipes.runner import run_recipe
+
+    run_dir = Path(tempfile.mkdtemp(prefix=f"ours-{kind}-", dir=work)) / "run"
+    if kind == "dpo":
+        shutil.copytree(work / "sft-parent", run_dir)  # the SFT stage is complete there: the runner skips it
+    run_recipe(recipe, [f"run_dir={run_dir}"], only=[kind], log=lambda *_: None)
+    m = read_stage(run_dir / kind)["metrics"]
+    return {"tokens": m["num_tokens"], "seconds": m["train_runtime"], "steady_tokens_per_second": m.get("tokens_per_second", math.nan)}
+
+
+def run_plain(kind: str, recipe: Path, model_dir: Path, data: Path, work: Path) -> dict:
+    """The plain TRL + PEFT script, with the hyperparameters of our recipe and nothing else of it."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+    from alignkit.data.io import read_jsonl
+    from alignkit.training import throughput_meter
+
+    raw = yaml.safe_load(recipe.read_text())
+    stage = next(s for s in raw["stages"] if s["kind"] == kind)
     gpu = torch.cuda.is_available()
-    path = build_model(work, shape)
-    tok = AutoTokenizer.from_pretrained(path)
-    compute = torch.bfloat16 if gpu else torch.float32
+    compute = getattr(torch, raw["model"]["compute_dtype"])
+    tok = AutoTokenizer.from_pretrained(model_dir)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=compute)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=compute,
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=compute,
                                                  device_map={"": 0 if gpu else "cpu"}, attn_implementation="sdpa")
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    n_params = sum(p.numel() for p in model.parameters()) * (2 if shape != "tiny" else 1)  # 4-bit packs 2 per byte
-    ours = variant == "ours"
-    common = dict(output_dir=str(work / f"out-{variant}-{kind}"), report_to="none", max_steps=steps, per_device_train_batch_size=batch,
-                  max_length=seq_len, learning_rate=1e-4, logging_steps=1, save_strategy="no", bf16=gpu, use_cpu=not gpu,
-                  gradient_checkpointing=True, seed=0)
-    if ours:
-        common.update(optim="paged_adamw_8bit" if gpu else "adamw_torch", use_liger_kernel=gpu)
-    else:
-        common.update(optim="adamw_torch_fused" if gpu else "adamw_torch")
-    data = Dataset.from_list(rows(kind, n=steps * batch + 8, seq_len=seq_len))
+    checkpointing = stage["train"].get("gradient_checkpointing", False)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    p = raw["peft"]
+    lora = LoraConfig(r=p["r"], lora_alpha=p["lora_alpha"], lora_dropout=p["lora_dropout"], target_modules=p["target_modules"],
+                      task_type="CAUSAL_LM")
+    train = {k: v for k, v in stage["train"].items() if k in SHARED_TRAIN_KEYS}
+    train.update({k: v for k, v in benchmark_train(stage["train"]["max_length"], gpu).items() if k != "optim"},
+                 output_dir=str(work / f"plain-{kind}"), report_to="none", seed=raw.get("seed", 0), use_cpu=not gpu)
+    if not gpu:
+        train["optim"] = "adamw_torch"  # same as ours on CPU; TRL's default (fused AdamW) on a GPU
+    rows = Dataset.from_list(list(read_jsonl(data)))
+    meter = throughput_meter()
     if kind == "sft":
-        args = SFTConfig(**common, **({"packing": True, "padding_free": True} if ours else {}))
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=lora)
+        trainer = SFTTrainer(model=model, args=SFTConfig(**train), train_dataset=rows, processing_class=tok, peft_config=lora,
+                             callbacks=[meter])
     else:
-        model = get_peft_model(model, lora)  # the "SFT adapter" the DPO stage continues
-        args = DPOConfig(**common, beta=0.1, **({"precompute_ref_log_probs": True} if ours else {}))
-        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    trainer.train()
-    if gpu:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    tokens = trainer.state.num_input_tokens_seen or steps * batch * seq_len * (2 if kind == "dpo" else 1)
-    result = {"tokens_per_second": tokens / seconds, "seconds": seconds, "tokens": tokens, "params": n_params}
-    if gpu:
+        model = PeftModel.from_pretrained(model, str(work / "sft-parent" / "sft"), is_trainable=True)
+        trainer = DPOTrainer(model=model, args=DPOConfig(**train), train_dataset=rows, processing_class=tok, callbacks=[meter])
+    output = trainer.train()
+    tokens = next(e["num_tokens"] for e in reversed(trainer.state.log_history) if "num_tokens" in e)
+    steady = meter.tokens_per_second
+    return {"tokens": tokens, "seconds": output.metrics["train_runtime"], "steady_tokens_per_second": steady or math.nan}
+
+
+def measure(side: str, kind: str, shape: str, work: Path) -> dict:
+    import torch
+
+    model_dir = work / f"llama-{shape}"
+    recipe = work / f"recipe-{shape}.yaml"
+    if side == "ours":
+        result = run_ours(kind, recipe, work)
+    else:
+        result = run_plain(kind, recipe, model_dir, work / ("sft.jsonl" if kind == "sft" else "prefs.jsonl"), work)
+    result["tokens_per_second"] = result["tokens"] / result["seconds"]
+    if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-        result["mfu"] = 6 * n_params * result["tokens_per_second"] / peak if peak else float("nan")
-        result["device"] = name
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), math.nan)
+        n = json.loads((model_dir / "bench.json").read_text())["matmul_parameters"]
+        result["mfu"] = 6 * n * result["tokens_per_second"] / peak
     return result
 
 
 def main() -> None:
     args = parse_args(__doc__, **{
         "--shapes": dict(default="1b,8b", help="comma-separated: 1b, 8b"),
-        "--steps": dict(type=int, default=10),
+        "--examples": dict(type=int, default=64, help="training examples (SFT) and pairs (DPO), one epoch"),
         "--seq-len": dict(type=int, default=2048),
-        "--batch": dict(type=int, default=1),
+        "--set": dict(action="append", default=[], metavar="KEY=VALUE", help="override in our side's recipe (alignkit run --set)"),
         "--kind": dict(help=argparse.SUPPRESS),
         "--shape": dict(help=argparse.SUPPRESS),
     })
-    if args.repeats == 3 and not args.variant:
-        args.repeats = 1  # GPU runs are long and steady; one alternation is enough
-    if args.quick:
-        args.shapes, args.steps, args.seq_len, args.batch = "tiny", 2, 64, 2
     if args.variant:
-        r = run(args.variant, args.shape, args.kind, Path(args.work), args.steps, args.seq_len, args.batch)
-        emit({k: v for k, v in r.items() if k != "device"})
+        side, kind = args.variant.split("-")
+        emit(measure(side, kind, args.shape, Path(args.work)))
         return
-    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
-    rows_out = []
+
+    import torch
+
+    gpu = torch.cuda.is_available()
+    if args.quick:
+        args.shapes, args.examples, args.seq_len = "tiny", 8, 64
+    repeats = 1 if args.quick or args.repeats == 3 else args.repeats  # GPU runs are long and steady; one alternation
+    table = []
     for shape in args.shapes.split(","):
+        work = Path(tempfile.mkdtemp(prefix=f"bench-gpu-{shape}-"))
+        model = build_model(work, shape)
+        data = write_data(work, args.examples, args.seq_len)
+        our_recipe(work, shape, model, data, args.seq_len, gpu, args.set)
+        extra = ["--shape", shape, "--work", str(work)]
         for kind in ("sft", "dpo"):
-            extra = ["--shape", shape, "--kind", kind, "--work", str(work), "--steps", str(args.steps),
-                     "--seq-len", str(args.seq_len), "--batch", str(args.batch)]
-            plain, ours = compare(MODULE, "plain", "ours", extra, args.repeats)
+            plain, ours = compare(MODULE, f"plain-{kind}", f"ours-{kind}", extra, repeats)
+            if kind == "sft":  # DPO starts from this adapter on both sides
+                shutil.copytree(next(work.glob("ours-sft-*/run")), work / "sft-parent")
             tps = ratio(ours["tokens_per_second"], plain["tokens_per_second"])
             mem = ratio(ours["peak_memory_mb"], plain["peak_memory_mb"])
-            print(f"{shape} {kind}: tokens/s ratio {tps}, peak memory ratio {mem}")
-            rows_out.append([shape, kind.upper(), f"{plain['tokens_per_second']:.0f}", f"{ours['tokens_per_second']:.0f}", tps,
-                             f"{plain['peak_memory_mb']:.0f}", f"{ours['peak_memory_mb']:.0f}", mem,
-                             f"{plain.get('mfu', float('nan')):.3f}", f"{ours.get('mfu', float('nan')):.3f}"])
-    cmd = "python -m benchmarks.gpu_qlora" + (" --quick" if args.quick else f" --shapes {args.shapes}")
-    record("GPU QLoRA: plain TRL+PEFT vs alignkit defaults (seq 2048)", cmd,
-           ["shape", "stage", "plain tok/s", "ours tok/s", "tok/s ratio (target ≥ 1.5 on 8b)", "plain peak MB", "ours peak MB",
-            "memory ratio (target ≤ 0.7)", "plain MFU", "ours MFU"], rows_out,
-           notes=f"{args.steps} steps, batch {args.batch}, seq {args.seq_len}; peak memory is torch.cuda.max_memory_allocated.", quick=args.quick)
+            # Same examples on both sides, so the same real tokens (up to truncation at a different place when packed).
+            print(f"{shape} {kind}: tokens/s ratio {tps}, peak memory ratio {mem} "
+                  f"(real tokens: plain {plain['tokens']:.0f}, ours {ours['tokens']:.0f})", flush=True)
+            table.append([shape, kind.upper(), f"{plain['tokens_per_second']:.0f}", f"{ours['tokens_per_second']:.0f}", tps,
+                          ratio(ours["steady_tokens_per_second"], plain["steady_tokens_per_second"]),
+                          f"{plain['peak_memory_mb']:.0f}", f"{ours['peak_memory_mb']:.0f}", mem,
+                          f"{plain.get('mfu', math.nan):.3f}", f"{ours.get('mfu', math.nan):.3f}"])
+        shutil.rmtree(work, ignore_errors=True)
+    cmd = "python -m benchmarks.gpu_qlora" + (" --quick" if args.quick else f" --shapes {args.shapes}") + \
+        "".join(f" --set {s}" for s in args.set)
+    record("GPU QLoRA: plain TRL+PEFT vs alignkit's recipe", cmd,
+           ["shape", "stage", "plain tok/s", "ours tok/s", "tok/s ratio (target ≥ 1.5 on 8b)", "steady tok/s ratio",
+            "plain peak MB", "ours peak MB", "memory ratio (target ≤ 0.7)", "plain MFU", "ours MFU"], table,
+           notes=f"{args.examples} examples (DPO: pairs), one epoch, lengths log-normal up to {args.seq_len} tokens; "
+                 f"tok/s = real tokens / train_runtime (warm-up and reference precompute included); "
+                 f"peak memory = torch.cuda.max_memory_allocated; median of {repeats} alternating run(s).", quick=args.quick)
 
 
 if __name__ == "__main__":
