@@ -22,13 +22,14 @@ Parameters
 Weights
   full    w * P
   lora    w * P + 4 * P_lora                              (PEFT keeps adapter weights in fp32)
-  qlora   NF4(P_lin) + 4 * P_other + 4 * P_lora
+  qlora   NF4(P_lin) + w' * V*h * (1 if tied else 2) + 4 * (norms, biases) + 4 * P_lora
           NF4(n) = n/2 + ceil(n/64) * 1 + ceil(ceil(n/64)/256) * 4  with double quantization
                    (8-bit absmax per 64-weight block, one fp32 constant per 256 blocks), or
                  = n/2 + ceil(n/64) * 4                               without (fp32 absmax per block),
-          per weight matrix; ~0.516 bytes/weight with double quant. P_other is 4 bytes because
-          k-bit preparation (peft.prepare_model_for_kbit_training, which alignkit runs) upcasts
-          every non-quantized parameter — embeddings, LM head, norms — to fp32.
+          per weight matrix; ~0.516 bytes/weight with double quant. alignkit's k-bit preparation
+          (modeling.prepare_for_training) upcasts the norms and biases to fp32 and keeps the
+          embeddings and LM head in the weight dtype: w' = w, except fp16, where it takes peft's
+          upcast of everything (w' = 4).
 Gradients (trainable parameters only)
   full    w * P;   lora / qlora   4 * P_lora
 Optimizer (AdamW)
@@ -46,9 +47,12 @@ and the qlora weight figure byte for byte against a real bitsandbytes model)
     attention  a (2q + 2kv)     q, k, v and the output (SDPA / flash attention keeps no s x s matrix;
                                 eager attention adds b * heads * s^2 * (4 + a) per layer: fp32 softmax + its cast)
     MLP        4a i             full: gate, up, silu(gate) and their product (the down projection's input)
-               3a i             lora / qlora: the frozen down projection keeps no input
-    adapters   sum over the adapted Linears of 4 in + 4 r   (lora / qlora: PEFT casts each adapted Linear's input
+               3a i             lora: the frozen down projection keeps no input
+               3 x 4 i          qlora: the same three in fp32 (the fp32 norms feed the gate and up projections,
+                                and bitsandbytes returns its input's dtype)
+    adapters   sum over the adapted Linears of 4 in + 4 r   (lora: PEFT casts each adapted Linear's input
                to the fp32 adapter dtype and lora_A keeps that copy; lora_B keeps the fp32 rank-r output),
+               a in + a r       (qlora under autocast: the copies autocast casts for lora_A and lora_B),
                + 1 byte per input element with lora_dropout > 0 (the dropout mask; bool on CUDA)
   head   full: (4 + 2a) h + V (a + 4 + 4);  lora / qlora: 4h + V (a + 4 + 4) — the final norm, the logits,
          the fp32 log-softmax the loss keeps and its fp32 gradient in backward (the vocabulary is often
@@ -298,7 +302,10 @@ def estimate_memory(
         if method == "lora":
             base = w * p_total
         else:
-            base = L * sum(nf4_bytes(fi * fo, double_quant) * c for _, fi, fo, c in linears) + 4 * p_other
+            p_embed = V * h * (1 if shape.tie_word_embeddings else 2)
+            w_embed = 4 if weight_dtype in ("float16", "fp16") else w
+            base = (L * sum(nf4_bytes(fi * fo, double_quant) * c for _, fi, fo, c in linears)
+                    + w_embed * p_embed + 4 * (p_other - p_embed))
         weights = base + 4 * p_lora * adapters
         gradients = 4 * p_lora * trained_adapters
         optimizer_bytes = (8 if optimizer == "adamw" else 2) * p_lora * trained_adapters
@@ -310,7 +317,8 @@ def estimate_memory(
     mlp_i = shape.intermediate_size * (shape.experts_per_token if shape.num_experts > 1 else 1)
     norms = 2 * (4 * h if frozen else (4 + 2 * a) * h)
     attn = a * (2 * shape.q_dim + 2 * shape.kv_dim)
-    mlp = a * mlp_i * ((3 if frozen else 4) if shape.gated_mlp else (1 if frozen else 2))
+    mlp_bytes = 4 if method == "qlora" else a
+    mlp = mlp_bytes * mlp_i * ((3 if frozen else 4) if shape.gated_mlp else (1 if frozen else 2))
     layer = norms + attn + mlp
     if shape.num_experts > 1:
         layer += a * shape.num_experts  # router logits
@@ -318,7 +326,8 @@ def estimate_memory(
         # Per token, each adapted Linear runs once (MoE experts: for the experts the token uses).
         for _, fi, _, copies in linears:
             k = shape.experts_per_token if copies > 1 else 1
-            layer += k * (4 * fi + 4 * lora_r + (fi if lora_dropout > 0 else 0))
+            adapter_bytes = a if method == "qlora" else 4
+            layer += k * (adapter_bytes * (fi + lora_r) + (fi if lora_dropout > 0 else 0))
     eager_layer = batch_size * shape.num_heads * seq_len * seq_len * (4 + a) if attention == "eager" else 0
     head = tokens * ((4 * h if frozen else (4 + 2 * a) * h) + V * (a + 4 + 4))
     if gradient_checkpointing:

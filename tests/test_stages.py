@@ -199,3 +199,49 @@ def test_lora_gradients_survive_an_eval_forward_on_a_4bit_base(tiny_model_dir):
     assert fresh.keys() == after_eval.keys() and len(fresh) > 0
     for name in fresh:
         assert torch.allclose(after_eval[name], fresh[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_kbit_preparation_keeps_a_bf16_base_embedding_and_head_in_bf16(tiny_model_dir):
+    """peft's k-bit preparation upcasts every unquantized weight to fp32 (on Llama-3.1-8B: +2 GiB of embedding
+    and LM head, and an fp32 residual stream). Ours upcasts only the norms; the loss and the LoRA gradients under
+    bf16 autocast, with gradient checkpointing, stay those of peft's preparation."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from alignkit.modeling import load_tokenizer, prepare_for_training
+
+    settings = ModelSettings(base=str(tiny_model_dir), quantization="4bit", dtype="bfloat16", compute_dtype="bfloat16")
+    batch = load_tokenizer(str(tiny_model_dir))(["The film was very good. the cast felt rather dull"] * 2, return_tensors="pt")
+    ours = prepare_for_training(load_base_model(settings), settings, gradient_checkpointing=True)
+    theirs = prepare_model_for_kbit_training(load_base_model(settings), use_gradient_checkpointing=True)
+
+    assert ours.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert ours.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in ours.parameters() if p.ndim == 1)
+    assert not any(p.requires_grad for p in ours.parameters())
+
+    def held(model):
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    big = ours.get_input_embeddings().weight.numel() + ours.get_output_embeddings().weight.numel()
+    assert held(theirs) - held(ours) == 2 * big  # 4 -> 2 bytes for each embedding and head weight
+
+    def loss_and_grads(model):
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    our_loss, our_grads = loss_and_grads(ours)
+    their_loss, their_grads = loss_and_grads(theirs)
+    assert our_grads.keys() == their_grads.keys() and len(our_grads) > 0  # checkpointing still reaches every adapter
+    assert our_loss == pytest.approx(their_loss, rel=1e-2)
+    for name in our_grads:
+        diff = (our_grads[name] - their_grads[name]).norm() / their_grads[name].norm()
+        assert diff < 0.1, (name, diff)
