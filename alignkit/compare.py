@@ -314,7 +314,9 @@ def send_to_store(out_dir: Path, db: str, models: dict[str, str], prompts: list[
         texts = [responses[m][i] for m in models]
         # Identical responses collapse into one in the store (no comparison): counted as ties at --collect.
         # model_name: the display name the Arena reveals after a vote (alignkit.store.arena.model_name).
-        sampling = [{**params.to_dict(), "compare_out": str(out_dir), "model_name": m} for m in models]
+        # model_identity: what the leaderboard counts the model by (names repeat across runs: `dpo`, `sft`).
+        sampling = [{**params.to_dict(), "compare_out": str(out_dir), "model_name": m,
+                     "model_identity": stable_hash(info[m].get("identity") or {"spec": models[m]})[:16]} for m in models]
         rows.append(ImportRow(prompt=prompt, source=f"alignkit compare {out_dir} prompt {i}", responses=texts,
                               models=specs, sampling=sampling))
     store = open_store(db, create=True)

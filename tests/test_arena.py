@@ -137,6 +137,33 @@ def test_leaderboard_without_battles(tmp_path):
     store.close()
 
 
+def test_leaderboard_keeps_two_models_shown_under_one_name_apart(tmp_path):
+    """Two compare runs each call their DPO stage `dpo` (the directory name); the leaderboard must not merge them,
+    while the SFT stage both runs share is one model."""
+    db = str(tmp_path / "labels.db")
+    runs = [{"sft": "/exp/sft", "dpo": "/exp/run1/dpo"}, {"sft": "/exp/sft", "dpo": "/exp/run2/dpo"}]
+    for k, models in enumerate(runs):
+        out = tmp_path / f"out{k}"
+        out.mkdir()
+        responses = {m: [f"run {k} {m} answer {i}" for i in range(len(PROMPTS))] for m in models}
+        send_to_store(out, db, models, PROMPTS, responses, {m: {"spec": spec} for m, spec in models.items()}, SamplingParams())
+    store = open_store(db, create=False)
+    # run2's dpo beats sft, sft beats run1's dpo, every time.
+    strength = {"/exp/run2/dpo": 2, "/exp/sft": 1, "/exp/run1/dpo": 0}
+    with store.read() as s:
+        spec_of = {r.text: r.model_spec for r in s.scalars(select(Response))}
+    for user in ("ann", "bob"):
+        view = handlers.arena_view(store, user, overlap=2)
+        while not view.done:
+            choice = "a" if strength[spec_of[view.left]] > strength[spec_of[view.right]] else "b"
+            handlers.arena_vote(store, user, view.comparison_id, choice, overlap=2)
+            view = handlers.arena_view(store, user, overlap=2)
+    board = handlers.leaderboard(store, bootstrap=100)
+    assert [m["model"] for m in board.models] == ["dpo (/exp/run2/dpo)", "sft", "dpo (/exp/run1/dpo)"]
+    assert [m["votes"] for m in board.models] == [2 * len(PROMPTS), 4 * len(PROMPTS), 2 * len(PROMPTS)]
+    store.close()
+
+
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory, tiny_model_dir):
     from test_compare import make_lora_adapter

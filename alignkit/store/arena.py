@@ -7,7 +7,8 @@ The model names are never part of what the queue serves: `reveal` gives them to 
 only for a battle they have already voted on.
 
 A response's model name is the display name compare sent it with (`model_name` in its
-sampling record, from `--model NAME=SPEC`), else its model spec. Responses are stored once
+sampling record, from `--model NAME=SPEC`), else its model spec; the leaderboard counts models
+by compare's `model_identity` (else the spec), so two models shown under one name stay apart. Responses are stored once
 per (prompt, text), so a text first stored by an earlier import or compare keeps the name
 it was stored with.
 """
@@ -28,13 +29,21 @@ from alignkit.store.queue import _SWAP
 UNNAMED = "(unnamed model)"
 
 
+def _sampling(response: Response) -> dict:
+    return json.loads(response.sampling_json) if response.sampling_json else {}
+
+
 def model_name(response: Response) -> str:
     """The name a response's model is shown under: compare's display name, else the model spec."""
-    if response.sampling_json:
-        name = json.loads(response.sampling_json).get("model_name")
-        if isinstance(name, str) and name:
-            return name
-    return response.model_spec or UNNAMED
+    name = _sampling(response).get("model_name")
+    return name if isinstance(name, str) and name else response.model_spec or UNNAMED
+
+
+def model_key(response: Response) -> str:
+    """What the leaderboard counts a model by: compare's model identity (stage config hash or adapter
+    fingerprint), else the spec. Display names are not unique: every DPO stage directory is called `dpo`."""
+    identity = _sampling(response).get("model_identity")
+    return identity if isinstance(identity, str) and identity else f"spec:{response.model_spec or UNNAMED}"
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,7 @@ def reveal(store: Store, annotator: str, comparison_id: int) -> Reveal:
 class ArenaBattles:
     battles: list[tuple[str, str, str]]  # (model_a, model_b, winner a | b | tie), one per vote
     votes: int  # all votes on arena battles
-    same_model_votes: int  # left out: both sides carry the same model name
+    same_model_votes: int  # left out: both sides are the same model
 
 
 def arena_battles(store: Store) -> ArenaBattles:
@@ -82,11 +91,23 @@ def arena_battles(store: Store) -> ArenaBattles:
     with store.read() as s:
         rows = s.execute(select(Vote.choice, Comparison).join(Comparison, Comparison.id == Vote.comparison_id)
                          .where(Comparison.arena.is_(True)).order_by(Vote.id)).all()
-        battles, same = [], 0
+        keyed, names, specs, same = [], {}, {}, 0
         for choice, comp in rows:
-            a, b = model_name(comp.response_a), model_name(comp.response_b)
-            if a == b:  # e.g. two compare runs that named different specs alike: no battle to rate
+            a, b = model_key(comp.response_a), model_key(comp.response_b)
+            if a == b:  # the same model on both sides (e.g. under two specs): no battle to rate
                 same += 1
                 continue
-            battles.append((a, b, choice if choice in ("a", "b") else "tie"))
-    return ArenaBattles(battles, len(rows), same)
+            for key, response in ((a, comp.response_a), (b, comp.response_b)):
+                names.setdefault(key, model_name(response))
+                specs.setdefault(key, response.model_spec or UNNAMED)
+            keyed.append((a, b, choice if choice in ("a", "b") else "tie"))
+    # A name shared by different models is told apart by spec (or, at one spec, by identity).
+    label = {}
+    for key, name in names.items():
+        twins = [k for k, n in names.items() if n == name]
+        if len(twins) == 1:
+            label[key] = name
+        else:
+            by_spec = len({specs[k] for k in twins}) == len(twins)
+            label[key] = f"{name} ({specs[key] if by_spec else key.removeprefix('spec:')[:8]})"
+    return ArenaBattles([(label[a], label[b], w) for a, b, w in keyed], len(rows), same)
