@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--votes", type=_positive, default=None, help="stop after this many votes in all")
     p.add_argument("--noise", type=_fraction, default=0.0, help="share of votes replaced by a random choice")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arena", action="store_true", help="vote on the Arena's blind battles instead of the Label tab's pairs")
 
     p = sub.add_parser("stats", help="agreement and per-annotator statistics as JSON")
     p.add_argument("--db", required=True)
@@ -183,7 +184,7 @@ def _simulate(args) -> int:
         for name, pw in users:
             add_user(args.users, name, pw)
     result = run_simulated_annotators(args.url, users, judge, args.votes, args.noise, args.seed,
-                                      clients_without_auth=args.annotators)
+                                      clients_without_auth=args.annotators, arena=args.arena)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -4,7 +4,8 @@ A judge is a callable (prompt, response_a, response_b) -> "a" | "b" | "tie" | "b
 where a is the response shown first. Each annotator runs in its own thread with
 its own logged-in client: /next_item, judge, /submit_vote, until the queue is
 empty for them or the vote budget is spent. With `noise`, that share of votes is
-replaced by a uniformly random choice.
+replaced by a uniformly random choice. With `arena`, they vote on the Arena's blind
+battles instead (/arena_next, /arena_vote), as `compare --judge human:DB` queued them.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def connect(url: str, auth: tuple[str, str] | None):
 
 
 def run_simulated_annotators(url: str, users: Sequence[tuple[str, str]] | None, judge: Judge, n_votes_max: int | None = None,
-                             noise: float = 0.0, seed: int = 0, *, clients_without_auth: int = 1) -> dict:
+                             noise: float = 0.0, seed: int = 0, *, clients_without_auth: int = 1, arena: bool = False) -> dict:
     """Label through the server at `url` as each of `users` (name, password) at once.
 
     users=None: a server started with --no-auth; `clients_without_auth` clients then all
@@ -88,6 +89,7 @@ def run_simulated_annotators(url: str, users: Sequence[tuple[str, str]] | None, 
 
     if not 0.0 <= noise <= 1.0:
         raise UserError(f"noise must be between 0 and 1, got {noise}")
+    next_api, vote_api = ("/arena_next", "/arena_vote") if arena else ("/next_item", "/submit_vote")
     logins: list[tuple[str, str] | None] = list(users) if users else [None] * clients_without_auth
     if not logins:
         raise UserError("no annotators to simulate")
@@ -116,7 +118,7 @@ def run_simulated_annotators(url: str, users: Sequence[tuple[str, str]] | None, 
         done = 0
         try:
             while reserve():
-                cid, prompt, a, b = client.predict(api_name="/next_item")
+                cid, prompt, a, b = client.predict(api_name=next_api)
                 if cid is None:
                     release()
                     break
@@ -127,7 +129,8 @@ def run_simulated_annotators(url: str, users: Sequence[tuple[str, str]] | None, 
                     choice = rng.choice(CHOICES)
                 t0 = time.perf_counter()
                 try:
-                    client.predict(comparison_id=cid, choice=choice, rationale="", api_name="/submit_vote")
+                    extra = {} if arena else {"rationale": ""}
+                    client.predict(comparison_id=cid, choice=choice, api_name=vote_api, **extra)
                 except AppError as err:
                     release()
                     with lock:

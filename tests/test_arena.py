@@ -22,6 +22,7 @@ from alignkit.store.export import preference_rows
 from alignkit.store.importer import import_file
 from alignkit.store.models import Comparison, Response
 from labeling_ui import handlers
+from labeling_ui.simulate import run_simulated_annotators
 
 MODELS = {"alpha-k3": "/specs/alpha-model", "beta-q7": "/specs/beta-model", "gamma-z9": "/specs/gamma-model"}
 PROMPTS = [f"Write line {i} of a poem." for i in range(4)]
@@ -187,8 +188,8 @@ def test_human_judge_through_the_real_server_and_collect(two_models, tmp_path):
     add_label_prompts(db, tmp_path)  # ordinary pairs in the same store: never served as battles
     secrets = [*two_models, *two_models.values()]
 
-    creds = make_users(tmp_path / "users.json", ["ann", "bob"])
-    server = Server(db, users=tmp_path / "users.json", overlap=2, log=tmp_path / "server.log").start()
+    creds = make_users(tmp_path / "users.json", ["ann", "bob", "cat"])
+    server = Server(db, users=tmp_path / "users.json", overlap=3, log=tmp_path / "server.log").start()
     try:
         cast = []  # (winner model or "tie") per vote
         for user, plan in (("ann", ["a", "b", "tie", "both_bad"]), ("bob", ["a", "a", "b", "b"])):
@@ -214,7 +215,18 @@ def test_human_judge_through_the_real_server_and_collect(two_models, tmp_path):
             assert k == len(distinct)  # every battle once, then none left
             with pytest.raises(AppError, match="not an arena battle"):
                 c.predict(comparison_id=label_cid, choice="a", api_name="/arena_vote")
-        assert len(cast) == 2 * len(distinct)
+        # A simulated annotator (`alignkit label simulate --arena`) votes on the same battles through the server.
+        decided = []
+
+        def longer_side(prompt, a, b):
+            choice = "a" if len(a) >= len(b) else "b"
+            decided.append(shown_model(responses, PROMPTS.index(prompt), a if choice == "a" else b))
+            return choice
+
+        sim = run_simulated_annotators(server.url, [("cat", creds["cat"])], longer_side, arena=True)
+        assert sim["votes"] == len(decided) == len(distinct) and not sim["errors"]
+        cast += decided
+        assert len(cast) == 3 * len(distinct)
         board = client(server.url, ("ann", creds["ann"])).predict(api_name="/leaderboard")
         assert board["votes"] == len(cast) and {m["model"] for m in board["models"]} == set(two_models)
         assert all(m["ci_low"] <= m["rating"] <= m["ci_high"] and m["votes"] == len(cast) for m in board["models"])
