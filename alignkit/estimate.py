@@ -22,14 +22,13 @@ Parameters
 Weights
   full    w * P
   lora    w * P + 4 * P_lora                              (PEFT keeps adapter weights in fp32)
-  qlora   NF4(P_lin) + w' * V*h * (1 if tied else 2) + 4 * (norms, biases) + 4 * P_lora
+  qlora   NF4(P_lin) + w' * P_other + 4 * P_lora
           NF4(n) = n/2 + ceil(n/64) * 1 + ceil(ceil(n/64)/256) * 4  with double quantization
                    (8-bit absmax per 64-weight block, one fp32 constant per 256 blocks), or
                  = n/2 + ceil(n/64) * 4                               without (fp32 absmax per block),
           per weight matrix; ~0.516 bytes/weight with double quant. alignkit's k-bit preparation
-          (modeling.prepare_for_training) upcasts the norms and biases to fp32 and keeps the
-          embeddings and LM head in the weight dtype: w' = w, except fp16, where it takes peft's
-          upcast of everything (w' = 4).
+          (modeling.prepare_for_training) keeps the unquantized weights in their dtype: w' = w,
+          except fp16, where it takes peft's upcast of them all to fp32 (w' = 4).
 Gradients (trainable parameters only)
   full    w * P;   lora / qlora   4 * P_lora
 Optimizer (AdamW)
@@ -47,9 +46,7 @@ and the qlora weight figure byte for byte against a real bitsandbytes model)
     attention  a (2q + 2kv)     q, k, v and the output (SDPA / flash attention keeps no s x s matrix;
                                 eager attention adds b * heads * s^2 * (4 + a) per layer: fp32 softmax + its cast)
     MLP        4a i             full: gate, up, silu(gate) and their product (the down projection's input)
-               3a i             lora: the frozen down projection keeps no input
-               3 x 4 i          qlora: the same three in fp32 (the fp32 norms feed the gate and up projections,
-                                and bitsandbytes returns its input's dtype)
+               3a i             lora / qlora: the frozen down projection keeps no input
     adapters   sum over the adapted Linears of 4 in + 4 r   (lora: PEFT casts each adapted Linear's input
                to the fp32 adapter dtype and lora_A keeps that copy; lora_B keeps the fp32 rank-r output),
                a in + a r       (qlora under autocast: the copies autocast casts for lora_A and lora_B),
@@ -244,6 +241,19 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def parameter_bytes(model) -> int:
+    """Bytes a loaded model's parameters hold, 4-bit block constants included: what `weights` estimates."""
+    held = 0
+    for p in model.parameters():
+        held += p.numel() * p.element_size()
+        state = getattr(p, "quant_state", None)
+        if state is not None:  # packed 4-bit weights + block constants (8-bit absmax, fp32 second level)
+            held += state.absmax.numel() * state.absmax.element_size()
+            if state.nested:
+                held += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return held
+
+
 def estimate_memory(
     config: dict | ModelShape,
     method: str = "qlora",
@@ -302,10 +312,8 @@ def estimate_memory(
         if method == "lora":
             base = w * p_total
         else:
-            p_embed = V * h * (1 if shape.tie_word_embeddings else 2)
-            w_embed = 4 if weight_dtype in ("float16", "fp16") else w
-            base = (L * sum(nf4_bytes(fi * fo, double_quant) * c for _, fi, fo, c in linears)
-                    + w_embed * p_embed + 4 * (p_other - p_embed))
+            w_other = 4 if weight_dtype in ("float16", "fp16") else w
+            base = L * sum(nf4_bytes(fi * fo, double_quant) * c for _, fi, fo, c in linears) + w_other * p_other
         weights = base + 4 * p_lora * adapters
         gradients = 4 * p_lora * trained_adapters
         optimizer_bytes = (8 if optimizer == "adamw" else 2) * p_lora * trained_adapters
@@ -317,8 +325,7 @@ def estimate_memory(
     mlp_i = shape.intermediate_size * (shape.experts_per_token if shape.num_experts > 1 else 1)
     norms = 2 * (4 * h if frozen else (4 + 2 * a) * h)
     attn = a * (2 * shape.q_dim + 2 * shape.kv_dim)
-    mlp_bytes = 4 if method == "qlora" else a
-    mlp = mlp_bytes * mlp_i * ((3 if frozen else 4) if shape.gated_mlp else (1 if frozen else 2))
+    mlp = a * mlp_i * ((3 if frozen else 4) if shape.gated_mlp else (1 if frozen else 2))
     layer = norms + attn + mlp
     if shape.num_experts > 1:
         layer += a * shape.num_experts  # router logits

@@ -229,13 +229,13 @@ def peft_config(settings: PeftSettings, task_type: str = "CAUSAL_LM"):
 
 
 def prepare_for_training(model, settings: ModelSettings, gradient_checkpointing: bool):
-    """k-bit preparation for quantized bases (frozen base, fp32 norms, input grads for checkpointing); a no-op otherwise.
+    """k-bit preparation for quantized bases (frozen base, input grads for checkpointing); a no-op otherwise.
 
-    peft's prepare_model_for_kbit_training also upcasts every other unquantized weight to fp32: on Llama-3.1-8B
-    the 1 GiB embedding and 1 GiB LM head become 4 GiB, and the fp32 embedding output makes the residual stream
-    fp32, so checkpointed layer inputs take twice the memory. Under autocast the matmuls run in the compute dtype
-    either way. So a bf16 base keeps them in bf16 and only its norms (and biases) go to fp32; an fp16 base takes
-    peft's full upcast, since fp16 lacks the range for a residual stream.
+    peft's prepare_model_for_kbit_training also upcasts every unquantized weight to fp32: on Llama-3.1-8B the
+    1 GiB embedding and 1 GiB LM head become 4 GiB, and fp32 norm weights turn the residual stream fp32, so each
+    checkpointed layer input and the MLP activations take twice the memory. Under autocast the matmuls run in the
+    compute dtype either way. So a bf16 base stays bf16, as torchtune and Unsloth train QLoRA; an fp16 base takes
+    peft's upcast, since fp16 lacks the range for a residual stream.
     """
     import torch
     from peft import prepare_model_for_kbit_training
@@ -247,8 +247,6 @@ def prepare_for_training(model, settings: ModelSettings, gradient_checkpointing:
     else:
         for p in model.parameters():
             p.requires_grad_(False)
-            if p.ndim == 1 and p.dtype == torch.bfloat16:
-                p.data = p.data.float()
         if gradient_checkpointing:  # as peft does: the frozen embedding's output must carry grad into checkpoints
             model.enable_input_require_grads()
             model.gradient_checkpointing_enable()

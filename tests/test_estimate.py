@@ -8,7 +8,7 @@ import pytest
 
 from alignkit.cli import main as cli_main
 from alignkit.errors import UserError
-from alignkit.estimate import estimate_memory, nf4_bytes, shape_from_config
+from alignkit.estimate import estimate_memory, nf4_bytes, parameter_bytes, shape_from_config
 
 # A small Llama: h=64, 2 layers, 4 heads of 16 (q_dim 64), 2 KV heads (kv_dim 32), MLP 128, vocab 1000, untied.
 SMALL = dict(model_type="llama", vocab_size=1000, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
@@ -46,31 +46,29 @@ def test_qlora_by_hand():
     #   gate, up, down (n=8192): 4096 + 128 + 4 = 4228      per layer 2*2116 + 2*1060 + 3*4228 = 19036
     nf4 = 2 * 19036
     assert nf4_bytes(4096) == 2116 and nf4_bytes(4096, double_quant=False) == 2048 + 64 * 4
-    # k-bit preparation keeps the bf16 embeddings and LM head (2 x 1000 x 64) in bf16 and upcasts the norms
-    # (5 x 64) to fp32; the adapter in fp32.
-    assert est.weights == nf4 + 2 * 128000 + 4 * 320 + 4 * P_LORA == 360888
+    # k-bit preparation keeps the unquantized bf16 weights (embeddings, LM head, norms) in bf16; the adapter in fp32.
+    assert est.weights == nf4 + 2 * P_OTHER + 4 * P_LORA == 360248
     # An fp16 base takes peft's upcast of every unquantized parameter.
     assert estimate_memory(SMALL, "qlora", lora_r=8, weight_dtype="float16").weights == nf4 + 4 * P_OTHER + 4 * P_LORA
     assert est.gradients == 4 * P_LORA
     assert est.optimizer == 8 * P_LORA
     # Activations per token per layer (frozen base): norms 2 x 4 x 64 = 512 (fp32 inputs only); attention 384;
-    # MLP 3 x 4 x 128 = 1536 (gate, up and silu(gate) in fp32: the fp32 norms feed them and bitsandbytes returns
-    # its input's dtype; the frozen down projection keeps no input); adapters: autocast's bf16 copies of each
+    # MLP 3 x 2 x 128 = 768 (gate, up, silu(gate); the frozen down projection keeps no input); adapters: autocast's bf16 copies of each
     # adapted Linear's input and rank-8 output, 2 x ((64 + 8) x 6 + (128 + 8)) = 1136; lora_dropout > 0 adds a
-    # 1-byte mask per input element, 3*64 + 64 + 2*64 + 128 = 512.  -> 4080 bytes.
-    per_layer = 512 + 384 + 1536 + 1136 + 512
+    # 1-byte mask per input element, 3*64 + 64 + 2*64 + 128 = 512.  -> 3312 bytes.
+    per_layer = 512 + 384 + 768 + 1136 + 512
     head = 32 * (4 * 64 + 10000)  # final norm's fp32 input + logits
-    assert est.activations == 2 * 32 * per_layer + head == 589312
+    assert est.activations == 2 * 32 * per_layer + head == 540160
     ckpt = estimate_memory(SMALL, "qlora", lora_r=8, batch_size=2, seq_len=16, gradient_checkpointing=True)
     # Checkpointing keeps each layer's input (2 layers x 32 tokens x 64 x 2 bytes) and recomputes one layer.
-    assert ckpt.activations == 2 * 32 * 64 * 2 + 32 * per_layer + head == 466944
+    assert ckpt.activations == 2 * 32 * 64 * 2 + 32 * per_layer + head == 442368
     nodrop = estimate_memory(SMALL, "qlora", lora_r=8, batch_size=2, seq_len=16, gradient_checkpointing=False, lora_dropout=0.0)
-    assert nodrop.activations == 2 * 32 * (per_layer - 512) + head == 556544
+    assert nodrop.activations == 2 * 32 * (per_layer - 512) + head == 507392
     assert ckpt.weights == est.weights and ckpt.optimizer == est.optimizer
     # PPO's roles: four fp32 adapters on the one base, two of them trained.
     roles = estimate_memory(SMALL, "qlora", lora_r=8, batch_size=2, seq_len=16, gradient_checkpointing=False,
                             adapters=4, trained_adapters=2)
-    assert roles.weights == nf4 + 2 * 128000 + 4 * 320 + 4 * 4 * P_LORA
+    assert roles.weights == nf4 + 2 * P_OTHER + 4 * 4 * P_LORA
     assert (roles.gradients, roles.optimizer, roles.activations) == (2 * 4 * P_LORA, 2 * 8 * P_LORA, est.activations)
 
 
@@ -80,7 +78,7 @@ def test_options_by_hand():
     fp32 = estimate_memory(SMALL, "full", weight_dtype="float32")
     assert (fp32.weights, fp32.gradients, fp32.optimizer) == (4 * P_TOTAL, 4 * P_TOTAL, 8 * P_TOTAL)  # no master copy
     no_dq = estimate_memory(SMALL, "qlora", lora_r=8, double_quant=False)
-    assert no_dq.weights == 2 * (2 * 2304 + 2 * 1152 + 3 * 4608) + 2 * 128000 + 4 * 320 + 4 * P_LORA
+    assert no_dq.weights == 2 * (2 * 2304 + 2 * 1152 + 3 * 4608) + 2 * P_OTHER + 4 * P_LORA
     eager = estimate_memory(SMALL, "full", batch_size=2, seq_len=16, gradient_checkpointing=False, attention="eager")
     base = estimate_memory(SMALL, "full", batch_size=2, seq_len=16, gradient_checkpointing=False)
     assert eager.activations - base.activations == 2 * 2 * 4 * 16 * 16 * (4 + 2)  # layers x b x heads x s^2 x (fp32 + bf16)
@@ -139,8 +137,7 @@ def test_shape_reads_text_config_of_multimodal_configs():
 
 def test_qlora_weights_equal_a_real_4bit_model(tiny_model_dir):
     """The qlora weight figure is byte-exact against the tiny model loaded as alignkit trains it: bf16 base
-    quantized to NF4 with double quant, k-bit preparation (fp32 norms, bf16 embeddings and head), a LoRA adapter
-    on all-linear."""
+    quantized to NF4 with double quant, k-bit preparation (the rest stays bf16), a LoRA adapter on all-linear."""
     import peft
 
     from alignkit.modeling import ModelSettings, load_base_model, prepare_for_training
@@ -148,15 +145,7 @@ def test_qlora_weights_equal_a_real_4bit_model(tiny_model_dir):
     settings = ModelSettings(base=str(tiny_model_dir), quantization="4bit", dtype="bfloat16", compute_dtype="bfloat16")
     model = prepare_for_training(load_base_model(settings), settings, gradient_checkpointing=False)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    held = 0
-    for p in model.parameters():
-        held += p.numel() * p.element_size()
-        state = getattr(p, "quant_state", None)
-        if state is not None:  # packed 4-bit weights + block constants (8-bit absmax, fp32 second level)
-            held += state.absmax.numel() * state.absmax.element_size()
-            if state.nested:
-                held += state.state2.absmax.numel() * state.state2.absmax.element_size()
-    assert held == estimate_memory(json.loads((tiny_model_dir / "config.json").read_text()), "qlora", lora_r=4).weights
+    assert parameter_bytes(model) == estimate_memory(json.loads((tiny_model_dir / "config.json").read_text()), "qlora", lora_r=4).weights
 
 
 def test_nf4_bytes_match_bitsandbytes():
