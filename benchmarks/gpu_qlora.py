@@ -12,7 +12,7 @@ practice); the tokenizer is alignkit's tiny BPE, whose ids fit any vocabulary.
 Workload: the same examples, one epoch, on both sides. Lengths are drawn log-normally
 up to --seq-len (chat data is mostly short with a long tail), so padding and packing
 cost or save what they do on real data.
-  plain: the script a TRL user writes: 4-bit load, prepare_model_for_kbit_training, the recipe's
+  plain: the script a TRL user writes (as trl/scripts/sft.py): 4-bit load, the recipe's
          LoRA, batch size, learning rate, schedule and gradient checkpointing; TRL's defaults for
          the rest (padded batches, fused AdamW, a reference forward in every DPO step).
   ours:  `alignkit run` on the shape's shipped recipe (recipes/configs/llama-3.2-1b_sft_dpo.yaml,
@@ -157,7 +157,7 @@ def run_plain(kind: str, recipe: Path, model_dir: Path, data: Path, work: Path) 
     """The plain TRL + PEFT script, with the hyperparameters of our recipe and nothing else of it."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
@@ -173,8 +173,8 @@ def run_plain(kind: str, recipe: Path, model_dir: Path, data: Path, work: Path) 
                              bnb_4bit_compute_dtype=compute)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=compute,
                                                  device_map={"": 0 if gpu else "cpu"}, attn_implementation="sdpa")
-    checkpointing = stage["train"].get("gradient_checkpointing", False)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    # As TRL's own scripts (trl/scripts/sft.py) do: no peft.prepare_model_for_kbit_training, whose fp32 upcast of
+    # the unquantized weights TRL 1.16 no longer asks for; the trainer freezes the base and wires checkpointing.
     p = raw["peft"]
     lora = LoraConfig(r=p["r"], lora_alpha=p["lora_alpha"], lora_dropout=p["lora_dropout"], target_modules=p["target_modules"],
                       task_type="CAUSAL_LM")
