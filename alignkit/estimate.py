@@ -254,6 +254,24 @@ def parameter_bytes(model) -> int:
     return held
 
 
+def saved_activation_bytes(model, forward) -> tuple[int, object]:
+    """Bytes of the distinct tensors autograd saves for backward while `forward()` runs (the model's parameters
+    excluded), and forward's result: the real counterpart of `activations`."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = forward()
+    return sum(saved.values()), result
+
 def estimate_memory(
     config: dict | ModelShape,
     method: str = "qlora",

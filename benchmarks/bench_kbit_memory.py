@@ -25,7 +25,7 @@ def measure(variant: str, model_dir: Path, seq_len: int) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from alignkit.estimate import parameter_bytes
+    from alignkit.estimate import parameter_bytes, saved_activation_bytes
     from alignkit.modeling import ModelSettings, keep_4bit_differentiable, load_base_model, prepare_for_training
 
     settings = ModelSettings(base=str(model_dir), quantization="4bit", dtype="bfloat16", compute_dtype="bfloat16")
@@ -38,22 +38,13 @@ def measure(variant: str, model_dir: Path, seq_len: int) -> dict:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
     decoder = model.get_base_model().model
     ids = torch.randint(0, decoder.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        hidden = decoder(input_ids=ids).last_hidden_state
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        saved, hidden = saved_activation_bytes(model, lambda: decoder(input_ids=ids).last_hidden_state)
     hidden.float().pow(2).mean().backward()  # the saved tensors are real: backward through them must work
     lora_grads = sum(1 for n, p in model.named_parameters() if "lora_" in n and p.grad is not None)
-    return {"parameter_mb": parameter_bytes(model) / 2**20, "saved_mb": sum(saved.values()) / 2**20, "lora_grads": lora_grads}
+    return {"parameter_mb": parameter_bytes(model) / 2**20, "saved_mb": saved / 2**20, "lora_grads": lora_grads}
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from alignkit.cli import main as cli_main
 from alignkit.errors import UserError
-from alignkit.estimate import estimate_memory, nf4_bytes, parameter_bytes, shape_from_config
+from alignkit.estimate import estimate_memory, nf4_bytes, parameter_bytes, saved_activation_bytes, shape_from_config
 
 # A small Llama: h=64, 2 layers, 4 heads of 16 (q_dim 64), 2 KV heads (kv_dim 32), MLP 128, vocab 1000, untied.
 SMALL = dict(model_type="llama", vocab_size=1000, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
@@ -165,19 +165,8 @@ def _saved_bytes(model, input_ids, *, autocast: bool = False) -> int:
     """Bytes of the distinct tensors autograd saves for backward in one training forward (parameters excluded)."""
     import torch
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=input_ids, labels=input_ids)
-    return sum(saved.values())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return saved_activation_bytes(model, lambda: model(input_ids=input_ids, labels=input_ids))[0]
 
 
 def _comparable(est, vocab: int, tokens: int, a: int = 2) -> int:

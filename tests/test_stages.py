@@ -164,26 +164,30 @@ def test_ppo_memory_preflight_counts_four_roles_and_warns_with_ppo_advice(tmp_pa
     assert any("4 role adapters of which 2 trained" in line for line in lines)
 
 
+def _lora_with_random_b(model):
+    """A LoRA adapter on every linear layer whose B is not zero, so the adapter changes the output from the start."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
 def test_lora_gradients_survive_an_eval_forward_on_a_4bit_base(tiny_model_dir):
     """PPO rollouts, evaluation and precomputed reference log-probs run the training model in eval mode without
     grad. On AVX512-BF16 CPUs that made bitsandbytes switch the 4-bit layers to a kernel without autograd, and the
     LoRA gradients afterwards were wrong; prepare_for_training keeps them exact."""
-    from peft import LoraConfig, get_peft_model
-
     from alignkit.modeling import load_tokenizer, prepare_for_training
 
     settings = ModelSettings(base=str(tiny_model_dir), quantization="4bit")
     batch = load_tokenizer(str(tiny_model_dir))(["The film was very good. the cast felt rather dull"], return_tensors="pt")
 
     def lora_model():
-        model = prepare_for_training(load_base_model(settings), settings, gradient_checkpointing=False)
-        torch.manual_seed(0)
-        model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)
-        return model
+        return _lora_with_random_b(prepare_for_training(load_base_model(settings), settings, gradient_checkpointing=False))
 
     def lora_grads(model):
         model.train()
@@ -205,7 +209,7 @@ def test_kbit_preparation_keeps_a_bf16_base_in_bf16(tiny_model_dir):
     """peft's k-bit preparation upcasts every unquantized weight to fp32 (on Llama-3.1-8B: +2 GiB of embedding
     and LM head, and an fp32 residual stream). Ours keeps a bf16 base in bf16; the loss and the LoRA gradients
     under bf16 autocast, with gradient checkpointing, stay those of peft's preparation."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     from alignkit.estimate import parameter_bytes
     from alignkit.modeling import load_tokenizer, prepare_for_training
@@ -222,12 +226,7 @@ def test_kbit_preparation_keeps_a_bf16_base_in_bf16(tiny_model_dir):
     assert parameter_bytes(theirs) - parameter_bytes(ours) == 2 * sum(p.numel() for p in unquantized)
 
     def loss_and_grads(model):
-        torch.manual_seed(0)
-        model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)
+        model = _lora_with_random_b(model)
         model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(**batch, labels=batch["input_ids"]).loss
