@@ -137,6 +137,9 @@ def _add_estimate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--lm-head", choices=["fused", "full", "score"], default="fused",
+                   help="fused: TRL's chunked log-prob head (SFT, DPO, GRPO stages); full: the model's own logits "
+                        "and loss (PPO); score: a reward model's score head")
     p.set_defaults(handler=_estimate)
 
 

@@ -51,9 +51,14 @@ and the qlora weight figure byte for byte against a real bitsandbytes model)
                to the fp32 adapter dtype and lora_A keeps that copy; lora_B keeps the fp32 rank-r output),
                a in + a r       (qlora under autocast: the copies autocast casts for lora_A and lora_B),
                + 1 byte per input element with lora_dropout > 0 (the dropout mask; bool on CUDA)
-  head   full: (4 + 2a) h + V (a + 4 + 4);  lora / qlora: 4h + V (a + 4 + 4) — the final norm, the logits,
-         the fp32 log-softmax the loss keeps and its fp32 gradient in backward (the vocabulary is often
-         the largest single activation)
+  head   by lm_head, after the final norm's input n = (4 + 2a) h (full) or 4h (lora / qlora):
+         full    n + V (a + 4 + 4): the logits, the fp32 log-softmax the loss keeps and its fp32 gradient
+                 in backward (the vocabulary is often the largest single activation). A model's own loss.
+         fused   n + a h + 4 h + 44, plus one min(T, 4096) x min(V, 32768) logits tile (a bytes) at a time:
+                 TRL's chunked log-prob head (trl.kernels.chunked_logprob, used by its SFT, DPO, GRPO and RLOO
+                 trainers) keeps the normed hidden state, builds an fp32 gradient for it in backward, and per
+                 token 44 bytes of targets, log-sum-exp, entropy and running statistics; no full logits.
+         score   n: a reward model's one-output score head.
   without gradient checkpointing   T * L * A + T * head
   with gradient checkpointing      T * L * h * a (each layer's input) + T * A (one layer recomputed) + T * head
   Ungated MLPs keep 2a i (full) / a i (adapters); MoE layers multiply the MLP terms by the experts
@@ -74,6 +79,7 @@ from typing import Any
 from alignkit.errors import UserError
 
 METHODS = ("full", "lora", "qlora")
+LM_HEADS = ("full", "fused", "score")
 OPTIMIZERS = ("adamw", "adamw_8bit")
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 NF4_BLOCK = 64
@@ -226,7 +232,7 @@ class MemoryEstimate:
             f"{self.method} training of a {self.model_type} model: {_count(self.params_total)} parameters, "
             f"{_count(self.params_trainable)} trainable{lora}",
             f"batch {self.batch_size} x {self.seq_len} tokens, gradient checkpointing {ckpt}, "
-            f"optimizer {self.settings.get('optimizer')}",
+            f"optimizer {self.settings.get('optimizer')}, LM head {self.settings.get('lm_head', 'full')}",
         ]
         for name in ("weights", "gradients", "optimizer", "activations", "total"):
             rows.append(f"  {name:<12} {getattr(self, name) / div:9.2f} {unit}")
@@ -272,6 +278,7 @@ def saved_activation_bytes(model, forward) -> tuple[int, object]:
         result = forward()
     return sum(saved.values()), result
 
+
 def estimate_memory(
     config: dict | ModelShape,
     method: str = "qlora",
@@ -286,6 +293,7 @@ def estimate_memory(
     optimizer: str = "adamw",
     double_quant: bool = True,
     attention: str = "sdpa",
+    lm_head: str = "full",
     adapters: int = 1,
     trained_adapters: int = 1,
 ) -> MemoryEstimate:
@@ -296,6 +304,8 @@ def estimate_memory(
         raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     if attention not in ("sdpa", "eager"):
         raise UserError(f"attention must be sdpa or eager, got {attention!r}")
+    if lm_head not in LM_HEADS:
+        raise UserError(f"lm_head must be one of {', '.join(LM_HEADS)}, got {lm_head!r}")
     for name, dt in (("weight_dtype", weight_dtype), ("activation_dtype", activation_dtype)):
         if dt not in DTYPE_BYTES:
             raise UserError(f"{name} must be one of {', '.join(DTYPE_BYTES)}, got {dt!r}")
@@ -354,7 +364,13 @@ def estimate_memory(
             adapter_bytes = a if method == "qlora" else 4
             layer += k * (adapter_bytes * (fi + lora_r) + (fi if lora_dropout > 0 else 0))
     eager_layer = batch_size * shape.num_heads * seq_len * seq_len * (4 + a) if attention == "eager" else 0
-    head = tokens * ((4 * h if frozen else (4 + 2 * a) * h) + V * (a + 4 + 4))
+    norm_in = 4 * h if frozen else (4 + 2 * a) * h
+    if lm_head == "full":
+        head = tokens * (norm_in + V * (a + 4 + 4))
+    elif lm_head == "fused":
+        head = tokens * (norm_in + a * h + 4 * h + 44) + min(tokens, 4096) * min(V, 32768) * a
+    else:
+        head = tokens * norm_in
     if gradient_checkpointing:
         activations = tokens * L * h * a + tokens * layer + eager_layer + head
     else:
@@ -375,12 +391,12 @@ def estimate_memory(
         optimizer=int(optimizer_bytes),
         activations=int(activations),
         settings=dict(weight_dtype=weight_dtype, activation_dtype=activation_dtype, optimizer=optimizer,
-                      double_quant=double_quant, lora_dropout=lora_dropout, attention=attention),
+                      double_quant=double_quant, lora_dropout=lora_dropout, attention=attention, lm_head=lm_head),
     )
 
 
 def estimate_from_cli(args) -> int:
-    """`alignkit estimate MODEL --method ... --batch-size --seq-len --lora-r --[no-]gradient-checkpointing`."""
+    """`alignkit estimate MODEL --method ... --batch-size --seq-len --lora-r --[no-]gradient-checkpointing --lm-head`."""
     cfg = load_config(args.model)
     est = estimate_memory(
         shape_from_config(cfg, where=f"{args.model} config.json"),
@@ -389,6 +405,7 @@ def estimate_from_cli(args) -> int:
         seq_len=args.seq_len,
         lora_r=args.lora_r,
         gradient_checkpointing=args.gradient_checkpointing,
+        lm_head=args.lm_head,
     )
     print(est.format())
     return 0

@@ -265,16 +265,18 @@ def _longest_sequence(args) -> int:
     return int(getattr(args, "max_prompt_length", None) or 512) + int(getattr(args, "max_completion_length", None) or 256)
 
 
-def memory_preflight(stage, args, *, sequences_per_example: int = 1, log=print) -> dict:
+def memory_preflight(stage, args, *, sequences_per_example: int = 1, lm_head: str = "fused", log=print) -> dict:
     """Print the estimate command's numbers for this stage against the memory free now; warn when it will not fit.
 
     `sequences_per_example` is 2 for pairwise stages (DPO, reward), whose chosen and rejected
-    sequences run in one batch. The figures are `alignkit estimate`'s (alignkit/estimate.py).
+    sequences run in one batch. `lm_head`: "fused" for TRL's SFT / DPO / GRPO / RLOO trainers (chunked
+    log-probs, no full logits), "score" for a reward model. The figures are `alignkit estimate`'s
+    (alignkit/estimate.py).
     """
     half = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
     return _preflight(stage, batch_size=args.per_device_train_batch_size * sequences_per_example,
                       seq_len=_longest_sequence(args), gradient_checkpointing=bool(args.gradient_checkpointing),
-                      half=half, optimizer="adamw_8bit" if "8bit" in str(args.optim) else "adamw", log=log,
+                      half=half, optimizer="adamw_8bit" if "8bit" in str(args.optim) else "adamw", lm_head=lm_head, log=log,
                       advice="Lower per_device_train_batch_size or max_length (raise gradient_accumulation_steps to keep "
                              "the batch), turn on gradient_checkpointing, use optim: paged_adamw_8bit, or load the base "
                              "in 4-bit.")
@@ -292,7 +294,7 @@ def ppo_memory_preflight(stage, config, prompts: list, tokenizer, *, log=print) 
 
 
 def _preflight(stage, *, batch_size: int, seq_len: int, gradient_checkpointing: bool, half: bool, optimizer: str,
-               advice: str, roles: int = 1, trained_roles: int = 1, log=print) -> dict:
+               advice: str, roles: int = 1, trained_roles: int = 1, lm_head: str = "full", log=print) -> dict:
     import os
 
     from alignkit.estimate import estimate_memory, load_config, shape_from_config
@@ -323,6 +325,7 @@ def _preflight(stage, *, batch_size: int, seq_len: int, gradient_checkpointing: 
         double_quant=stage.model.bnb_4bit_use_double_quant,
         adapters=roles,
         trained_adapters=trained_roles,
+        lm_head=lm_head,
     )
     available, where = available_memory()
     fits = available is None or est.total <= available

@@ -185,7 +185,7 @@ def run(stage) -> dict:
     tokenizer = load_tokenizer(str(parent) if parent else resolve_base(stage.model.base))
     args = trl_args(RewardConfig, stage, DEFAULTS)
     info.update(truncation_report(tokenizer, train_rows, args.max_length, "preference"))
-    memory = memory_preflight(stage, args, sequences_per_example=2)  # chosen and rejected in one batch
+    memory = memory_preflight(stage, args, sequences_per_example=2, lm_head="score")  # chosen and rejected in one batch
 
     model, started = _reward_model(stage, args)
     info.update(started)

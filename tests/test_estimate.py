@@ -224,3 +224,50 @@ def test_qlora_activations_match_the_tensors_autograd_saves(tiny_model_dir):
     got = _saved_bytes(model, torch.randint(0, cfg["vocab_size"], (b, s)), autocast=True)
     est = estimate_memory(cfg, "qlora", batch_size=b, seq_len=s, lora_r=8, lora_dropout=0.0, gradient_checkpointing=False)
     assert got == pytest.approx(_comparable(est, cfg["vocab_size"], b * s), rel=0.05)
+
+
+def test_lm_head_variants_by_hand():
+    kw = dict(lora_r=8, batch_size=2, seq_len=16, gradient_checkpointing=False)
+    full, fused, score = (estimate_memory(SMALL, "qlora", lm_head=head, **kw) for head in ("full", "fused", "score"))
+    # T = 32 tokens, h = 64, V = 1000, a = 2; every head starts with the final norm's fp32 input, 4h = 256.
+    # full: + logits and fp32 log-softmax and its gradient, V (2 + 4 + 4).  fused: + the kept normed hidden state
+    # (2h = 128), its fp32 gradient (4h = 256), 44 bytes of per-token statistics, and one 32 x 1000 bf16 logits tile.
+    # score: nothing more.
+    layers = full.activations - 32 * (256 + 10000)
+    assert fused.activations - layers == 32 * (256 + 128 + 256 + 44) + 32 * 1000 * 2 == 85888
+    assert score.activations - layers == 32 * 256
+    big = dict(model_type="llama", vocab_size=128256, hidden_size=4096, num_hidden_layers=1, intermediate_size=64,
+               num_attention_heads=32, num_key_value_heads=8)
+    tile = estimate_memory(big, "qlora", lm_head="fused", batch_size=4, seq_len=2048).activations - \
+        estimate_memory(big, "qlora", lm_head="score", batch_size=4, seq_len=2048).activations
+    assert tile == 8192 * (2 * 4096 + 4 * 4096 + 44) + 4096 * 32768 * 2  # tiles cap at 4096 tokens x 32768 vocab
+    with pytest.raises(UserError, match="lm_head must be one of"):
+        estimate_memory(SMALL, "qlora", lm_head="tied")
+
+
+def test_fused_head_activations_match_the_tensors_autograd_saves(tiny_model_dir):
+    """Calibration of lm_head="fused" against TRL's own chunked log-prob head on alignkit's QLoRA (bf16 autocast)."""
+    import peft
+    import torch
+    from trl.trainer.utils import add_fused_lm_head
+
+    from alignkit.modeling import ModelSettings, load_base_model, prepare_for_training
+
+    settings = ModelSettings(base=str(tiny_model_dir), quantization="4bit", dtype="bfloat16", compute_dtype="bfloat16")
+    model = prepare_for_training(load_base_model(settings), settings, gradient_checkpointing=False)
+    add_fused_lm_head(model)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_dropout=0.0, target_modules="all-linear",
+                                                       task_type="CAUSAL_LM"))
+    model.train()
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    b, s, h, vocab = 2, 64, cfg["hidden_size"], cfg["vocab_size"]
+    ids = torch.randint(0, vocab, (b, s))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, out = saved_activation_bytes(model, lambda: model(input_ids=ids, labels=ids, fused_lm_head=True))
+    assert out.log_probs is not None and not hasattr(out, "logits")  # the fused path: no logits at all
+    est = estimate_memory(cfg, "qlora", batch_size=b, seq_len=s, lora_r=8, lora_dropout=0.0, gradient_checkpointing=False,
+                          lm_head="fused")
+    # Not saved for backward: the fp32 gradient of the hidden state, the forward's running statistics, the tile.
+    tokens = b * s
+    unsaved = tokens * (4 * h + 28 + 4) + min(tokens, 4096) * min(vocab, 32768) * 2
+    assert got == pytest.approx(est.activations - unsaved, rel=0.05)

@@ -121,7 +121,7 @@ def test_stage_json_records_the_memory_estimate(chain):
                                    seq_len=train["max_length"], lora_r=record["peft"]["r"],
                                    lora_dropout=record["peft"]["lora_dropout"],
                                    gradient_checkpointing=train.get("gradient_checkpointing", False),
-                                   weight_dtype="float32", activation_dtype="float32")
+                                   weight_dtype="float32", activation_dtype="float32", lm_head="fused")
         assert memory["expected_bytes"] == expected.total, name
 
 
