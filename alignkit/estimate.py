@@ -59,8 +59,8 @@ and the qlora weight figure byte for byte against a real bitsandbytes model)
                  trainers) keeps the normed hidden state, builds an fp32 gradient for it in backward, and per
                  token 44 bytes of targets, log-sum-exp, entropy and running statistics; no full logits.
          score   n: a reward model's one-output score head.
-  without gradient checkpointing   T * L * A + T * head
-  with gradient checkpointing      T * L * h * a (each layer's input) + T * A (one layer recomputed) + T * head
+  without gradient checkpointing   T * L * A + T * head (+ the fused head's one tile)
+  with gradient checkpointing      T * L * h * a (each layer's input) + T * A (one layer recomputed) + T * head (+ tile)
   Ungated MLPs keep 2a i (full) / a i (adapters); MoE layers multiply the MLP terms by the experts
   each token uses and add a router logit per expert.
 Total = weights + gradients + optimizer + activations. Not included: the CUDA context and allocator
