@@ -359,9 +359,9 @@ def estimate_memory(
         layer += a * shape.num_experts  # router logits
     if frozen:
         # Per token, each adapted Linear runs once (MoE experts: for the experts the token uses).
+        adapter_bytes = a if method == "qlora" else 4
         for _, fi, _, copies in linears:
             k = shape.experts_per_token if copies > 1 else 1
-            adapter_bytes = a if method == "qlora" else 4
             layer += k * (adapter_bytes * (fi + lora_r) + (fi if lora_dropout > 0 else 0))
     eager_layer = batch_size * shape.num_heads * seq_len * seq_len * (4 + a) if attention == "eager" else 0
     norm_in = 4 * h if frozen else (4 + 2 * a) * h

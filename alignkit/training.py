@@ -288,13 +288,14 @@ def ppo_memory_preflight(stage, config, prompts: list, tokenizer, *, log=print) 
     longest = max(len(ids) for ids in tokenizer([_render(tokenizer, p, prompt=True) for p in prompts],
                                                 add_special_tokens=False)["input_ids"])
     return _preflight(stage, batch_size=config.mini_batch_size, seq_len=longest + config.max_new_tokens,
-                      gradient_checkpointing=False, half=False, optimizer="adamw", roles=4, trained_roles=2, log=log,
+                      gradient_checkpointing=False, half=False, optimizer="adamw", roles=4, trained_roles=2,
+                      lm_head="full", log=log,  # alignkit's PPO takes log-probs from the model's full logits
                       advice="Lower mini_batch_size (raise gradient_accumulation_steps to keep the batch) or "
                              "max_new_tokens, or load the base in 4-bit.")
 
 
 def _preflight(stage, *, batch_size: int, seq_len: int, gradient_checkpointing: bool, half: bool, optimizer: str,
-               advice: str, roles: int = 1, trained_roles: int = 1, lm_head: str = "full", log=print) -> dict:
+               advice: str, lm_head: str, roles: int = 1, trained_roles: int = 1, log=print) -> dict:
     import os
 
     from alignkit.estimate import estimate_memory, load_config, shape_from_config

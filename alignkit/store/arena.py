@@ -16,6 +16,7 @@ it was stored with.
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,12 +103,12 @@ def arena_battles(store: Store) -> ArenaBattles:
                 specs.setdefault(key, response.model_spec or UNNAMED)
             keyed.append((a, b, choice if choice in ("a", "b") else "tie"))
     # A name shared by different models is told apart by spec (or, at one spec, by identity).
-    label = {}
+    keys_by_name: dict[str, list[str]] = defaultdict(list)
     for key, name in names.items():
-        twins = [k for k, n in names.items() if n == name]
-        if len(twins) == 1:
-            label[key] = name
-        else:
-            by_spec = len({specs[k] for k in twins}) == len(twins)
-            label[key] = f"{name} ({specs[key] if by_spec else key.removeprefix('spec:')[:8]})"
+        keys_by_name[name].append(key)
+    label = {}
+    for name, keys in keys_by_name.items():
+        by_spec = len({specs[k] for k in keys}) == len(keys)
+        for key in keys:
+            label[key] = name if len(keys) == 1 else f"{name} ({specs[key] if by_spec else key.removeprefix('spec:')[:8]})"
     return ArenaBattles([(label[a], label[b], w) for a, b, w in keyed], len(rows), same)
