@@ -187,3 +187,39 @@ def test_minibatch_over_ratio_threshold_is_skipped(tmp_path, tiny_model_dir, par
     assert trainer.history[0]["skipped_minibatches"] == 2
     params = dict(trainer.model.named_parameters())
     assert all(torch.equal(params[n].detach(), b) for n, b in before.items())
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_reward_role_scores_what_the_sequence_classifier_scores(tmp_path, tiny_model_dir, pad_is_eos):
+    """PPO's reward role pools the token transformers' *ForSequenceClassification (and so TRL's
+    RewardTrainer) trained the head on — also when pad == EOS, where that is the token before EOS."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit.reward_model import reward_input_ids
+
+    tokenizer = load_tokenizer(str(tiny_model_dir), padding_side="left")
+    if pad_is_eos:
+        tokenizer.pad_token = tokenizer.eos_token  # what load_tokenizer does for Llama 3 / Mistral tokenizers
+    torch.manual_seed(0)
+    classifier = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1,
+                                                                    pad_token_id=tokenizer.pad_token_id)
+    reward = get_peft_model(classifier, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                   task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for name, p in reward.named_parameters():
+            if "lora_B" in name or "score" in name:
+                p.normal_(0, 0.5)
+    reward.save_pretrained(str(tmp_path / "reward"))
+    trainer = PPOTrainer(config(), ModelSettings(base=str(tiny_model_dir), quantization="none"), peft_settings(),
+                         prompts=PROMPTS, stage_dir=tmp_path / "ppo", reward=tmp_path / "reward", tokenizer=tokenizer)
+    prompts = ["Describe the film?", "Tell me about the book and the music?"]  # different lengths: padding matters
+    responses = ["It was good", "A long story"]
+    reference = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1,
+                                                           pad_token_id=tokenizer.pad_token_id),
+        str(tmp_path / "reward")).eval()
+    with torch.no_grad():
+        expected = [reference(input_ids=torch.tensor([reward_input_ids(tokenizer, p, r)])).logits[0, 0].item()
+                    for p, r in zip(prompts, responses)]
+    assert trainer.score(prompts, responses).tolist() == pytest.approx(expected, abs=1e-4)

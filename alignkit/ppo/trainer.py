@@ -244,24 +244,22 @@ class PPOTrainer:
         return self.value_head(h.float()).squeeze(-1)
 
     @torch.no_grad()
-    def score(self, prompts: list, responses: list[str], finished: list[bool]) -> torch.Tensor:
+    def score(self, prompts: list, responses: list[str]) -> torch.Tensor:
         """Scalar score per (prompt, response), from the callable or the reward adapter + score head."""
         if self.reward_fn is not None:
             scores = torch.tensor([float(s) for s in self.reward_fn(prompts, responses)], dtype=torch.float32)
         else:
-            from alignkit.reward_model import reward_input_ids
+            from alignkit.reward_model import last_token_index, pad_right, reward_input_ids
 
             # Exactly the sequence the reward trainer scored (chat template, or text + EOS).
             ids = [reward_input_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
-            width = max(len(x) for x in ids)
-            input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for i, x in enumerate(ids):
-                input_ids[i, : len(x)] = torch.tensor(x)
-                mask[i, : len(x)] = 1
+            input_ids, mask = pad_right(ids, self.tokenizer.pad_token_id)
+            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
             self._use("reward")
-            h = self._decoder()(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False).last_hidden_state
-            last = mask.sum(-1).to(self.device) - 1
+            h = self._decoder()(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+            # The token the score head was trained on: transformers' sequence classifiers pool the rightmost
+            # non-pad token, which is the one before EOS when pad == EOS (Llama 3, Mistral), not EOS itself.
+            last = last_token_index(input_ids, self.tokenizer.pad_token_id)
             scores = self.reward_head(h[torch.arange(len(ids), device=self.device), last].float()).squeeze(-1).cpu()
         if len(scores) != len(responses):
             raise UserError(f"reward function returned {len(scores)} scores for {len(responses)} responses")
@@ -304,7 +302,7 @@ class PPOTrainer:
         responses = input_ids[:, Q:]
         mask = attention[:, Q:].float()
 
-        scores = self.score(prompts, gen.texts, gen.finished)
+        scores = self.score(prompts, gen.texts)
         if not core.is_finite(scores):
             raise TrainingDiverged(f"reward is not finite at PPO step {step} ({scores.tolist()}); "
                                    f"last good checkpoint kept, stage left incomplete")
