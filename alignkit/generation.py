@@ -8,6 +8,7 @@ is small, and results come back in the caller's order.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -43,16 +44,45 @@ def render_prompt(tokenizer, prompt: Any) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
+def encode_prompt(tokenizer, prompt: Any) -> list[int]:
+    """Prompt token ids as TRL tokenizes them: a chat prompt's template carries its own special tokens;
+    plain text gets the ones the tokenizer adds (Llama's BOS), minus an EOS, since a prompt is continued."""
+    if not isinstance(prompt, str):
+        return list(tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(prompt)["input_ids"])
+    if ids and ids[-1] == tokenizer.eos_token_id and not (tokenizer.eos_token and prompt.endswith(tokenizer.eos_token)):
+        ids = ids[:-1]
+    return ids
+
+
+@contextmanager
+def _only_these_settings(model):
+    """Sample with the settings passed to generate() and nothing else.
+
+    transformers fills every field a generate() call leaves unset from the model's own
+    generation_config (a repetition_penalty, min_new_tokens, no_repeat_ngram_size shipped with
+    the checkpoint), which would make samples differ from what SamplingParams records and from
+    the distribution PPO's log-probs describe. A blank config (special token ids kept) stands in.
+    """
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shipped = inner.generation_config
+    inner.generation_config = GenerationConfig(bos_token_id=shipped.bos_token_id, eos_token_id=shipped.eos_token_id,
+                                               pad_token_id=shipped.pad_token_id)
+    try:
+        yield
+    finally:
+        inner.generation_config = shipped
+
+
 def generate_batch(model, tokenizer, prompts: Sequence[Any], params: SamplingParams, *, progress: bool = False) -> GenerationResult:
     """Sample one response per prompt (num_return_sequences each, consecutively) with batched `generate`."""
     import torch
     from tqdm.auto import tqdm
 
-    texts = [render_prompt(tokenizer, p) for p in prompts]
     n_ret = params.num_return_sequences
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        encoded = [[tokenizer.bos_token_id] + e for e in encoded]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out_ids: dict[int, list[list[int]]] = {}
     pad_id = tokenizer.pad_token_id
@@ -74,7 +104,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[Any], params: SamplingPar
                       eos_token_id=eos_id, num_return_sequences=n_ret)
         if sample:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-        with torch.no_grad():
+        with torch.no_grad(), _only_these_settings(model):
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
         gen = gen[:, width:].cpu().tolist()
         for row, i in enumerate(batch):

@@ -1,0 +1,45 @@
+"""Batched sampling: prompts tokenized as TRL tokenizes them, and only the recorded settings shape the samples."""
+
+import pytest
+import torch
+
+from alignkit.generation import SamplingParams, encode_prompt, generate_batch
+from alignkit.modeling import load_tokenizer
+
+
+@pytest.fixture
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(str(tiny_model_dir), padding_side="left")
+
+
+def test_plain_prompts_get_the_tokenizers_bos_and_no_eos(tokenizer):
+    plain = encode_prompt(tokenizer, "the film was")
+    assert plain[0] != tokenizer.bos_token_id
+    tokenizer.add_bos_token = True  # Llama-style: BOS from the tokenizer's post-processor
+    tokenizer.add_eos_token = True
+    with_bos = encode_prompt(tokenizer, "the film was")
+    assert with_bos == [tokenizer.bos_token_id] + plain  # BOS as TRL's SFT/reward tokenization adds it; no EOS
+
+
+def test_chat_prompts_carry_only_the_templates_special_tokens(tokenizer):
+    tokenizer.add_bos_token = True
+    chat = [{"role": "user", "content": "Describe the film."}]
+    ids = encode_prompt(tokenizer, chat)
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def test_a_checkpoints_shipped_generation_settings_do_not_change_samples(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    prompts = ["the film was", "the music"]
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    plain = generate_batch(model, tokenizer, prompts, params).response_ids
+    # What a checkpoint may ship (a repetition_penalty, a suppressed token): each changes greedy decoding.
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.suppress_tokens = [plain[0][0]]
+    assert generate_batch(model, tokenizer, prompts, params).response_ids == plain
+    assert model.generation_config.suppress_tokens == [plain[0][0]]  # the model's own config is put back
+    applied = model.generate(torch.tensor([encode_prompt(tokenizer, prompts[0])]), max_new_tokens=4, do_sample=False)
+    assert applied[0, -4] != plain[0][0]  # generate() alone would have applied them
