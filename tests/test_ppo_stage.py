@@ -147,10 +147,10 @@ def test_nan_reward_diverges_keeps_last_checkpoint_and_resumes(tmp_path, tiny_mo
 
     def flaky(prompts, responses):
         calls["n"] += 1
-        return [math.nan if calls["n"] == 3 else 1.0 for _ in responses]
+        return [math.nan if calls["n"] == 4 else 1.0 for _ in responses]
 
     settings = ModelSettings(base=str(tiny_model_dir), quantization="4bit")
-    cfg = config(steps=4, rollout_batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, save_steps=1)
+    cfg = config(steps=5, rollout_batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, save_steps=2)
     trainer = PPOTrainer(cfg, settings, peft_settings(), prompts=PROMPTS, stage_dir=tmp_path, reward=flaky,
                          policy_adapter=parent_adapter)
     with pytest.raises(TrainingDiverged, match="reward is not finite"):
@@ -163,7 +163,10 @@ def test_nan_reward_diverges_keeps_last_checkpoint_and_resumes(tmp_path, tiny_mo
     resumed = PPOTrainer(cfg, settings, peft_settings(), prompts=PROMPTS, stage_dir=tmp_path,
                          reward=lambda p, r: [1.0] * len(r), policy_adapter=parent_adapter)
     resumed.train(resume_from=ckpt)
-    assert resumed.step == 4 and [h["step"] for h in resumed.history] == [1, 2, 3, 4]
+    assert resumed.step == 5 and [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5]
+    # Step 3 was logged before the crash and trained again after the resume: it is logged once.
+    logged = [json.loads(line)["step"] for line in (tmp_path / "ppo_log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5]
     # Resumed weights are the checkpoint's, not the fresh parent's: step 3 started where step 2 ended.
     assert resumed.kl_ctl.value == pytest.approx(trainer.kl_ctl.value)
 
@@ -173,6 +176,10 @@ def test_ppo_config_rejects_bad_values():
         PPOConfig(mini_batch_size=32, rollout_batch_size=16)
     with pytest.raises(ValueError):
         PPOConfig(temperature=0)
+    with pytest.raises(ValueError, match="multiple of mini_batch_size"):
+        PPOConfig(rollout_batch_size=10, mini_batch_size=4)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        PPOConfig(rollout_batch_size=12, mini_batch_size=4, gradient_accumulation_steps=2)
     assert all(f.metadata.get("help") for f in __import__("dataclasses").fields(PPOConfig))
 
 
@@ -223,3 +230,24 @@ def test_reward_role_scores_what_the_sequence_classifier_scores(tmp_path, tiny_m
         expected = [reference(input_ids=torch.tensor([reward_input_ids(tokenizer, p, r)])).logits[0, 0].item()
                     for p, r in zip(prompts, responses)]
     assert trainer.score(prompts, responses).tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_parent_modules_to_save_stay_frozen_with_a_warning(tmp_path, tiny_model_dir, caplog):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_base_model(ModelSettings(base=str(tiny_model_dir), quantization="none"))
+    parent = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+    parent.save_pretrained(str(tmp_path / "sft"))
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(str(tmp_path / "sft"))
+    with caplog.at_level("WARNING", logger="alignkit"):
+        trainer = PPOTrainer(config(), ModelSettings(base=str(tiny_model_dir), quantization="none"),
+                             PeftSettings(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+                             prompts=PROMPTS, stage_dir=tmp_path / "ppo", reward=char_reward,
+                             policy_adapter=tmp_path / "sft")
+    assert "modules_to_save (lm_head)" in caplog.text
+    trainer._use("policy")
+    copies = [n for n, p in trainer.model.named_parameters() if ".modules_to_save." in n]
+    assert copies and not any(p.requires_grad for n, p in trainer.model.named_parameters() if n in copies)
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in optimised for p in trainer.frozen_copies)

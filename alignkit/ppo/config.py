@@ -17,6 +17,8 @@ class PPOConfig:
     mini_batch_size: int = _f(4, "rollouts per optimiser minibatch (rollout_batch_size should be a multiple)")
     ppo_epochs: int = _f(4, "optimisation epochs over each rollout batch (shuffled minibatches each epoch)")
     learning_rate: float = _f(1e-5, "AdamW learning rate of the policy and value adapters and the value head")
+    weight_decay: float = _f(0.0, "AdamW weight decay (TRL's default; torch's 0.01 would pull the policy towards the "
+                                  "base model, not the reference)")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (policy and value parameters together)")
     gradient_accumulation_steps: int = _f(1, "minibatches whose gradients are summed before one optimiser step")
     # sampling
@@ -56,6 +58,12 @@ class PPOConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.mini_batch_size > self.rollout_batch_size:
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) > rollout_batch_size ({self.rollout_batch_size})")
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of mini_batch_size "
+                             f"({self.mini_batch_size}): a smaller last minibatch would weigh as much as a full one")
+        if (self.rollout_batch_size // self.mini_batch_size) % self.gradient_accumulation_steps:
+            raise ValueError(f"minibatches per rollout ({self.rollout_batch_size // self.mini_batch_size}) must be a "
+                             f"multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps})")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0 for PPO rollouts")
         if not 0 < self.top_p <= 1:

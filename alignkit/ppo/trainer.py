@@ -179,12 +179,19 @@ class PPOTrainer:
 
         named = list(model.named_parameters())
         self.role_params = {role: [p for n, p in named if _role_param_pattern(role).search(n)] for role in ROLES}
+        # A parent's modules_to_save (a trained lm_head, embeddings) are full copies: PPO keeps them at the
+        # parent's values rather than train or hold optimizer state for them.
+        self.frozen_copies = [p for n, p in named if ".modules_to_save." in n]
+        if self.frozen_copies:
+            saved = sorted({n.split(".modules_to_save.")[0].rsplit(".", 1)[-1] for n, _ in named if ".modules_to_save." in n})
+            log.warning("PPO trains LoRA weights only: the parent's modules_to_save (%s) stay at the parent's values",
+                        ", ".join(saved))
         for role in TRAINABLE_ROLES:
             if not self.role_params[role]:
                 raise UserError(f"PPO: no trainable parameters found for the {role} adapter")
         self._use("policy")
         params = self.role_params["policy"] + self.role_params["value"] + list(self.value_head.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         if config.adaptive_kl:
             self.kl_ctl = core.AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
         else:
@@ -211,6 +218,8 @@ class PPOTrainer:
         for r in ROLES:
             for p in self.role_params.get(r, []):
                 p.requires_grad_(r in TRAINABLE_ROLES)
+        for p in self.frozen_copies:  # set_adapter makes the active adapter's copies trainable again
+            p.requires_grad_(False)
 
     def _decoder(self):
         return self.model.get_base_model().get_decoder()
@@ -394,10 +403,20 @@ class PPOTrainer:
 
         cfg = self.config
         self.stage_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.stage_dir / "ppo_log.jsonl"
+        purge_step = None
         if resume_from is not None:
             self.load_checkpoint(Path(resume_from))
-        writer = SummaryWriter(log_dir=str(self.stage_dir / "logs"))
-        jsonl = open(self.stage_dir / "ppo_log.jsonl", "a")
+            # Steps logged after the checkpoint are trained again: drop their old lines and events.
+            purge_step = self.step + 1
+            if log_path.exists():
+                kept = [line for line in log_path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= self.step]
+                tmp = log_path.with_name(log_path.name + ".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, log_path)
+        writer = SummaryWriter(log_dir=str(self.stage_dir / "logs"), purge_step=purge_step)
+        jsonl = open(log_path, "a")
         bar = tqdm(total=cfg.steps, initial=self.step, desc="ppo", disable=os.environ.get("TQDM_DISABLE") == "1")
         try:
             while self.step < cfg.steps:
