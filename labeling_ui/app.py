@@ -39,7 +39,7 @@ bounding threads and pooled connections (the store's pool is sized above it).
 # and Gradio resolves string hints again on every call.
 import ipaddress
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ import gradio as gr
 from alignkit.errors import UserError
 from alignkit.store import Store, next_item as store_next_item, progress as store_progress
 from alignkit.store import skip as store_skip, submit_vote as store_submit_vote, undo_last_vote
-from alignkit.store.arena import reveal
+from alignkit.store.arena import LeaderboardCache, reveal
 from labeling_ui import handlers
 from labeling_ui.users import UsersFile
 
@@ -80,6 +80,12 @@ document.addEventListener('keydown', function (e) {
 </script>
 """
 
+# The prompt is markdown, and `sanitize_html` keeps images: a prompt with ![](http://host/x.png) would
+# make every annotator's browser fetch it, leaking their address. Gradio's Markdown has no switch for
+# images, so the page's policy allows images and media from this server (and inline data) only.
+CSP_HEAD = """<meta http-equiv="Content-Security-Policy" content="img-src 'self' data: blob:; media-src 'self' data: blob:">
+"""
+
 CSS = """
 #ak-prompt, #ak-arena-prompt { max-height: 22em; overflow-y: auto; }
 """
@@ -92,19 +98,57 @@ class AppContext:
     auth: UsersFile | None  # None: --no-auth (loopback only), everyone is LOCAL_USER and admin
     export_dir: Path
     concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT
+    # Ratings are refit (with bootstrap) only when arena votes changed: every annotator may open the tab.
+    leaderboard_cache: LeaderboardCache = field(default_factory=LeaderboardCache)
 
     def user(self, request: gr.Request | None) -> str:
+        """The logged-in annotator; refused when the users file no longer has them or their session
+        was ended (password changed), not only at the next login."""
         name = getattr(request, "username", None) if request is not None else None
         if self.auth is None:
             return name or LOCAL_USER
         if not name:
             raise gr.Error("log in first")
+        # users() re-reads a changed file and ends the sessions of removed or re-passworded users first.
+        if name not in self.auth.users() or not _session_alive(request):
+            raise gr.Error("your login is no longer valid: reload the page and log in again")
         return name
 
     def is_admin(self, request: gr.Request | None) -> bool:
         if self.auth is None:
             return True
-        return self.auth.is_admin(getattr(request, "username", None))
+        try:
+            return self.auth.is_admin(self.user(request))
+        except gr.Error:
+            return False
+
+
+def _session_tokens(request: gr.Request | None) -> tuple[dict | None, str | None]:
+    """(Gradio's login-token table, this request's token); (None, None) off a Gradio server (tests, mounts).
+    Gradio keeps logins as `app.tokens[token] = username`, the token in an access-token cookie."""
+    req = getattr(request, "request", None)
+    app = getattr(req, "app", None)
+    tokens = getattr(app, "tokens", None)
+    if not isinstance(tokens, dict):
+        return None, None
+    cookies = getattr(req, "cookies", {}) or {}
+    cid = getattr(app, "cookie_id", "")
+    return tokens, cookies.get(f"access-token-{cid}") or cookies.get(f"access-token-unsecure-{cid}")
+
+
+def _session_alive(request: gr.Request | None) -> bool:
+    """A call already past Gradio's login check when its session was ended (its token deleted) is refused too."""
+    tokens, token = _session_tokens(request)
+    return tokens is None or tokens.get(token) == request.username
+
+
+def end_sessions(demo: gr.Blocks, names: set[str]) -> None:
+    """Log `names` out everywhere: drop their tokens, as Gradio's own /logout does (later calls get 401)."""
+    tokens = getattr(getattr(demo, "server_app", None), "tokens", None)
+    if isinstance(tokens, dict):
+        for token, user in list(tokens.items()):
+            if user in names:
+                tokens.pop(token, None)
 
 
 def _item_tuple(item) -> tuple[int | None, str, str, str]:
@@ -175,7 +219,7 @@ def api_endpoints(ctx: AppContext) -> None:
     @_api
     def arena_leaderboard() -> dict:
         """Bradley–Terry ratings with bootstrap CIs, votes per model and win rates per pair, from all battles."""
-        return asdict(handlers.leaderboard(ctx.store))
+        return asdict(handlers.leaderboard(ctx.store, cache=ctx.leaderboard_cache))
 
     group = dict(concurrency_id=CONCURRENCY_ID)
     gr.api(next_item, api_name="next_item", **group)
@@ -302,7 +346,7 @@ def leaderboard_tab(ctx: AppContext, demo: gr.Blocks) -> None:
         refresh = gr.Button("Refresh", size="sm")
 
     def show():
-        board = handlers.leaderboard(ctx.store)
+        board = handlers.leaderboard(ctx.store, cache=ctx.leaderboard_cache)
         return {summary: board.summary_markdown, models: board.model_rows(), pairs: board.pair_rows()}
 
     ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
@@ -321,6 +365,9 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
             min_agreement = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Minimum agreement")
             ties = gr.Dropdown(["drop", "ignore"], value="drop", label="Ties")
             both_bad = gr.Dropdown(["drop", "ignore"], value="drop", label="Both bad")
+            min_votes = gr.Number(1, minimum=1, precision=0, label="Minimum votes")
+        gr.Markdown("With a minimum agreement above 0, comparisons with a single vote are dropped: "
+                    "one vote agrees with itself.")
         export = gr.Button("Export preference dataset")
         export_status = gr.Markdown()
 
@@ -335,14 +382,15 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
         return {tab: gr.Tab(visible=True), summary: view.summary_markdown, annotators: view.annotators,
                 pairs: view.pairs}
 
-    def do_export(x, t, b, request: gr.Request):
+    def do_export(x, t, b, v, request: gr.Request):
         require_admin(request)
-        return {export_status: handlers.admin_export(ctx.store, ctx.export_dir, min_agreement=x, ties=t, both_bad=b)}
+        return {export_status: handlers.admin_export(ctx.store, ctx.export_dir, min_agreement=x, ties=t,
+                                                     both_bad=b, min_votes=v)}
 
     ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
     demo.load(show, outputs=[tab, summary, annotators, pairs], **ui)
     refresh.click(show, outputs=[tab, summary, annotators, pairs], **ui)
-    export.click(do_export, inputs=[min_agreement, ties, both_bad], outputs=[export_status], **ui)
+    export.click(do_export, inputs=[min_agreement, ties, both_bad, min_votes], outputs=[export_status], **ui)
 
 
 def build_app(store: Store, *, auth: UsersFile | None = None, overlap: int = 3, export_dir: str | Path | None = None,
@@ -361,6 +409,8 @@ def build_app(store: Store, *, auth: UsersFile | None = None, overlap: int = 3, 
             leaderboard_tab(ctx, demo)
             admin_tab(ctx, demo)
         api_endpoints(ctx)
+    if auth is not None:
+        auth.on_revoke(lambda names: end_sessions(demo, names))
     # Gradio keeps up to 10,000 past events and rebuilds a pandas summary of them after every
     # event, for the /monitoring page (which we keep off): at a few thousand votes that costs
     # more than our handlers. Its own settings turn it down, unless the user set them.
@@ -398,7 +448,7 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, blocke
     return demo.launch(
         server_name=host,
         server_port=port,
-        auth=ctx.auth.check if ctx.auth else None,
+        auth=ctx.auth.check_async if ctx.auth else None,  # async: Gradio awaits it, hashing runs off the loop
         auth_message="alignkit labeling — log in with the name and password your admin gave you.",
         allowed_paths=[],  # nothing beyond Gradio's own static files and cache
         blocked_paths=blocked,  # the store, the users file, exports: never through /file=
@@ -412,7 +462,7 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, blocke
         max_file_size="1mb",  # the app takes no uploads; Gradio's upload route stays small
         show_error=False,  # gr.Error messages still reach the client; other exceptions do not leak
         max_threads=max(40, 2 * ctx.concurrency_limit),
-        head=KEYBOARD_HEAD,
+        head=CSP_HEAD + KEYBOARD_HEAD,
         css=CSS,
         footer_links=["api"],
         prevent_thread_lock=prevent_thread_lock,

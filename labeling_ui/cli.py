@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import math
 import secrets
 import sys
 from pathlib import Path
@@ -36,8 +37,25 @@ def _positive(s: str) -> int:
     return x
 
 
+def _seconds(s: str) -> float:
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not math.isfinite(x) or x <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {s}")
+    return x
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are bad input like any other: one line (no usage dump), exit status 2."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alignkit label", description="label store and labeling app")
+    parser = _Parser(prog="alignkit label", description="label store and labeling app")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("import", help="import prompts and responses (JSONL) into a label store")
@@ -58,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", help="users file written by `alignkit label add-user`")
     p.add_argument("--overlap", type=_positive, default=3, help="distinct annotators per comparison (default 3)")
     p.add_argument("--no-auth", action="store_true", help="no login, one local annotator; loopback only")
-    p.add_argument("--lease-seconds", type=float, default=600.0, help="an unanswered item is served again after this")
+    p.add_argument("--lease-seconds", type=_seconds, default=600.0, help="an unanswered item is served again after this")
     p.add_argument("--export-dir", help="where the admin tab's export writes (default: DB.export next to the store)")
     p.add_argument("--concurrency-limit", type=_positive, default=None,
                    help="handler calls run at once (default: labeling_ui.app.DEFAULT_CONCURRENCY_LIMIT)")

@@ -18,7 +18,7 @@ from alignkit import stats
 from alignkit.errors import UserError
 from alignkit.store import Item, Store, next_item, progress, skip, submit_vote, undo_last_vote
 from alignkit.store.agreement import agreement_report
-from alignkit.store.arena import arena_battles, reveal
+from alignkit.store.arena import LeaderboardCache, arena_battles, arena_vote_state, reveal
 from alignkit.store.export import export_dataset
 from alignkit.store.queue import prompt_as_markdown
 
@@ -129,9 +129,13 @@ def admin_view(store: Store) -> AdminView:
     return AdminView(summary, annotators, pairs)
 
 
-def admin_export(store: Store, out_dir: str | Path, *, min_agreement: float, ties: str, both_bad: str) -> str:
+def admin_export(store: Store, out_dir: str | Path, *, min_agreement: float, ties: str, both_bad: str,
+                 min_votes: Any = 1) -> str:
+    if isinstance(min_votes, float) and min_votes.is_integer():
+        min_votes = int(min_votes)  # a Number box sends floats
     try:
-        s = export_dataset(store, out_dir, min_agreement=min_agreement, ties=ties, both_bad=both_bad)
+        s = export_dataset(store, out_dir, min_agreement=min_agreement, ties=ties, both_bad=both_bad,
+                           min_votes=min_votes)
     except UserError as err:
         return f"Export failed: {err}"
     return f"Exported {s['rows']} preference rows to `{s['out']}` (per reason: {s['per_reason']})."
@@ -198,13 +202,18 @@ def arena_vote(store: Store, user: str, comparison_id: int | None, choice: str, 
 
 @dataclass(frozen=True)
 class Leaderboard:
-    """Ratings from every vote on an arena battle: Bradley–Terry on the Elo scale with bootstrap CIs."""
+    """Ratings from every vote on an arena battle: Bradley–Terry on the Elo scale with bootstrap CIs.
+
+    Each comparison counts once (a vote weighs 1/(votes on it)) and the bootstrap resamples prompts;
+    `votes`, `wins`, `losses` and `ties` count raw votes.
+    """
 
     votes: int  # all votes on arena battles
     battles: int  # the votes rated (both sides under one name are left out)
     models: list[dict[str, Any]]  # best first: model, rating, ci_low, ci_high, votes, wins, losses, ties
     pairs: list[dict[str, Any]]  # model_a, model_b, wins/losses/ties of model_a, n, win_rate, ci_low, ci_high
     bootstrap: int
+    warning: str | None = None  # stats.Connectivity.warning: no finite MLE, or groups that never met
 
     def model_rows(self) -> list[list[Any]]:
         return [[i + 1, m["model"], round(m["rating"], 1), f"[{m['ci_low']:.1f}, {m['ci_high']:.1f}]", m["votes"],
@@ -218,23 +227,35 @@ class Leaderboard:
     def summary_markdown(self) -> str:
         if not self.models:
             return "*No votes on arena battles yet.*"
-        return (f"**{self.battles}** rated votes on arena battles, **{len(self.models)}** models. Bradley–Terry "
-                f"ratings on the Elo scale (1000 = average) with 95% bootstrap CIs ({self.bootstrap} rounds); "
-                f"ties and both-bad count as ties.")
+        text = (f"**{self.battles}** rated votes on arena battles, **{len(self.models)}** models. Bradley–Terry "
+                f"ratings on the Elo scale (1000 = average) with 95% CIs that resample prompts ({self.bootstrap} "
+                f"rounds); each battle counts once however many people voted on it (win rates too); ties and "
+                f"both-bad count as ties.")
+        if self.warning:
+            text += f"\n\n**Warning:** {markdown_text(self.warning)}"
+        return text
 
 
 LEADERBOARD_COLUMNS = ["rank", "model", "rating", "95% CI", "votes", "wins", "losses", "ties"]
 LEADERBOARD_PAIR_COLUMNS = ["model A", "model B", "votes", "win rate of A", "95% CI"]
 
 
-def leaderboard(store: Store, *, bootstrap: int = LEADERBOARD_BOOTSTRAP, seed: int = 0) -> Leaderboard:
-    """Ratings, CIs, votes per model and win rates per pair, from all votes on arena battles."""
+def leaderboard(store: Store, *, bootstrap: int = LEADERBOARD_BOOTSTRAP, seed: int = 0,
+                cache: LeaderboardCache | None = None) -> Leaderboard:
+    """Ratings, CIs, votes per model and win rates per pair, from all votes on arena battles.
+
+    With `cache` (one per app), the result is reused until an arena vote is cast or undone: the
+    bootstrap refits take seconds, and every annotator can ask.
+    """
     if bootstrap < stats.MIN_BOOTSTRAP:
         raise UserError(f"bootstrap must be >= {stats.MIN_BOOTSTRAP}, got {bootstrap}")
+    if cache is not None:
+        key = (arena_vote_state(store), bootstrap, seed)
+        return cache.get(key, lambda: leaderboard(store, bootstrap=bootstrap, seed=seed))
     ab = arena_battles(store)
     if not ab.battles:
         return Leaderboard(ab.votes, 0, [], [], bootstrap)
-    ratings = stats.bootstrap_ratings(ab.battles, rounds=bootstrap, seed=seed)
+    ratings = stats.bootstrap_ratings(ab.battles, rounds=bootstrap, seed=seed, clusters=ab.prompts, weights=ab.weights)
     record: dict[str, Counter] = {m: Counter() for m in ratings}
     for a, b, winner in ab.battles:
         for model, won in ((a, "a"), (b, "b")):
@@ -242,6 +263,7 @@ def leaderboard(store: Store, *, bootstrap: int = LEADERBOARD_BOOTSTRAP, seed: i
             record[model]["ties" if winner == "tie" else "wins" if winner == won else "losses"] += 1
     models = [{"model": m, **ratings[m], **{k: record[m][k] for k in ("votes", "wins", "losses", "ties")}}
               for m in sorted(ratings, key=lambda m: -ratings[m]["rating"])]
-    pairs = [{"model_a": x, "model_b": y, **s}
-             for (x, y), s in stats.pair_stats(ab.battles, rounds=bootstrap, seed=seed).items()]
-    return Leaderboard(ab.votes, len(ab.battles), models, pairs, bootstrap)
+    pairs = [{"model_a": x, "model_b": y, **s} for (x, y), s in
+             stats.pair_stats(ab.battles, rounds=bootstrap, seed=seed, clusters=ab.prompts, weights=ab.weights).items()]
+    warning = stats.connectivity(ab.battles, weights=ab.weights).warning
+    return Leaderboard(ab.votes, len(ab.battles), models, pairs, bootstrap, warning)

@@ -3,7 +3,9 @@
 A judge is a callable (prompt, response_a, response_b) -> "a" | "b" | "tie" | "both_bad",
 where a is the response shown first. Each annotator runs in its own thread with
 its own logged-in client: /next_item, judge, /submit_vote, until the queue is
-empty for them or the vote budget is spent. With `noise`, that share of votes is
+empty for them or the vote budget is spent; one whose votes are refused
+MAX_REFUSED_IN_A_ROW times in a row, or whose /next_item is refused, stops and is
+listed under `stopped`. With `noise`, that share of votes is
 replaced by a uniformly random choice. With `arena`, they vote on the Arena's blind
 battles instead (/arena_next, /arena_vote), as `compare --judge human:DB` queued them.
 """
@@ -21,6 +23,10 @@ from alignkit.errors import UserError
 from alignkit.store.models import CHOICES
 
 Judge = Callable[[str, str, str], str]
+
+# An annotator whose votes are refused this many times in a row stops (and says so in the result):
+# the server keeps serving a held item it refuses, so retrying would loop forever without --votes.
+MAX_REFUSED_IN_A_ROW = 5
 
 
 def length_judge(prompt: str, response_a: str, response_b: str) -> str:
@@ -98,6 +104,7 @@ def run_simulated_annotators(url: str, users: Sequence[tuple[str, str]] | None, 
     latencies: list[float] = []
     per: dict[str, int] = {}
     errors: list[str] = []
+    stopped: list[str] = []  # annotators that gave up: refused votes in a row, or the server refused them
 
     def reserve() -> bool:
         with lock:
@@ -115,10 +122,17 @@ def run_simulated_annotators(url: str, users: Sequence[tuple[str, str]] | None, 
         name = auth[0] if auth else f"local#{i}"
         rng = random.Random(seed * 1000 + i)
         client = connect(url, auth)
-        done = 0
+        done = refused = 0
         try:
             while reserve():
-                cid, prompt, a, b = client.predict(api_name=next_api)
+                try:
+                    cid, prompt, a, b = client.predict(api_name=next_api)
+                except AppError as err:  # e.g. the user was removed from the users file
+                    release()
+                    with lock:
+                        errors.append(f"{name}: {err}")
+                        stopped.append(name)
+                    break
                 if cid is None:
                     release()
                     break
@@ -133,11 +147,17 @@ def run_simulated_annotators(url: str, users: Sequence[tuple[str, str]] | None, 
                     client.predict(comparison_id=cid, choice=choice, api_name=vote_api, **extra)
                 except AppError as err:
                     release()
+                    refused += 1
+                    give_up = refused >= MAX_REFUSED_IN_A_ROW
                     with lock:
                         errors.append(f"{name}: {err}")
+                        if give_up:
+                            stopped.append(name)
+                    if give_up:
+                        break
                     continue
                 dt = time.perf_counter() - t0
-                done += 1
+                done, refused = done + 1, 0
                 with lock:
                     latencies.append(dt)
         finally:
@@ -151,5 +171,5 @@ def run_simulated_annotators(url: str, users: Sequence[tuple[str, str]] | None, 
             f.result()
     seconds = time.perf_counter() - t0
     votes = sum(per.values())
-    return {"votes": votes, "per_annotator": per, "errors": errors, "seconds": seconds,
+    return {"votes": votes, "per_annotator": per, "errors": errors, "stopped": sorted(stopped), "seconds": seconds,
             "votes_per_s": votes / seconds if seconds else None, "submit_latency_ms": _percentiles(latencies)}

@@ -7,10 +7,21 @@
 Written atomically with mode 0600. The server reads it again when it changes, so
 `alignkit label add-user` works while the server runs. Passwords are compared with
 `hmac.compare_digest`; the file never holds a password.
+
+Logins: Gradio awaits `UsersFile.check_async` on its event loop, which runs the scrypt
+check (~60 ms of CPU) on a small pool of its own, so a flood of logins neither stalls
+the loop nor takes more than LOGIN_WORKERS cores from the annotators. A user name with
+MAX_FAILED_LOGINS failures within FAILED_LOGIN_WINDOW_S is refused without hashing until
+the oldest of them ages out (for every name, known or not, so it tells no one which
+names exist). Gradio hands the check no request, so there is no limit per client address.
+
+scrypt cost stays n=2**14: each record carries its own parameters, so it can be raised
+for new passwords later, but a higher cost makes every login (and the flood above) dearer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -19,14 +30,22 @@ import re
 import secrets
 import tempfile
 import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from alignkit.errors import UserError
 
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 MIN_PASSWORD = 8
+MAX_FAILED_LOGINS = 10
+FAILED_LOGIN_WINDOW_S = 600.0
+LOGIN_WORKERS = 2  # scrypt checks at once; more logins wait their turn off the event loop
+MAX_TRACKED_NAMES = 10_000  # names with recent failures remembered (random names cannot grow it unbounded)
 
 
 def hash_password(password: str, *, salt: bytes | None = None, n: int = SCRYPT["n"], r: int = SCRYPT["r"],
@@ -89,40 +108,110 @@ def add_user(path: str | Path, name: str, password: str, *, admin: bool = False)
 
 @dataclass
 class _Snapshot:
-    mtime_ns: int
-    size: int
+    key: tuple[int, int, int]  # (st_ino, st_mtime_ns, st_size): an atomic replace changes the inode
     users: dict
 
 
-class UsersFile:
-    """Login checks against a users file, re-read whenever it changes on disk (thread-safe)."""
+def _credential(record: dict | None) -> tuple | None:
+    return None if record is None else (record.get("salt"), record.get("hash"))
 
-    def __init__(self, path: str | Path):
+
+class LoginLimiter:
+    """Failed logins per user name in a sliding window: a name with `max_failures` failures in the last
+    `window` seconds is blocked until the oldest of them ages out. Thread-safe."""
+
+    def __init__(self, max_failures: int = MAX_FAILED_LOGINS, window: float = FAILED_LOGIN_WINDOW_S, *,
+                 clock: Callable[[], float] = time.monotonic, max_names: int = MAX_TRACKED_NAMES):
+        self.max_failures, self.window, self.clock, self.max_names = max_failures, window, clock, max_names
+        self._lock = threading.Lock()
+        self._failures: dict[str, deque[float]] = {}  # oldest-updated first
+
+    def blocked(self, name: str) -> bool:
+        with self._lock:
+            recent = self._recent(name, self.clock())
+            return recent is not None and len(recent) >= self.max_failures
+
+    def record(self, name: str, ok: bool) -> None:
+        with self._lock:
+            if ok:
+                self._failures.pop(name, None)
+                return
+            now = self.clock()
+            recent = self._recent(name, now) or deque(maxlen=self.max_failures)
+            recent.append(now)
+            self._failures.pop(name, None)
+            self._failures[name] = recent  # most recently failed last
+            while len(self._failures) > self.max_names:
+                del self._failures[next(iter(self._failures))]
+
+    def _recent(self, name: str, now: float) -> deque[float] | None:
+        recent = self._failures.get(name)
+        while recent and recent[0] <= now - self.window:
+            recent.popleft()
+        if recent is not None and not recent:
+            del self._failures[name]
+            return None
+        return recent
+
+
+class UsersFile:
+    """Login checks against a users file, re-read whenever it changes on disk (thread-safe).
+
+    When a re-read finds a user removed or their password changed, the functions registered with
+    `on_revoke` are called with those names (the app ends their sessions) before anyone is checked
+    against the new file."""
+
+    def __init__(self, path: str | Path, *, limiter: LoginLimiter | None = None, login_workers: int = LOGIN_WORKERS):
         self.path = Path(path).resolve()
+        self.limiter = limiter or LoginLimiter()
         self._lock = threading.Lock()
         self._snap: _Snapshot | None = None
+        self._revoke_hooks: list[Callable[[set[str]], None]] = []
+        self._login_pool = ThreadPoolExecutor(max_workers=login_workers, thread_name_prefix="alignkit-login")
         if not self.users():
             raise UserError(f"users file {self.path} has no users (add one with `alignkit label add-user`)")
 
+    def on_revoke(self, fn: Callable[[set[str]], None]) -> None:
+        self._revoke_hooks.append(fn)
+
     def users(self) -> dict:
         st = self.path.stat() if self.path.exists() else None
+        revoked: set[str] = set()
         with self._lock:
             if st is None:
                 if self._snap is None:
                     _read(self.path)  # raises "not found"
                 return self._snap.users
-            if self._snap is None or (st.st_mtime_ns, st.st_size) != (self._snap.mtime_ns, self._snap.size):
-                self._snap = _Snapshot(st.st_mtime_ns, st.st_size, _read(self.path)["users"])
-            return self._snap.users
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self._snap is None or key != self._snap.key:
+                new = _read(self.path)["users"]
+                if self._snap is not None:
+                    revoked = {n for n, rec in self._snap.users.items() if _credential(new.get(n)) != _credential(rec)}
+                self._snap = _Snapshot(key, new)
+            users = self._snap.users
+        for fn in self._revoke_hooks if revoked else ():
+            fn(revoked)
+        return users
 
     def check(self, username: str, password: str) -> bool:
-        """Gradio's `auth` callable: True when the name exists and the password matches."""
+        """True when the name exists and the password matches (and the name is not blocked by failures)."""
+        if self.limiter.blocked(username):
+            return False
         record = self.users().get(username)
         if record is None:
             # Spend the same time as a real check, so timing does not tell which user names exist.
             verify_password(password, {"kdf": "scrypt", **SCRYPT, "salt": "00" * 16, "hash": "00" * 32})
+            ok = False
+        else:
+            ok = verify_password(password, record)
+        self.limiter.record(username, ok)
+        return ok
+
+    async def check_async(self, username: str, password: str) -> bool:
+        """Gradio's `auth` callable: awaited on the event loop, so the hashing runs on the login pool."""
+        if self.limiter.blocked(username):  # refused at once: no thread, no hashing
             return False
-        return verify_password(password, record)
+        return await asyncio.get_running_loop().run_in_executor(self._login_pool, self.check, username, password)
 
     def is_admin(self, username: str | None) -> bool:
         return bool(username) and bool(self.users().get(username, {}).get("admin", False))

@@ -107,3 +107,27 @@ def test_complete_stage_survives_bad_input_in_a_later_run(capsys, tiny_recipe, t
 def test_bad_input_exit_status_through_the_console_script(tmp_path):
     out = subprocess.run([sys.executable, "-m", "alignkit.cli", "run", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+def test_import_file_not_utf8_names_line_and_column(capsys, tmp_path):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(json.dumps({"prompt": "ok", "responses": ["a", "b"]}).encode() + b"\n"
+                     + '{"prompt": "caf\u00e9", "responses": ["a", "b"]}\n'.encode("latin-1"))
+    db = tmp_path / "labels.db"
+    code, err = _run(capsys, "label", "import", "--db", str(db), str(data))
+    _assert_one_clean_line(code, err, f"{data}:2: not UTF-8 (byte 0xe9 at column 16)")
+    assert not db.exists()
+    # The same for a .json list file read by the training data loader.
+    from alignkit.data.io import load_rows
+    from alignkit.errors import UserError
+
+    listed = tmp_path / "rows.json"
+    listed.write_bytes(b'[\n  {"prompt": "ok"},\n  {"prompt": "caf\xe9"}\n]\n')
+    with pytest.raises(UserError, match=r"rows.json:3: not UTF-8 \(byte 0xe9 at column 18\)"):
+        load_rows(listed)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "soon"])
+def test_serve_lease_seconds_must_be_positive_and_finite(capsys, tmp_path, value):
+    code, err = _run(capsys, "label", "serve", "--db", str(tmp_path / "l.db"), "--no-auth", "--lease-seconds", value)
+    _assert_one_clean_line(code, err, "--lease-seconds")

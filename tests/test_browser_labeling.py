@@ -28,9 +28,37 @@ def browser():
         b.close()
 
 
-def test_login_label_three_with_shortcuts_and_model_html_stays_text(browser, tmp_path):
+@pytest.fixture
+def image_host():
+    """Another origin serving an image, counting the requests it gets: a stand-in for a remote host."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    hits = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/gif")
+            self.end_headers()
+            self.wfile.write(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    server.shutdown()
+
+
+def test_login_label_three_with_shortcuts_and_model_html_stays_text(browser, tmp_path, image_host):
+    image_url, image_hits = image_host
     db = make_store(str(tmp_path / "labels.db"), tmp_path, 0, extra=[
-        {"prompt": "Which answer is **safer**?\n\n```python\nprint('hi')\n```", "responses": [XSS, "plain answer"]},
+        {"prompt": "Which answer is **safer**?\n\n```python\nprint('hi')\n```\n\n"
+                   f"![pixel]({image_url}/md.gif) <img src=\"{image_url}/tag.gif\">",
+         "responses": [XSS, "plain answer"]},
         {"prompt": "second", "responses": ["one", "two"]},
         {"prompt": "third", "responses": ["three", "four"]},
         {"prompt": "fourth", "responses": ["five", "six"]},
@@ -66,6 +94,10 @@ def test_login_label_three_with_shortcuts_and_model_html_stays_text(browser, tmp
         assert page.locator("#injected").count() == 0 and page.locator("img[src=x]").count() == 0
         # The prompt is markdown: the code block is rendered.
         assert page.locator("#ak-prompt pre code").count() >= 1
+        # Its images are not fetched from other hosts (that would leak every annotator's address).
+        page.wait_for_function("() => document.querySelectorAll('#ak-prompt img').length > 0", timeout=15_000)
+        page.wait_for_timeout(500)
+        assert image_hits == []
 
         shown = []
         for key, expect in (("1", "a"), ("2", "b"), ("3", "tie")):

@@ -81,6 +81,12 @@ def test_api_bad_input_is_refused_and_stores_nothing(env):
     with pytest.raises(AppError, match="already voted"):
         carol.predict(comparison_id=cid, choice="a", api_name="/submit_vote")
     assert len(votes_in(env["db"])) == before + 1
+    with pytest.raises(AppError, match="comparison id must be an integer, got 'abc'"):
+        carol.predict(comparison_id="abc", api_name="/skip")
+    cid = carol.predict(api_name="/next_item")[0]
+    with pytest.raises(AppError, match="rationale must be a string, got list"):
+        carol.predict(comparison_id=cid, choice="a", rationale=["x"], api_name="/submit_vote")
+    assert len(votes_in(env["db"])) == before + 1
 
 
 def test_wrong_password_and_unknown_user_are_refused(env):
@@ -157,3 +163,41 @@ def test_simulated_annotator_cli_labels_through_the_server(env, capsys):
                  "--users", str(env["users"]), "--annotators", "2", "--votes", "4"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["votes"] == 4 and set(result["per_annotator"]) == {"sim-1", "sim-2"}
+
+
+def test_sessions_end_when_a_user_is_removed_or_their_password_changes(env):
+    from labeling_ui.users import add_user
+
+    add_user(env["users"], "erin", "erins first password")  # added while serving
+    add_user(env["users"], "frank", "franks password")
+    erin = client(env["url"], ("erin", "erins first password"))
+    frank = client(env["url"], ("frank", "franks password"))
+    raw = login(env["url"], "erin", "erins first password")
+    assert erin.predict(api_name="/progress")["done"] == 0 and frank.predict(api_name="/next_item")[0]
+    assert raw.get("/config").status_code == 200
+
+    add_user(env["users"], "erin", "erins second password")  # a password reset ends every erin session
+    with pytest.raises(Exception):  # gradio_client gives up on the 401 (CancelledError)
+        erin.predict(api_name="/next_item")
+    assert raw.get("/config").status_code == 401
+    assert client(env["url"], ("erin", "erins second password")).predict(api_name="/progress")["done"] == 0
+
+    data = json.loads(env["users"].read_text())
+    del data["users"]["frank"]
+    env["users"].write_text(json.dumps(data))  # removed: the open session can no longer vote
+    with pytest.raises(Exception):
+        frank.predict(api_name="/next_item")
+    assert not [v for v in votes_in(env["db"]) if v.annotator in ("erin", "frank")]
+
+
+def test_failed_logins_lock_the_name_for_a_while(env):
+    from labeling_ui.users import MAX_FAILED_LOGINS, add_user
+
+    add_user(env["users"], "grace", "graces password")
+    c = httpx.Client(base_url=env["url"], timeout=30)
+    assert c.post("/login", data={"username": "grace", "password": "graces password"}).status_code == 200
+    for _ in range(MAX_FAILED_LOGINS):
+        assert c.post("/login", data={"username": "grace", "password": "guess"}).status_code == 400
+    # Now even the right password is refused (no hashing) until the failures age out; others log in.
+    assert c.post("/login", data={"username": "grace", "password": "graces password"}).status_code == 400
+    login(env["url"], "dave", env["creds"]["dave"])

@@ -137,7 +137,7 @@ def test_label_cli_import_add_user_export_stats(tmp_path, capsys):
     assert alignkit_main(["label", "export", "--db", db, "--out", str(tmp_path / "out"), "--ties", "ignore"]) == 2
     assert alignkit_main(["label", "stats", "--db", db]) == 0
     assert json.loads(capsys.readouterr().out)["n_votes"] == 1
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="argument --ties: invalid choice: 'coin-flip'"):
         label_main(["export", "--db", db, "--out", "x", "--ties", "coin-flip"])
 
 
@@ -165,3 +165,147 @@ def test_no_vote_from_handlers_without_lease(store):
     view = handlers.vote(store, "zed", 3, "a", None, overlap=2)
     assert "not assigned" in view.status
     assert load_votes(store) == []
+
+
+def test_users_file_reread_on_atomic_replace_and_revokes_changed_users(tmp_path):
+    path = tmp_path / "users.json"
+    add_user(path, "alice", "first password")
+    add_user(path, "bob", "bobs password")
+    users = UsersFile(path)
+    revoked = []
+    users.on_revoke(revoked.append)
+    assert users.check("alice", "first password")
+    st = os.stat(path)
+    add_user(path, "alice", "other password")  # same size; made to look like the same mtime tick
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size and os.stat(path).st_ino != st.st_ino
+    assert users.check("alice", "other password") and not users.check("alice", "first password")
+    assert revoked == [{"alice"}]
+    data = json.loads(path.read_text())
+    del data["users"]["bob"]
+    path.write_text(json.dumps(data))
+    assert "bob" not in users.users() and revoked == [{"alice"}, {"bob"}]
+
+
+def test_failed_logins_are_limited_per_name_without_hashing(tmp_path, monkeypatch):
+    import labeling_ui.users as users_mod
+    from labeling_ui.users import LoginLimiter
+
+    path = tmp_path / "users.json"
+    add_user(path, "alice", "right password")
+    now = [1000.0]
+    users = UsersFile(path, limiter=LoginLimiter(3, 60.0, clock=lambda: now[0]))
+    hashed = []
+    real_verify = users_mod.verify_password
+    monkeypatch.setattr(users_mod, "verify_password", lambda pw, rec: hashed.append(pw) or real_verify(pw, rec))
+    for name in ("alice", "nobody"):  # known or not, the same: the lockout tells no one which names exist
+        for _ in range(3):
+            assert not users.check(name, "wrong password")
+    hashed.clear()
+    assert not users.check("alice", "right password") and not users.check("nobody", "x")
+    assert hashed == []  # refused without hashing
+    now[0] += 61.0  # the failures age out of the window
+    assert users.check("alice", "right password") and hashed == ["right password"]
+    assert not LoginLimiter(3, 60.0, clock=lambda: now[0]).blocked("alice")
+    # Random names cannot grow the table without bound.
+    limiter = LoginLimiter(3, 60.0, max_names=5)
+    for i in range(20):
+        limiter.record(f"name{i}", False)
+    assert len(limiter._failures) == 5
+
+
+def test_login_check_is_async_and_hashes_off_the_event_loop(tmp_path, monkeypatch):
+    import asyncio
+    import inspect
+    import threading
+
+    import labeling_ui.users as users_mod
+
+    path = tmp_path / "users.json"
+    add_user(path, "alice", "right password")
+    users = UsersFile(path)
+    # Gradio awaits `auth` on its event loop when it is a coroutine function, else calls it there.
+    assert inspect.iscoroutinefunction(users.check_async)
+    threads = []
+    real_verify = users_mod.verify_password
+    monkeypatch.setattr(users_mod, "verify_password",
+                        lambda pw, rec: threads.append(threading.current_thread().name) or real_verify(pw, rec))
+
+    async def logins():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        t = asyncio.create_task(ticker())
+        results = await asyncio.gather(*[users.check_async("alice", pw) for pw in ("right password", "x", "y", "z")])
+        t.cancel()
+        return results, ticks
+
+    results, ticks = asyncio.run(logins())
+    assert results == [True, False, False, False]
+    assert len(threads) == 4 and all(name.startswith("alignkit-login") for name in threads)
+    assert ticks > 4  # the loop kept running while the checks hashed
+
+
+def test_sessions_of_removed_users_are_refused(tmp_path, store):
+    import gradio as gr
+
+    from labeling_ui.app import AppContext
+
+    path = tmp_path / "users.json"
+    add_user(path, "alice", "password one", admin=True)
+    add_user(path, "bob", "password two")
+    ctx = AppContext(store, 2, UsersFile(path), tmp_path / "exp")
+
+    class Req:  # what the handlers read of a gr.Request
+        def __init__(self, username):
+            self.username = username
+
+    assert ctx.user(Req("bob")) == "bob" and ctx.is_admin(Req("alice"))
+    data = json.loads(path.read_text())
+    del data["users"]["bob"], data["users"]["alice"]["admin"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(gr.Error, match="no longer valid"):
+        ctx.user(Req("bob"))
+    assert not ctx.is_admin(Req("alice")) and not ctx.is_admin(Req("bob"))
+
+    # The admin export takes a minimum of votes; with a minimum agreement, single votes are dropped.
+    from alignkit.store import next_item, submit_vote
+
+    for name, n in (("ann", 3), ("bob", 2)):  # comparisons 1 and 2 get two agreeing votes, 3 gets one
+        for _ in range(n):
+            item = next_item(store, name)
+            submit_vote(store, name, item.comparison_id, "b" if item.swapped else "a")
+    msg = handlers.admin_export(store, tmp_path / "e1", min_agreement=0.0, ties="drop", both_bad="drop", min_votes=2)
+    assert msg.startswith("Exported 2 preference rows") and "'too_few_votes': 1" in msg
+    msg = handlers.admin_export(store, tmp_path / "e2", min_agreement=0.5, ties="drop", both_bad="drop", min_votes=1)
+    assert "'single_vote': 1" in msg
+    assert handlers.admin_export(store, tmp_path / "e3", min_agreement=0.0, ties="drop", both_bad="drop",
+                        min_votes=None).startswith("Export failed: min votes must be an integer")
+
+
+def test_simulated_annotator_stops_when_votes_keep_being_refused(monkeypatch):
+    from gradio_client.exceptions import AppError
+
+    import labeling_ui.simulate as simulate
+
+    class Refusing:  # a server that keeps serving one item and refusing every vote on it
+        votes = 0
+
+        def predict(self, api_name, **kwargs):
+            if api_name == "/next_item":
+                return 7, "prompt", "left", "right"
+            Refusing.votes += 1
+            raise AppError("the lease on comparison 7 expired and it went to other annotators")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(simulate, "connect", lambda url, auth: Refusing())
+    result = simulate.run_simulated_annotators("http://x", [("ann", "pw")], simulate.length_judge)
+    assert Refusing.votes == simulate.MAX_REFUSED_IN_A_ROW
+    assert result["votes"] == 0 and result["stopped"] == ["ann"] and len(result["errors"]) == 5

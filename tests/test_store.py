@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
+import time
 from collections import Counter
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -150,6 +153,56 @@ def test_simultaneous_submits_never_exceed_overlap(store_url, tmp_path):
     store.close()
 
 
+def test_own_expired_lease_is_renewed_not_orphaned(store_url, tmp_path):
+    """A reload after the lease ran out brings back the item the annotator was reading while its slot is free;
+    with a team of `overlap` annotators every comparison still gets all its votes."""
+    store = open_store(store_url, overlap=2, lease_seconds=10)
+    populate(store, tmp_path, n_prompts=2)
+    first = next_item(store, "alice", now=0.0)
+    again = next_item(store, "alice", now=100.0)  # long past the lease
+    assert (again.comparison_id, again.swapped, again.left) == (first.comparison_id, first.swapped, first.left)
+    assert again.expires_at == 110.0 and progress(store, "alice", now=100.0).remaining == 2
+    for name, t in (("alice", 101.0), ("bob", 200.0)):
+        while (item := next_item(store, name, now=t)) is not None:
+            submit_vote(store, name, item.comparison_id, "a", now=t + 1)
+            t += 2
+    with store.read() as s:
+        assert dict(s.execute(select(Comparison.id, Comparison.n_votes)).all()) == {1: 2, 2: 2}
+    assert count(store, Assignment) == 4  # renewed in place: still one assignment per (comparison, annotator)
+
+    # When the slot went to someone else meanwhile, the expired lease is not served back: something else is.
+    store.close()
+    store = open_store(store_url, overlap=1, lease_seconds=10)
+    populate(store, tmp_path, n_prompts=4)  # comparisons 3, 4 are new and open
+    held = next_item(store, "cat", now=1000.0)
+    assert next_item(store, "dan", now=1011.0).comparison_id == held.comparison_id  # cat's lease ran out
+    assert next_item(store, "cat", now=1012.0).comparison_id not in (None, held.comparison_id)
+    store.close()
+
+
+def test_one_annotators_simultaneous_requests_lease_one_comparison(store_url, tmp_path):
+    """Several tabs (or a script) of one annotator asking at once get the same lease, never several."""
+    store = open_store(store_url, overlap=1)
+    populate(store, tmp_path, n_prompts=12)
+    # Known already: a first sight serializes on inserting the annotator, which would hide the race.
+    assert next_item(store, "dup", overlap=0) is None
+    gate = threading.Barrier(8)
+
+    def ask(_):
+        gate.wait()
+        return next_item(store, "dup").comparison_id
+
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(4):
+            got = list(pool.map(ask, range(8)))
+            assert len(set(got)) == 1, got
+            with store.read() as s:
+                active = s.scalar(select(func.count()).select_from(Assignment).where(Assignment.status == "active"))
+            assert active == 1
+            submit_vote(store, "dup", got[0], "a")
+    store.close()
+
+
 def test_bad_votes_store_nothing(store_url, tmp_path):
     store = open_store(store_url, overlap=2)
     populate(store, tmp_path, n_prompts=3)
@@ -164,6 +217,10 @@ def test_bad_votes_store_nothing(store_url, tmp_path):
         submit_vote(store, "ann", unassigned, "a")
     with pytest.raises(UserError, match="comparison id"):
         submit_vote(store, "ann", "1; DROP TABLE votes", "a")
+    with pytest.raises(UserError, match="comparison id must be an integer, got '1'"):
+        skip(store, "ann", "1")
+    with pytest.raises(UserError, match="rationale must be a string, got int"):
+        submit_vote(store, "ann", item.comparison_id, "a", rationale=42)
     assert count(store, Vote) == 0
     submit_vote(store, "ann", item.comparison_id, "tie", rationale="  same  ")
     with pytest.raises(UserError, match="already voted"):
@@ -340,6 +397,24 @@ def test_open_store_errors(tmp_path):
         open_store(junk)
     with pytest.raises(UserError, match="not supported"):
         open_store("mysql://x/y")
+    for url in ("sqlite://", "sqlite:///:memory:"):
+        with pytest.raises(UserError, match="in-memory SQLite database is not supported"):
+            open_store(url)
+    with pytest.raises(UserError, match="no label store"):  # a sqlite:/// URL is the file it names
+        open_store(f"sqlite:///{tmp_path}/missing.db", create=False)
+    store = open_store(f"sqlite:///{tmp_path}/by-url.db")
+    store.close()
+    assert (tmp_path / "by-url.db").exists()
+
+
+def test_import_summary_counts_distinct_items(tmp_path):
+    store = open_store(tmp_path / "l.db")
+    same = {"prompt": "p", "responses": ["x", "y"]}
+    path = write_jsonl(tmp_path / "in.jsonl", [same, same, same, {"prompt": "q", "responses": ["x", "y", "z"]}])
+    summary = import_file(store, path)
+    assert str(summary) == "2 prompts, 5 responses, 4 comparisons (4 new)"
+    assert str(import_file(store, path)) == "2 prompts, 5 responses, 4 comparisons (0 new)"
+    store.close()
 
 
 def test_sqlite_read_then_write_transactions_do_not_fail_under_contention(tmp_path):
@@ -364,7 +439,7 @@ def test_sqlite_read_then_write_transactions_do_not_fail_under_contention(tmp_pa
     store.close()
 
 
-def test_aggregation_policy():
+def test_aggregation_policy(tmp_path):
     assert aggregate(["a", "a", "b"]) == ("a", 2 / 3, "kept")
     assert aggregate(["a", "b"])[2] == "no_majority"
     assert aggregate(["tie", "tie", "a"])[2] == "tie"
@@ -373,6 +448,13 @@ def test_aggregation_policy():
     assert aggregate(["both_bad", "both_bad", "b"], both_bad="ignore") == ("b", 1.0, "kept")
     assert aggregate(["a", "a", "b"], min_agreement=0.7)[2] == "below_min_agreement"
     assert aggregate(["a"], min_votes=2)[2] == "too_few_votes"
+    # Agreement needs two votes: with a minimum agreement set, one vote (agreement 1.0 by itself) is dropped.
+    assert aggregate(["a"]) == ("a", 1.0, "kept")
+    assert aggregate(["a"], min_agreement=1.0) == (None, 1.0, "single_vote")
+    assert aggregate(["tie", "tie", "b"], ties="ignore", min_agreement=0.5)[2] == "single_vote"  # one considered
+    assert aggregate(["a", "a"], min_agreement=1.0) == ("a", 1.0, "kept")
+    with open_store(tmp_path / "empty.db") as store, pytest.raises(UserError, match="min votes must be an integer"):
+        preference_rows(store, min_votes=None)
 
 
 def test_agreement_matches_libraries():
@@ -510,4 +592,88 @@ def test_arena_battles_are_their_own_pool(store_url, tmp_path):
     with store.read() as s:
         battles = s.scalars(select(Comparison.id).where(Comparison.arena.is_(True)).order_by(Comparison.id)).all()
     assert battles == [2, 3, 4]
+    store.close()
+
+
+def test_arena_serves_one_battle_per_prompt_to_each_annotator(store_url, tmp_path):
+    """With three models every two battles of a prompt share a response, whose model the first reveal named:
+    an annotator gets one battle per prompt, and annotators spread over the pairs. Label comparisons don't."""
+    from alignkit.store.importer import write_rows
+
+    store = open_store(store_url, overlap=2)
+    populate(store, tmp_path, n_prompts=1, n_responses=3)  # comparisons 1-3: one prompt, Label pool
+    write_rows(store, arena_rows(5, models=("alpha", "beta", "gamma")), arena=True)  # 15 battles, 3 per prompt
+    with store.read() as s:
+        prompt_of = dict(s.execute(select(Comparison.id, Comparison.prompt_id).where(Comparison.arena.is_(True))).all())
+    assert progress(store, "u0", arena=True).remaining == 5  # one per prompt, not 15
+    served = {}
+    for name in [f"u{i}" for i in range(6)]:
+        served[name] = []
+        while (item := next_item(store, name, arena=True)) is not None:
+            served[name].append(item.comparison_id)
+            submit_vote(store, name, item.comparison_id, "a", arena=True)
+        assert len(served[name]) == 5
+        assert len({prompt_of[c] for c in served[name]}) == 5, f"{name} got two battles of one prompt"
+    with store.read() as s:  # 6 annotators x 5 prompts fill all 15 battles x 2 slots: every pair is judged
+        assert set(s.execute(select(Comparison.n_votes).where(Comparison.arena.is_(True))).scalars()) == {2}
+
+    # Holding or skipping a battle bars the prompt's other battles too; a renewed own lease does not.
+    store.overlap = 3
+    held = next_item(store, "v", arena=True)
+    skip(store, "v", held.comparison_id, arena=True)
+    others = next_item(store, "v", arena=True)
+    assert prompt_of[others.comparison_id] != prompt_of[held.comparison_id]
+    renewed = next_item(store, "v", arena=True, now=others.expires_at + 1)
+    assert renewed.comparison_id == others.comparison_id
+    # The Label pool is unaffected: one annotator judges all three pairs of one prompt.
+    for cid in (1, 2, 3):
+        assert next_item(store, "w").comparison_id == cid
+        submit_vote(store, "w", cid, "a")
+    store.close()
+
+
+def test_export_cleans_up_after_a_failure_and_concurrent_exports_are_safe(tmp_path, monkeypatch):
+    import datasets
+
+    store = open_store(tmp_path / "l.db", overlap=3)
+    populate(store, tmp_path, n_prompts=3)
+    for name in ("u0", "u1"):
+        for _ in range(3):
+            item = next_item(store, name)
+            submit_vote(store, name, item.comparison_id, "b" if item.swapped else "a")
+    item = next_item(store, "u2")  # comparison 1 gets a third vote: 3 of 3 agree
+    submit_vote(store, "u2", item.comparison_id, "b" if item.swapped else "a")
+    out = tmp_path / "exports" / "prefs"
+    assert export_dataset(store, out, min_agreement=1.0, min_votes=3)["per_reason"] == {"kept": 1, "too_few_votes": 2}
+    before = sorted(p.name for p in out.iterdir())
+
+    def broken(self, path, **kwargs):
+        (Path(path) / "partial.arrow").write_text("half")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(datasets.Dataset, "save_to_disk", broken)
+        with pytest.raises(OSError, match="disk full"):
+            export_dataset(store, out)
+    assert [p.name for p in out.parent.iterdir()] == ["prefs"]  # no temp dir left behind
+    assert sorted(p.name for p in out.iterdir()) == before and datasets.load_from_disk(str(out)).num_rows == 1
+
+    gate = threading.Barrier(4)
+
+    def export(i):
+        gate.wait()
+        return export_dataset(store, out, min_votes=3 if i % 2 else 1)["rows"]
+
+    real_replace = os.replace
+
+    def slow_replace(src, dst):  # widens the gap between the swap's two renames, where exports used to collide
+        time.sleep(0.01)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", slow_replace)
+    for _ in range(3):
+        with ThreadPoolExecutor(4) as pool:
+            assert sorted(pool.map(export, range(4))) == [1, 1, 3, 3]
+        assert [p.name for p in out.parent.iterdir()] == ["prefs"]
+        assert datasets.load_from_disk(str(out)).num_rows in (1, 3)
     store.close()

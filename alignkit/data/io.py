@@ -8,6 +8,17 @@ from pathlib import Path
 from alignkit.errors import UserError
 
 
+def _utf8(data: bytes, path: Path, first_line: int = 1) -> str:
+    """`data` decoded as UTF-8; otherwise a UserError naming the line (counted from first_line) and column."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + data.count(b"\n", 0, err.start)
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x} at column {column}); "
+                        "save the file as UTF-8") from None
+
+
 def read_jsonl(path: str | Path, *, what: str = "data") -> list[dict]:
     """All rows of a JSONL file; a malformed line is an error naming file:line (nothing is half-read)."""
     path = Path(path)
@@ -16,8 +27,10 @@ def read_jsonl(path: str | Path, *, what: str = "data") -> list[dict]:
     if path.is_dir():
         raise UserError(f"{what}: {path} is a directory, expected a .jsonl file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    # Bytes, decoded line by line: a text-mode reader decodes in blocks, so its error would name no line.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _utf8(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -64,7 +77,7 @@ def load_rows(source: str | Path, *, what: str = "data") -> list[dict]:
         if not path.exists():
             raise UserError(f"{what} file not found: {path}")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(_utf8(path.read_bytes(), path))
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
         if not isinstance(data, list):

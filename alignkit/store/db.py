@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from sqlalchemy import Connection, create_engine, event, inspect, select, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -88,10 +88,18 @@ def _install_sqlite_hooks(engine: Engine) -> None:
 def _resolve_url(url_or_path: str | Path, *, create: bool) -> tuple[str, str]:
     """(SQLAlchemy URL, a name for messages)."""
     s = str(url_or_path)
-    if "://" in s:
+    if s.startswith("sqlite") and "://" in s:
+        # A sqlite:/// URL is the file it names (same checks as a path). In memory, every pooled
+        # connection would open its own empty database: refused rather than half-working.
+        database = make_url(s).database
+        if not database or database == ":memory:" or "mode=memory" in s:
+            raise UserError(f"label store {s}: an in-memory SQLite database is not supported "
+                            "(it would be empty in every connection and gone at exit); give a file path")
+        s = database
+    elif "://" in s:
         if s.startswith(("postgresql://", "postgres://")):
             s = "postgresql+psycopg://" + s.split("://", 1)[1]
-        if not s.startswith(("postgresql+psycopg://", "sqlite://")):
+        if not s.startswith("postgresql+psycopg://"):
             raise UserError(f"label store URL {s.split('://')[0]}:// is not supported (use a file path or postgresql+psycopg://...)")
         return s, s.split("@")[-1]
     path = Path(s).expanduser().resolve()

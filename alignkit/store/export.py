@@ -8,7 +8,9 @@ Per comparison, the votes are aggregated by plurality:
   - no single plurality label (e.g. one vote a, one vote b): dropped;
   - agreement = votes for the winner / votes considered; rows under
     `min_agreement` are dropped, and so are comparisons with fewer than
-    `min_votes` votes in all.
+    `min_votes` votes in all;
+  - agreement needs two votes: with `min_agreement` above 0, a comparison with a
+    single vote considered (agreement 1.0 by itself) is dropped as `single_vote`.
 A kept row has prompt (str, or a messages list, as imported), chosen, rejected,
 n_annotators (all votes on the comparison), agreement, comparison_id and the
 vote counts.
@@ -21,12 +23,15 @@ app's leaderboard instead.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from sqlalchemy import select
 
@@ -42,10 +47,11 @@ def _check_policy(min_agreement: float, ties: str, both_bad: str, min_votes: int
         raise UserError(f"ties policy {ties!r}: expected one of {', '.join(POLICIES)}")
     if both_bad not in POLICIES:
         raise UserError(f"both_bad policy {both_bad!r}: expected one of {', '.join(POLICIES)}")
-    if not 0.0 <= float(min_agreement) <= 1.0:
-        raise UserError(f"min agreement must be between 0 and 1, got {min_agreement}")
-    if int(min_votes) < 1:
-        raise UserError(f"min votes must be at least 1, got {min_votes}")
+    if isinstance(min_agreement, bool) or not isinstance(min_agreement, (int, float)) \
+            or not 0.0 <= min_agreement <= 1.0:
+        raise UserError(f"min agreement must be a number between 0 and 1, got {min_agreement!r}")
+    if isinstance(min_votes, bool) or not isinstance(min_votes, int) or min_votes < 1:
+        raise UserError(f"min votes must be an integer of at least 1, got {min_votes!r}")
 
 
 def aggregate(labels: list[str], *, ties: str = "drop", both_bad: str = "drop",
@@ -68,6 +74,8 @@ def aggregate(labels: list[str], *, ties: str = "drop", both_bad: str = "drop",
         return None, agreement, "no_majority"
     if winners[0] in ("tie", "both_bad"):
         return None, agreement, winners[0]
+    if min_agreement > 0 and considered < 2:  # one vote agrees with itself: no evidence of agreement
+        return None, agreement, "single_vote"
     if agreement < min_agreement:
         return None, agreement, "below_min_agreement"
     return winners[0], agreement, "kept"
@@ -153,25 +161,53 @@ def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 
         raise UserError(f"nothing to export from {store.name}: no comparison passes the policy "
                         f"(per reason: {reasons or 'no votes yet'})")
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Build everything in a sibling temp dir, then swap it in, so a failed export leaves DIR as it was.
+    # Build everything in a sibling temp dir (a unique name per export), then swap it in, so a failed
+    # export leaves DIR as it was and leaves no temp dir behind.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    ds = datasets.Dataset.from_list(_dataset_rows(rows))
-    ds.save_to_disk(str(tmp))
-    with open(tmp / "preferences.jsonl", "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    summary = {"store": store.name, "rows": len(rows), "per_reason": reasons,
-               "policy": {"aggregation": "plurality", "ties": ties, "both_bad": both_bad,
-                          "min_agreement": min_agreement, "min_votes": min_votes}}
-    (tmp / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        os.replace(out, old / "x")
-        os.replace(tmp, out)
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    try:
+        ds = datasets.Dataset.from_list(_dataset_rows(rows))
+        ds.save_to_disk(str(tmp))
+        with open(tmp / "preferences.jsonl", "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        summary = {"store": store.name, "rows": len(rows), "per_reason": reasons,
+                   "policy": {"aggregation": "plurality", "ties": ties, "both_bad": both_bad,
+                              "min_agreement": min_agreement, "min_votes": min_votes}}
+        (tmp / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with _locked(out.parent):
+            _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     summary["out"] = str(out)
     return summary
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Exclusive lock on a directory (flock on its descriptor, across threads and processes, no lock file
+    left behind): two exports to one target take turns at the swap instead of racing between its renames."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Put directory `new` at `out`, replacing an earlier export there. Two renames: POSIX has no atomic
+    exchange of directories, so `out` is missing for the instant between them, never half-written."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    try:
+        os.replace(out, old / "x")
+        try:
+            os.replace(new, out)
+        except BaseException:
+            os.replace(old / "x", out)  # the earlier export goes back
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

@@ -45,6 +45,8 @@ class ImportRow:
 
 @dataclass
 class ImportSummary:
+    """Distinct prompts, responses and comparisons the rows name (new or already stored)."""
+
     prompts: int
     responses: int
     comparisons: int
@@ -142,7 +144,11 @@ def write_rows(store: Store, rows: Sequence[ImportRow], *, arena: bool = False) 
 
     def run(session: Session) -> ImportSummary:
         now = time.time()
-        n_resp = n_comp = new_comp = 0
+        # Distinct rows, not lines: the same prompt on three lines is one prompt.
+        prompt_ids: set[int] = set()
+        response_ids: set[int] = set()
+        pairs: set[tuple[int, int]] = set()
+        new_comp = 0
         for row in rows:
             key = _key(row.prompt)
             prompt = session.scalars(select(Prompt).where(Prompt.key == key)).one_or_none()
@@ -151,6 +157,7 @@ def write_rows(store: Store, rows: Sequence[ImportRow], *, arena: bool = False) 
                                 created_at=now)
                 session.add(prompt)
                 session.flush()
+            prompt_ids.add(prompt.id)
             ids = []
             for text, model, sampling in zip(row.responses, row.models, row.sampling):
                 rkey = _key(text)
@@ -162,9 +169,9 @@ def write_rows(store: Store, rows: Sequence[ImportRow], *, arena: bool = False) 
                     session.add(resp)
                     session.flush()
                 ids.append(resp.id)
-                n_resp += 1
+            response_ids.update(ids)
             for x, y in itertools.combinations(sorted(set(ids)), 2):
-                n_comp += 1
+                pairs.add((x, y))
                 cid = session.scalars(select(Comparison.id).where(Comparison.response_a_id == x,
                                                                   Comparison.response_b_id == y)).first()
                 if cid is None:
@@ -174,7 +181,7 @@ def write_rows(store: Store, rows: Sequence[ImportRow], *, arena: bool = False) 
                 elif arena:
                     session.execute(update(Comparison).where(Comparison.id == cid).values(arena=True))
         session.flush()
-        return ImportSummary(len(rows), n_resp, n_comp, new_comp)
+        return ImportSummary(len(prompt_ids), len(response_ids), len(pairs), new_comp)
 
     return store.write(run)
 

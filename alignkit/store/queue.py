@@ -4,20 +4,29 @@ Rules, all enforced inside one database transaction each:
 - a comparison is handed to at most `overlap` distinct annotators at a time;
   an assignment occupies a slot while it is voted or its lease is unexpired, so an
   abandoned item is served again once its lease runs out;
-- an annotator is never served the same comparison twice (one assignment row per
+- an annotator gets at most one assignment per comparison (one row per
   (comparison, annotator), a unique constraint) and votes on it at most once
-  (a unique constraint on votes);
+  (a unique constraint on votes); a skipped or voted comparison never comes back;
+- an annotator's own lease that ran out is not lost to them: while its slot is
+  still free it is renewed and served to them again (before anything new), so a
+  reload after a long break brings back the item they were reading;
 - a vote is accepted only on a comparison assigned to that annotator, and never
   beyond the overlap: a late vote on an expired lease whose slot went to
-  someone else is refused.
+  someone else is refused;
+- arena battles: an annotator is served at most one battle per prompt. compare puts
+  every pair of models on a prompt in the store, so a second battle of the same
+  prompt repeats a response whose model the first reveal named. Battles are served
+  fewest votes first, so annotators spread over a prompt's pairs.
 
 Concurrency: on SQLite every write transaction holds the database write lock from
 its start (BEGIN IMMEDIATE, see db.py), so these read-then-write steps are
-serialized. On PostgreSQL `next_item` picks a comparison with
-`SELECT ... FOR UPDATE SKIP LOCKED` (two annotators asking at once get different
-rows) and re-counts its slots after the lock, in a fresh snapshot; `submit_vote`
-locks the comparison row (`FOR UPDATE`) before counting, so simultaneous votes on
-one comparison are serialized.
+serialized. On PostgreSQL `next_item` and `undo_last_vote` first lock the
+annotator's row, so one annotator's calls take turns (without it, simultaneous
+calls of one annotator each see no lease held and lease several comparisons);
+`next_item` then picks a comparison with `SELECT ... FOR UPDATE SKIP LOCKED` (two
+annotators asking at once get different rows) and re-counts its slots after the
+lock, in a fresh snapshot; `submit_vote` locks the comparison row (`FOR UPDATE`)
+before counting, so simultaneous votes on one comparison are serialized.
 
 Choices arrive as the annotator saw them (`a` = the left response); votes are
 stored in canonical terms (`a` = comparison.response_a) with the side order shown.
@@ -38,7 +47,7 @@ from typing import Any
 
 from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from alignkit.errors import UserError
 from alignkit.store.db import Store
@@ -104,6 +113,12 @@ def check_choice(choice: Any) -> str:
     return choice
 
 
+def check_id(comparison_id: Any) -> int:
+    if not isinstance(comparison_id, int) or isinstance(comparison_id, bool):
+        raise UserError(f"comparison id must be an integer, got {comparison_id!r}")
+    return comparison_id
+
+
 def annotator_id(store: Store, session: Session, name: str) -> int:
     """The annotator's id, created on first sight (safe under concurrent first sights)."""
     if not name or not isinstance(name, str):
@@ -119,6 +134,14 @@ def annotator_id(store: Store, session: Session, name: str) -> int:
     return found
 
 
+def _lock_annotator(store: Store, session: Session, uid: int) -> None:
+    """PostgreSQL: make this annotator's concurrent calls take turns (SQLite's writers already do).
+    FOR NO KEY UPDATE, not FOR UPDATE: votes and assignments referencing the row (foreign-key
+    checks take KEY SHARE) are not held up by it."""
+    if store.dialect == "postgresql":
+        session.execute(select(Annotator.id).where(Annotator.id == uid).with_for_update(key_share=True))
+
+
 def _occupied(now: float, *, exclude_annotator: int | None = None):
     """SQL count of the slots a comparison's assignments hold (correlated on Comparison.id)."""
     cond = [Assignment.comparison_id == Comparison.id,
@@ -129,10 +152,24 @@ def _occupied(now: float, *, exclude_annotator: int | None = None):
 
 
 def _eligible(uid: int, overlap: int, now: float, arena: bool):
-    mine = exists().where(Assignment.comparison_id == Comparison.id, Assignment.annotator_id == uid)
+    # Any assignment of theirs bars a comparison, except an expired lease: that one is theirs to be
+    # served again while its slot is free (an unexpired one is returned as held before this is asked).
+    mine = exists().where(Assignment.comparison_id == Comparison.id, Assignment.annotator_id == uid,
+                          or_(Assignment.status != "active", Assignment.expires_at > now))
     # pool and n_votes < overlap first: full comparisons drop out through an index, so the slot
     # count below runs only over comparisons that still take votes.
-    return and_(Comparison.arena == arena, Comparison.n_votes < overlap, ~mine, _occupied(now) < overlap)
+    cond = [Comparison.arena == arena, Comparison.n_votes < overlap, ~mine, _occupied(now) < overlap]
+    if arena:
+        cond.append(~_other_battle_of_prompt(uid))
+    return and_(*cond)
+
+
+def _other_battle_of_prompt(uid: int):
+    """The annotator holds, skipped or voted another battle of this comparison's prompt: after a vote the
+    models are named, and every other battle of the prompt repeats one of those responses."""
+    other = aliased(Comparison)
+    return exists().where(Assignment.annotator_id == uid, Assignment.comparison_id == other.id,
+                          other.prompt_id == Comparison.prompt_id, other.arena.is_(True), other.id != Comparison.id)
 
 
 def _check_pool(store: Store, session: Session, comparison_id: int, arena: bool, *, lock: bool = False) -> None:
@@ -158,6 +195,31 @@ def _to_item(comp: Comparison, a: Assignment) -> Item:
                 a.expires_at)
 
 
+def _pick(store: Store, session: Session, uid: int, overlap: int, t: float, arena: bool, *, only=None) -> int | None:
+    """The id of the next comparison the annotator may be served (locked on PostgreSQL), or None."""
+    # Battles fewest votes first: annotators then spread over each prompt's pairs of models instead of
+    # all judging its first pair (each sees one battle per prompt). Label comparisons in import order.
+    order = (Comparison.n_votes, Comparison.id) if arena else (Comparison.id,)
+    tried: list[int] = []
+    while True:
+        q = select(Comparison.id).where(_eligible(uid, overlap, t, arena))
+        if only is not None:
+            q = q.where(only)
+        if tried:
+            q = q.where(Comparison.id.not_in(tried))
+        q = q.order_by(*order).limit(1)
+        if store.dialect == "postgresql":
+            q = q.with_for_update(skip_locked=True, of=Comparison)
+        cid = session.scalar(q)
+        if cid is None or store.dialect != "postgresql":
+            return cid
+        # The row is locked now; re-check in a fresh snapshot (READ COMMITTED) that sees
+        # every assignment committed before we got the lock.
+        if session.scalar(select(Comparison.id).where(Comparison.id == cid, _eligible(uid, overlap, t, arena))):
+            return cid
+        tried.append(cid)
+
+
 def next_item(store: Store, annotator: str, *, overlap: int | None = None, now: float | None = None,
               rng: random.Random | None = None, arena: bool = False) -> Item | None:
     """Lease the next comparison of the pool to `annotator` (or return the one they hold); None when none is left."""
@@ -167,6 +229,7 @@ def next_item(store: Store, annotator: str, *, overlap: int | None = None, now: 
     def run(session: Session) -> Item | None:
         t = time.time() if now is None else now
         uid = annotator_id(store, session, annotator)
+        _lock_annotator(store, session, uid)
         held = session.scalars(
             select(Assignment).join(Comparison, Comparison.id == Assignment.comparison_id)
             .where(Assignment.annotator_id == uid, Assignment.status == "active", Assignment.expires_at > t,
@@ -174,30 +237,23 @@ def next_item(store: Store, annotator: str, *, overlap: int | None = None, now: 
         ).first()
         if held is not None:
             return _to_item(session.get(Comparison, held.comparison_id), held)
-        tried: list[int] = []
-        while True:
-            q = select(Comparison.id).where(_eligible(uid, overlap, t, arena))
-            if tried:
-                q = q.where(Comparison.id.not_in(tried))
-            q = q.order_by(Comparison.id).limit(1)
-            if store.dialect == "postgresql":
-                q = q.with_for_update(skip_locked=True, of=Comparison)
-            cid = session.scalar(q)
-            if cid is None:
-                return None
-            if store.dialect == "postgresql":
-                # The row is locked now; re-check in a fresh snapshot (READ COMMITTED) that sees
-                # every assignment committed before we got the lock.
-                still = session.scalar(select(Comparison.id).where(Comparison.id == cid,
-                                                                   _eligible(uid, overlap, t, arena)))
-                if still is None:
-                    tried.append(cid)
-                    continue
+        expired = select(Assignment.comparison_id).where(Assignment.annotator_id == uid,
+                                                         Assignment.status == "active", Assignment.expires_at <= t)
+        cid = _pick(store, session, uid, overlap, t, arena, only=Comparison.id.in_(expired))
+        if cid is None:
+            cid = _pick(store, session, uid, overlap, t, arena)
+        if cid is None:
+            return None
+        a = session.scalars(select(Assignment).where(Assignment.comparison_id == cid,
+                                                     Assignment.annotator_id == uid)).one_or_none()
+        if a is None:
             a = Assignment(comparison_id=cid, annotator_id=uid, status="active", swapped=coin, served_at=t,
                            expires_at=t + store.lease_seconds)
             session.add(a)
-            session.flush()
-            return _to_item(session.get(Comparison, cid), a)
+        else:  # their own expired lease, renewed; the sides stay as they were shown
+            a.served_at, a.expires_at = t, t + store.lease_seconds
+        session.flush()
+        return _to_item(session.get(Comparison, cid), a)
 
     return store.write(run)
 
@@ -207,8 +263,9 @@ def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, r
     """Record `annotator`'s vote on a comparison of the pool assigned to them; `choice` is as shown (a = left)."""
     overlap = store.overlap if overlap is None else overlap
     check_choice(choice)
-    if not isinstance(comparison_id, int) or isinstance(comparison_id, bool):
-        raise UserError(f"comparison id must be an integer, got {comparison_id!r}")
+    check_id(comparison_id)
+    if rationale is not None and not isinstance(rationale, str):
+        raise UserError(f"rationale must be a string, got {type(rationale).__name__}")
     rationale = (rationale or "").strip() or None
     if rationale is not None and len(rationale) > MAX_RATIONALE_CHARS:
         raise UserError(f"rationale is longer than {MAX_RATIONALE_CHARS} characters")
@@ -247,6 +304,7 @@ def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, r
 
 def skip(store: Store, annotator: str, comparison_id: int, *, arena: bool = False) -> None:
     """Pass on a leased comparison: its slot is freed and it is never served to this annotator again."""
+    check_id(comparison_id)
 
     def run(session: Session) -> None:
         uid = annotator_id(store, session, annotator)
@@ -266,6 +324,7 @@ def undo_last_vote(store: Store, annotator: str, *, now: float | None = None, ar
     def run(session: Session) -> Item | None:
         t = time.time() if now is None else now
         uid = annotator_id(store, session, annotator)
+        _lock_annotator(store, session, uid)
         vote = session.scalars(select(Vote).join(Comparison, Comparison.id == Vote.comparison_id)
                                .where(Vote.annotator_id == uid, Comparison.arena == arena)
                                .order_by(Vote.created_at.desc(), Vote.id.desc()).limit(1)).first()
@@ -287,10 +346,12 @@ def progress(store: Store, annotator: str, *, overlap: int | None = None, now: f
     """In the pool: votes done, comparisons this annotator could still be served (including one on lease), skips."""
     overlap = store.overlap if overlap is None else overlap
     t = time.time() if now is None else now
+    # Battles: one per prompt can be served to them, so the prompts with an open battle are what remains.
+    counted = func.count(func.distinct(Comparison.prompt_id)) if arena else func.count(Comparison.id)
     with store.read() as session:
         uid = session.scalar(select(Annotator.id).where(Annotator.name == annotator))
         if uid is None:  # never seen: nothing done, everything not yet full is open to them
-            return Progress(0, session.scalar(select(func.count(Comparison.id)).where(
+            return Progress(0, session.scalar(select(counted).where(
                 Comparison.arena == arena, Comparison.n_votes < overlap, _occupied(t) < overlap)), 0)
         pool = Comparison.arena == arena
         done = session.scalar(select(func.count(Vote.id)).join(Comparison, Comparison.id == Vote.comparison_id)
@@ -299,5 +360,5 @@ def progress(store: Store, annotator: str, *, overlap: int | None = None, now: f
             .where(Assignment.annotator_id == uid, pool)
         skipped = session.scalar(mine.where(Assignment.status == "skipped"))
         held = session.scalar(mine.where(Assignment.status == "active", Assignment.expires_at > t))
-        open_ = session.scalar(select(func.count(Comparison.id)).where(_eligible(uid, overlap, t, arena)))
+        open_ = session.scalar(select(counted).where(_eligible(uid, overlap, t, arena)))
         return Progress(done, held + open_, skipped)
