@@ -7,22 +7,29 @@
    with an optional display name (`NAME=SPEC`).
 2. Responses are sampled with pinned SamplingParams (recorded in compare.json) and
    cached in OUT/cache/<key>.jsonl, one file per (model identity, sampling params),
-   one line per prompt. The model identity is the stage's config_hash for a stage
-   directory, the adapter's safetensors fingerprint for an adapter directory, and the
-   path or hub id of a plain model. Adding a model later samples only that model.
+   one line per prompt. The model identity (`model_identity`) is what the weights are:
+   the content fingerprint of the adapter for a stage or adapter directory (plus the
+   stage's config hash), and for a local model directory — a base included — the name,
+   size and mtime of each of its files; a hub id is taken as is. Adding a model later
+   samples only that model.
 3. Every pair of models meets on every prompt. Sides are randomised per (pair, prompt)
    with the seed; the judge sees "a" and "b" only. Automatic judges whose verdict
    could depend on the order (llm:) score both orders (see alignkit.judges).
-4. Statistics (alignkit.stats): per pair wins/losses/ties, win rate with a 95%
-   bootstrap CI; with >= 3 models Bradley–Terry ratings on the Elo scale with
-   bootstrap CIs; the pairwise win matrix; mean response length per model.
+4. Statistics (alignkit.stats): per pair wins/losses/ties, win rate with a 95% CI; with
+   >= 3 models Bradley–Terry ratings on the Elo scale with CIs, and `ratings_warning`
+   when some models never lost or never won (no finite MLE) or never met; the pairwise
+   win matrix; mean response length per model; for judges that score both orders, the
+   share of battles on which the two orders disagreed. Every pair meets on every prompt,
+   so the bootstrap resamples prompts (a response is in K-1 battles), not battles.
 5. Output: OUT/compare.json, OUT/compare.md, OUT/battles.jsonl, OUT/win_rates.png,
    OUT/ratings.png (>= 3 models).
 
 With `--judge human:DB` the pairs go into the label store as arena battles (responses
 recorded with their model spec and display name, which annotators see only after their
 vote, in the labeling app's Arena tab) and OUT/human.json records what was sent;
-`--collect` later reads the votes and writes the results.
+`--collect` later reads the votes and writes the results. There every (prompt, pair) counts
+once: a vote weighs 1/(votes on its comparison), a prompt on which the two models gave the same
+response is one tie, and wins/losses/ties still count votes.
 """
 
 from __future__ import annotations
@@ -97,19 +104,48 @@ def read_prompts(path: str | Path | None, limit: int | None = None) -> list[Any]
     return prompts
 
 
+def _file_listing(directory: Path) -> str:
+    """Hash of (relative name, size, mtime_ns) of every file under a model directory.
+
+    Not the contents: hashing a 16 GB model on every compare takes minutes, and rewritten weights
+    change size or mtime. (HF snapshot files are symlinks; stat follows them to the blobs.)
+    """
+    rows = []
+    for f in sorted(directory.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            rows.append((f.relative_to(directory).as_posix(), st.st_size, st.st_mtime_ns))
+    return stable_hash(rows)
+
+
+def _adapter_fingerprint(adapter_dir: Path) -> str:
+    """Content hash of the adapter's weights and config: small files, and what training actually changed."""
+    files = sorted(adapter_dir.glob("adapter_model*")) + [adapter_dir / "adapter_config.json"]
+    return stable_hash([(f.name, file_fingerprint(f)) for f in files if f.is_file()])
+
+
 def model_identity(spec: str) -> dict[str, str]:
-    """What makes a model's responses the same: stage config hash, adapter fingerprint, or base path/id."""
+    """What makes a model's responses the same: the weights (see the module docstring), not where they came from.
+
+    A stage's config hash alone is not enough: two runs of one recipe (CPU and GPU, or before and
+    after a code fix) share it and would share cached responses. The arena leaderboard counts models
+    by a hash of this too (send_to_store), so one model gets one row however it is named.
+    """
     from alignkit.modeling import resolve_model_spec
 
     resolved = resolve_model_spec(spec)
+    base = Path(resolved.base)
+    if base.exists():
+        identity = {"base": str(base.resolve()), "base_files": _file_listing(base)}
+    else:
+        # A hub id is taken at its word: no revision is pinned, so weights re-published under the same
+        # id would reuse old responses. Pass a local snapshot directory to have its files checked.
+        identity = {"base": resolved.base}
     if resolved.stage is not None and resolved.stage.get("config_hash"):
-        return {"stage_config_hash": resolved.stage["config_hash"], "base": resolved.base}
+        identity["stage_config_hash"] = resolved.stage["config_hash"]
     if resolved.adapter_dir is not None:
-        weights = sorted(resolved.adapter_dir.glob("adapter_model*.safetensors")) or sorted(resolved.adapter_dir.glob("adapter_model*"))
-        h = stable_hash([file_fingerprint(w) for w in weights])
-        return {"adapter_fingerprint": h, "base": resolved.base}
-    base = resolved.base
-    return {"base": str(Path(base).resolve()) if Path(base).exists() else base}
+        identity["adapter_fingerprint"] = _adapter_fingerprint(resolved.adapter_dir)
+    return identity
 
 
 def _sampling_key(params: SamplingParams) -> dict:
@@ -184,7 +220,11 @@ def _pairs(names: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def judge_all(judge, prompts: list[Any], responses: dict[str, list[str]], seed: int) -> list[dict]:
-    """Every pair on every prompt, sides randomised per (pair, prompt); one battle record each."""
+    """Every pair on every prompt, sides randomised per (pair, prompt); one battle record each.
+
+    A judge that scores both orders (`both_orders`, e.g. the LLM judge) also marks the battles on
+    which the orders disagreed (`position_disagreement`): its verdict there is a tie.
+    """
     rng = np.random.default_rng(seed)
     battles = []
     for x, y in _pairs(list(responses)):
@@ -193,35 +233,55 @@ def judge_all(judge, prompts: list[Any], responses: dict[str, list[str]], seed: 
         shown_b = [x if s else y for s in swap]
         verdicts = judge.judge(prompts, [responses[m][i] for i, m in enumerate(shown_a)],
                                [responses[m][i] for i, m in enumerate(shown_b)])
+        disagree = judge.last_position_disagreement if getattr(judge, "both_orders", False) else None
         for i, v in enumerate(verdicts):
             if v not in stats.OUTCOMES:
                 raise RuntimeError(f"judge {judge.name} returned {v!r}")
-            battles.append({"prompt_index": i, "model_a": shown_a[i], "model_b": shown_b[i], "winner": v})
+            record = {"prompt_index": i, "model_a": shown_a[i], "model_b": shown_b[i], "winner": v}
+            if disagree is not None:
+                record["position_disagreement"] = bool(disagree[i])
+            battles.append(record)
     return battles
 
 
 def summarise(names: Sequence[str], battles: list[dict], responses: dict[str, list[str]] | None,
               *, bootstrap: int, seed: int) -> dict:
-    """pairs / ratings / win_matrix / mean_length from battle records (keys as in compare.json)."""
+    """pairs / ratings / win_matrix / mean_length from battle records (keys as in compare.json).
+
+    Battles are clustered by `prompt_index` (every pair meets on every prompt, so a response is in
+    K-1 battles) and weighted by `weight` (default 1; the human judge's 1/votes per comparison).
+    """
     if bootstrap < stats.MIN_BOOTSTRAP:
         raise UserError(f"--bootstrap must be >= {stats.MIN_BOOTSTRAP}, got {bootstrap}")
     tuples = [(b["model_a"], b["model_b"], b["winner"]) for b in battles]
+    clusters = [b.get("prompt_index", ("battle", k)) for k, b in enumerate(battles)]
+    weights = [float(b.get("weight", 1.0)) for b in battles]
     pairs = []
     for k, (x, y) in enumerate(_pairs(names)):
+        rows = [j for j, (a, b, _) in enumerate(tuples) if {a, b} == {x, y}]
         # Orient every battle of the pair as (x, y) so wins/losses are x's.
         oriented = [(x, y, w) if a == x else (x, y, {"a": "b", "b": "a", "tie": "tie"}[w])
-                    for a, b, w in tuples if {a, b} == {x, y}]
+                    for a, b, w in (tuples[j] for j in rows)]
         if not oriented:
-            pairs.append({"model_a": x, "model_b": y, "wins": 0, "losses": 0, "ties": 0, "n": 0,
-                          "win_rate": None, "ci_low": None, "ci_high": None})
+            pairs.append({"model_a": x, "model_b": y, "wins": 0, "losses": 0, "ties": 0, "n": 0, "units": 0,
+                          "win_rate": None, "ci_low": None, "ci_high": None, "ci_method": None})
             continue
-        s = stats.pair_stats(oriented, rounds=bootstrap, seed=seed + k)[(x, y)]
-        pairs.append({"model_a": x, "model_b": y, **s})
-    out: dict[str, Any] = {"pairs": pairs, "win_matrix": stats.win_matrix(tuples, names) if tuples else {}}
+        s = stats.pair_stats(oriented, rounds=bootstrap, seed=seed + k, clusters=[clusters[j] for j in rows],
+                             weights=[weights[j] for j in rows])[(x, y)]
+        entry = {"model_a": x, "model_b": y, **s}
+        flags = [battles[j]["position_disagreement"] for j in rows if "position_disagreement" in battles[j]]
+        if flags:
+            entry["position_disagreements"] = int(sum(flags))
+            entry["position_disagreement_rate"] = sum(flags) / len(flags)
+        pairs.append(entry)
+    out: dict[str, Any] = {"pairs": pairs,
+                           "win_matrix": stats.win_matrix(tuples, names, weights=weights) if tuples else {}}
     if len(names) >= 3 and tuples:
-        boot = stats.bootstrap_ratings(tuples, rounds=bootstrap, seed=seed)
-        elo = stats.online_elo(tuples)
-        out["ratings"] = {m: {**boot[m], "elo": elo[m]} for m in sorted(boot, key=lambda m: -boot[m]["rating"])}
+        boot = stats.bootstrap_ratings(tuples, rounds=bootstrap, seed=seed, clusters=clusters, weights=weights)
+        graph = stats.connectivity(tuples, weights=weights)
+        out["ratings"] = {m: boot[m] for m in sorted(boot, key=lambda m: -boot[m]["rating"])}
+        out["ratings_warning"] = graph.warning
+        out["ratings_connectivity"] = graph.as_dict()
     if responses is not None:
         out["mean_length"] = {m: {"chars": float(np.mean([len(t) for t in responses[m]])),
                                   "words": float(np.mean([len(t.split()) for t in responses[m]]))} for m in names}
@@ -244,26 +304,47 @@ def write_markdown(result: dict, path: Path) -> None:
         f"Judge: `{result['judge']}`. {result['n_prompts']} prompts; every pair of models on every prompt, "
         f"sides randomised per pair (seed {s['seed']}). Sampling: max_new_tokens={s['max_new_tokens']}, "
         f"temperature={s['temperature']}, top_p={s['top_p']}, seed={s['seed']}. "
-        f"Ties count half a win; 95% percentile bootstrap CIs over battles ({result['bootstrap']} rounds).", "",
-        "## Models", "", "| name | spec | mean length (chars) | mean length (words) | generated | cached |",
-        "|---|---|---:|---:|---:|---:|",
+        f"Ties count half a win. 95% CIs resample prompts, not battles ({result['bootstrap']} bootstrap rounds): "
+        "a response to a prompt is in every battle its model fights on that prompt, so those battles are not "
+        "independent. Where every prompt of a pair went the same way the bootstrap would collapse to a point, "
+        "and the CI is the exact Clopper–Pearson interval over prompts instead (column *CI method*).", "",
     ]
+    if "human" in result:
+        lines += ["Human judge: wins / losses / ties count votes, but the win rate, its CI, the ratings and the win "
+                  "matrix weigh each vote 1/(votes on its comparison), so every (prompt, pair) counts once however "
+                  "many people voted on it; a prompt on which both models gave the same response counts as one tie.",
+                  ""]
+    lines += ["## Models", "", "| name | spec | mean length (chars) | mean length (words) | generated | cached |",
+              "|---|---|---:|---:|---:|---:|"]
     for m, info in result["models"].items():
         ml = result.get("mean_length", {}).get(m, {})
         lines.append(f"| {m} | `{info['spec']}` | {_fmt(ml.get('chars'), 1)} | {_fmt(ml.get('words'), 1)} | "
                      f"{info.get('generated', '–')} | {info.get('cached', '–')} |")
-    lines += ["", "## Pairs", "", "| model A | model B | wins | losses | ties | win rate of A | 95% CI |",
-              "|---|---|---:|---:|---:|---:|---|"]
+    position = any("position_disagreement_rate" in p for p in result["pairs"])
+    win_rate_label = "weighted win rate of A" if "human" in result else "win rate of A"
+    lines += ["", "## Pairs", "",
+              f"| model A | model B | wins | losses | ties | prompts | {win_rate_label} | 95% CI | CI method |"
+              + (" orders disagree |" if position else ""),
+              "|---|---|---:|---:|---:|---:|---:|---|---|" + ("---:|" if position else "")]
     for p in result["pairs"]:
-        lines.append(f"| {p['model_a']} | {p['model_b']} | {p['wins']} | {p['losses']} | {p['ties']} | "
-                     f"{_fmt(p['win_rate'])} | [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}] |")
+        row = (f"| {p['model_a']} | {p['model_b']} | {p['wins']} | {p['losses']} | {p['ties']} | {p.get('units', '–')} | "
+               f"{_fmt(p['win_rate'])} | [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}] | {p.get('ci_method') or '–'} |")
+        if position:
+            row += f" {_fmt(p.get('position_disagreement_rate'))} |"
+        lines.append(row)
+    if position:
+        lines += ["", "*Orders disagree*: the share of battles on which the judge, asked with the responses in both "
+                  "orders, preferred whichever was shown in one position — those verdicts are ties. A high share means "
+                  "the judge's position bias, not the responses, decided much of this pair."]
     if "ratings" in result:
         lines += ["", "## Ratings", "",
                   "Bradley–Terry by maximum likelihood on the Elo scale (400 points per factor of 10 in the odds, "
-                  "centred on 1000), as Chatbot Arena computes it; online Elo (K=4) beside it.", "",
-                  "| model | rating | 95% CI | online Elo |", "|---|---:|---|---:|"]
+                  "centred on 1000), as Chatbot Arena computes it; 95% CIs resample prompts.", ""]
+        if result.get("ratings_warning"):
+            lines += [f"**Warning:** {result['ratings_warning']}", ""]
+        lines += ["| model | rating | 95% CI |", "|---|---:|---|"]
         for m, r in result["ratings"].items():
-            lines.append(f"| {m} | {r['rating']:.1f} | [{r['ci_low']:.1f}, {r['ci_high']:.1f}] | {r['elo']:.1f} |")
+            lines.append(f"| {m} | {r['rating']:.1f} | [{r['ci_low']:.1f}, {r['ci_high']:.1f}] |")
     if result.get("win_matrix"):
         names = list(result["models"])
         lines += ["", "## Win matrix (row's win rate over column)", "", "| | " + " | ".join(names) + " |",
@@ -282,7 +363,8 @@ def _write_outputs(result: dict, out_dir: Path) -> dict:
     plots.win_rates_plot(result["pairs"], out_dir / "win_rates.png", title=f"Win rates, judge {result['judge']}")
     if "ratings" in result:
         result["plots"]["ratings"] = "ratings.png"
-        plots.ratings_plot(result["ratings"], out_dir / "ratings.png", title=f"Bradley–Terry ratings, judge {result['judge']}")
+        plots.ratings_plot(result["ratings"], out_dir / "ratings.png", title=f"Bradley–Terry ratings, judge {result['judge']}",
+                           warning=result.get("ratings_warning"))
     write_json_atomic(out_dir / "compare.json", result)
     write_markdown(result, out_dir / "compare.md")
     return result
@@ -379,7 +461,9 @@ def collect_from_store(out_dir: Path, db: str, bootstrap: int) -> dict:
                         votes += 1
                         # "both bad" is a tie between the two, as Chatbot Arena counts "tie (bothbad)".
                         winner = c if c in ("a", "b") else "tie"
-                        battles.append({"prompt_index": i, "model_a": first, "model_b": second, "winner": winner})
+                        # Each comparison counts once, like an identical-response tie: its votes share weight 1.
+                        battles.append({"prompt_index": i, "model_a": first, "model_b": second, "winner": winner,
+                                        "weight": 1.0 / len(choices)})
     finally:
         store.close()
     with open(out_dir / "battles.jsonl", "w", encoding="utf-8") as f:
@@ -388,7 +472,8 @@ def collect_from_store(out_dir: Path, db: str, bootstrap: int) -> dict:
     result = {
         "judge": f"human:{db}", "tie_margin": 0.0, "bootstrap": bootstrap, "n_prompts": len(prompts),
         "sampling": params.to_dict(), "seed": params.seed, "models": sent["models"],
-        "human": {"votes": votes, "comparisons_without_votes": unvoted, "identical_responses_counted_as_ties": identical},
+        "human": {"votes": votes, "comparisons_without_votes": unvoted, "identical_responses_counted_as_ties": identical,
+                  "weighting": "each vote 1/(votes on its comparison); an identical-response tie 1"},
         **summarise(names, battles, responses, bootstrap=bootstrap, seed=params.seed),
     }
     return _write_outputs(result, out_dir)
@@ -463,6 +548,8 @@ def compare_from_cli(args) -> int:
               f"win rate {_fmt(p['win_rate'])} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}]")
     for m, r in result.get("ratings", {}).items():
         print(f"{m}: {r['rating']:.0f} [{r['ci_low']:.0f}, {r['ci_high']:.0f}]")
+    if result.get("ratings_warning"):
+        print(f"warning: {result['ratings_warning']}")
     if "generated" in result:
         print(f"responses: {result['generated']} generated, {result['cached']} from cache")
     return 0

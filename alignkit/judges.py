@@ -9,7 +9,9 @@ A judge string names one (the `--judge` of `alignkit compare`):
                       a score difference within --tie-margin is a tie.
   llm:MODEL_SPEC      a local instruction-tuned model is asked which response is better; the
                       next-token log-probs of "A" and "B" decide. Both orders are scored and a pair on
-                      which the two orders disagree is a tie, which cancels position bias.
+                      which the two orders disagree is a tie, which cancels position bias; how often
+                      that happened is reported per pair by alignkit.compare (`both_orders` and
+                      `last_position_disagreement` on the judge).
   human:DB            handled by alignkit.compare (pairs go to the label store, votes are collected later).
 
 Oracle and reward judges score each response on its own, so the side a response is shown
@@ -21,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from alignkit.errors import UserError
 
@@ -121,6 +123,9 @@ class LLMJudge:
     tokenizer: Any
     batch_size: int = 8
     last_margins: list[tuple[float, float]] = field(default_factory=list, repr=False)
+    # Per item of the last judge() call: both orders gave a preference, for opposite positions.
+    last_position_disagreement: list[bool] = field(default_factory=list, repr=False)
+    both_orders: ClassVar[bool] = True  # tells alignkit.compare to report last_position_disagreement
 
     @classmethod
     def load(cls, spec: str, batch_size: int = 8) -> "LLMJudge":
@@ -162,14 +167,17 @@ class LLMJudge:
         forward = self.margins(prompts, a, b)  # a shown as "A"
         backward = self.margins(prompts, b, a)  # a shown as "B"
         self.last_margins = list(zip(forward, backward))
-        verdicts = []
+        verdicts, disagreements = [], []
         for f, r in zip(forward, backward):
             prefers_a_first = f > 0
             prefers_a_second = r < 0
-            if f == 0 or r == 0 or math.isnan(f) or math.isnan(r) or prefers_a_first != prefers_a_second:
+            undecided = f == 0 or r == 0 or math.isnan(f) or math.isnan(r)
+            disagreements.append(not undecided and prefers_a_first != prefers_a_second)
+            if undecided or prefers_a_first != prefers_a_second:
                 verdicts.append("tie")  # the orders disagree: position, not content, decided
             else:
                 verdicts.append("a" if prefers_a_first else "b")
+        self.last_position_disagreement = disagreements
         return verdicts
 
 

@@ -29,7 +29,7 @@ def win_rates_plot(pairs: list[dict], path: str | Path, *, title: str = "Win rat
     ax.set_yticks(ys, labels)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    ax.set_xlabel("win rate of the first model (ties = half), 95% bootstrap CI")
+    ax.set_xlabel("win rate of the first model (ties = half), 95% CI over prompts")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -37,8 +37,12 @@ def win_rates_plot(pairs: list[dict], path: str | Path, *, title: str = "Win rat
     return Path(path)
 
 
-def ratings_plot(ratings: dict[str, dict], path: str | Path, *, title: str = "Ratings") -> Path:
-    """Bradley–Terry (Elo-scale) rating per model with its 95% bootstrap CI, best first."""
+def ratings_plot(ratings: dict[str, dict], path: str | Path, *, title: str = "Ratings", warning: str | None = None) -> Path:
+    """Bradley–Terry (Elo-scale) rating per model with its 95% bootstrap CI, best first.
+
+    `warning` (stats.Connectivity.warning) is printed under the plot: a picture of ratings travels
+    without its report, and these gaps may be set by a prior rather than by the data.
+    """
     plt = _pyplot()
     names = sorted(ratings, key=lambda m: -ratings[m]["rating"])
     vals = [ratings[m]["rating"] for m in names]
@@ -49,7 +53,14 @@ def ratings_plot(ratings: dict[str, dict], path: str | Path, *, title: str = "Ra
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set_ylabel("rating (400 per factor of 10 in the odds)")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    if warning:
+        import textwrap
+
+        lines = textwrap.wrap("Warning: " + warning, int(fig.get_figwidth() * 17))  # ~17 chars per inch at 7 pt
+        fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, color="#a00000", va="bottom")
+        fig.tight_layout(rect=(0, 0.02 + 0.033 * len(lines), 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -1,29 +1,54 @@
-"""Statistics for A/B comparisons: win rates with bootstrap CIs, Bradley–Terry ratings as Chatbot Arena computes them.
+"""Statistics for A/B comparisons: win rates with CIs, Bradley–Terry ratings as Chatbot Arena computes them.
 
 A *battle* is `(model_a, model_b, winner)` with winner one of "a", "b", "tie".
 
-- Win rate of X over Y counts a tie as half a win; its 95% CI is the percentile
-  bootstrap over that pair's battles (numpy Generator with a fixed seed).
-- Ratings are maximum-likelihood Bradley–Terry, the way Chatbot Arena's
-  `compute_mle_elo` does it: a logistic regression without intercept on the
-  battles, feature +ln(10) for model_a and -ln(10) for model_b, every battle
-  duplicated so that a win is two wins and a tie is one win each way; the
-  coefficients are scaled by 400 and offset by 1000 (400 points per factor of
-  10 in the odds). The duplicated rows are summed into weights per (winner,
-  loser) cell, which gives the same likelihood as the duplicated rows.
-  scikit-learn's LogisticRegression with a very large C (no effective penalty)
-  fits it. Bootstrap CIs resample the battles with replacement (>= 100 rounds)
-  and refit; the interval is the 2.5/97.5 percentile of each model's rating.
-- A model that wins every battle has no finite maximum-likelihood rating; the
-  tiny penalty (C = 1e6) keeps it finite but very large. That is the data
-  speaking (no loss observed), not a bug.
+Every public function takes two optional per-battle sequences beside the battles:
+
+- `clusters`: a hashable key per battle naming the unit that is resampled together. Battles
+  that share a key are not independent: in `alignkit compare` every pair of models meets on
+  every prompt, so a model's response to a prompt appears in K-1 battles, and with human
+  judges one comparison gets several votes. The bootstrap resamples clusters (prompts) with
+  replacement, not battles; resampling battles treats correlated battles as independent (on
+  the demo's five models that made the rating CIs 25-35% too narrow). Default: every battle its own cluster.
+- `weights`: a positive weight per battle (default 1). The human judge weighs each vote
+  1/(votes on that comparison), so every (prompt, pair) counts once however many people voted.
+
+Win rates
+  X's win rate over Y counts a tie as half a win: sum(weight * score) / sum(weight). Its 95%
+  CI is the percentile bootstrap over the pair's clusters (numpy Generator, fixed seed). When
+  every cluster went the same way (all scores 1, or all 0) the bootstrap can only return
+  [1, 1] or [0, 0]; then the CI is the exact Clopper–Pearson interval for k of n clusters
+  (scipy.stats.binomtest). `ci_method` records which one made each CI.
+
+Ratings
+  Maximum-likelihood Bradley–Terry, the way Chatbot Arena's `compute_mle_elo` does it: a
+  logistic regression without intercept, feature +ln(10) for model_a and -ln(10) for model_b,
+  every battle duplicated so that a win is two wins and a tie is one win each way; the
+  coefficients are scaled by 400 and offset by 1000 (400 points per factor of 10 in the odds).
+  The duplicated rows are summed into weights per (winner, loser) cell, which gives the same
+  likelihood. scikit-learn's LogisticRegression with a very large C (no effective penalty) fits
+  it; the tiny penalty centres the ratings on 1000. Bootstrap CIs resample clusters (>= 100
+  rounds) and refit; the interval is the 2.5/97.5 percentile of each model's rating.
+
+  The MLE exists (is finite) iff the directed graph "i beat or tied j at least once" is
+  strongly connected (Zermelo 1929, Ford 1957). When it is not — a model that never lost, or
+  never won, or groups of models that never lost to another group — the likelihood keeps
+  rising as those gaps grow, and the near-zero penalty would put the rating thousands of
+  points out and, through the centring, shift every other model too. Then (and only then)
+  every pair that met counts PRIOR_TIES extra virtual ties: Coulom's BayesElo remedy (its
+  `prior` is virtual draws), a prior written as data in the data's own units, so 15-0 reads as
+  15.5 of 16 (about 600 points), not infinity. A bootstrap round is fitted by the same rule
+  (MLE where it exists, else the virtual ties). `connectivity()` says when this happened and
+  which models are involved; callers must show its warning, because the gaps across the
+  groups it names are set by the prior, not by the data. Models in sets that never met at
+  all (weakly disconnected) are not comparable at any rating: each set is centred on its own.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -32,6 +57,10 @@ SCALE = 400.0
 BASE = 10.0
 INIT_RATING = 1000.0
 MIN_BOOTSTRAP = 100
+PRIOR_TIES = 1.0  # virtual ties per pair that met, added only when the MLE does not exist
+LEVEL = 0.95
+CI_BOOTSTRAP = "bootstrap-percentile"
+CI_EXACT = "clopper-pearson"
 
 
 @dataclass(frozen=True)
@@ -53,44 +82,97 @@ def _battles(battles: Iterable) -> list[Battle]:
     return out
 
 
-def bootstrap_mean_ci(values: Sequence[float], rounds: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of `values`."""
+def _units(n: int, clusters: Sequence[Hashable] | None, weights: Sequence[float] | None) -> tuple[np.ndarray, int, np.ndarray]:
+    """(cluster code per battle, number of clusters, weight per battle), validated."""
+    if clusters is None:
+        codes = np.arange(n)
+    else:
+        if len(clusters) != n:
+            raise ValueError(f"clusters: {len(clusters)} keys for {n} battles")
+        index: dict = {}
+        codes = np.array([index.setdefault(c, len(index)) for c in clusters], dtype=int)
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
+    if w.shape != (n,):
+        raise ValueError(f"weights: {w.size} values for {n} battles")
+    if n and not (np.all(np.isfinite(w)) and np.all(w > 0)):
+        raise ValueError("weights must be finite and > 0")
+    return codes, (int(codes.max()) + 1 if n else 0), w
+
+
+def _cluster_means(sums: np.ndarray, wsums: np.ndarray, rounds: int, seed: int) -> np.ndarray:
+    """Bootstrap replicates of sum(weighted scores) / sum(weights) with clusters resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    c = sums.size
+    means = np.empty(rounds)
+    chunk = max(1, 2_000_000 // max(1, c))  # bound memory for long inputs
+    for start in range(0, rounds, chunk):
+        k = min(chunk, rounds - start)
+        idx = rng.integers(0, c, size=(k, c))
+        means[start : start + k] = sums[idx].sum(axis=1) / wsums[idx].sum(axis=1)
+    return means
+
+
+def bootstrap_mean_ci(values: Sequence[float], rounds: int = 1000, seed: int = 0, level: float = LEVEL, *,
+                      clusters: Sequence[Hashable] | None = None,
+                      weights: Sequence[float] | None = None) -> tuple[float, float]:
+    """Percentile bootstrap CI of the (weighted) mean of `values`, resampling clusters (default: each value)."""
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = np.empty(rounds)
-    chunk = max(1, 2_000_000 // max(1, x.size))  # bound memory for long inputs
-    for start in range(0, rounds, chunk):
-        k = min(chunk, rounds - start)
-        means[start : start + k] = x[rng.integers(0, x.size, size=(k, x.size))].mean(axis=1)
+    codes, c, w = _units(x.size, clusters, weights)
+    means = _cluster_means(np.bincount(codes, w * x, c), np.bincount(codes, w, c), rounds, seed)
     alpha = (1 - level) / 2
     lo, hi = np.quantile(means, [alpha, 1 - alpha])
     return float(lo), float(hi)
 
 
-def pair_stats(battles: Iterable, rounds: int = 1000, seed: int = 0) -> dict[tuple[str, str], dict]:
-    """Per unordered pair (first-seen order): wins/losses/ties of the first model, win rate and 95% CI."""
-    per_pair: dict[tuple[str, str], list[float]] = {}
-    for b in _battles(battles):
+def _win_rate_ci(scores: np.ndarray, w: np.ndarray, codes: np.ndarray, rounds: int, seed: int,
+                 level: float = LEVEL) -> tuple[float, float, str]:
+    """CI of a pair's weighted win rate over clusters; exact Clopper–Pearson when every cluster went one way."""
+    from scipy.stats import binomtest
+
+    c = int(codes.max()) + 1
+    if np.all(scores == 1.0) or np.all(scores == 0.0):
+        # Every resample has the same mean, so the percentile bootstrap collapses to a point.
+        ci = binomtest(c if scores[0] == 1.0 else 0, c).proportion_ci(confidence_level=level, method="exact")
+        return float(ci.low), float(ci.high), CI_EXACT
+    sums, wsums = np.bincount(codes, w * scores, c), np.bincount(codes, w, c)
+    means = _cluster_means(sums, wsums, rounds, seed)
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    return float(lo), float(hi), CI_BOOTSTRAP
+
+
+def pair_stats(battles: Iterable, rounds: int = 1000, seed: int = 0, *, clusters: Sequence[Hashable] | None = None,
+               weights: Sequence[float] | None = None) -> dict[tuple[str, str], dict]:
+    """Per unordered pair (first-seen order): the first model's raw wins/losses/ties and battles `n`, the
+    number of clusters `units`, the weighted win rate and its 95% CI with `ci_method`."""
+    battles = _battles(battles)
+    codes, _, w = _units(len(battles), clusters, weights)
+    per_pair: dict[tuple[str, str], list[int]] = {}
+    scores = np.empty(len(battles))
+    for k, b in enumerate(battles):
         key = (b.model_a, b.model_b)
         if key not in per_pair and (b.model_b, b.model_a) in per_pair:
             key = (b.model_b, b.model_a)
         flipped = key != (b.model_a, b.model_b)
-        score = 0.5 if b.winner == "tie" else float((b.winner == "a") != flipped)
-        per_pair.setdefault(key, []).append(score)
+        scores[k] = 0.5 if b.winner == "tie" else float((b.winner == "a") != flipped)
+        per_pair.setdefault(key, []).append(k)
     out = {}
-    for i, (key, scores) in enumerate(per_pair.items()):
-        arr = np.asarray(scores)
-        lo, hi = bootstrap_mean_ci(arr, rounds, seed + i)
+    for i, (key, rows) in enumerate(per_pair.items()):
+        s, pw = scores[rows], w[rows]
+        _, local = np.unique(codes[rows], return_inverse=True)  # the pair's clusters, numbered from 0
+        lo, hi, method = _win_rate_ci(s, pw, local, rounds, seed + i)
         out[key] = {
-            "wins": int((arr == 1.0).sum()),
-            "losses": int((arr == 0.0).sum()),
-            "ties": int((arr == 0.5).sum()),
-            "n": int(arr.size),
-            "win_rate": float(arr.mean()),
+            "wins": int((s == 1.0).sum()),
+            "losses": int((s == 0.0).sum()),
+            "ties": int((s == 0.5).sum()),
+            "n": int(s.size),
+            "units": int(local.max()) + 1,
+            "win_rate": float((pw * s).sum() / pw.sum()),
             "ci_low": lo,
             "ci_high": hi,
+            "ci_method": method,
         }
     return out
 
@@ -111,17 +193,36 @@ def _counts(battles: list[Battle], index: dict[str, int]) -> tuple[np.ndarray, n
     return ia, ib, w
 
 
-def _fit_bt(ia: np.ndarray, ib: np.ndarray, w: np.ndarray, p: int, weights: np.ndarray | None = None) -> np.ndarray:
-    """Elo-scale Bradley–Terry MLE (Chatbot Arena's compute_mle_elo) from battle arrays; optional per-battle weights."""
-    from sklearn.linear_model import LogisticRegression
-
-    weights = np.ones(len(ia)) if weights is None else weights
-    # Duplicated battles: a win for a counts twice as (a beats b); a tie once each way.
-    win = np.zeros((p, p))  # win[i, j]: weight of rows "i beats j"
+def _win_weights(ia: np.ndarray, ib: np.ndarray, w: np.ndarray, p: int, weights: np.ndarray) -> np.ndarray:
+    """win[i, j]: weight of the duplicated rows "i beats j" (a win counts twice, a tie once each way)."""
+    win = np.zeros((p, p))
     np.add.at(win, (ia[w == 0], ib[w == 0]), 2 * weights[w == 0])
     np.add.at(win, (ib[w == 1], ia[w == 1]), 2 * weights[w == 1])
     np.add.at(win, (ia[w == 2], ib[w == 2]), weights[w == 2])
     np.add.at(win, (ib[w == 2], ia[w == 2]), weights[w == 2])
+    return win
+
+
+def _separated(win: np.ndarray) -> bool:
+    """Whether some set of models never lost (beat-or-tie graph not strongly connected within a component).
+
+    Among the models with a battle: a bootstrap round can miss one, and it gets no rating there.
+    """
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    present = (win.sum(axis=0) + win.sum(axis=1)) > 0
+    graph = csr_matrix(win[np.ix_(present, present)] > 0)
+    strong, _ = connected_components(graph, directed=True, connection="strong")
+    weak, _ = connected_components(graph, directed=True, connection="weak")
+    return strong > weak
+
+
+def _fit_win(win: np.ndarray) -> np.ndarray:
+    """Elo-scale ratings maximising the likelihood of the duplicated-row weights `win`."""
+    from sklearn.linear_model import LogisticRegression
+
+    p = win.shape[0]
     rows, ys, sw = [], [], []
     for i in range(p):
         for j in range(i + 1, p):
@@ -139,71 +240,151 @@ def _fit_bt(ia: np.ndarray, ib: np.ndarray, w: np.ndarray, p: int, weights: np.n
         rows, ys, sw = rows + mirrored, ys + [1.0 - y for y in ys], sw + sw
     if not rows:
         return np.full(p, INIT_RATING)
-    lr = LogisticRegression(fit_intercept=False, C=1e6, tol=1e-8, max_iter=1000)
+    lr = LogisticRegression(C=1e6, fit_intercept=False, tol=1e-8, max_iter=1000)
     lr.fit(np.array(rows), np.array(ys), sample_weight=np.array(sw))
     return SCALE * lr.coef_[0] + INIT_RATING
 
 
-def bradley_terry(battles: Iterable) -> dict[str, float]:
-    """Elo-scale ratings (400 per factor of 10, centred on 1000) by maximum likelihood."""
+def _fit_bt(ia: np.ndarray, ib: np.ndarray, w: np.ndarray, p: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Ratings from battle arrays (optional per-battle weights): the Bradley–Terry MLE (Chatbot Arena's
+    compute_mle_elo) when it exists, else the fit with PRIOR_TIES virtual ties per pair that met."""
+    win = _win_weights(ia, ib, w, p, np.ones(len(ia)) if weights is None else np.asarray(weights, dtype=float))
+    if _separated(win):
+        met = (win + win.T) > 0
+        win = win + PRIOR_TIES * met  # a virtual tie is one row each way in the duplicated scheme
+    return _fit_win(win)
+
+
+def bradley_terry(battles: Iterable, *, weights: Sequence[float] | None = None) -> dict[str, float]:
+    """Elo-scale ratings (400 per factor of 10, centred on 1000): the MLE, or the virtual-tie fit where none exists."""
     battles = _battles(battles)
     models = _models(battles)
     index = {m: i for i, m in enumerate(models)}
-    ratings = _fit_bt(*_counts(battles, index), len(models))
+    _, _, w = _units(len(battles), None, weights)
+    ratings = _fit_bt(*_counts(battles, index), len(models), w)
     return {m: float(ratings[index[m]]) for m in models}
 
 
-def bootstrap_ratings(battles: Iterable, rounds: int = 1000, seed: int = 0) -> dict[str, dict]:
-    """Ratings with percentile-bootstrap 95% CIs over battles: {model: {rating, ci_low, ci_high, median}}."""
+def bootstrap_ratings(battles: Iterable, rounds: int = 1000, seed: int = 0, *,
+                      clusters: Sequence[Hashable] | None = None,
+                      weights: Sequence[float] | None = None) -> dict[str, dict]:
+    """Ratings with 95% percentile-bootstrap CIs over clusters: {model: {rating, ci_low, ci_high, median}}.
+
+    A round in which a model has no battle gives it no rating (it is left out of that model's percentiles).
+    """
     if rounds < MIN_BOOTSTRAP:
         raise ValueError(f"bootstrap needs at least {MIN_BOOTSTRAP} rounds, got {rounds}")
     battles = _battles(battles)
     models = _models(battles)
     index = {m: i for i, m in enumerate(models)}
     ia, ib, w = _counts(battles, index)
-    p, n = len(models), len(battles)
-    point = _fit_bt(ia, ib, w, p)
+    codes, c, base_w = _units(len(battles), clusters, weights)
+    p = len(models)
+    point = _fit_bt(ia, ib, w, p, base_w)
     rng = np.random.default_rng(seed)
     samples = np.empty((rounds, p))
     for r in range(rounds):
-        # Resampling battles with replacement = multinomial counts as weights on the originals.
-        weights = rng.multinomial(n, np.full(n, 1.0 / n)).astype(float)
-        samples[r] = _fit_bt(ia, ib, w, p, weights)
-    lo, med, hi = np.quantile(samples, [0.025, 0.5, 0.975], axis=0)
+        # Resampling clusters with replacement = each cluster's multiplicity as a weight on its battles.
+        mult = np.bincount(rng.integers(0, c, size=c), minlength=c)[codes]
+        samples[r] = _fit_bt(ia, ib, w, p, base_w * mult)
+        present = np.bincount(ia, mult, p) + np.bincount(ib, mult, p) > 0
+        samples[r, ~present] = np.nan
+    lo, med, hi = np.nanquantile(samples, [0.025, 0.5, 0.975], axis=0)
     return {m: {"rating": float(point[index[m]]), "ci_low": float(lo[index[m]]), "ci_high": float(hi[index[m]]),
                 "median": float(med[index[m]])} for m in models}
 
 
-def win_matrix(battles: Iterable, models: Sequence[str] | None = None) -> dict[str, dict[str, float | None]]:
-    """matrix[x][y] = win rate of x over y (ties half); None where they never met (and on the diagonal)."""
+@dataclass(frozen=True)
+class Connectivity:
+    """Whether the Bradley–Terry MLE exists, and which models stand in the way when it does not."""
+
+    # Strongly connected components of "i beat or tied j", in a topological order: no model in a
+    # later group ever beat or tied a model in an earlier group. One group: the MLE exists (and is finite).
+    groups: list[list[str]]
+    # Models linked by any battle; across these, ratings are not comparable at all.
+    components: list[list[str]]
+    never_lost: list[str]  # no other model ever beat or tied them
+    never_won: list[str]  # they never beat or tied any other model
+
+    @property
+    def separated(self) -> bool:
+        """Some models never lost (or never won) against the rest of their component: no finite MLE there."""
+        return len(self.groups) > len(self.components)
+
+    @property
+    def connected(self) -> bool:
+        return len(self.components) <= 1
+
+    @property
+    def warning(self) -> str | None:
+        """A sentence or two for reports; None when the ratings are plain MLE on one connected set of models."""
+        parts = []
+        if not self.connected:
+            parts.append("The models form groups that never met: " + " | ".join(
+                "{" + ", ".join(c) + "}" for c in self.components)
+                + "; ratings are comparable only within a group (each group is centred on its own).")
+        # Within a component the groups are ordered; across components there is no order to state.
+        chains = [[g for g in self.groups if g[0] in c] for c in self.components]
+        chains = [" > ".join("{" + ", ".join(g) + "}" for g in chain) for chain in chains if len(chain) > 1]
+        if chains:  # == self.separated
+            who = [f"{', '.join(m)} {what}" for m, what in ((self.never_lost, "never lost or tied"),
+                                                           (self.never_won, "never won or tied")) if m]
+            parts.append(
+                "No finite maximum-likelihood ratings" + (f" ({'; '.join(who)})" if who else "") + ": in the order "
+                + "; ".join(chains) + " no model of a later group ever beat or tied one of an earlier group. "
+                f"Ratings are fitted with {PRIOR_TIES:g} virtual tie per pair that met (a BayesElo-style prior) so "
+                "they stay finite; the gaps between these groups reflect that prior, not the data.")
+        return " ".join(parts) or None
+
+    def as_dict(self) -> dict:
+        return {"separated": self.separated, "connected": self.connected, "groups": self.groups,
+                "components": self.components, "never_lost": self.never_lost, "never_won": self.never_won}
+
+
+def connectivity(battles: Iterable, *, weights: Sequence[float] | None = None) -> Connectivity:
+    """The comparison graph's strongly connected groups (Ford/Zermelo: the MLE exists iff there is one)."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components, shortest_path
+
     battles = _battles(battles)
+    models = _models(battles)
+    if not models:
+        return Connectivity([], [], [], [])
+    index = {m: i for i, m in enumerate(models)}
+    ia, ib, w = _counts(battles, index)
+    _, _, bw = _units(len(battles), None, weights)
+    edges = _win_weights(ia, ib, w, len(models), bw) > 0
+    graph = csr_matrix(edges)
+    n_strong, strong = connected_components(graph, directed=True, connection="strong")
+    n_weak, weak = connected_components(graph, directed=True, connection="weak")
+    # Between groups the graph is acyclic, and a group reaches strictly more models than any group it
+    # beats, so sorting by how many models each reaches is a topological order (winners first).
+    reach = np.isfinite(shortest_path(graph, unweighted=True)).sum(axis=1)
+    groups = sorted(([models[i] for i in np.flatnonzero(strong == g)] for g in range(n_strong)),
+                    key=lambda g: (-reach[index[g[0]]], index[g[0]]))
+    components = [[models[i] for i in np.flatnonzero(weak == g)] for g in range(n_weak)]
+    never_lost = [m for i, m in enumerate(models) if not edges[:, i].any()]
+    never_won = [m for i, m in enumerate(models) if not edges[i, :].any()]
+    return Connectivity(groups, components, never_lost, never_won)
+
+
+def win_matrix(battles: Iterable, models: Sequence[str] | None = None, *,
+               weights: Sequence[float] | None = None) -> dict[str, dict[str, float | None]]:
+    """matrix[x][y] = weighted win rate of x over y (ties half); None where they never met (and on the diagonal)."""
+    battles = _battles(battles)
+    _, _, bw = _units(len(battles), None, weights)
     models = list(models) if models is not None else _models(battles)
     score = {(x, y): 0.0 for x in models for y in models}
-    count = {(x, y): 0 for x in models for y in models}
-    for b in battles:
+    total = {(x, y): 0.0 for x in models for y in models}
+    for b, wt in zip(battles, bw):
         s = 0.5 if b.winner == "tie" else float(b.winner == "a")
-        score[b.model_a, b.model_b] += s
-        score[b.model_b, b.model_a] += 1 - s
-        count[b.model_a, b.model_b] += 1
-        count[b.model_b, b.model_a] += 1
-    return {x: {y: (score[x, y] / count[x, y] if count[x, y] else None) for y in models} for x in models}
+        score[b.model_a, b.model_b] += wt * s
+        score[b.model_b, b.model_a] += wt * (1 - s)
+        total[b.model_a, b.model_b] += wt
+        total[b.model_b, b.model_a] += wt
+    return {x: {y: (score[x, y] / total[x, y] if total[x, y] else None) for y in models} for x in models}
 
 
 def expected_win_rate(rating_x: float, rating_y: float) -> float:
     """P(x beats y) under the ratings (400 points per factor of 10)."""
     return 1.0 / (1.0 + BASE ** ((rating_y - rating_x) / SCALE))
-
-
-def online_elo(battles: Iterable, k: float = 4.0) -> dict[str, float]:
-    """Sequential Elo in battle order (Chatbot Arena's compute_online_elo: K=4, scale 400, base 10, init 1000).
-
-    Order-dependent and shown only beside the Bradley–Terry ratings, as the Arena used to.
-    """
-    rating: dict[str, float] = {}
-    for b in _battles(battles):
-        ra, rb = rating.setdefault(b.model_a, INIT_RATING), rating.setdefault(b.model_b, INIT_RATING)
-        ea = expected_win_rate(ra, rb)
-        sa = 0.5 if b.winner == "tie" else float(b.winner == "a")
-        rating[b.model_a] = ra + k * (sa - ea)
-        rating[b.model_b] = rb + k * ((1 - sa) - (1 - ea))
-    return rating

@@ -579,6 +579,46 @@ def _sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[li
     return out
 
 
+def rm_agrees(heldout: list[tuple[float, float]]) -> list[bool]:
+    """Per (oracle difference, reward-model difference) of a pair the oracle does not tie: same sign.
+
+    A reward-model tie (difference 0) picks neither side, so it is not correct whichever the oracle prefers.
+    """
+    return [r != 0 and (d > 0) == (r > 0) for d, r in heldout]
+
+
+def _sample_seed(seed: int, name: str) -> int:
+    """The sampling seed of one policy: from its name, not its place in the list, so adding or reordering
+    stages leaves every other policy's samples (and their cache) as they were."""
+    return int(artifacts.stable_hash({"seed": seed, "model": name})[:8], 16)
+
+
+def kl_to_reference(logp: list[float], logp_ref: list[float], *, temperature: float, top_p: float,
+                    rounds: int = 1000, seed: int = 0) -> dict:
+    """KL(π ‖ π_ref) in nats per response: the k1 estimate, mean of log π(y|x) − log π_ref(y|x) over y ~ π.
+
+    Returns {kl, ci_low, ci_high (95% percentile bootstrap over prompts), se, n}. k1 is unbiased but
+    noisy, and on few samples can even come out negative: the interval says how far to trust it. It is
+    unbiased only for samples drawn from π itself; with temperature != 1 or top_p < 1 they come from a
+    reshaped distribution and the mean is not KL(π ‖ π_ref), so such samples are refused.
+    """
+    import numpy as np
+    from scipy.stats import sem
+
+    from alignkit.errors import UserError
+    from alignkit.stats import bootstrap_mean_ci
+
+    if temperature != 1.0 or top_p < 1.0:
+        raise UserError(f"KL to the reference needs samples from the policy itself (temperature 1, top_p 1), "
+                        f"got temperature={temperature}, top_p={top_p}")
+    d = np.asarray(logp, dtype=float) - np.asarray(logp_ref, dtype=float)
+    if d.size == 0:
+        raise UserError("KL to the reference: no samples")
+    lo, hi = bootstrap_mean_ci(d, rounds, seed)
+    return {"kl": float(d.mean()), "ci_low": lo, "ci_high": hi,
+            "se": float(sem(d)) if d.size > 1 else float("nan"), "n": int(d.size)}
+
+
 def _compare_vs_sft(workdir: Path, policies: list[str], prompts: list[str], samples: dict[str, dict], judge: str,
                     s: DemoSettings, *, log=print) -> dict:
     """Blind A/B of every policy pair with `alignkit compare`'s judging and statistics, on the demo's samples.
@@ -595,8 +635,9 @@ def _compare_vs_sft(workdir: Path, policies: list[str], prompts: list[str], samp
     out = workdir / "compare" / f"{kind}.json"
     names = [n for n in policies if n != "sft"] + ["sft"]  # SFT last: each pair (model, sft) counts the model's wins
     responses = {n: samples[n]["texts"] for n in names}
+    # "statistics" names the method, so results computed by an older one (battle bootstrap) are recomputed.
     key = artifacts.stable_hash({"judge": judge, "responses": responses, "bootstrap": s.bootstrap, "seed": s.seed,
-                                 "judge_stage": _stage_hash_of(judge)})
+                                 "judge_stage": _stage_hash_of(judge), "statistics": "prompt-clusters"})
     cached = json.loads(out.read_text()) if out.exists() else None
     if cached and cached.get("key") == key:
         result = cached
@@ -607,9 +648,10 @@ def _compare_vs_sft(workdir: Path, policies: list[str], prompts: list[str], samp
                   **summarise(names, battles, responses, bootstrap=s.bootstrap, seed=s.seed)}
         out.parent.mkdir(parents=True, exist_ok=True)
         artifacts.write_json_atomic(out, result)
-    vs_sft = {p["model_a"]: {k: p[k] for k in ("win_rate", "ci_low", "ci_high", "wins", "losses", "ties", "n")}
+    vs_sft = {p["model_a"]: {k: p.get(k) for k in ("win_rate", "ci_low", "ci_high", "ci_method", "wins", "losses", "ties", "n")}
               for p in result["pairs"] if p["model_b"] == "sft"}
-    return {"vs_sft": vs_sft, "dir": str(out), "ratings": result.get("ratings")}
+    return {"vs_sft": vs_sft, "dir": str(out), "ratings": result.get("ratings"),
+            "ratings_warning": result.get("ratings_warning")}
 
 
 def _stage_hash_of(judge: str) -> str | None:
@@ -633,8 +675,9 @@ def evaluate(workdir: Path, records: dict[str, dict], s: DemoSettings, *, log=pr
     # Samples and log-probabilities, cached per stage hash: a warm run re-evaluates nothing.
     samples: dict[str, dict] = {}
     sft_model = sft_tok = None
-    for i, name in enumerate(policies):
-        key = artifacts.stable_hash({"stage": records[name]["config_hash"], "sft": sft_hash, **knobs})
+    for name in policies:
+        seed = _sample_seed(s.seed, name)
+        key = artifacts.stable_hash({"stage": records[name]["config_hash"], "sft": sft_hash, **knobs, "sample_seed": seed})
         path = eval_dir / f"samples_{name}.json"
         cached = json.loads(path.read_text()) if path.exists() else None
         if cached and cached.get("key") == key:
@@ -642,7 +685,6 @@ def evaluate(workdir: Path, records: dict[str, dict], s: DemoSettings, *, log=pr
             continue
         log(f"eval: sampling {len(prompts)} responses from {name}")
         model, tok, _ = load_model_for_inference(str(run_dir / name))
-        seed = s.seed + 1000 + i
         sampled = sample_continuations(run_dir / name, prompts, n=1, max_new_tokens=s.eval_max_new_tokens,
                                        temperature=s.temperature, seed=seed, model=model, tokenizer=tok)
         own = _sequence_logprobs(model, sampled["prompt_ids"], sampled["response_ids"], tok.pad_token_id)
@@ -654,7 +696,8 @@ def evaluate(workdir: Path, records: dict[str, dict], s: DemoSettings, *, log=pr
             ref = _sequence_logprobs(sft_model, sampled["prompt_ids"], sampled["response_ids"], sft_tok.pad_token_id)
             del model
         samples[name] = {"key": key, "texts": sampled["texts"], "finished": sampled["finished"],
-                         "lengths": [len(r) for r in sampled["response_ids"]], "logp": own, "logp_sft": ref}
+                         "lengths": [len(r) for r in sampled["response_ids"]], "logp": own, "logp_sft": ref,
+                         "params": sampled["params"]}
         artifacts.write_json_atomic(path, samples[name])
 
     # Reward-model accuracy against the oracle: fresh SFT pairs on the eval prompts, oracle ties left out.
@@ -678,7 +721,7 @@ def evaluate(workdir: Path, records: dict[str, dict], s: DemoSettings, *, log=pr
     heldout = [(sentiment.raw_score(a) - sentiment.raw_score(b), ra - rb)
                for a, b, ra, rb in zip(rm["a"], rm["b"], rm["rm_a"], rm["rm_b"])
                if sentiment.raw_score(a) != sentiment.raw_score(b)]
-    rm_correct = [(d > 0) == (r > 0) for d, r in heldout]
+    rm_correct = rm_agrees(heldout)
     by_gap: dict[str, list[bool]] = {}
     for (d, _), ok in zip(heldout, rm_correct):
         by_gap.setdefault(str(min(abs(d), 5)) + ("+" if abs(d) >= 5 else ""), []).append(ok)
@@ -687,11 +730,16 @@ def evaluate(workdir: Path, records: dict[str, dict], s: DemoSettings, *, log=pr
     win_oracle = _compare_vs_sft(workdir, policies, prompts, samples, "oracle:sentiment", s, log=log)
     win_rm = _compare_vs_sft(workdir, policies, prompts, samples, f"reward:{reward_dir}", s, log=log)
 
-    kl, oracle_score = {}, {}
+    kl, kl_ci, oracle_score = {}, {}, {}
     for name in policies:
         m = samples[name]
         oracle_score[name] = statistics.fmean(sentiment.score(t) for t in m["texts"])
-        kl[name] = 0.0 if name == "sft" else statistics.fmean(a - b for a, b in zip(m["logp"], m["logp_sft"]))
+        if name == "sft":
+            kl[name] = 0.0
+            continue
+        est = kl_to_reference(m["logp"], m["logp_sft"], temperature=m["params"]["temperature"],
+                              top_p=m["params"]["top_p"], rounds=s.bootstrap, seed=s.seed)
+        kl[name], kl_ci[name] = est["kl"], est
     return {
         "prompts": prompts,
         "policies": policies,
@@ -703,8 +751,11 @@ def evaluate(workdir: Path, records: dict[str, dict], s: DemoSettings, *, log=pr
         "win_rate": win_oracle["vs_sft"],
         "win_rate_reward_model": win_rm["vs_sft"],
         "compare": {"oracle": win_oracle["dir"], "reward_model": win_rm["dir"],
-                    "ratings_oracle": win_oracle.get("ratings"), "ratings_reward_model": win_rm.get("ratings")},
+                    "ratings_oracle": win_oracle.get("ratings"), "ratings_reward_model": win_rm.get("ratings"),
+                    "ratings_warning_oracle": win_oracle.get("ratings_warning"),
+                    "ratings_warning_reward_model": win_rm.get("ratings_warning")},
         "kl": kl,
+        "kl_ci": kl_ci,
         "oracle_score": oracle_score,
         "mean_length": {n: statistics.fmean(samples[n]["lengths"]) for n in policies},
         "eos_fraction": {n: statistics.fmean(samples[n]["finished"]) for n in policies},
@@ -716,15 +767,25 @@ def evaluate(workdir: Path, records: dict[str, dict], s: DemoSettings, *, log=pr
 # ---------------------------------------------------------------------------------------------
 
 
-def _summarise(workdir: Path, records: dict, labeling: dict, ev: dict, s: DemoSettings, timings: dict,
-               wall: float, quick: bool) -> dict:
-    claims = {
+def claims_of(ev: dict) -> dict[str, bool]:
+    """The demo's claims (issue 6), each true or false, from evaluate()'s rm_accuracy, win_rate and kl."""
+
+    def vs_sft(m: str, key: str) -> float:
+        # None where the pair had no battles: the claim fails rather than the comparison raising TypeError.
+        value = ev["win_rate"].get(m, {}).get(key)
+        return float("nan") if value is None else value
+
+    return {
         f"rm_accuracy >= {CLAIM_RM_ACCURACY}": ev["rm_accuracy"] >= CLAIM_RM_ACCURACY,
         **{f"{m} win_rate >= {CLAIM_WIN_RATE} and ci_low > 0.5 vs sft":
-           ev["win_rate"].get(m, {}).get("win_rate", 0) >= CLAIM_WIN_RATE and ev["win_rate"].get(m, {}).get("ci_low", 0) > 0.5
-           for m in ALIGNED},
+           vs_sft(m, "win_rate") >= CLAIM_WIN_RATE and vs_sft(m, "ci_low") > 0.5 for m in ALIGNED},
         "kl reported for every model": all(m in ev["kl"] for m in ALIGNED),
     }
+
+
+def _summarise(workdir: Path, records: dict, labeling: dict, ev: dict, s: DemoSettings, timings: dict,
+               wall: float, quick: bool) -> dict:
+    claims = claims_of(ev)
     stage_info = {}
     for name, rec in records.items():
         metrics = rec.get("metrics", {})
@@ -735,6 +796,8 @@ def _summarise(workdir: Path, records: dict, labeling: dict, ev: dict, s: DemoSe
         "rm_accuracy": round(ev["rm_accuracy"], 4),
         "win_rate": {m: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in w.items()} for m, w in ev["win_rate"].items()},
         "kl": {m: round(v, 4) for m, v in ev["kl"].items() if m != "sft"},
+        "kl_ci": {m: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items() if k != "kl"}
+                  for m, c in ev["kl_ci"].items()},
         "wall_seconds": round(wall, 1),
         "quick": quick,
         "claims": claims,
@@ -742,6 +805,7 @@ def _summarise(workdir: Path, records: dict, labeling: dict, ev: dict, s: DemoSe
         "rm_accuracy_by_oracle_gap": ev["rm_accuracy_by_gap"],
         "reward_stage_heldout_accuracy": records["reward"].get("metrics", {}).get("heldout_accuracy"),
         "ratings_oracle": ev["compare"]["ratings_oracle"],
+        "ratings_warning_oracle": ev["compare"]["ratings_warning_oracle"],
         "compare": {"oracle": ev["compare"]["oracle"], "reward_model": ev["compare"]["reward_model"]},
         "win_rate_reward_model": {m: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in w.items()}
                                   for m, w in ev["win_rate_reward_model"].items()},
@@ -766,12 +830,21 @@ def _claim_lines(result: dict) -> list[str]:
     for m in ALIGNED:
         w = result["win_rate"].get(m)
         if w:
-            lines.append(f"{m} vs sft (oracle): win rate {w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}], "
-                         f"KL to sft {result['kl'].get(m, float('nan')):.2f} nats")
+            kl = result.get("kl_ci", {}).get(m, {})
+            lines.append(f"{m} vs sft (oracle): win rate {_rate_ci(w)}, KL to sft "
+                         f"{result['kl'].get(m, float('nan')):.2f} [{kl.get('ci_low', float('nan')):.2f}, "
+                         f"{kl.get('ci_high', float('nan')):.2f}] nats")
     failed = [c for c, ok in result["claims"].items() if not ok]
     lines.append("claims: all hold" if not failed else f"claims NOT met: {'; '.join(failed)}"
                  + (" (expected with --quick)" if result.get("quick") else ""))
     return lines
+
+
+def _rate_ci(w: dict) -> str:
+    """Win rate and 95% CI as text, or a dash where the pair had no battles (win_rate None)."""
+    if w.get("win_rate") is None:
+        return "–"
+    return f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"
 
 
 def _write_outputs(workdir: Path, result: dict, ev: dict) -> None:
@@ -820,8 +893,10 @@ def _plots(workdir: Path, result: dict, ev: dict) -> dict[str, str]:
     for k, (label, table, color) in enumerate((("oracle judge", ev["win_rate"], "#4c72b0"),
                                                 ("reward-model judge", ev["win_rate_reward_model"], "#dd8452"))):
         xs = [i + (k - 0.5) * width for i in range(len(models))]
-        ys = [table[m]["win_rate"] for m in models]
-        err = [[y - table[m]["ci_low"] for m, y in zip(models, ys)], [table[m]["ci_high"] - y for m, y in zip(models, ys)]]
+        nan = float("nan")  # a pair without battles has None: drawn as no bar
+        ys = [nan if table[m]["win_rate"] is None else table[m]["win_rate"] for m in models]
+        err = [[y - (table[m]["ci_low"] if table[m]["ci_low"] is not None else nan) for m, y in zip(models, ys)],
+               [(table[m]["ci_high"] if table[m]["ci_high"] is not None else nan) - y for m, y in zip(models, ys)]]
         ax.bar(xs, ys, width, yerr=err, capsize=4, label=label, color=color)
     ax.axhline(0.5, color="grey", ls=":", lw=1)
     ax.axhline(CLAIM_WIN_RATE, color="k", ls="--", lw=1, label=f"claim: {CLAIM_WIN_RATE}")
@@ -843,11 +918,15 @@ def _plots(workdir: Path, result: dict, ev: dict) -> dict[str, str]:
         color, marker = styles[kind]
         ax.scatter(ev["kl"][name], ev["oracle_score"][name], color=color, marker=marker, s=50,
                    label=kind if not any(n.startswith(kind) for n in ev["policies"][: ev["policies"].index(name)]) else None)
+        if name in ev["kl_ci"]:
+            c = ev["kl_ci"][name]
+            ax.errorbar(ev["kl"][name], ev["oracle_score"][name], color=color, capsize=3, lw=1,
+                        xerr=[[ev["kl"][name] - c["ci_low"]], [c["ci_high"] - ev["kl"][name]]])
         train = (result["stages"].get(name) or {}).get("train") or {}
         knob = f" (β={train['beta']})" if "beta" in train else f" (KL coef {train['init_kl_coef']})" if "init_kl_coef" in train else ""
         ax.annotate(name + knob, (ev["kl"][name], ev["oracle_score"][name]), textcoords="offset points", xytext=(5, 4),
                     fontsize=8)
-    ax.set_xlabel("KL(policy || sft), nats per response (sampled)")
+    ax.set_xlabel("KL(policy || sft), nats per response (sampled), 95% CI")
     ax.set_ylabel("mean oracle sentiment score")
     ax.set_title("Reward vs KL frontier")
     ax.grid(alpha=0.3)
@@ -886,25 +965,28 @@ def _report(workdir: Path, result: dict, ev: dict, plots: dict[str, str]) -> str
         "",
         f"One sample per held-out prompt ({result['eval_prompts']} prompts) from each model at temperature "
         f"{result['sampling']['temperature']}; every pair of models judged blind on every prompt (sides randomised) "
-        "with `alignkit compare`'s judges and statistics; ties count half; 95% percentile bootstrap CI over prompts. "
-        "KL(policy ‖ SFT) is the mean over the policy's own samples of log π(y|x) − log π_sft(y|x).",
+        "with `alignkit compare`'s judges and statistics; ties count half; 95% CI: percentile bootstrap over prompts "
+        "(exact Clopper–Pearson where every prompt went one way). "
+        "KL(policy ‖ SFT) is the mean over the policy's own samples of log π(y|x) − log π_sft(y|x) (the k1 estimate: "
+        "unbiased but noisy), with a 95% percentile bootstrap CI over prompts.",
         "",
-        "| model | oracle win rate [95% CI] | reward-model win rate [95% CI] | KL to SFT (nats) | mean oracle score | tokens | ended |",
+        "| model | oracle win rate [95% CI] | reward-model win rate [95% CI] | KL to SFT (nats) [95% CI] | mean oracle score | tokens | ended |",
         "|---|---|---|---|---|---|---|",
     ]
     for m in ev["policies"]:
         if m == "sft":
             lines.append(f"| sft | — | — | 0 | {ev['oracle_score'][m]:.3f} | {ev['mean_length'][m]:.1f} | {ev['eos_fraction'][m]:.2f} |")
             continue
-        o, r = ev["win_rate"][m], ev["win_rate_reward_model"][m]
-        lines.append(f"| {m} | {o['win_rate']:.3f} [{o['ci_low']:.3f}, {o['ci_high']:.3f}] | "
-                     f"{r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {ev['kl'][m]:.2f} | "
+        o, r, k = ev["win_rate"][m], ev["win_rate_reward_model"][m], ev["kl_ci"][m]
+        lines.append(f"| {m} | {_rate_ci(o)} | {_rate_ci(r)} | {ev['kl'][m]:.2f} [{k['ci_low']:.2f}, {k['ci_high']:.2f}] | "
                      f"{ev['oracle_score'][m]:.3f} | {ev['mean_length'][m]:.1f} | {ev['eos_fraction'][m]:.2f} |")
     ratings = result.get("ratings_oracle") or {}
     if ratings:
         lines += ["", "Bradley–Terry ratings under the oracle (Elo scale, 95% bootstrap CI): " + ", ".join(
             f"{m} {r['rating']:.0f} [{r['ci_low']:.0f}, {r['ci_high']:.0f}]" for m, r in ratings.items()
             if all(k in r for k in ("rating", "ci_low", "ci_high")))]
+        if result.get("ratings_warning_oracle"):
+            lines += ["", f"**Warning:** {result['ratings_warning_oracle']}"]
     lines += ["", f"![win rates]({plots['win_rates']})", "", "## Reward-vs-KL frontier", "",
               f"![frontier]({plots['frontier']})", "",
               "## Reward model against the oracle", "",

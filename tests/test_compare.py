@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from alignkit.cli import main
+from alignkit import compare, stats
 from alignkit.compare import compare_models, parse_model_args, read_prompts
 from alignkit.errors import UserError
 from alignkit.generation import SamplingParams
+from alignkit.judges import load_judge
 
 PROMPTS = ["the acting was", "the plot felt", "I watched the movie last night and", "my friend said the film was",
            "the ending seemed", "overall the music was"]
@@ -119,7 +122,8 @@ def test_compare_end_to_end_with_cache_and_a_third_model(models, prompts_file, t
     assert len(third["pairs"]) == 3
     assert set(third["ratings"]) == {"base", "ad1", "ad2"}
     for r in third["ratings"].values():
-        assert r["ci_low"] <= r["rating"] <= r["ci_high"] and "elo" in r
+        assert r["ci_low"] <= r["rating"] <= r["ci_high"] and "elo" not in r
+    assert "ratings_warning" in third and "online Elo" not in (out / "compare.md").read_text()
     assert third["win_matrix"]["base"]["ad1"] == pytest.approx(first["pairs"][0]["win_rate"])
     assert (out / "ratings.png").stat().st_size > 1000
     assert "## Ratings" in (out / "compare.md").read_text()
@@ -174,8 +178,10 @@ def test_llm_judge_scores_both_orders(models):
     # Identical responses: both orders give the same margin, so the judge cannot prefer a side.
     f, r = judge.last_margins[2]
     assert f == pytest.approx(r, abs=1e-5) and verdicts[2] == "tie"
-    for v, (f, r) in zip(verdicts, judge.last_margins):
+    for v, (f, r), d in zip(verdicts, judge.last_margins, judge.last_position_disagreement):
         assert v == ("a" if f > 0 and r < 0 else "b" if f < 0 and r > 0 else "tie")
+        assert d == (f != 0 and r != 0 and (f > 0) == (r > 0))  # the same position won in both orders
+    assert judge.both_orders
     # Swapping the inputs swaps the verdicts (order cancels out).
     swapped = judge.judge(PROMPTS[:3], b, a)
     assert swapped == [{"a": "b", "b": "a", "tie": "tie"}[v] for v in verdicts]
@@ -208,3 +214,107 @@ def test_model_names_and_prompt_parsing(models, prompts_file):
     assert read_prompts(prompts_file, limit=2) == PROMPTS[:2]
     with pytest.raises(UserError, match="prompts file not found"):
         read_prompts("/nonexistent.jsonl")
+
+
+def _fake_stage(tmp_path: Path, name: str, base: Path, adapter_bytes: bytes, config_hash: str = "same-hash") -> Path:
+    """A complete stage directory whose adapter weights are `adapter_bytes` (model_identity never loads them)."""
+    from alignkit.artifacts import complete_stage
+
+    stage = tmp_path / name
+    stage.mkdir()
+    (stage / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    (stage / "adapter_model.safetensors").write_bytes(adapter_bytes)
+    complete_stage(stage, {"name": "dpo", "kind": "dpo", "base": str(base), "parents": [], "config_hash": config_hash})
+    return stage
+
+
+def test_cache_identity_follows_the_weights_not_the_config_hash(tiny_model_dir, tmp_path):
+    """Two runs of one recipe (CPU and GPU, or before and after a fix) share a config hash, not weights."""
+    import shutil
+
+    cpu = _fake_stage(tmp_path, "cpu", tiny_model_dir, b"weights trained on the cpu")
+    gpu = _fake_stage(tmp_path, "gpu", tiny_model_dir, b"weights trained on the gpu")
+    again = _fake_stage(tmp_path, "again", tiny_model_dir, b"weights trained on the cpu")
+    ids = {p: compare.model_identity(str(p)) for p in (cpu, gpu, again)}
+    assert ids[cpu]["stage_config_hash"] == ids[gpu]["stage_config_hash"] == "same-hash"
+    assert ids[cpu] != ids[gpu]
+    assert ids[cpu] == ids[again]  # same weights, same base: the same model wherever the directory is
+
+    # A plain local model directory: a rewritten weights file changes the identity (by size and mtime).
+    local = Path(shutil.copytree(tiny_model_dir, tmp_path / "local"))
+    before = compare.model_identity(str(local))
+    assert before == compare.model_identity(str(local))
+    weights = next(local.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    after = compare.model_identity(str(local))
+    assert after != before and after["base"] == before["base"]
+    # A stage on that base follows its base's files too.
+    on_local = _fake_stage(tmp_path, "on-local", local, b"w")
+    first = compare.model_identity(str(on_local))
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    assert compare.model_identity(str(on_local)) != first
+
+
+class _BothOrdersJudge:
+    """A judge that, like the LLM judge, scores both orders: prefers the longer response, except that on
+    every third call item its two orders disagree (a tie)."""
+
+    name = "fake:both-orders"
+    both_orders = True
+
+    def __init__(self):
+        self.last_position_disagreement: list[bool] = []
+
+    def judge(self, prompts, a, b):
+        self.last_position_disagreement = [i % 3 == 0 for i in range(len(prompts))]
+        return ["tie" if d else ("a" if len(x) > len(y) else "b")
+                for d, x, y in zip(self.last_position_disagreement, a, b)]
+
+
+def _result(names, battles, responses, judge="fake", **extra) -> dict:
+    sampling = SamplingParams(seed=0).to_dict()
+    return {"judge": judge, "bootstrap": 100, "n_prompts": len(next(iter(responses.values()))), "sampling": sampling,
+            "models": {m: {"spec": f"/specs/{m}"} for m in names}, **extra,
+            **compare.summarise(names, battles, responses, bootstrap=100, seed=0)}
+
+
+def test_position_disagreement_is_reported_per_pair(tmp_path):
+    prompts = [f"p{i}" for i in range(9)]
+    responses = {"x": ["long answer"] * 9, "y": ["short"] * 9}
+    battles = compare.judge_all(_BothOrdersJudge(), prompts, responses, seed=0)
+    assert [b["position_disagreement"] for b in battles] == [i % 3 == 0 for i in range(9)]
+    result = _result(["x", "y"], battles, responses)
+    (pair,) = result["pairs"]
+    assert pair["position_disagreement_rate"] == pytest.approx(3 / 9) and pair["position_disagreements"] == 3
+    assert pair["ties"] == 3 and pair["wins"] == 6
+    compare.write_markdown(result, tmp_path / "compare.md")
+    md = (tmp_path / "compare.md").read_text()
+    assert "orders disagree" in md and "0.333" in md
+    # A pointwise judge has no orders to disagree: no key, no column.
+    plain = compare.judge_all(load_judge("oracle:length"), prompts, responses, seed=0)
+    assert all("position_disagreement" not in b for b in plain)
+    assert "position_disagreement_rate" not in _result(["x", "y"], plain, responses)["pairs"][0]
+
+
+def test_summarise_clusters_by_prompt_and_warns_when_a_model_never_loses(tmp_path):
+    names = ["top", "mid", "low"]
+    responses = {m: ["r"] * 30 for m in names}
+    rng = np.random.default_rng(0)
+    battles = []
+    for i in range(30):
+        battles.append({"prompt_index": i, "model_a": "top", "model_b": "mid", "winner": "a"})
+        battles.append({"prompt_index": i, "model_a": "low", "model_b": "top", "winner": "b"})
+        battles.append({"prompt_index": i, "model_a": "mid", "model_b": "low", "winner": "a" if rng.random() < 0.6 else "b"})
+    result = _result(names, battles, responses)
+    assert "top never lost or tied" in result["ratings_warning"]
+    assert result["ratings_connectivity"]["groups"][0] == ["top"]
+    assert result["pairs"][0]["ci_method"] == "clopper-pearson" and result["pairs"][0]["ci_low"] < 0.9
+    assert result["ratings"]["top"]["rating"] - result["ratings"]["mid"]["rating"] < 800  # finite, not thousands
+    compare.write_markdown(result, tmp_path / "compare.md")
+    md = (tmp_path / "compare.md").read_text()
+    assert "**Warning:** No finite maximum-likelihood ratings" in md and "clopper-pearson" in md
+    # Ratings resample prompts, not battles (every pair meets on every prompt).
+    tuples = [(b["model_a"], b["model_b"], b["winner"]) for b in battles]
+    by_prompt = stats.bootstrap_ratings(tuples, rounds=100, seed=0, clusters=[b["prompt_index"] for b in battles])
+    assert result["ratings"] == {m: by_prompt[m] for m in result["ratings"]}
+    assert result["ratings"] != {m: r for m, r in stats.bootstrap_ratings(tuples, rounds=100, seed=0).items()}

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from alignkit.cli import main
+from alignkit.errors import UserError
 
 DEMO_KEYS = ("rm_accuracy", "win_rate", "kl", "wall_seconds")
 
@@ -21,6 +22,8 @@ def _check_shape(result: dict) -> None:
         assert set(w) >= {"win_rate", "ci_low", "ci_high"}
         assert 0.0 <= w["ci_low"] <= w["win_rate"] <= w["ci_high"] <= 1.0
         assert isinstance(result["kl"][model], float)
+        kl = result["kl_ci"][model]
+        assert kl["ci_low"] <= result["kl"][model] <= kl["ci_high"] and kl["se"] > 0
     assert result["wall_seconds"] > 0
 
 
@@ -64,3 +67,46 @@ def test_demo_claims_hold_and_a_second_run_reuses_everything(tmp_path, capsys):
     assert {p: p.stat().st_mtime for p in stage_mtimes} == stage_mtimes
     again = json.loads((workdir / "demo.json").read_text())
     assert again["rm_accuracy"] == result["rm_accuracy"] and again["win_rate"] == result["win_rate"]
+
+
+def test_kl_estimate_has_an_interval_and_refuses_reshaped_samples():
+    import numpy as np
+
+    from recipes.demo import kl_to_reference
+
+    rng = np.random.default_rng(0)
+    logp = rng.normal(-20, 3, 400)
+    ref = logp - rng.normal(0.5, 1.0, 400)  # log-ratio 0.5 on average
+    est = kl_to_reference(list(logp), list(ref), temperature=1.0, top_p=1.0, rounds=500)
+    assert est["ci_low"] < est["kl"] < est["ci_high"] and est["ci_low"] < 0.5 < est["ci_high"]
+    assert est["se"] == pytest.approx(np.std(logp - ref, ddof=1) / np.sqrt(400)) and est["n"] == 400
+    # Samples from a tempered or truncated policy are not samples of the policy: the mean is not its KL.
+    with pytest.raises(UserError, match="temperature"):
+        kl_to_reference(list(logp), list(ref), temperature=0.7, top_p=1.0)
+    with pytest.raises(UserError, match="top_p"):
+        kl_to_reference(list(logp), list(ref), temperature=1.0, top_p=0.9)
+
+
+def test_sampling_seed_depends_on_the_model_name_not_its_position():
+    from recipes.demo import _sample_seed
+
+    assert _sample_seed(0, "dpo") == _sample_seed(0, "dpo")
+    assert len({_sample_seed(0, n) for n in ("sft", "dpo", "ppo", "dpo_beta01")}) == 4
+    assert _sample_seed(1, "dpo") != _sample_seed(0, "dpo")
+
+
+def test_a_reward_model_tie_is_not_correct():
+    from recipes.demo import rm_agrees
+
+    # (oracle difference, reward-model difference): agree, disagree, RM tie with the oracle preferring a / b.
+    assert rm_agrees([(2.0, 0.3), (1.0, -0.2), (1.0, 0.0), (-1.0, 0.0)]) == [True, False, False, False]
+
+
+def test_claims_fail_rather_than_raise_when_a_pair_has_no_battles():
+    from recipes.demo import claims_of
+
+    ev = {"rm_accuracy": 0.9, "kl": {"dpo": 1.0, "ppo": 1.0},
+          "win_rate": {"dpo": {"win_rate": None, "ci_low": None}, "ppo": {"win_rate": 0.8, "ci_low": 0.6}}}
+    claims = claims_of(ev)
+    assert claims["dpo win_rate >= 0.65 and ci_low > 0.5 vs sft"] is False
+    assert claims["ppo win_rate >= 0.65 and ci_low > 0.5 vs sft"] is True

@@ -115,3 +115,121 @@ def test_bootstrap_needs_100_rounds_and_valid_outcomes():
         stats.bootstrap_ratings([("A", "B", "a")], rounds=50)
     with pytest.raises(ValueError):
         stats.pair_stats([("A", "B", "both")])
+    with pytest.raises(ValueError, match="clusters"):
+        stats.pair_stats([("A", "B", "a")] * 3, clusters=[0, 1])
+    with pytest.raises(ValueError, match="weights"):
+        stats.bootstrap_ratings([("A", "B", "a"), ("A", "B", "b")], rounds=100, weights=[1.0, 0.0])
+
+
+def _prompt_correlated_battles(seed: int = 0, n_prompts: int = 80) -> tuple[list, list[int]]:
+    """Every pair of four models on every prompt, as compare judges them: a model's response to a prompt
+    has one quality that decides all K-1 of its battles there, so battles sharing a prompt are correlated."""
+    rng = np.random.default_rng(seed)
+    strength = {"A": 0.6, "B": 0.3, "C": 0.0, "D": -0.3}
+    battles, prompts = [], []
+    for p in range(n_prompts):
+        # A prompt-level effect shared by all models (easy / hard prompt) and a per-response draw.
+        quality = {m: s + rng.normal(0, 1.0) for m, s in strength.items()}
+        for x, y in [("A", "B"), ("A", "C"), ("A", "D"), ("B", "C"), ("B", "D"), ("C", "D")]:
+            battles.append((x, y, "a" if quality[x] > quality[y] else "b"))
+            prompts.append(p)
+    return battles, prompts
+
+
+def test_cluster_bootstrap_is_wider_than_the_battle_bootstrap_on_prompt_correlated_battles():
+    battles, prompts = _prompt_correlated_battles()
+    by_battle = stats.bootstrap_ratings(battles, rounds=200, seed=0)
+    by_prompt = stats.bootstrap_ratings(battles, rounds=200, seed=0, clusters=prompts)
+    width = {name: np.mean([r[m]["ci_high"] - r[m]["ci_low"] for m in r]) for name, r in
+             (("battle", by_battle), ("prompt", by_prompt))}
+    assert width["prompt"] > 1.1 * width["battle"], width
+    # Same point estimate: clustering changes only the uncertainty.
+    for m in by_battle:
+        assert by_prompt[m]["rating"] == pytest.approx(by_battle[m]["rating"])
+    # The default (every battle its own cluster) is the same as naming one cluster per battle.
+    explicit = stats.bootstrap_ratings(battles, rounds=200, seed=0, clusters=list(range(len(battles))))
+    assert explicit == by_battle
+
+
+def test_pair_ci_resamples_clusters_of_overlapping_votes():
+    """Two votes per prompt that mostly agree: the votes are not independent, the prompts are."""
+    rng = np.random.default_rng(0)
+    base = rng.random(80) < 0.62
+    votes, prompts = [], []
+    for p, b in enumerate(base):
+        for _ in range(2):
+            agree = rng.random() < 0.9
+            votes.append(("x", "y", "a" if b == agree else "b"))
+            prompts.append(p)
+    naive = stats.pair_stats(votes, rounds=1000)[("x", "y")]
+    clustered = stats.pair_stats(votes, rounds=1000, clusters=prompts, weights=[0.5] * len(votes))[("x", "y")]
+    assert clustered["win_rate"] == pytest.approx(naive["win_rate"])  # equal weights within a cluster
+    assert clustered["ci_high"] - clustered["ci_low"] > 1.15 * (naive["ci_high"] - naive["ci_low"])
+    assert (clustered["n"], clustered["units"], naive["units"]) == (160, 80, 160)
+    # Raw counts are votes whatever the weights.
+    assert clustered["wins"] + clustered["losses"] == 160
+
+
+def test_weights_make_every_comparison_count_once():
+    # Prompt 0: three votes (2 for x, 1 for y); prompt 1: one vote for y. Per comparison: 2/3 and 0.
+    battles = [("x", "y", "a"), ("x", "y", "a"), ("x", "y", "b"), ("x", "y", "b")]
+    weights = [1 / 3, 1 / 3, 1 / 3, 1.0]
+    ps = stats.pair_stats(battles, rounds=200, clusters=[0, 0, 0, 1], weights=weights)[("x", "y")]
+    assert ps["win_rate"] == pytest.approx((2 / 3 + 0) / 2)
+    assert (ps["wins"], ps["losses"], ps["n"], ps["units"]) == (2, 2, 4, 2)
+    assert stats.win_matrix(battles, weights=weights)["x"]["y"] == pytest.approx(1 / 3)
+    assert stats.pair_stats(battles, rounds=200)[("x", "y")]["win_rate"] == 0.5  # unweighted: one vote, one unit
+    lo, hi = stats.bootstrap_mean_ci([1, 1, 0, 0], rounds=200, clusters=[0, 0, 0, 1], weights=weights)
+    assert 0 <= lo <= 1 / 3 <= hi <= 2 / 3 + 1e-9
+
+
+def test_a_clean_sweep_gets_an_exact_clopper_pearson_interval():
+    from scipy.stats import binomtest
+
+    sweep = stats.pair_stats([("x", "y", "a")] * 15, rounds=1000)[("x", "y")]
+    assert sweep["win_rate"] == 1.0 and sweep["ci_method"] == "clopper-pearson"
+    expected = binomtest(15, 15).proportion_ci(method="exact")
+    assert sweep["ci_low"] == pytest.approx(expected.low) and sweep["ci_low"] < 0.8
+    assert sweep["ci_high"] == 1.0
+    lost = stats.pair_stats([("x", "y", "b")] * 15, rounds=1000)[("x", "y")]
+    assert lost["ci_low"] == 0.0 and lost["ci_high"] == pytest.approx(1 - expected.low)
+    # Counted over clusters: 15 wins on 5 prompts are 5 of 5, a wider interval.
+    clustered = stats.pair_stats([("x", "y", "a")] * 15, rounds=1000, clusters=[i // 3 for i in range(15)])[("x", "y")]
+    assert clustered["ci_low"] == pytest.approx(binomtest(5, 5).proportion_ci(method="exact").low)
+    # Anything short of a sweep keeps the bootstrap.
+    mixed = stats.pair_stats([("x", "y", "a")] * 14 + [("x", "y", "tie")], rounds=1000)[("x", "y")]
+    assert mixed["ci_method"] == "bootstrap-percentile" and mixed["ci_low"] < 1.0
+
+
+def test_a_model_that_never_loses_is_flagged_and_gets_a_finite_rating():
+    rest = [("B", "C", "a")] * 12 + [("B", "C", "b")] * 8
+    battles = [("A", "B", "a")] * 20 + [("A", "C", "a")] * 20 + rest
+    graph = stats.connectivity(battles)
+    assert graph.separated and graph.connected and graph.never_lost == ["A"] and graph.never_won == []
+    assert graph.groups == [["A"], ["B", "C"]]
+    assert "A never lost or tied" in graph.warning and "{A} > {B, C}" in graph.warning
+    r = stats.bootstrap_ratings(battles, rounds=100, seed=0)
+    # Finite and modest: with one virtual tie per pair, 20-0 reads as 20.5 of 21 (about 650 points), where the
+    # near-unpenalised fit put A thousands of points out and dragged B and C far below 1000.
+    assert 400 < r["A"]["rating"] - r["B"]["rating"] < 800
+    assert r["A"]["ci_high"] - r["A"]["ci_low"] < 200
+    # B vs C is still (close to) its own data's answer, 12-8.
+    assert r["B"]["rating"] - r["C"]["rating"] == pytest.approx(400 * np.log10(12 / 8), abs=40)
+    # Where every model won and lost somewhere, nothing is flagged and the fit is the plain MLE.
+    ok = stats.connectivity(battles + [("B", "A", "a")])
+    assert not ok.separated and ok.warning is None
+    assert stats.connectivity(rest).warning is None
+
+
+def test_models_that_never_met_are_flagged_as_separate_groups():
+    battles = [("A", "B", "a"), ("B", "A", "a"), ("C", "D", "a"), ("D", "C", "tie")]
+    graph = stats.connectivity(battles)
+    assert not graph.connected and not graph.separated
+    assert graph.components == [["A", "B"], ["C", "D"]]
+    assert "never met" in graph.warning and "{A, B} | {C, D}" in graph.warning
+    assert "No finite" not in graph.warning
+
+
+def test_online_elo_is_gone():
+    # It was computed in pair-sorted order, so it meant nothing and contradicted the Bradley–Terry ratings.
+    assert not hasattr(stats, "online_elo")

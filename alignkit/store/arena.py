@@ -11,16 +11,21 @@ sampling record, from `--model NAME=SPEC`), else its model spec; the leaderboard
 by compare's `model_identity` (else the spec), so two models shown under one name stay apart. Responses are stored once
 per (prompt, text), so a text first stored by an earlier import or compare keeps the name
 it was stored with.
+
+For ratings, every comparison counts once however many people voted on it (each vote weighs
+1/(votes on its comparison)), and the bootstrap resamples prompts: one prompt's battles share
+its responses, so they are not independent (see alignkit.stats).
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+import threading
+from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Hashable
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from alignkit.errors import UserError
 from alignkit.store.db import Store
@@ -85,6 +90,8 @@ class ArenaBattles:
     battles: list[tuple[str, str, str]]  # (model_a, model_b, winner a | b | tie), one per vote
     votes: int  # all votes on arena battles
     same_model_votes: int  # left out: both sides are the same model
+    prompts: list[int]  # per battle: its prompt's id, the bootstrap's cluster
+    weights: list[float]  # per battle: 1 / (votes on its comparison), so each comparison counts once
 
 
 def arena_battles(store: Store) -> ArenaBattles:
@@ -92,7 +99,8 @@ def arena_battles(store: Store) -> ArenaBattles:
     with store.read() as s:
         rows = s.execute(select(Vote.choice, Comparison).join(Comparison, Comparison.id == Vote.comparison_id)
                          .where(Comparison.arena.is_(True)).order_by(Vote.id)).all()
-        keyed, names, specs, same = [], {}, {}, 0
+        per_comparison = Counter(comp.id for _, comp in rows)
+        keyed, names, specs, same, prompts, weights = [], {}, {}, 0, [], []
         for choice, comp in rows:
             a, b = model_key(comp.response_a), model_key(comp.response_b)
             if a == b:  # the same model on both sides (e.g. under two specs): no battle to rate
@@ -102,6 +110,8 @@ def arena_battles(store: Store) -> ArenaBattles:
                 names.setdefault(key, model_name(response))
                 specs.setdefault(key, response.model_spec or UNNAMED)
             keyed.append((a, b, choice if choice in ("a", "b") else "tie"))
+            prompts.append(comp.prompt_id)
+            weights.append(1.0 / per_comparison[comp.id])
     # A name shared by different models is told apart by spec (or, at one spec, by identity).
     keys_by_name: dict[str, list[str]] = defaultdict(list)
     for key, name in names.items():
@@ -111,4 +121,36 @@ def arena_battles(store: Store) -> ArenaBattles:
         by_spec = len({specs[k] for k in keys}) == len(keys)
         for key in keys:
             label[key] = name if len(keys) == 1 else f"{name} ({specs[key] if by_spec else key.removeprefix('spec:')[:8]})"
-    return ArenaBattles([(label[a], label[b], w) for a, b, w in keyed], len(rows), same)
+    return ArenaBattles([(label[a], label[b], w) for a, b, w in keyed], len(rows), same, prompts, weights)
+
+
+def arena_vote_state(store: Store) -> tuple:
+    """(count, max id, latest time) of the votes on arena battles: changes whenever a vote is cast or undone
+    (an undo followed by a new vote can reuse the max id, not the time), so it keys a cached leaderboard."""
+    with store.read() as s:
+        row = s.execute(select(func.count(Vote.id), func.max(Vote.id), func.max(Vote.created_at))
+                        .join(Comparison, Comparison.id == Vote.comparison_id)
+                        .where(Comparison.arena.is_(True))).one()
+    return tuple(row)
+
+
+class LeaderboardCache:
+    """The last computed leaderboard and the vote state it was computed at.
+
+    A leaderboard is a bootstrap refit per round (seconds for a few thousand votes) and any annotator can
+    ask for it; one instance per app, held by the app's context, reuses it until the votes change. The lock
+    makes concurrent requests wait for one computation instead of each starting their own.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: Hashable | None = None
+        self._value: Any = None
+        self.computed = 0  # how many times compute ran (for tests and the admin's curiosity)
+
+    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            if self._value is None or self._key != key:
+                self._value, self._key = compute(), key
+                self.computed += 1
+            return self._value
