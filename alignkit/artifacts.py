@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,9 @@ def complete_stage(stage_dir: Path, record: dict) -> dict:
     record = dict(record)
     record["complete"] = True
     record["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    # Names this training of the stage: a child records its parents' run_ids, so a parent retrained
+    # under the same config (after an interruption) still makes its children stale.
+    record["run_id"] = uuid.uuid4().hex
     record.setdefault("versions", library_versions())
     write_json_atomic(stage_dir / STAGE_JSON, record)
     (stage_dir / PENDING_JSON).unlink(missing_ok=True)

@@ -98,6 +98,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", help="stage directory or adapter directory")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--base-weights", default="original", choices=["original", "dequantized"],
+                   help="merge onto the full-precision base (original) or onto the NF4 weights a QLoRA adapter "
+                        "was trained on (dequantized: reproduces the trained 4-bit model)")
     p.set_defaults(handler=_merge)
 
 

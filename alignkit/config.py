@@ -5,6 +5,7 @@ A recipe is
     model:   {base, quantization, compute_dtype, ...}   -> alignkit.modeling.ModelSettings
     peft:    {method, r, lora_alpha, ...}                -> alignkit.modeling.PeftSettings
     run_dir: runs/my-run          # relative paths resolve against the YAML file's directory
+                                  # (against the current directory when given with --set)
     seed:    0
     stages:
       - {name: sft, kind: sft, data: {...}, train: {...}}
@@ -12,8 +13,8 @@ A recipe is
 
 `train:` keys are the fields of the stage kind's TRL config (SFTConfig,
 DPOConfig, ...) and pass straight through; `data:` keys are the stage kind's
-DATA_KEYS. Errors name the file, the line and the dotted key, and suggest the
-key that was probably meant.
+DATA_KEYS. Errors name the file, the line and the dotted key (or the `--set`
+that gave the value), and suggest the key that was probably meant.
 """
 
 from __future__ import annotations
@@ -28,16 +29,17 @@ from typing import Any
 
 import yaml
 
+from alignkit.data.sources import EXCLUSIVE_KEYS, PATH_KEYS, data_value_problem
 from alignkit.errors import UserError
 from alignkit.training import MANAGED_TRAIN_KEYS, liger_available
-from alignkit.modeling import DTYPES, PEFT_METHODS, QUANTIZATIONS, ModelSettings, PeftSettings
+from alignkit.modeling import DTYPES, PEFT_METHODS, QUANTIZATIONS, TINY_SPEC, ModelSettings, PeftSettings
 
 TOP_LEVEL_KEYS = {"description", "model", "peft", "run_dir", "seed", "stages"}
 STAGE_KEYS = {"name", "kind", "after", "reward", "data", "train"}
 # Stage fields that name another stage: the runner orders by them and passes them to the recipe as parents.
 STAGE_REFERENCES = ("after", "reward")
-# Keys under `data:` whose values are paths (resolved against the YAML's directory).
-PATH_DATA_KEYS = {"train", "eval", "prompts", "eval_prompts", "labels_db"}
+# Keys under `data:` whose values are paths (resolved against the YAML's directory, or the cwd for --set).
+PATH_DATA_KEYS = set(PATH_KEYS)
 
 
 @dataclass
@@ -113,6 +115,29 @@ class _Lines:
         return str(path)
 
 
+class _Where:
+    """Where a dotted key's value came from: the `--set` that gave it (or an enclosing key), else its YAML line."""
+
+    def __init__(self, path: Path, lines: _Lines, overrides: dict[str, str]):
+        self.path, self.lines, self.overrides = path, lines, overrides
+
+    def override(self, dotted: str) -> str | None:
+        probe = dotted
+        while probe:
+            if probe in self.overrides:
+                return self.overrides[probe]
+            probe = probe.rpartition(".")[0]
+        return None
+
+    def __call__(self, dotted: str) -> str:
+        item = self.override(dotted)
+        return f"--set {item}" if item is not None else self.lines.where(self.path, dotted)
+
+    def base_dir(self, dotted: str) -> Path:
+        # A path typed on the command line means what the shell means: relative to the current directory.
+        return Path.cwd() if self.override(dotted) is not None else self.path.resolve().parent
+
+
 def _unshare(obj: Any) -> Any:
     """A copy with no shared nodes: YAML anchors/aliases (`train: *defaults`) would otherwise let
     `--set stages.dpo.train.x=…` change every stage that uses the anchor (copy.deepcopy keeps sharing)."""
@@ -127,15 +152,18 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. stages.dpo.train.beta=0.2")
     key, _, value = item.partition("=")
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise UserError(f"--set {item!r}: {key.strip()!r} is not a dotted key, e.g. stages.dpo.train.beta=0.2")
     try:
         parsed = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError:
         parsed = value
-    return key.strip().split("."), parsed
+    return keys, parsed
 
 
-def apply_override(raw: dict, item: str) -> None:
-    """Set one dotted key; `stages.<name>.…` addresses a stage by its name."""
+def apply_override(raw: dict, item: str) -> str:
+    """Set one dotted key; `stages.<name>.…` addresses a stage by its name. Returns the dotted key set."""
     keys, value = _parse_override(item)
     node: Any = raw
     for i, key in enumerate(keys):
@@ -154,16 +182,39 @@ def apply_override(raw: dict, item: str) -> None:
         if last:
             node[key] = value
         else:
-            node = node.setdefault(key, {})
+            if node.get(key) is None:  # `train:` left empty in the YAML is an empty mapping to set keys in
+                node[key] = {}
+            node = node[key]
+    return ".".join(keys)
 
 
 def _coerce(value: Any, annotation: Any) -> Any:
-    """YAML 1.1 reads `1e-4` (no dot) as a string; accept it where a float is expected."""
-    if isinstance(value, str) and _check_type(0.5, annotation) and not _check_type(value, annotation):
+    """A value made to fit its field the way TRL would take it; unchanged when nothing fits (the check reports it).
+
+    YAML 1.1 reads `1e-4` (no dot) as a string: accepted where a float is expected. A plain string where a
+    list of strings is expected becomes a one-item list, as TRL's DPOConfig does for `loss_type: sigmoid`
+    and HfArgumentParser does for one value on the command line.
+    """
+    if _check_type(value, annotation):
+        return value
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(annotation):
+            coerced = _coerce(value, arm)
+            if _check_type(coerced, arm):
+                return coerced
+        return value
+    if annotation is float and isinstance(value, str):
         try:
             return float(value)
         except ValueError:
             return value
+    if origin is list and typing.get_args(annotation):
+        (item,) = typing.get_args(annotation)
+        if isinstance(value, str) and _check_type(value, item):
+            return [value]
+        if isinstance(value, list):
+            return [_coerce(v, item) for v in value]
     return value
 
 
@@ -188,34 +239,82 @@ def _check_type(value: Any, annotation: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is str:
         return isinstance(value, str)
-    if origin in (list, tuple):
+    if origin is list:
+        args = typing.get_args(annotation)
+        return isinstance(value, list) and (not args or all(_check_type(v, args[0]) for v in value))
+    if origin is tuple:
         return isinstance(value, (list, tuple))
     if origin is dict or annotation is dict:
         return isinstance(value, dict)
     return True
 
 
-def _build_dataclass(cls, values: dict, *, section: str, lines: _Lines, path: Path):
+def _type_name(annotation: Any) -> str:
+    """`list[str] | None`, `int` — an annotation as a user reads it (not `<class 'int'>`)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin is not None:
+        args = typing.get_args(annotation)
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join(_type_name(a) for a in args)}]" if args else name
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _mapping(value: Any, dotted: str, where: _Where) -> dict:
+    """A section that must be a `key: value` mapping (absent or empty means {})."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        hint = " (e.g. data: {train: my.jsonl})" if dotted.endswith(".data") and isinstance(value, str) else ""
+        raise UserError(f"{where(dotted)}: {dotted} must be a mapping of keys to values, "
+                        f"got {type(value).__name__} {_shown(value)}{hint}")
+    return dict(value)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _build_dataclass(cls, values: dict, *, section: str, where: _Where):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     values = {k: _coerce(v, hints.get(k, Any)) for k, v in values.items()}
     for key, value in values.items():
         if key not in fields:
-            raise UserError(f"{lines.where(path, f'{section}.{key}')}: unknown key {section}.{key}{_suggest(key, fields)}")
+            raise UserError(f"{where(f'{section}.{key}')}: unknown key {section}.{key}{_suggest(key, fields)}")
         if not _check_type(value, hints.get(key, Any)):
-            raise UserError(f"{lines.where(path, f'{section}.{key}')}: {section}.{key}={value!r} is not a valid {hints.get(key)}")
+            raise UserError(f"{where(f'{section}.{key}')}: {section}.{key}={value!r} is not a valid {_type_name(hints.get(key))}")
     try:
         return cls(**values)
-    except TypeError as err:
-        raise UserError(f"{lines.where(path, section)}: {section}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{where(section)}: {section}: {err}") from None
 
 
 def _resolve_path(value: Any, base_dir: Path) -> Any:
-    """Relative paths resolve against the YAML's directory; URLs and non-strings pass through."""
+    """Relative paths resolve against base_dir; URLs and non-strings pass through."""
     if not isinstance(value, str) or "://" in value or value.startswith("hf:"):
         return value
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else (base_dir / p).resolve())
+
+
+def _resolve_model_base(base: Any, base_dir: Path) -> Any:
+    """model.base: a path when it looks like one (./, /, ~) or names an existing directory under base_dir;
+    otherwise a hub id. `models/x` and `org/name` read alike, so existence decides."""
+    if not isinstance(base, str) or base == TINY_SPEC or "://" in base:
+        return base
+    if base.startswith((".", "/", "~")):
+        return _resolve_path(base, base_dir)
+    candidate = base_dir / base
+    return str(candidate.resolve()) if candidate.exists() else base
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_kinds: dict | None = None) -> RecipeConfig:
@@ -223,113 +322,154 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
     path = Path(path)
     if not path.exists():
         raise UserError(f"config file not found: {path}")
-    text = path.read_text()
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, expected a recipe YAML file (e.g. recipes/configs/tiny_sft_dpo.yaml)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8; save the recipe as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the recipe: {err.strerror}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
+        at = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{at}: invalid YAML: {getattr(err, 'problem', err)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping with model, peft, run_dir and stages")
     raw = _unshare(raw)
+    set_by: dict[str, str] = {}
     for item in overrides or []:
-        apply_override(raw, item)
-    lines = _Lines(text)
-    base_dir = path.resolve().parent
+        set_by[apply_override(raw, item)] = item
+    where = _Where(path, _Lines(text), set_by)
 
     for key in raw:
         if key not in TOP_LEVEL_KEYS:
-            raise UserError(f"{lines.where(path, key)}: unknown key {key}{_suggest(key, TOP_LEVEL_KEYS)}")
+            raise UserError(f"{where(str(key))}: unknown key {key}{_suggest(key, TOP_LEVEL_KEYS)}")
     for key in ("model", "stages"):
         if key not in raw:
             raise UserError(f"{path}: missing required key {key!r}")
+    description = raw.get("description") or ""
+    if not isinstance(description, str):
+        raise UserError(f"{where('description')}: description must be text")
 
-    model_raw = dict(raw.get("model") or {})
+    model_raw = _mapping(raw.get("model"), "model", where)
     if "base" not in model_raw:
-        raise UserError(f"{lines.where(path, 'model')}: model.base is required (hub id, local dir or alignkit-tiny)")
-    base = model_raw["base"]
-    if isinstance(base, str) and base.startswith((".", "/", "~")):
-        model_raw["base"] = _resolve_path(base, base_dir)
-    model = _build_dataclass(ModelSettings, model_raw, section="model", lines=lines, path=path)
+        raise UserError(f"{where('model')}: model.base is required (hub id, local dir or alignkit-tiny)")
+    model_raw["base"] = _resolve_model_base(model_raw["base"], where.base_dir("model.base"))
+    model = _build_dataclass(ModelSettings, model_raw, section="model", where=where)
     for key, value, allowed in (
         ("model.quantization", model.quantization, QUANTIZATIONS),
         ("model.compute_dtype", model.compute_dtype, DTYPES),
         ("model.dtype", model.dtype, DTYPES),
     ):
         if value not in allowed:
-            raise UserError(f"{lines.where(path, key)}: {key}={value!r}; one of {', '.join(allowed)}{_suggest(value, allowed)}")
+            raise UserError(f"{where(key)}: {key}={value!r}; one of {', '.join(allowed)}{_suggest(value, allowed)}")
 
-    peft = _build_dataclass(PeftSettings, dict(raw.get("peft") or {}), section="peft", lines=lines, path=path)
+    peft = _build_dataclass(PeftSettings, _mapping(raw.get("peft"), "peft", where), section="peft", where=where)
     if peft.method not in PEFT_METHODS:
-        raise UserError(f"{lines.where(path, 'peft.method')}: peft.method={peft.method!r}; one of {', '.join(PEFT_METHODS)}{_suggest(peft.method, PEFT_METHODS)}")
+        raise UserError(f"{where('peft.method')}: peft.method={peft.method!r}; one of {', '.join(PEFT_METHODS)}{_suggest(peft.method, PEFT_METHODS)}")
     if peft.method == "full" and model.quantization != "none":
-        raise UserError(f"{lines.where(path, 'peft.method')}: full fine-tuning needs model.quantization: none")
+        raise UserError(f"{where('peft.method')}: full fine-tuning needs model.quantization: none")
 
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise UserError(f"{lines.where(path, 'seed')}: seed={seed!r} is not an integer")
-    run_dir = Path(_resolve_path(raw.get("run_dir") or f"runs/{path.stem}", base_dir))
+        raise UserError(f"{where('seed')}: seed={seed!r} is not an integer")
+    run_dir_raw = raw.get("run_dir") or f"runs/{path.stem}"
+    if not isinstance(run_dir_raw, str):
+        raise UserError(f"{where('run_dir')}: run_dir={run_dir_raw!r} is not a path")
+    run_dir = Path(_resolve_path(run_dir_raw, where.base_dir("run_dir")))
 
     stages_raw = raw["stages"]
     if not isinstance(stages_raw, list) or not stages_raw:
-        raise UserError(f"{lines.where(path, 'stages')}: stages must be a non-empty list")
+        raise UserError(f"{where('stages')}: stages must be a non-empty list")
     stages: list[StageConfig] = []
     for i, s in enumerate(stages_raw):
         if not isinstance(s, dict):
-            raise UserError(f"{lines.where(path, f'stages.{i}')}: each stage must be a mapping")
+            raise UserError(f"{where(f'stages.{i}')}: each stage must be a mapping")
         sname = s.get("name")
         where_key = f"stages.{sname if sname is not None else i}"
         if not isinstance(sname, str) or not sname or "/" in sname or sname.startswith("."):
-            raise UserError(f"{lines.where(path, where_key)}: stage {i} needs a name (a plain directory name)")
+            raise UserError(f"{where(where_key)}: stage {i} needs a name (a plain directory name)")
         for key in s:
             if key not in STAGE_KEYS:
-                raise UserError(f"{lines.where(path, f'{where_key}.{key}')}: unknown key {where_key}.{key}{_suggest(key, STAGE_KEYS)}")
+                raise UserError(f"{where(f'{where_key}.{key}')}: unknown key {where_key}.{key}{_suggest(key, STAGE_KEYS)}")
         kind = s.get("kind")
-        if stage_kinds is not None and kind not in stage_kinds:
-            raise UserError(f"{lines.where(path, f'{where_key}.kind')}: {where_key}.kind={kind!r}; one of {', '.join(stage_kinds)}{_suggest(kind, stage_kinds)}")
-        data = dict(s.get("data") or {})
-        train = dict(s.get("train") or {})
+        if stage_kinds is not None and (not isinstance(kind, str) or kind not in stage_kinds):
+            raise UserError(f"{where(f'{where_key}.kind')}: {where_key}.kind={kind!r}; one of {', '.join(stage_kinds)}{_suggest(kind, stage_kinds)}")
+        for role in STAGE_REFERENCES:
+            if s.get(role) is not None and not isinstance(s[role], str):
+                raise UserError(f"{where(f'{where_key}.{role}')}: {where_key}.{role}={s[role]!r} must be a stage name")
+        # A data key set to null counts as absent, so `--set stages.dpo.data.train=null` removes one.
+        data = {k: v for k, v in _mapping(s.get("data"), f"{where_key}.data", where).items() if v is not None}
+        train = _mapping(s.get("train"), f"{where_key}.train", where)
         if stage_kinds is not None:
             module = stage_kinds[kind]
             for key in data:
                 if key not in module.DATA_KEYS:
-                    raise UserError(f"{lines.where(path, f'{where_key}.data.{key}')}: unknown key {where_key}.data.{key}{_suggest(key, module.DATA_KEYS)}")
+                    raise UserError(f"{where(f'{where_key}.data.{key}')}: unknown key {where_key}.data.{key}{_suggest(key, module.DATA_KEYS)}")
             train_fields = {f.name for f in dataclasses.fields(module.TRAIN_CONFIG)}
             hints = typing.get_type_hints(module.TRAIN_CONFIG)
             train = {k: _coerce(v, hints.get(k, Any)) for k, v in train.items()}
             for key, value in train.items():
                 if key not in train_fields or key in MANAGED_TRAIN_KEYS:
                     extra = " (set by alignkit)" if key in train_fields else ""
-                    raise UserError(f"{lines.where(path, f'{where_key}.train.{key}')}: unknown key {where_key}.train.{key}{extra}{_suggest(key, train_fields)}")
+                    raise UserError(f"{where(f'{where_key}.train.{key}')}: unknown key {where_key}.train.{key}{extra}{_suggest(key, train_fields)}")
                 if not _check_type(value, hints.get(key, Any)):
-                    raise UserError(f"{lines.where(path, f'{where_key}.train.{key}')}: {where_key}.train.{key}={value!r} is not a valid {hints.get(key)}")
+                    raise UserError(f"{where(f'{where_key}.train.{key}')}: {where_key}.train.{key}={value!r} is not a valid {_type_name(hints.get(key))}")
             if train.get("use_liger_kernel") and not liger_available():
-                raise UserError(f"{lines.where(path, f'{where_key}.train.use_liger_kernel')}: {where_key}.train.use_liger_kernel "
+                raise UserError(f"{where(f'{where_key}.train.use_liger_kernel')}: {where_key}.train.use_liger_kernel "
                                 f"needs the liger-kernel package (pip install 'alignkit[gpu]'), or set it to false")
-        data = {k: (_resolve_path(v, base_dir) if k in PATH_DATA_KEYS else v) for k, v in data.items()}
+        data = _check_data(data, where_key, where, stage_kinds[kind] if stage_kinds is not None else None)
+        data = {k: (_resolve_path(v, where.base_dir(f"{where_key}.data.{k}")) if k in PATH_DATA_KEYS else v)
+                for k, v in data.items()}
         stages.append(StageConfig(name=sname, kind=kind, data=data, train=train, after=s.get("after"), reward=s.get("reward")))
 
     names = [s.name for s in stages]
     for s in stages:
         if names.count(s.name) > 1:
-            raise UserError(f"{lines.where(path, f'stages.{s.name}')}: two stages are named {s.name!r}")
+            raise UserError(f"{where(f'stages.{s.name}')}: two stages are named {s.name!r}")
         for role, ref in s.references().items():
             if ref not in names:
-                raise UserError(f"{lines.where(path, f'stages.{s.name}.{role}')}: stages.{s.name}.{role}: no stage named {ref!r}{_suggest(ref, names)}")
+                raise UserError(f"{where(f'stages.{s.name}.{role}')}: stages.{s.name}.{role}: no stage named {ref!r}{_suggest(ref, names)}")
             if ref == s.name:
-                raise UserError(f"{lines.where(path, f'stages.{s.name}.{role}')}: stage {s.name!r} cannot depend on itself")
-    order_stages(stages)  # raises on cycles
+                raise UserError(f"{where(f'stages.{s.name}.{role}')}: stage {s.name!r} cannot depend on itself")
+    order_stages(stages, where=where)  # raises on cycles
     if peft.method in ("prompt_tuning", "prefix_tuning"):
         child = next((s for s in stages if s.after), None)
         if child is not None:
-            raise UserError(f"{lines.where(path, f'stages.{child.name}.after')}: peft.method={peft.method} cannot be continued by a "
+            raise UserError(f"{where(f'stages.{child.name}.after')}: peft.method={peft.method} cannot be continued by a "
                             f"later stage (PEFT loads prompt-learning adapters frozen only); use lora/dora/ia3 for chained stages")
     return RecipeConfig(path=path, model=model, peft=peft, run_dir=run_dir, seed=seed, stages=stages,
-                        description=raw.get("description", ""), raw=raw)
+                        description=description, raw=raw)
 
 
-def order_stages(stages: list[StageConfig]) -> list[StageConfig]:
+def _check_data(data: dict, where_key: str, where: _Where, module) -> dict:
+    """A stage's data values, checked at their YAML line or --set; returns data with overridden alternatives dropped."""
+    for key, value in data.items():
+        problem = data_value_problem(key, value)
+        if problem:
+            raise UserError(f"{where(f'{where_key}.data.{key}')}: {where_key}.data.{key}={value!r} {problem}")
+    for first, second in EXCLUSIVE_KEYS:
+        if first in data and second in data:
+            given = {k: where.override(f"{where_key}.data.{k}") is not None for k in (first, second)}
+            if given[first] == given[second]:
+                raise UserError(f"{where(f'{where_key}.data.{second}')}: {where_key}.data sets both {first} and {second}; "
+                                f"{second} would be ignored, remove one")
+            # One of them came from --set: the command line replaces the YAML's choice, as the recipes'
+            # headers show (`--set stages.dpo.data.labels_db=labels.db` over a YAML `train:`).
+            del data[second if given[first] else first]
+    if module is not None:
+        # What a kind reads follows from its DATA_KEYS: train rows (or a label store), or prompts.
+        needs = [k for k in ("train", "labels_db") if k in module.DATA_KEYS] or [k for k in ("prompts",) if k in module.DATA_KEYS]
+        if needs and not any(k in data for k in needs):
+            either = f" (or {needs[1]})" if len(needs) > 1 else ""
+            raise UserError(f"{where(f'{where_key}.data')}: {where_key}.data.{needs[0]}{either} is required")
+    return data
+
+
+def order_stages(stages: list[StageConfig], *, where: _Where | None = None) -> list[StageConfig]:
     """Dependency order (parents first), stable with respect to the file order."""
     from graphlib import CycleError, TopologicalSorter
 
@@ -338,7 +478,14 @@ def order_stages(stages: list[StageConfig]) -> list[StageConfig]:
     try:
         sorter.prepare()
     except CycleError as err:
-        raise UserError(f"stages depend on each other in a cycle: {' -> '.join(err.args[1])}") from None
+        cycle = err.args[1]
+        message = f"stages depend on each other in a cycle: {' -> '.join(cycle)}"
+        if where is not None:
+            # Point at the first reference in file order that closes the loop: removing one breaks it.
+            stage = next(s for s in stages if s.name in cycle)
+            role = next(r for r, ref in stage.references().items() if ref in cycle)
+            message = f"{where(f'stages.{stage.name}.{role}')}: {message} (stages.{stage.name}.{role})"
+        raise UserError(message) from None
     ordered, position = [], {s.name: i for i, s in enumerate(stages)}
     while sorter.is_active():
         ready = sorted(sorter.get_ready(), key=position.get)

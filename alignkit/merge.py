@@ -279,6 +279,6 @@ def model_card(info: dict) -> str:
 
 
 def merge_from_cli(args) -> int:
-    """`alignkit merge SPEC --out DIR [--dtype ...]`."""
-    merge_model(args.spec, args.out, dtype=args.dtype, base_weights=getattr(args, "base_weights", "original"))
+    """`alignkit merge SPEC --out DIR [--dtype ...] [--base-weights original|dequantized]`."""
+    merge_model(args.spec, args.out, dtype=args.dtype, base_weights=args.base_weights)
     return 0

@@ -101,22 +101,36 @@ def resolve_base(base: str) -> str:
         from alignkit.tiny import build_tiny_model, default_tiny_dir
 
         return str(build_tiny_model(default_tiny_dir()))
-    path = Path(base).expanduser()
+    try:
+        path = Path(base).expanduser()
+    except RuntimeError:  # `~someone` with no such user
+        raise UserError(f"model path does not exist: {base}") from None
     if path.exists():
         if not (path / "config.json").exists():
             raise UserError(f"model directory {base} has no config.json")
         return str(path)
-    # Anything that looks like a path but is not there is a mistake, not a hub id.
-    if base.startswith((".", "/", "~")) or base.count("/") != 1:
+    # Anything that looks like a path but is not there is a mistake, not a hub id (`gpt2`, `org/name`).
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(base)
+    except HFValidationError:
+        raise UserError(f"model path does not exist: {base}") from None
+    if base.startswith((".", "~")):
         raise UserError(f"model path does not exist: {base}")
     return base
 
 
 def resolve_model_spec(spec: str) -> ResolvedSpec:
     """Resolve a model spec (see module docstring) without loading any weights."""
+    from alignkit.artifacts import PENDING_JSON
+
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "stage.json").exists():
-        stage = json.loads((path / "stage.json").read_text())
+        try:
+            stage = json.loads((path / "stage.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{path / 'stage.json'}: not valid JSON ({err})") from None
         if not stage.get("complete"):
             raise UserError(f"stage directory {spec} is not complete (its stage.json does not say so)")
         settings = dict(stage.get("model", {}))
@@ -126,6 +140,9 @@ def resolve_model_spec(spec: str) -> ResolvedSpec:
             base = str(path)  # a fully fine-tuned stage is itself the model
             settings["quantization"] = "none"
         return ResolvedSpec(spec, resolve_base(base), adapter, path, settings, stage)
+    if path.is_dir() and (path / PENDING_JSON).exists():
+        # An adapter left from an earlier run may sit beside it; it is not what the stage would produce.
+        raise UserError(f"stage directory {spec} is not complete (training started, no stage.json yet)")
     if path.is_dir() and (path / "adapter_config.json").exists():
         cfg = json.loads((path / "adapter_config.json").read_text())
         base = cfg.get("base_model_name_or_path")

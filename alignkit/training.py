@@ -69,7 +69,11 @@ def tensorboard_callback(stage_dir: Path):
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(Path(stage_dir) / "logs")))
+    logs = str(Path(stage_dir) / "logs")
+    callback = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=logs))
+    # It closes the writer when training ends and opens a new one for the final evaluate(): same folder.
+    callback.logging_dir = logs
+    return callback
 
 
 def divergence_guard():

@@ -33,6 +33,10 @@ def load_data(stage):
     return load_preference_split(stage.data, stage.seed, stage.name)
 
 
+def train_config(stage) -> DPOConfig:
+    return trl_args(DPOConfig, stage, {**DEFAULTS, **fused_kernel_defaults()})
+
+
 def run(stage) -> dict:
     train_rows, eval_rows, info = stage.prepared
     columns = ("prompt", "chosen", "rejected")
@@ -41,7 +45,7 @@ def run(stage) -> dict:
 
     parent = stage.parents.get("after")
     tokenizer = load_tokenizer(str(parent) if parent else resolve_base(stage.model.base))
-    args = trl_args(DPOConfig, stage, {**DEFAULTS, **fused_kernel_defaults()})
+    args = train_config(stage)
     info.update(truncation_report(tokenizer, train_rows, args.max_length, "preference"))
     memory = memory_preflight(stage, args, sequences_per_example=2)  # chosen and rejected in one batch
 

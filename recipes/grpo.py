@@ -77,15 +77,13 @@ def check_parents(stage, min_reward_accuracy: float) -> tuple[Path | None, Path,
     return policy, reward, info
 
 
-def run_online(stage, config_cls, trainer_cls, defaults: dict) -> dict:
+def run_online(stage, args, trainer_cls) -> dict:
     """The GRPO / RLOO stage body: one base, policy + TRL's ref + reward adapters, reward callable, save."""
     from alignkit.modeling import load_tokenizer, resolve_base
     from alignkit.reward_model import AttachedReward
-    from alignkit.training import (final_metrics, load_policy, memory_preflight, save_policy,
-                                   stage_callbacks, trl_args)
+    from alignkit.training import final_metrics, load_policy, memory_preflight, save_policy, stage_callbacks
 
     rows, info = stage.prepared
-    args = trl_args(config_cls, stage, defaults)
     policy, reward, parents_info = check_parents(stage, args.min_reward_accuracy)
     info.update(parents_info)
     memory = memory_preflight(stage, args)
@@ -115,5 +113,11 @@ def run_online(stage, config_cls, trainer_cls, defaults: dict) -> dict:
     return {"metrics": final_metrics(trainer, output), "data": info, "memory": memory}
 
 
+def train_config(stage) -> AlignkitGRPOConfig:
+    from alignkit.training import trl_args
+
+    return trl_args(AlignkitGRPOConfig, stage, DEFAULTS)
+
+
 def run(stage) -> dict:
-    return run_online(stage, AlignkitGRPOConfig, GRPOTrainer, DEFAULTS)
+    return run_online(stage, train_config(stage), GRPOTrainer)

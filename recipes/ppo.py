@@ -32,11 +32,11 @@ def load_data(stage):
     from alignkit.artifacts import is_complete
 
     if stage.parents and all(is_complete(p) for p in stage.parents.values()):
-        check_parents(stage, ppo_config(stage))
+        check_parents(stage, train_config(stage))
     return rows
 
 
-def ppo_config(stage) -> PPOConfig:
+def train_config(stage) -> PPOConfig:
     values = {"seed": stage.seed, **stage.train}
     try:
         return PPOConfig(**values)
@@ -86,7 +86,7 @@ def run(stage) -> dict:
     from alignkit.training import ppo_memory_preflight
 
     rows, info = stage.prepared
-    config = ppo_config(stage)
+    config = train_config(stage)
     policy, reward, parents_info = check_parents(stage, config)
     info.update(parents_info)
 

@@ -176,6 +176,10 @@ def normalise_pair(row: dict) -> dict:
     return out
 
 
+def train_config(stage) -> RewardConfig:
+    return trl_args(RewardConfig, stage, DEFAULTS)
+
+
 def run(stage) -> dict:
     train_rows, eval_rows, info = stage.prepared
     train_rows = [normalise_pair(r) for r in train_rows]
@@ -183,7 +187,7 @@ def run(stage) -> dict:
 
     parent = stage.parents.get("after")
     tokenizer = load_tokenizer(str(parent) if parent else resolve_base(stage.model.base))
-    args = trl_args(RewardConfig, stage, DEFAULTS)
+    args = train_config(stage)
     info.update(truncation_report(tokenizer, train_rows, args.max_length, "preference"))
     memory = memory_preflight(stage, args, sequences_per_example=2, lm_head="score")  # chosen and rejected in one batch
 

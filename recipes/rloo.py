@@ -36,5 +36,11 @@ DATA_KEYS = {"prompts"}
 DEFAULTS = {"learning_rate": 1e-5, "num_generations": 4, "max_completion_length": 128}
 
 
+def train_config(stage) -> AlignkitRLOOConfig:
+    from alignkit.training import trl_args
+
+    return trl_args(AlignkitRLOOConfig, stage, DEFAULTS)
+
+
 def run(stage) -> dict:
-    return run_online(stage, AlignkitRLOOConfig, RLOOTrainer, DEFAULTS)
+    return run_online(stage, train_config(stage), RLOOTrainer)

@@ -26,10 +26,11 @@ from typing import Any
 from alignkit import artifacts
 from alignkit.config import RecipeConfig, StageConfig, load_recipe, order_stages
 from alignkit.errors import UserError
-from alignkit.modeling import ModelSettings, PeftSettings
+from alignkit.modeling import TINY_SPEC, ModelSettings, PeftSettings, resolve_base
 
-# kind -> the recipe file that trains it. Each module defines TRAIN_CONFIG, DATA_KEYS,
-# run(stage) and optionally load_data(stage) (called for every stage before any trains).
+# kind -> the recipe file that trains it. Each module defines TRAIN_CONFIG, DATA_KEYS, train_config(stage)
+# and run(stage), and optionally load_data(stage); the runner calls train_config and load_data for every
+# stage it will train before any trains, so a bad value anywhere stops the run with nothing touched.
 STAGE_RECIPES = {
     "sft": "recipes.sft",
     "dpo": "recipes.dpo",
@@ -82,6 +83,24 @@ class StageRun:
     extra: dict = field(default_factory=dict)
 
 
+# Settings that change what is logged, saved or evaluated, never the trained weights: changing them
+# must not retrain a stage (unless the best checkpoint is loaded at the end, when eval and save pick it).
+BOOKKEEPING_TRAIN_KEYS = frozenset({
+    "logging_steps", "logging_strategy", "logging_first_step", "logging_nan_inf_filter", "save_steps",
+    "save_strategy", "save_total_limit", "save_only_model", "eval_steps", "eval_strategy", "eval_on_start",
+    "per_device_eval_batch_size", "eval_accumulation_steps", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "disable_tqdm", "sample_log_count",
+})
+# Data keys naming files: their contents are in the data fingerprint, so a moved project is not retrained.
+DATA_PATH_KEYS = ("train", "eval", "prompts", "labels_db")
+
+
+def hashed_train_settings(train: dict) -> dict:
+    if train.get("load_best_model_at_end"):
+        return dict(train)
+    return {k: v for k, v in train.items() if k not in BOOKKEEPING_TRAIN_KEYS}
+
+
 def stage_hash(cfg: RecipeConfig, stage: StageConfig, parent_hashes: dict[str, str]) -> str:
     from alignkit.data.sources import data_fingerprint
 
@@ -90,9 +109,9 @@ def stage_hash(cfg: RecipeConfig, stage: StageConfig, parent_hashes: dict[str, s
         "model": dataclasses.asdict(cfg.model),
         "peft": dataclasses.asdict(cfg.peft),
         "seed": cfg.seed,
-        "data": stage.data,
-        "data_fingerprint": data_fingerprint(stage.data),
-        "train": stage.train,
+        "data": {k: v for k, v in stage.data.items() if k not in DATA_PATH_KEYS or str(v).startswith("hf:")},
+        "data_fingerprint": data_fingerprint(stage.data, stage.name),
+        "train": hashed_train_settings(stage.train),
         "parents": {role: parent_hashes[ref] for role, ref in stage.references().items()},
     })
 
@@ -130,7 +149,8 @@ def _record(cfg: RecipeConfig, stage: StageConfig, run: StageRun, result: dict, 
         "base_resolved": resolve_base(cfg.model.base),
         "model": dataclasses.asdict(cfg.model),
         "peft": dataclasses.asdict(cfg.peft),
-        "parents": {role: {"name": ref, "path": str(cfg.run_dir / ref), "config_hash": hashes[ref]}
+        "parents": {role: {"name": ref, "path": str(cfg.run_dir / ref), "config_hash": hashes[ref],
+                           "run_id": (artifacts.read_stage(cfg.run_dir / ref) or {}).get("run_id")}
                     for role, ref in stage.references().items()},
         "lineage": _lineage(cfg, stage),
         "recipe": str(cfg.path.resolve()),
@@ -168,12 +188,22 @@ def run_recipe(
     for stage in ordered:
         hashes[stage.name] = stage_hash(cfg, stage, hashes)
         runs[stage.name] = make_stage_run(cfg, stage, hashes[stage.name])
-    todo = [s for s in ordered if (not only or s.name in only) and not artifacts.is_complete(runs[s.name].stage_dir, hashes[s.name])]
+    stale: dict[str, str] = {}  # stage -> why it must be trained
     for stage in ordered:
-        if stage in todo:
-            module = RECIPES[stage.kind]
-            if hasattr(module, "load_data"):
-                runs[stage.name].prepared = module.load_data(runs[stage.name])
+        reason = _staleness(cfg, stage, hashes[stage.name], stale)
+        if reason:
+            stale[stage.name] = reason
+    todo = [s for s in ordered if s.name in stale and (not only or s.name in only)]
+    if todo and cfg.model.base != TINY_SPEC:
+        resolve_base(cfg.model.base)  # a mistyped model path must not cost a complete stage its stage.json
+    for stage in todo:
+        module = RECIPES[stage.kind]
+        try:
+            module.train_config(runs[stage.name])  # TRL validates its settings when the config is built
+        except UserError as err:
+            raise UserError(f"{cfg.path}: {err}") from None
+        if hasattr(module, "load_data"):
+            runs[stage.name].prepared = module.load_data(runs[stage.name])
     for stage in todo:
         for role, parent_dir in runs[stage.name].parents.items():
             parent = next(s for s in ordered if cfg.run_dir / s.name == parent_dir)
@@ -185,16 +215,23 @@ def run_recipe(
         run = runs[stage.name]
         tag = f"[{i}/{len(ordered)}] {stage.name} ({stage.kind})"
         if stage not in todo:
-            if artifacts.is_complete(run.stage_dir, hashes[stage.name]):
+            if stage.name not in stale:
                 log(f"{tag}: complete, skipped ({run.stage_dir})")
                 records[stage.name] = artifacts.read_stage(run.stage_dir)
+            elif artifacts.is_complete(run.stage_dir):
+                log(f"{tag}: not selected by --only, left as it is although {stale[stage.name]}")
             continue
         if dry_run:
             log(f"{tag}: would train into {run.stage_dir}")
             continue
+        had_checkpoints = artifacts.last_complete_checkpoint(run.stage_dir) is not None
         can_resume = artifacts.begin_stage(run.stage_dir, run.config_hash, resume=resume)
         run.resume_from = artifacts.last_complete_checkpoint(run.stage_dir) if can_resume else None
-        log(f"{tag}: training into {run.stage_dir}" + (f", resuming from {run.resume_from.name}" if run.resume_from else ""))
+        if had_checkpoints and not can_resume:
+            log(f"{tag}: its earlier checkpoints were removed: " + ("they were made under another config" if resume
+                else "pass --resume to continue from them instead"))
+        why = "" if stale[stage.name] == "it is not complete" else f" ({stale[stage.name]})"
+        log(f"{tag}: training into {run.stage_dir}{why}" + (f", resuming from {run.resume_from.name}" if run.resume_from else ""))
         start = time.time()
         if launcher == "accelerate":
             result = _launch_with_accelerate(cfg, stage, run, overrides or [], accelerate_config, num_processes)
@@ -204,6 +241,23 @@ def run_recipe(
         records[stage.name] = artifacts.complete_stage(run.stage_dir, record)
         log(f"{tag}: complete in {record['wall_seconds']:.0f}s; " + _summary(record["metrics"]))
     return records
+
+
+def _staleness(cfg: RecipeConfig, stage: StageConfig, config_hash: str, stale: dict[str, str]) -> str | None:
+    """Why a stage must be trained, or None when its stage.json is complete and still describes it."""
+    stage_dir = cfg.run_dir / stage.name
+    if not artifacts.is_complete(stage_dir):
+        return "it is not complete"
+    if not artifacts.is_complete(stage_dir, config_hash):
+        return "its config, data or a parent's config changed"
+    recorded = artifacts.read_stage(stage_dir).get("parents", {})
+    for role, ref in stage.references().items():
+        if ref in stale:
+            return f"its {role} stage {ref} is trained again"
+        # Same config, new weights (the parent was interrupted and retrained): the child started from other weights.
+        if recorded.get(role, {}).get("run_id") != (artifacts.read_stage(cfg.run_dir / ref) or {}).get("run_id"):
+            return f"its {role} stage {ref} was retrained since"
+    return None
 
 
 def _summary(metrics: dict) -> str:

@@ -30,6 +30,19 @@ def load_data(stage):
     return load_sft_split(stage.data, stage.seed, stage.name)
 
 
+def can_mask_assistant_turns(tokenizer) -> bool:
+    """Whether TRL can train on assistant tokens only: the template has {% generation %} markers, or is one TRL patches."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if has_generation_markers(tokenizer.chat_template):
+        return True
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:  # TRL raises for templates it has no training version of
+        return False
+    return True
+
+
 def _last_turn_as_completion(rows: list[dict]) -> list[dict]:
     """Chat rows as conversational prompt/completion, for templates without {% generation %} markers."""
     out = []
@@ -40,20 +53,25 @@ def _last_turn_as_completion(rows: list[dict]) -> list[dict]:
     return out
 
 
+def train_config(stage, **derived) -> SFTConfig:
+    """TRL's SFTConfig: alignkit's defaults < this recipe's < settings derived from the data < the recipe's train:."""
+    return trl_args(SFTConfig, stage, {**DEFAULTS, **fused_kernel_defaults(), **derived})
+
+
 def run(stage) -> dict:
     train_rows, eval_rows, fmt, info = stage.prepared
 
     # Tokenizer: the parent stage's (it carries the chat template the parent trained with), else the base's.
     parent = stage.parents.get("after")
     tokenizer = load_tokenizer(str(parent) if parent else resolve_base(stage.model.base))
-    marks_generation = "generation" in (tokenizer.chat_template or "")
+    marks_generation = can_mask_assistant_turns(tokenizer)
     if fmt == "messages" and not marks_generation:
         # Without generation markers TRL cannot mask non-assistant turns; train on the final reply instead.
         train_rows, eval_rows = _last_turn_as_completion(train_rows), _last_turn_as_completion(eval_rows)
         info["loss_on"] = "last assistant turn (chat template has no generation markers)"
     else:
         info["loss_on"] = {"messages": "assistant tokens", "prompt_completion": "completion tokens", "text": "all tokens"}[fmt]
-    args = trl_args(SFTConfig, stage, {**DEFAULTS, **fused_kernel_defaults(), "assistant_only_loss": fmt == "messages" and marks_generation})
+    args = train_config(stage, assistant_only_loss=fmt == "messages" and marks_generation)
     if not args.packing:  # packed sequences are cut to max_length by design
         info.update(truncation_report(tokenizer, train_rows, args.max_length, "prompt_completion" if "prompt" in train_rows[0] else fmt))
 

@@ -164,7 +164,9 @@ def test_relative_to_the_4bit_model(stages, tmp_path):
     """Against the trained 4-bit model: merging onto the NF4-dequantized base reproduces it to float rounding;
     merging onto the original weights differs by the base's quantization error (measured, printed)."""
     q_logits, mask = _adapter_logits(stages["sft"], quantization="4bit")
-    merge_model(str(stages["sft"]), tmp_path / "dequantized", base_weights="dequantized")
+    assert cli_main(["merge", str(stages["sft"]), "--out", str(tmp_path / "dequantized"),
+                     "--base-weights", "dequantized"]) == 0
+    assert json.loads((tmp_path / "dequantized" / "alignkit_merge.json").read_text())["base_weights"] == "dequantized"
     merge_model(str(stages["sft"]), tmp_path / "original")
     d_deq = _max_diff(_merged_logits(tmp_path / "dequantized"), q_logits, mask)
     d_orig = _max_diff(_merged_logits(tmp_path / "original"), q_logits, mask)

@@ -73,7 +73,7 @@ def test_reward_role_on_the_shared_base_scores_like_the_reward_model(chain):
     expected = load_reward_scorer(run / "reward").score(prompts, responses)
     trainer = PPOTrainer(PPOConfig(min_reward_accuracy=0), ModelSettings(base="alignkit-tiny"), PeftSettings(),
                          prompts=prompts, stage_dir=chain["tmp"] / "scratch", reward=run / "reward", policy_adapter=run / "sft")
-    got = trainer.score(prompts, responses, [True, True]).tolist()
+    got = trainer.score(prompts, responses).tolist()
     assert got == pytest.approx(expected, abs=1e-3)
     assert got[0] > got[1]  # "wonderful" is what the tiny reward model learned to prefer
 

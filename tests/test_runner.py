@@ -131,3 +131,40 @@ def test_divergence_stops_keeps_last_good_checkpoint(tiny_recipe, tiny_model_dir
     run = path.parent / "run"
     assert read_stage(run / "sft") is None
     assert last_complete_checkpoint(run / "sft") is not None
+
+
+def test_mistakes_and_bookkeeping_leave_complete_stages_alone(tiny_recipe, tmp_path, tiny_model_dir):
+    from alignkit.errors import UserError
+    from tests.conftest import TINY_RECIPE
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    prefs = (TINY_RECIPE.parent / "../data/tiny_prefs.jsonl").resolve()
+    (moved / prefs.name).write_text(prefs.read_text())  # a moved project keeps its file names
+    path = tiny_recipe(_small)
+    run = path.parent / "run"
+    run_recipe(path, log=lambda *_: None)
+    first = {name: _mtime(run, name) for name in ("sft", "dpo")}
+
+    # Values TRL rejects and a mistyped model path fail before any stage directory is touched.
+    for override in ("stages.dpo.train.lr_scheduler_type=cosin", "model.base=./no-such-model"):
+        with pytest.raises(UserError):
+            run_recipe(path, [override], log=lambda *_: None)
+        assert {name: _mtime(run, name) for name in ("sft", "dpo")} == first, override
+    with pytest.raises(UserError, match="cosin"):
+        run_recipe(path, ["stages.dpo.train.lr_scheduler_type=cosin"], dry_run=True, log=lambda *_: None)
+
+    # Logging and saving settings, and the same data at another path, do not retrain anything.
+    lines = []
+    run_recipe(path, ["stages.sft.train.logging_steps=1", "stages.dpo.train.save_steps=7",
+                      f"stages.dpo.data.train={moved / prefs.name}"], dry_run=True, log=lines.append)
+    assert sum("complete, skipped" in line for line in lines) == 2, lines
+
+    # A parent retrained under the same config (it was interrupted) makes its child stale.
+    (run / "sft" / "stage.json").unlink()
+    (run / "sft" / "pending.json").write_text(json.dumps({"config_hash": read_stage(run / "dpo")["parents"]["after"]["config_hash"]}))
+    lines = []
+    run_recipe(path, log=lines.append)
+    assert _mtime(run, "sft") != first["sft"] and _mtime(run, "dpo") != first["dpo"]
+    assert any("its after stage sft is trained again" in line for line in lines), lines
+    assert read_stage(run / "dpo")["parents"]["after"]["run_id"] == read_stage(run / "sft")["run_id"]

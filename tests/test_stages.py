@@ -69,6 +69,7 @@ def test_stage_json_complete_and_correct(chain):
         assert stage["data"]["rows_kept"] + stage["data"]["dropped_duplicate"] + stage["data"]["dropped_empty"] == stage["data"]["rows_read"]
         assert (chain["run"] / stage["name"] / "tokenizer_config.json").exists()
         assert any((chain["run"] / stage["name"] / "logs").iterdir()), "no TensorBoard logs"
+        assert not (chain["run"] / stage["name"] / "checkpoints" / "runs").exists(), "final eval logged elsewhere"
         # Steady-state throughput of real tokens (TRL's num_tokens between the first and last log), in tokens per
         # second: within a small factor of the whole run's average, which also counts the warm-up.
         m = stage["metrics"]

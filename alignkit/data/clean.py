@@ -19,7 +19,8 @@ def _is_empty(value) -> bool:
 
 
 def _key(row: dict, columns: tuple[str, ...]) -> str:
-    return json.dumps([row.get(c) for c in columns], sort_keys=True)
+    # default=str: rows from a dataset directory may hold values JSON has no type for.
+    return json.dumps([row.get(c) for c in columns], sort_keys=True, default=str)
 
 
 def filter_rows(rows: list[dict], columns: tuple[str, ...]) -> tuple[list[dict], dict]:
@@ -41,14 +42,15 @@ def filter_rows(rows: list[dict], columns: tuple[str, ...]) -> tuple[list[dict],
     return kept, {"rows_read": len(rows), "dropped_empty": empty, "dropped_duplicate": dup, "rows_kept": len(kept)}
 
 
-def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    if not 0 <= eval_fraction < 1:
-        raise UserError(f"data.eval_fraction={eval_fraction} must be in [0, 1)")
+def split_rows(rows: list[dict], eval_fraction: float, seed: int, *, key: str = "data.eval_fraction") -> tuple[list[dict], list[dict]]:
+    """(train, eval): `eval_fraction` of the rows held out, seeded. `key` names the setting in errors."""
+    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0 <= eval_fraction < 1:
+        raise UserError(f"{key}={eval_fraction!r} must be a number in [0, 1)")
     if eval_fraction == 0:
         return rows, []
     shuffled = rows[:]
     random.Random(seed).shuffle(shuffled)
     n_eval = max(1, round(len(rows) * eval_fraction))
     if n_eval >= len(rows):
-        raise UserError(f"data.eval_fraction={eval_fraction} leaves no training rows out of {len(rows)}")
+        raise UserError(f"{key}={eval_fraction} leaves no training rows out of {len(rows)}")
     return shuffled[n_eval:], shuffled[:n_eval]

@@ -7,30 +7,57 @@ prompts:    {"prompt": str}  |  {"messages": [...]}  (the conversation so far)
 
 from __future__ import annotations
 
+import json
+import math
+
 from alignkit.data.io import where
 from alignkit.errors import UserError
 
 ROLES = {"system", "user", "assistant", "tool"}
 
 
-def _check_messages(messages, source, row, key="messages") -> None:
-    if not isinstance(messages, list) or not messages:
+def _shown(value) -> str:
+    """A JSON value as the user wrote it (null, 5, [..]), cut short."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_rows_are_objects(rows: list, source) -> None:
+    # A .json file or dataset may hold a list of anything; every check below indexes rows by column.
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise UserError(f"{source}: row {i} is {type(row).__name__}, expected an object with named columns")
+
+
+def _check_messages(messages, source, row, key="messages", *, allow_empty=False) -> None:
+    """A list of {role, content} messages with text content; chat templates fail mid-training on anything else."""
+    if not isinstance(messages, list) or (not messages and not allow_empty):
         raise UserError(f"{where(source, row)}: column {key!r} must be a non-empty list of messages")
-    for m in messages:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise UserError(f"{where(source, row)}: each message in {key!r} needs 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise UserError(f"{where(source, row)}: unknown role {m['role']!r} in {key!r}; one of {sorted(ROLES)}")
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict):
+            raise UserError(f"{where(source, row)}: message {i} in {key!r} is {_shown(m)}, expected an object with 'role' and 'content'")
+        missing = [repr(k) for k in ("role", "content") if k not in m]
+        if missing:
+            raise UserError(f"{where(source, row)}: message {i} in {key!r} has no {' or '.join(missing)}")
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
+            raise UserError(f"{where(source, row)}: message {i} in {key!r} has unknown role {_shown(m['role'])}; one of {', '.join(sorted(ROLES))}")
+        if not isinstance(m["content"], str):
+            raise UserError(f"{where(source, row)}: message {i} in {key!r} has content {_shown(m['content'])}; expected text")
 
 
-def _is_text_or_messages(value) -> bool:
-    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(m, dict) for m in value))
+def _check_text_or_messages(row: dict, key: str, source) -> None:
+    value = row[key]
+    if isinstance(value, list):
+        _check_messages(value, source, row, key, allow_empty=True)  # an empty list is dropped as empty later
+    elif not isinstance(value, str):
+        raise UserError(f"{where(source, row)}: column {key!r} is {_shown(value)}; expected text or a list of messages")
 
 
 def sft_format(rows: list[dict], source) -> str:
     """'messages', 'prompt_completion' or 'text' — the one format all rows share."""
     if not rows:
         raise UserError(f"{source}: the dataset is empty")
+    _check_rows_are_objects(rows, source)
     first = rows[0]
     fmt = "messages" if "messages" in first else "prompt_completion" if "prompt" in first and "completion" in first else "text" if "text" in first else None
     if fmt is None:
@@ -46,34 +73,40 @@ def sft_format(rows: list[dict], source) -> str:
             for key in ("prompt", "completion"):
                 if key not in row:
                     raise UserError(f"{where(source, row)}: missing column {key!r}")
-                if not _is_text_or_messages(row[key]):
-                    raise UserError(f"{where(source, row)}: column {key!r} must be text or a list of messages")
-        elif "text" not in row or not isinstance(row["text"], str):
+                _check_text_or_messages(row, key, source)
+        elif "text" not in row:
             raise UserError(f"{where(source, row)}: missing text column 'text'")
+        elif not isinstance(row["text"], str):
+            raise UserError(f"{where(source, row)}: column 'text' is {_shown(row['text'])}; expected text")
     return fmt
 
 
 def check_preference_rows(rows: list[dict], source) -> None:
     if not rows:
         raise UserError(f"{source}: the preference dataset is empty")
+    _check_rows_are_objects(rows, source)
+    # The loader keeps a margin column when the first row has one; a row without it would reach the trainer as None.
+    has_margin = "margin" in rows[0]
     for row in rows:
         for key in ("prompt", "chosen", "rejected"):
             if key not in row:
                 has = ", ".join(k for k in row if k != "_line")
                 raise UserError(f"{where(source, row)}: missing column {key!r} (has: {has})")
-            if not _is_text_or_messages(row[key]):
-                raise UserError(f"{where(source, row)}: column {key!r} must be text or a list of messages")
-        if "margin" in row and not isinstance(row["margin"], (int, float)):
-            raise UserError(f"{where(source, row)}: column 'margin' must be a number")
+            _check_text_or_messages(row, key, source)
+        if ("margin" in row) != has_margin:
+            raise UserError(f"{where(source, row)}: column 'margin' must be in every row or in none")
+        if has_margin and (isinstance(row["margin"], bool) or not isinstance(row["margin"], (int, float))
+                           or not math.isfinite(row["margin"])):
+            raise UserError(f"{where(source, row)}: column 'margin' is {_shown(row['margin'])}; expected a finite number")
 
 
 def check_prompt_rows(rows: list[dict], source) -> None:
     if not rows:
         raise UserError(f"{source}: the prompt dataset is empty")
+    _check_rows_are_objects(rows, source)
     for row in rows:
         if "prompt" in row:
-            if not _is_text_or_messages(row["prompt"]):
-                raise UserError(f"{where(source, row)}: column 'prompt' must be text or a list of messages")
+            _check_text_or_messages(row, "prompt", source)
         elif "messages" in row:
             _check_messages(row["messages"], source, row)
         else:

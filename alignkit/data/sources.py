@@ -7,9 +7,15 @@ Keys (a stage kind accepts a subset, its recipe's DATA_KEYS):
   labels_db      a label store (SQLite path or PostgreSQL URL): preference rows exported from votes
   min_agreement, ties, both_bad   the store's export policy (see alignkit.store.export)
   prompts        prompt dataset (PPO / RLOO / GRPO)
+
+Errors name the stage's key (`stages.<name>.data.<key>`); alignkit.config checks the same values at load
+time with the YAML line (data_value_problem), so these checks matter for callers that skip the config.
 """
 
 from __future__ import annotations
+
+import math
+from pathlib import Path
 
 from alignkit.artifacts import file_fingerprint, stable_hash
 from alignkit.data.clean import filter_rows, split_rows
@@ -19,96 +25,158 @@ from alignkit.errors import UserError
 
 SFT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+# Keys whose values are paths, dataset dirs, hf:NAME or store URLs.
+PATH_KEYS = ("train", "eval", "prompts", "eval_prompts", "labels_db")
+# Each pair names two ways to say one thing; with both set the loaders would silently use the first.
+EXCLUSIVE_KEYS = (("labels_db", "train"), ("eval", "eval_fraction"))
+POLICY_KEYS = ("min_agreement", "ties", "both_bad")
 
 
-def _require(data: dict, key: str, stage: str) -> str:
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def data_value_problem(key: str, value) -> str | None:
+    """What is wrong with one `data:` value ("must be ..."), or None when it is fine (or not ours to judge)."""
+    if key in PATH_KEYS:
+        if not isinstance(value, str) or not value.strip():
+            return "must be a path (a file, a dataset directory or hf:NAME)"
+    elif key == "eval_fraction":
+        if not (_is_number(value) and 0 <= value < 1):
+            return "must be a number in [0, 1)"
+    elif key == "min_agreement":
+        if not (_is_number(value) and 0 <= value <= 1):
+            return "must be a number in [0, 1]"
+    elif key in ("ties", "both_bad"):
+        try:
+            from alignkit.store.export import POLICIES
+        except ImportError:  # no store installed: labels_db itself will say so
+            return None
+        if not isinstance(value, str) or value not in POLICIES:
+            return f"must be one of {', '.join(POLICIES)}"
+    return None
+
+
+def _name(stage: str | None, key: str = "") -> str:
+    """The dotted name of a data key as the recipe spells it."""
+    return (f"stages.{stage}.data" if stage else "data") + (f".{key}" if key else "")
+
+
+def check_data(data: dict, stage: str | None) -> None:
+    """Every value of a stage's `data:` section, before anything is read."""
+    for key, value in data.items():
+        problem = data_value_problem(key, value)
+        if problem:
+            raise UserError(f"{_name(stage, key)}={value!r} {problem}")
+    for first, second in EXCLUSIVE_KEYS:
+        if first in data and second in data:
+            raise UserError(f"{_name(stage)} sets both {first} and {second}; {second} would be ignored, remove one")
+
+
+def _require(data: dict, key: str, stage: str, alternative: str = "") -> str:
     if key not in data:
-        raise UserError(f"stage {stage}: data.{key} is required")
+        raise UserError(f"{_name(stage, key)}{alternative} is required")
     return data[key]
 
 
-def _eval_rows(data: dict, train: list[dict], seed: int, check) -> tuple[list[dict], list[dict]]:
+def _eval_rows(data: dict, train: list[dict], seed: int, stage: str, check) -> tuple[list[dict], list[dict]]:
     if "eval" in data:
-        rows = load_rows(data["eval"], what="data.eval")
+        rows = load_rows(data["eval"], what=f"stages.{stage}.data.eval")
         check(rows, data["eval"])
         return train, rows
-    return split_rows(train, float(data.get("eval_fraction", 0.0)), seed)
+    return split_rows(train, data.get("eval_fraction", 0.0), seed, key=f"stages.{stage}.data.eval_fraction")
 
 
 def load_sft_split(data: dict, seed: int, stage: str) -> tuple[list[dict], list[dict], str, dict]:
     """(train, eval, format, info) for an SFT stage."""
+    check_data(data, stage)
     source = _require(data, "train", stage)
-    rows = load_rows(source, what="data.train")
+    rows = load_rows(source, what=f"stages.{stage}.data.train")
     fmt = sft_format(rows, source)
     rows, counts = filter_rows(rows, SFT_COLUMNS[fmt])
     if not rows:
         raise UserError(f"{source}: no usable rows left after dropping empty and duplicate examples")
-    train, evals = _eval_rows(data, rows, seed, lambda r, s: sft_format(r, s) == fmt or None)
+
+    def same_format(eval_rows, eval_source):
+        # One SFT dataset format per stage: TRL tokenizes train and eval with the same settings.
+        eval_fmt = sft_format(eval_rows, eval_source)
+        if eval_fmt != fmt:
+            raise UserError(f"{eval_source}: stages.{stage}.data.eval rows are in the {eval_fmt!r} format but "
+                            f"data.train rows are {fmt!r}; use one format for both")
+
+    train, evals = _eval_rows(data, rows, seed, stage, same_format)
     evals = [{k: v for k, v in r.items() if k != "_line"} for r in evals]
-    info = {"train": str(source), "fingerprint": _fingerprint(data), "format": fmt, **counts,
+    info = {"train": str(source), "fingerprint": _fingerprint(data, stage), "format": fmt, **counts,
             "train_rows": len(train), "eval_rows": len(evals)}
     return train, evals, fmt, info
 
 
 def load_preference_split(data: dict, seed: int, stage: str) -> tuple[list[dict], list[dict], dict]:
     """(train, eval, info) for DPO / reward stages, from a file, dataset dir or label store."""
+    check_data(data, stage)
     if "labels_db" in data:
         try:
             from alignkit.store.export import preference_rows
         except ImportError:
-            raise UserError(f"stage {stage}: data.labels_db needs the label store (alignkit.store)") from None
-        policy = {k: data[k] for k in ("min_agreement", "ties", "both_bad") if k in data}
+            raise UserError(f"stages.{stage}.data.labels_db needs the label store (alignkit.store)") from None
+        policy = {k: data[k] for k in POLICY_KEYS if k in data}
         rows = preference_rows(data["labels_db"], **policy)
         source = data["labels_db"]
         if not rows:
-            raise UserError(f"stage {stage}: the label store {source} has no preference pairs to export yet")
+            raise UserError(f"stages.{stage}.data.labels_db: the label store {source} has no preference pairs to export yet")
         fingerprint = stable_hash([{k: r.get(k) for k in PREFERENCE_COLUMNS} for r in rows])
     else:
-        source = _require(data, "train", stage)
-        rows = load_rows(source, what="data.train")
-        fingerprint = _fingerprint(data)
+        source = _require(data, "train", stage, " (or labels_db)")
+        rows = load_rows(source, what=f"stages.{stage}.data.train")
+        fingerprint = _fingerprint(data, stage)
     check_preference_rows(rows, source)
     columns = PREFERENCE_COLUMNS + (("margin",) if "margin" in rows[0] else ())
     rows, counts = filter_rows(rows, columns)
     if not rows:
         raise UserError(f"{source}: no usable pairs left after dropping empty and duplicate ones")
-    train, evals = _eval_rows(data, rows, seed, check_preference_rows)
+    train, evals = _eval_rows(data, rows, seed, stage, check_preference_rows)
     evals = [{k: v for k, v in r.items() if k != "_line"} for r in evals]
     info = {"train": str(source), "fingerprint": fingerprint, **counts, "train_rows": len(train), "eval_rows": len(evals)}
     return train, evals, info
 
 
 def load_prompt_rows(data: dict, stage: str, key: str = "prompts") -> tuple[list[dict], dict]:
+    check_data(data, stage)
     source = _require(data, key, stage)
-    rows = load_rows(source, what=f"data.{key}")
+    rows = load_rows(source, what=f"stages.{stage}.data.{key}")
     check_prompt_rows(rows, source)
     info = {key: str(source), "fingerprint": file_fingerprint(source), "rows": len(rows)}
     return [{k: v for k, v in r.items() if k != "_line"} for r in rows], info
 
 
-def _fingerprint(data: dict) -> str:
+def _fingerprint(data: dict, stage: str | None = None) -> str:
     parts = {}
     for key in ("train", "eval", "prompts"):
         if key in data and str(data[key]).startswith("hf:"):
             parts[key] = data[key]  # hub datasets are pinned by name (and the hub's own cache)
         elif key in data:
+            # file_fingerprint hashes a missing path as an empty directory: say so instead.
+            if not Path(data[key]).exists():
+                raise UserError(f"{_name(stage, key)} file not found: {data[key]}")
             try:
                 parts[key] = file_fingerprint(data[key])
-            except FileNotFoundError:
-                raise UserError(f"data.{key} file not found: {data[key]}") from None
+            except OSError as err:
+                raise UserError(f"{_name(stage, key)}: cannot read {data[key]}: {err.strerror}") from None
     return stable_hash(parts)
 
 
-def data_fingerprint(data: dict) -> str:
-    """Fingerprint of a stage's inputs for the skip logic (cheap: file contents, not parsing)."""
+def data_fingerprint(data: dict, stage: str | None = None) -> str:
+    """Fingerprint of a stage's inputs for the skip logic (cheap: file contents, not parsing).
+    Pass the stage name so that errors name `stages.<name>.data.<key>`."""
+    check_data(data, stage)
     if "labels_db" in data:
         # Store contents change as people vote; the export is hashed when the stage runs.
         try:
             from alignkit.store.export import preference_rows
 
-            policy = {k: data[k] for k in ("min_agreement", "ties", "both_bad") if k in data}
+            policy = {k: data[k] for k in POLICY_KEYS if k in data}
             rows = preference_rows(data["labels_db"], **policy)
             return stable_hash([{k: r.get(k) for k in PREFERENCE_COLUMNS} for r in rows])
         except ImportError:
             return "labels_db"
-    return _fingerprint(data)
+    return _fingerprint(data, stage)

@@ -1,0 +1,358 @@
+"""Recipe input mistakes: one line naming the file:line (or the --set) and the key, exit status 2, no traceback.
+
+Also where paths typed in a YAML and on the command line resolve, and what `train:` values TRL accepts.
+Most tests call the CLI in-process (a crash would surface as the exception itself); one runs it for real.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignkit.cli import EXIT_BAD_INPUT, main
+from alignkit.config import load_recipe
+from alignkit.data.sources import data_fingerprint, load_preference_split, load_sft_split
+from alignkit.errors import UserError
+from recipes.runner import RECIPES
+
+REPO = Path(__file__).resolve().parents[1]
+SFT = REPO / "recipes" / "data" / "tiny_sft.jsonl"
+PREFS = REPO / "recipes" / "data" / "tiny_prefs.jsonl"
+
+RECIPE = f"""\
+model:
+  base: alignkit-tiny
+  quantization: none
+peft:
+  method: lora
+  r: 4
+run_dir: run
+stages:
+  - name: sft
+    kind: sft
+    data:
+      train: {SFT}
+    train:
+      max_steps: 1
+  - name: dpo
+    kind: dpo
+    after: sft
+    data:
+      train: {PREFS}
+    train:
+      max_steps: 1
+"""
+
+USER = {"role": "user", "content": "hi"}
+ASSISTANT = {"role": "assistant", "content": "hello"}
+
+
+def write(tmp_path: Path, text: str = RECIPE, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def line_of(path: Path, needle: str) -> str:
+    """`path:N` of the first line containing needle."""
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if needle in line:
+            return f"{path}:{n}"
+    raise AssertionError(f"{needle!r} not in {path}")
+
+
+def jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_cli(capsys, path, *overrides) -> str:
+    """`alignkit run PATH --dry-run --set ...`; asserts exit 2 and one clean line; returns that line."""
+    argv = ["run", str(path), "--dry-run"]
+    for item in overrides:
+        argv += ["--set", item]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_BAD_INPUT, err
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+# --- 1. sections that are not mappings, a directory as the config, bad numbers, bad messages ---------------
+
+
+@pytest.mark.parametrize(
+    "old, new, key",
+    [
+        (f"    data:\n      train: {SFT}\n", "    data: ../data/tiny_sft.jsonl\n", "stages.sft.data"),
+        ("    train:\n      max_steps: 1\n  - name: dpo", "    train: [1]\n  - name: dpo", "stages.sft.train"),
+        ("model:\n  base: alignkit-tiny\n  quantization: none\n", "model: alignkit-tiny\n", "model"),
+        ("peft:\n  method: lora\n  r: 4\n", "peft: [lora]\n", "peft"),
+    ],
+)
+def test_section_that_is_not_a_mapping_names_its_line(capsys, tmp_path, old, new, key):
+    assert old in RECIPE
+    path = write(tmp_path, RECIPE.replace(old, new))
+    err = run_cli(capsys, path)
+    assert f"{line_of(path, new.strip().splitlines()[0])}: {key} must be a mapping" in err, err
+
+
+def test_section_that_is_not_a_mapping_via_set(capsys, tmp_path):
+    err = run_cli(capsys, write(tmp_path), "stages.sft.train=[1]")
+    assert err.endswith("--set stages.sft.train=[1]: stages.sft.train must be a mapping of keys to values, got list [1]"), err
+
+
+def test_directory_as_config_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "alignkit.cli", "run", str(tmp_path), "--dry-run"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    err = "\n".join(line for line in proc.stderr.splitlines() if "kernels" not in line)  # bitsandbytes' import notice
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"{tmp_path} is a directory" in err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stages.sft.data.eval_fraction=abc", "stages.sft.data.eval_fraction='abc' must be a number in [0, 1)"),
+        ("stages.sft.data.eval_fraction=1.5", "stages.sft.data.eval_fraction=1.5 must be a number in [0, 1)"),
+        ("stages.sft.data.eval_fraction=true", "stages.sft.data.eval_fraction=True must be a number in [0, 1)"),
+        ("stages.dpo.data.min_agreement=abc", "stages.dpo.data.min_agreement='abc' must be a number in [0, 1]"),
+        ("stages.dpo.data.ties=maybe", "stages.dpo.data.ties='maybe' must be one of drop, ignore"),
+        ("stages.dpo.data.train=5", "stages.dpo.data.train=5 must be a path"),
+    ],
+)
+def test_bad_data_values_via_set(capsys, tmp_path, override, message):
+    err = run_cli(capsys, write(tmp_path), override)
+    assert f"--set {override}: {message}" in err, err
+
+
+def test_bad_data_value_in_yaml_names_its_line(capsys, tmp_path):
+    path = write(tmp_path, RECIPE.replace(f"      train: {SFT}\n", f"      train: {SFT}\n      eval_fraction: lots\n"))
+    err = run_cli(capsys, path)
+    assert f"{line_of(path, 'eval_fraction: lots')}: stages.sft.data.eval_fraction='lots'" in err, err
+
+
+def test_sources_check_numbers_without_the_config():
+    with pytest.raises(UserError, match=r"stages\.sft\.data\.eval_fraction='abc' must be a number"):
+        load_sft_split({"train": str(SFT), "eval_fraction": "abc"}, 0, "sft")
+    with pytest.raises(UserError, match=r"stages\.dpo\.data\.min_agreement='x' must be a number"):
+        load_preference_split({"labels_db": "labels.db", "min_agreement": "x"}, 0, "dpo")
+
+
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        ({"role": "assistant", "content": 5}, "message 2 in 'messages' has content 5; expected text"),
+        ({"role": "assistant", "content": None}, "message 2 in 'messages' has content null; expected text"),
+        ({"role": "assistant", "content": ["a"]}, "message 2 in 'messages' has content [\"a\"]; expected text"),
+        ("hello", "message 2 in 'messages' is \"hello\", expected an object with 'role' and 'content'"),
+        ({"content": "hello"}, "message 2 in 'messages' has no 'role'"),
+        ({"role": ["assistant"], "content": "hello"}, "message 2 in 'messages' has unknown role [\"assistant\"]"),
+    ],
+)
+def test_bad_chat_message_names_file_and_line(capsys, tmp_path, message, expected):
+    data = jsonl(tmp_path / "chats.jsonl", [{"messages": [USER, ASSISTANT]}, {"messages": [USER, message]}])
+    path = write(tmp_path, RECIPE.replace(str(SFT), str(data)))
+    err = run_cli(capsys, path)
+    assert f"{data}:2: {expected}" in err, err
+
+
+def test_bad_message_in_preference_rows(capsys, tmp_path):
+    data = jsonl(tmp_path / "prefs.jsonl", [{"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant", "content": 7}]}])
+    path = write(tmp_path, RECIPE.replace(str(PREFS), str(data)))
+    assert f"{data}:1: message 1 in 'rejected' has content 7; expected text" in run_cli(capsys, path)
+
+
+def test_margin_in_some_rows_only(capsys, tmp_path):
+    pair = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    data = jsonl(tmp_path / "prefs.jsonl", [{**pair, "margin": 1.0}, {**pair, "chosen": "c"}])
+    path = write(tmp_path, RECIPE.replace(str(PREFS), str(data)))
+    assert f"{data}:2: column 'margin' must be in every row or in none" in run_cli(capsys, path)
+
+
+def test_json_file_of_non_objects(capsys, tmp_path):
+    data = tmp_path / "sft.json"
+    data.write_text('["just text"]')
+    path = write(tmp_path, RECIPE.replace(str(SFT), str(data)))
+    assert f"{data}: row 1 is str, expected an object" in run_cli(capsys, path)
+
+
+# --- 2. `train:` values as TRL takes them ------------------------------------------------------------------
+
+
+def test_loss_type_as_a_plain_string_is_accepted_like_trl(tmp_path):
+    from trl import DPOConfig
+
+    path = write(tmp_path, RECIPE + "      loss_type: sigmoid\n")  # the last section is dpo's train:
+    cfg = load_recipe(path, stage_kinds=RECIPES)
+    # TRL's DPOConfig wraps a string into a one-item list itself; the config stores that same form.
+    trl_value = DPOConfig(output_dir=str(tmp_path / "out"), loss_type="sigmoid", bf16=False, use_cpu=True).loss_type
+    assert cfg.stage("dpo").train["loss_type"] == trl_value == ["sigmoid"]
+    cfg = load_recipe(write(tmp_path), ["stages.dpo.train.loss_type=[sigmoid, sft]"], stage_kinds=RECIPES)
+    assert cfg.stage("dpo").train["loss_type"] == ["sigmoid", "sft"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stages.dpo.train.loss_type=5", "stages.dpo.train.loss_type=5 is not a valid list[str]"),
+        ("stages.dpo.train.loss_type=[1, 2]", "stages.dpo.train.loss_type=[1, 2] is not a valid list[str]"),
+        ("peft.r=abc", "peft.r='abc' is not a valid int"),
+        ("stages.sft.train.max_steps=1.5", "stages.sft.train.max_steps=1.5 is not a valid int"),
+    ],
+)
+def test_type_errors_name_the_type_plainly(capsys, tmp_path, override, message):
+    err = run_cli(capsys, write(tmp_path), override)
+    assert f"--set {override}: {message}" in err and "<class" not in err, err
+
+
+# --- 3. errors in --set name the --set -------------------------------------------------------------------
+
+
+def test_set_error_names_the_set_not_a_yaml_line(capsys, tmp_path):
+    path = write(tmp_path)
+    err = run_cli(capsys, path, "stages.sft.train.lerning_rate=1")
+    assert err.endswith("--set stages.sft.train.lerning_rate=1: unknown key stages.sft.train.lerning_rate "
+                        "(did you mean 'learning_rate'?)"), err
+    assert f"{path}:" not in err
+
+
+def test_yaml_error_still_names_the_yaml_line(capsys, tmp_path):
+    path = write(tmp_path, RECIPE.replace("      max_steps: 1\n  - name: dpo", "      lerning_rate: 1\n  - name: dpo"))
+    err = run_cli(capsys, path, "stages.sft.train.max_steps=2")  # an unrelated --set does not take the blame
+    assert f"{line_of(path, 'lerning_rate')}: unknown key stages.sft.train.lerning_rate" in err, err
+
+
+def test_set_into_an_empty_yaml_section(tmp_path):
+    path = write(tmp_path, RECIPE.replace("    train:\n      max_steps: 1\n  - name: dpo", "    train:\n  - name: dpo"))
+    assert load_recipe(path, ["stages.sft.train.max_steps=3"], stage_kinds=RECIPES).stage("sft").train == {"max_steps": 3}
+
+
+# --- 4 / 5. where relative paths resolve ----------------------------------------------------------------
+
+
+def test_relative_paths_in_yaml_resolve_against_the_yaml_and_in_set_against_cwd(tmp_path, monkeypatch):
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    jsonl(cwd / "mine.jsonl", [{"messages": [USER, ASSISTANT]}])
+    monkeypatch.chdir(cwd)
+    path = write(recipes)
+    assert load_recipe(path, stage_kinds=RECIPES).run_dir == recipes / "run"
+    cfg = load_recipe(path, ["run_dir=runs/other", "stages.sft.data.train=mine.jsonl"], stage_kinds=RECIPES)
+    assert cfg.run_dir == cwd / "runs" / "other"
+    assert cfg.stage("sft").data["train"] == str(cwd / "mine.jsonl")
+    assert cfg.stage("dpo").data["train"] == str(PREFS)  # untouched YAML paths keep their meaning
+
+
+def test_model_base_relative_path_is_a_directory_when_it_exists_else_a_hub_id(tmp_path, monkeypatch):
+    recipes = tmp_path / "recipes"
+    (recipes / "models" / "x").mkdir(parents=True)
+    cwd = tmp_path / "work"
+    (cwd / "models" / "y").mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+
+    def base(value, overrides=()):
+        path = write(recipes, RECIPE.replace("base: alignkit-tiny", f"base: {value}"))
+        return load_recipe(path, list(overrides), stage_kinds=RECIPES).model.base
+
+    assert base("models/x") == str(recipes / "models" / "x")
+    assert base("meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
+    assert base("alignkit-tiny") == "alignkit-tiny"
+    assert base("./models/x") == str(recipes / "models" / "x")
+    assert base("alignkit-tiny", ["model.base=models/y"]) == str(cwd / "models" / "y")
+    assert base("alignkit-tiny", ["model.base=models/x"]) == "models/x"  # not under the cwd: a hub id
+
+
+# --- 6. locations of the remaining errors -----------------------------------------------------------------
+
+
+def test_cycle_names_file_line_and_key(capsys, tmp_path):
+    path = write(tmp_path, RECIPE.replace("    kind: sft\n", "    kind: sft\n    after: dpo\n"))
+    err = run_cli(capsys, path)
+    assert f"{line_of(path, 'after: dpo')}: stages depend on each other in a cycle" in err and "stages.sft.after" in err, err
+
+
+def test_missing_train_names_stage_and_line(capsys, tmp_path):
+    path = write(tmp_path, RECIPE.replace(f"    data:\n      train: {PREFS}\n", "    data:\n      eval_fraction: 0.1\n"))
+    err = run_cli(capsys, path)
+    data_line = int(line_of(path, "eval_fraction: 0.1").rsplit(":", 1)[1]) - 1  # dpo's `data:`, just above
+    assert err.endswith(f"{path}:{data_line}: stages.dpo.data.train (or labels_db) is required"), err
+
+
+def test_missing_train_file_names_stage_and_key(capsys, tmp_path):
+    err = run_cli(capsys, write(tmp_path), "stages.sft.data.train=/no/such.jsonl")
+    # The runner fingerprints data before loading it; once it passes the stage name (data_fingerprint(data,
+    # stage.name)) this line reads `stages.sft.data.train file not found`, as the direct call below does.
+    assert "data.train file not found: /no/such.jsonl" in err, err
+    with pytest.raises(UserError, match=r"^stages\.sft\.data\.train file not found: /no/such\.jsonl$"):
+        data_fingerprint({"train": "/no/such.jsonl"}, "sft")
+    with pytest.raises(UserError, match=r"^stages\.sft\.data\.train is required$"):
+        load_sft_split({}, 0, "sft")
+
+
+# --- 7. nits -----------------------------------------------------------------------------------------------
+
+
+def test_sft_eval_in_another_format_is_an_error(capsys, tmp_path):
+    evals = jsonl(tmp_path / "eval.jsonl", [{"text": "some text"}])
+    path = write(tmp_path, RECIPE.replace(f"      train: {SFT}\n", f"      train: {SFT}\n      eval: {evals}\n"))
+    err = run_cli(capsys, path)
+    assert f"{evals}: stages.sft.data.eval rows are in the 'text' format but data.train rows are 'messages'" in err, err
+
+
+def test_labels_db_and_train_together_is_an_error(capsys, tmp_path):
+    path = write(tmp_path, RECIPE.replace(f"      train: {PREFS}\n", f"      train: {PREFS}\n      labels_db: labels.db\n"))
+    err = run_cli(capsys, path)
+    assert f"{line_of(path, 'train: ' + str(PREFS))}: stages.dpo.data sets both labels_db and train" in err, err
+    with pytest.raises(UserError, match="sets both labels_db and train"):
+        load_preference_split({"train": str(PREFS), "labels_db": "labels.db"}, 0, "dpo")
+
+
+def test_set_labels_db_replaces_the_yaml_train(tmp_path, monkeypatch):
+    # The recipes' headers document `--set stages.dpo.data.labels_db=labels.db` over a YAML `train:`.
+    monkeypatch.chdir(tmp_path)
+    cfg = load_recipe(write(tmp_path), ["stages.dpo.data.labels_db=labels.db"], stage_kinds=RECIPES)
+    assert cfg.stage("dpo").data == {"labels_db": str(tmp_path / "labels.db")}
+    cfg = load_recipe(write(tmp_path), ["stages.sft.data.eval_fraction=0.2"], stage_kinds=RECIPES)
+    assert cfg.stage("sft").data["eval_fraction"] == 0.2
+
+
+def test_set_null_removes_a_data_key(capsys, tmp_path):
+    err = run_cli(capsys, write(tmp_path), "stages.sft.data.train=null")
+    assert "stages.sft.data.train is required" in err, err
+
+
+def test_model_specs_take_bare_hub_ids_and_refuse_incomplete_stages(tmp_path):
+    from alignkit.modeling import resolve_base, resolve_model_spec
+
+    assert resolve_base("gpt2") == "gpt2" and resolve_base("org/name") == "org/name"  # hub ids, resolved later
+    for path in ("./no-such-model", "a/b/c", "~no-such-user-xyz/model"):
+        with pytest.raises(UserError, match="does not exist"):
+            resolve_base(path)
+    interrupted = tmp_path / "dpo"  # training started: pending.json, and an adapter left from an earlier run
+    interrupted.mkdir()
+    (interrupted / "pending.json").write_text("{}")
+    (interrupted / "adapter_config.json").write_text('{"base_model_name_or_path": "alignkit-tiny"}')
+    with pytest.raises(UserError, match="not complete"):
+        resolve_model_spec(str(interrupted))
+    (interrupted / "stage.json").write_text("{not json")
+    with pytest.raises(UserError, match="stage.json: not valid JSON"):
+        resolve_model_spec(str(interrupted))
+
+
+def test_sft_falls_back_to_the_last_turn_for_templates_trl_cannot_mask(tiny_model_dir):
+    from alignkit.modeling import load_tokenizer
+    from recipes.sft import can_mask_assistant_turns
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    assert can_mask_assistant_turns(tokenizer)  # alignkit's default template marks generations
+    # A template that merely mentions add_generation_prompt has no {% generation %} markers.
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert not can_mask_assistant_turns(tokenizer)
