@@ -118,6 +118,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true",
+                   help="send each prompt as a user message through the chat template (for chat-trained stages); "
+                        "default: raw text to continue")
     p.set_defaults(handler=_generate)
 
 
@@ -127,7 +130,8 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
-    for prompt, text in zip(args.prompt, generate_from_spec(args.spec, args.prompt, params)):
+    prompts = [[{"role": "user", "content": p}] for p in args.prompt] if args.chat else args.prompt
+    for prompt, text in zip(args.prompt, generate_from_spec(args.spec, prompts, params)):
         print(f"### {prompt}\n{text}\n")
     return 0
 

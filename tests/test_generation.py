@@ -43,3 +43,11 @@ def test_a_checkpoints_shipped_generation_settings_do_not_change_samples(tiny_mo
     assert model.generation_config.suppress_tokens == [plain[0][0]]  # the model's own config is put back
     applied = model.generate(torch.tensor([encode_prompt(tokenizer, prompts[0])]), max_new_tokens=4, do_sample=False)
     assert applied[0, -4] != plain[0][0]  # generate() alone would have applied them
+
+
+def test_generate_cli_raw_and_chat(tiny_model_dir, capsys):
+    from alignkit.cli import main
+
+    for extra in ([], ["--chat"]):
+        assert main(["generate", str(tiny_model_dir), "--prompt", "the film was", "--max-new-tokens", "4", *extra]) == 0
+        assert capsys.readouterr().out.startswith("### the film was\n")
