@@ -32,16 +32,16 @@ def prompts(n: int) -> list[str]:
 def run(variant: str, work: Path, s: dict) -> dict:
     import torch
 
-    from alignkit.generation import SamplingParams, generate_batch
+    from alignkit.generation import SamplingParams, encode_prompt, generate_batch
     from alignkit.modeling import load_model_for_inference
     from alignkit.tiny import build_tiny_model
 
     base = build_tiny_model(work / f"base-{s['hidden']}x{s['layers']}", hidden_size=s["hidden"], num_layers=s["layers"])
     model, tok, _ = load_model_for_inference(str(base), quantization="4bit")
     texts = prompts(s["prompts"])
-    # Greedy, no EOS stop, so both sides produce exactly the same number of tokens.
+    # Greedy, the same prompt tokens and the same EOS stop on both sides: the same responses, up to
+    # padding's float rounding (tokens/s is per generated token either way).
     params = SamplingParams(max_new_tokens=s["new_tokens"], temperature=0.0, batch_size=s["batch"])
-    model.generation_config.eos_token_id = None
     start = time.perf_counter()
     if variant == "batched":
         out = generate_batch(model, tok, texts, params)
@@ -49,10 +49,11 @@ def run(variant: str, work: Path, s: dict) -> dict:
     else:
         tokens = 0
         for t in texts:
-            ids = tok(t, return_tensors="pt", add_special_tokens=False)
+            ids = torch.tensor([encode_prompt(tok, t)])
             with torch.no_grad():
-                gen = model.generate(**ids, max_new_tokens=s["new_tokens"], do_sample=False, pad_token_id=tok.pad_token_id)
-            tokens += gen.shape[1] - ids["input_ids"].shape[1]
+                gen = model.generate(input_ids=ids, max_new_tokens=s["new_tokens"], do_sample=False,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            tokens += gen.shape[1] - ids.shape[1]
     seconds = time.perf_counter() - start
     return {"tokens_per_second": tokens / seconds, "tokens": tokens, "seconds": seconds}
 

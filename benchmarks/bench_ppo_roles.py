@@ -209,7 +209,8 @@ def split_into_four_models(trainer, settings) -> None:
     for p in trainable:
         p.requires_grad_(True)
     trainable += [p for p in models["value"].parameters() if p.requires_grad] + list(trainer.value_head.parameters())
-    trainer.optimizer = torch.optim.AdamW(trainable, lr=trainer.config.learning_rate)
+    trainer.optimizer = torch.optim.AdamW(trainable, lr=trainer.config.learning_rate,
+                                          weight_decay=trainer.config.weight_decay)  # as ours
 
     def use(self, role: str) -> None:  # the trainer's role switch: a model per role instead of an adapter per role
         self.model = models[role]

@@ -21,13 +21,15 @@ cost or save what they do on real data.
   Both sides, to make it a benchmark: synthetic data, one epoch, max_length --seq-len,
   no gradient accumulation, no evaluation or checkpoints, a log every step. DPO starts from
   the same SFT adapter on both sides (our SFT run's).
-Measured: tokens/s = real tokens (TRL's num_tokens) / the Trainer's train_runtime, end to end
-(warm-up and DPO's reference precompute included); steady tokens/s between the first and last
-logged step (alignkit.training.throughput_meter, on both sides); peak memory =
-torch.cuda.max_memory_allocated (ru_maxrss on CPU); MFU = 6 · N · tokens/s / the GPU's dense
-bf16 peak, N = parameters doing matmuls (all but the input embedding). LoRA skips the base
-weights' gradients, so the true FLOPs are nearer 4N: this MFU is the published convention,
-an upper bound.
+Measured: tokens/s = real tokens (TRL's num_tokens) / wall seconds from loading the model to the
+end of training, end to end (model load, tokenization, warm-up and DPO's reference precompute,
+which TRL runs while building the trainer, all included); steady tokens/s between the first and
+last logged step (alignkit.training.throughput_meter, on both sides); peak memory = the GPU's
+memory in use, sampled (harness.device_peak: what nvidia-smi shows, bitsandbytes' paged optimizer
+state included, which torch.cuda.max_memory_allocated does not see; that figure is kept beside
+it), ru_maxrss on CPU; MFU = TRL's compute_flops_per_token(config, seq_len) · tokens/s / TRL's
+get_peak_flops(GPU, bf16): 3 × the forward FLOPs with attention at seq_len, the full-fine-tuning
+convention. LoRA skips the base weights' gradients, so the true FLOPs are lower: an upper bound.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ import json
 import math
 import random
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
 
-from benchmarks.harness import compare, emit, parse_args, ratio, record
+from benchmarks.harness import compare, device_peak, emit, parse_args, ratio, record
 
 MODULE = "benchmarks.gpu_qlora"
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +62,6 @@ RECIPES = {"1b": "llama-3.2-1b_sft_dpo.yaml", "8b": "llama-3.1-8b_sft_dpo.yaml",
 # What plain TRL takes over from our recipe: the hyperparameters. Everything else stays at TRL's defaults.
 SHARED_TRAIN_KEYS = ("per_device_train_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
                      "max_grad_norm", "gradient_checkpointing", "bf16", "beta", "loss_type")
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
 
 def benchmark_train(seq_len: int, gpu: bool) -> dict:
@@ -148,9 +151,17 @@ def run_ours(kind: str, recipe: Path, work: Path) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"ours-{kind}-", dir=work)) / "run"
     if kind == "dpo":
         shutil.copytree(work / "sft-parent", run_dir)  # the SFT stage is complete there: the runner skips it
+    start = time.perf_counter()
     run_recipe(recipe, [f"run_dir={run_dir}"], only=[kind], log=lambda *_: None)
-    m = read_stage(run_dir / kind)["metrics"]
-    return {"tokens": m["num_tokens"], "seconds": m["train_runtime"], "steady_tokens_per_second": m.get("tokens_per_second", math.nan)}
+    seconds = time.perf_counter() - start
+    stage = read_stage(run_dir / kind)
+    m, train = stage["metrics"], stage["config"]["train"]
+    from alignkit.training import fused_kernel_defaults
+
+    # What the stage really ran with: a Liger kernel that failed to import would drop out silently otherwise.
+    liger = train.get("use_liger_kernel", fused_kernel_defaults().get("use_liger_kernel", False))
+    return {"tokens": m["num_tokens"], "seconds": seconds, "steady_tokens_per_second": m.get("tokens_per_second", math.nan),
+            "liger": float(bool(liger)), "paged_optim": float("paged" in str(train.get("optim", "")))}
 
 
 def run_plain(kind: str, recipe: Path, model_dir: Path, data: Path, work: Path) -> dict:
@@ -168,6 +179,7 @@ def run_plain(kind: str, recipe: Path, model_dir: Path, data: Path, work: Path) 
     stage = next(s for s in raw["stages"] if s["kind"] == kind)
     gpu = torch.cuda.is_available()
     compute = getattr(torch, raw["model"]["compute_dtype"])
+    start = time.perf_counter()  # as ours: from loading the model to the end of training
     tok = AutoTokenizer.from_pretrained(model_dir)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=compute)
@@ -190,28 +202,42 @@ def run_plain(kind: str, recipe: Path, model_dir: Path, data: Path, work: Path) 
     else:
         model = PeftModel.from_pretrained(model, str(work / "sft-parent" / "sft"), is_trainable=True)
         trainer = DPOTrainer(model=model, args=DPOConfig(**train), train_dataset=rows, processing_class=tok, callbacks=[meter])
-    output = trainer.train()
+    trainer.train()
+    seconds = time.perf_counter() - start
     tokens = next(e["num_tokens"] for e in reversed(trainer.state.log_history) if "num_tokens" in e)
     steady = meter.tokens_per_second
-    return {"tokens": tokens, "seconds": output.metrics["train_runtime"], "steady_tokens_per_second": steady or math.nan}
+    return {"tokens": tokens, "seconds": seconds, "steady_tokens_per_second": steady or math.nan}
 
 
-def measure(side: str, kind: str, shape: str, work: Path) -> dict:
+def measure(side: str, kind: str, shape: str, work: Path, seq_len: int) -> dict:
     import torch
 
     model_dir = work / f"llama-{shape}"
     recipe = work / f"recipe-{shape}.yaml"
-    if side == "ours":
-        result = run_ours(kind, recipe, work)
-    else:
-        result = run_plain(kind, recipe, model_dir, work / ("sft.jsonl" if kind == "sft" else "prefs.jsonl"), work)
+    gpu = torch.cuda.is_available()
+    with (device_peak() if gpu else _no_sampler()) as peak:
+        if side == "ours":
+            result = run_ours(kind, recipe, work)
+        else:
+            result = run_plain(kind, recipe, model_dir, work / ("sft.jsonl" if kind == "sft" else "prefs.jsonl"), work)
     result["tokens_per_second"] = result["tokens"] / result["seconds"]
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), math.nan)
-        n = json.loads((model_dir / "bench.json").read_text())["matmul_parameters"]
-        result["mfu"] = 6 * n * result["tokens_per_second"] / peak
+    if gpu:
+        from transformers import AutoConfig
+        from trl.trainer.utils import compute_flops_per_token, get_peak_flops
+
+        result["device_peak_mb"] = peak["mb"]
+        flops = compute_flops_per_token(AutoConfig.from_pretrained(model_dir), seq_len)
+        result["mfu"] = flops * result["tokens_per_second"] / (get_peak_flops(torch.cuda.get_device_name(0), "bfloat16")
+                                                                or math.nan)
     return result
+
+
+class _no_sampler:
+    def __enter__(self):
+        return {}
+
+    def __exit__(self, *exc):
+        return False
 
 
 def main() -> None:
@@ -225,7 +251,7 @@ def main() -> None:
     })
     if args.variant:
         side, kind = args.variant.split("-")
-        emit(measure(side, kind, args.shape, Path(args.work)))
+        emit(measure(side, kind, args.shape, Path(args.work), args.seq_len))
         return
 
     import torch
@@ -233,36 +259,44 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     if args.quick:
         args.shapes, args.examples, args.seq_len = "tiny", 8, 64
-    repeats = 1 if args.quick or args.repeats == 3 else args.repeats  # GPU runs are long and steady; one alternation
+    # GPU runs are long and steady: one alternation unless --repeats is given.
+    repeats = args.repeats if "--repeats" in sys.argv and not args.quick else 1
     table = []
     for shape in args.shapes.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"bench-gpu-{shape}-"))
         model = build_model(work, shape)
         data = write_data(work, args.examples, args.seq_len)
         our_recipe(work, shape, model, data, args.seq_len, gpu, args.set)
-        extra = ["--shape", shape, "--work", str(work)]
+        extra = ["--shape", shape, "--work", str(work), "--seq-len", str(args.seq_len)]
         for kind in ("sft", "dpo"):
             plain, ours = compare(MODULE, f"plain-{kind}", f"ours-{kind}", extra, repeats)
             if kind == "sft":  # DPO starts from this adapter on both sides
                 shutil.copytree(next(work.glob("ours-sft-*/run")), work / "sft-parent")
             tps = ratio(ours["tokens_per_second"], plain["tokens_per_second"])
-            mem = ratio(ours["peak_memory_mb"], plain["peak_memory_mb"])
+            memory = "device_peak_mb" if gpu else "peak_memory_mb"
+            mem = ratio(ours[memory], plain[memory])
             # Same examples on both sides, so the same real tokens (up to truncation at a different place when packed).
             print(f"{shape} {kind}: tokens/s ratio {tps}, peak memory ratio {mem} "
                   f"(real tokens: plain {plain['tokens']:.0f}, ours {ours['tokens']:.0f})", flush=True)
             table.append([shape, kind.upper(), f"{plain['tokens_per_second']:.0f}", f"{ours['tokens_per_second']:.0f}", tps,
                           ratio(ours["steady_tokens_per_second"], plain["steady_tokens_per_second"]),
-                          f"{plain['peak_memory_mb']:.0f}", f"{ours['peak_memory_mb']:.0f}", mem,
-                          f"{plain.get('mfu', math.nan):.3f}", f"{ours.get('mfu', math.nan):.3f}"])
+                          f"{plain[memory]:.0f}", f"{ours[memory]:.0f}", mem,
+                          f"{plain['peak_memory_mb']:.0f} / {ours['peak_memory_mb']:.0f}",
+                          f"{plain.get('mfu', math.nan):.3f}", f"{ours.get('mfu', math.nan):.3f}",
+                          f"liger {'on' if ours.get('liger') else 'off'}, {'paged 8-bit' if ours.get('paged_optim') else 'unpaged'} AdamW"])
         shutil.rmtree(work, ignore_errors=True)
     cmd = "python -m benchmarks.gpu_qlora" + (" --quick" if args.quick else f" --shapes {args.shapes}") + \
         "".join(f" --set {s}" for s in args.set)
     record("GPU QLoRA: plain TRL+PEFT vs alignkit's recipe", cmd,
            ["shape", "stage", "plain tok/s", "ours tok/s", "tok/s ratio (target ≥ 1.5 on 8b)", "steady tok/s ratio",
-            "plain peak MB", "ours peak MB", "memory ratio (target ≤ 0.7)", "plain MFU", "ours MFU"], table,
+            "plain peak MB", "ours peak MB", "memory ratio (target ≤ 0.7)", "allocator peak MB, plain / ours (RSS on CPU)",
+            "plain MFU", "ours MFU", "ours ran with"], table,
            notes=f"{args.examples} examples (DPO: pairs), one epoch, lengths log-normal up to {args.seq_len} tokens; "
-                 f"tok/s = real tokens / train_runtime (warm-up and reference precompute included); "
-                 f"peak memory = torch.cuda.max_memory_allocated; median of {repeats} alternating run(s).", quick=args.quick)
+                 f"tok/s = real tokens / wall seconds from model load to the end of training (tokenization, warm-up "
+                 f"and DPO's reference precompute included); peak MB = GPU memory in use, sampled every 10 ms "
+                 f"(paged optimizer state and CUDA context included; ru_maxrss on CPU); MFU with TRL's "
+                 f"compute_flops_per_token / get_peak_flops (an upper bound for LoRA); median of {repeats} "
+                 f"alternating run(s).", quick=args.quick)
 
 
 if __name__ == "__main__":

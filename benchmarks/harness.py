@@ -15,7 +15,9 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -27,6 +29,35 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@contextmanager
+def device_peak(interval: float = 0.01):
+    """Peak GPU memory in use while the block runs, sampled every `interval` s; yields a dict with "mb".
+
+    What nvidia-smi shows: the CUDA context, the allocator's cache, and memory outside torch's allocator
+    (bitsandbytes' paged optimizer state is CUDA managed memory, which max_memory_allocated never sees).
+    Device-wide, so it is only meaningful with one process on the GPU, as each benchmark variant is.
+    """
+    import torch
+
+    peak = {"mb": 0.0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while True:
+            free, total = torch.cuda.mem_get_info()
+            peak["mb"] = max(peak["mb"], (total - free) / 2**20)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
 
 
 def emit(result: dict) -> None:
@@ -79,7 +110,9 @@ def machine() -> str:
     from importlib.metadata import version
 
     libs = ", ".join(f"{n} {version(n)}" for n in ("torch", "transformers", "trl", "peft", "bitsandbytes"))
-    return f"{dev}; Python {platform.python_version()}; {libs}"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    return f"{dev}; Python {platform.python_version()}; {libs}" + (f"; alignkit at {commit}" if commit else "")
 
 
 def record(title: str, command: str, header: list[str], rows: list[list], notes: str = "", quick: bool = False) -> str:
