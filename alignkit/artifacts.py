@@ -102,14 +102,15 @@ def begin_stage(stage_dir: Path, config_hash: str, *, resume: bool) -> bool:
     (stage_dir / STAGE_JSON).unlink(missing_ok=True)
     can_resume = resume and previous == config_hash
     if not can_resume:
-        # Checkpoints made under another config must not be continued.
-        ckpt_root = stage_dir / CHECKPOINTS
-        if ckpt_root.exists():
-            stale = stage_dir / f"{CHECKPOINTS}.stale-{int(time.time())}"
-            os.replace(ckpt_root, stale)
-            import shutil
+        # Checkpoints made under another config must not be continued, and the TensorBoard logs of
+        # the earlier attempt would plot its steps over the new run's.
+        import shutil
 
-            shutil.rmtree(stale, ignore_errors=True)
+        for old in (CHECKPOINTS, "logs"):
+            if (stage_dir / old).exists():
+                stale = stage_dir / f"{old}.stale-{int(time.time())}"
+                os.replace(stage_dir / old, stale)
+                shutil.rmtree(stale, ignore_errors=True)
     write_json_atomic(pending, {"config_hash": config_hash, "started": time.time()})
     return can_resume
 

@@ -266,7 +266,7 @@ def summarise(names: Sequence[str], battles: list[dict], responses: dict[str, li
             pairs.append({"model_a": x, "model_b": y, "wins": 0, "losses": 0, "ties": 0, "n": 0, "units": 0,
                           "win_rate": None, "ci_low": None, "ci_high": None, "ci_method": None})
             continue
-        s = stats.pair_stats(oriented, rounds=bootstrap, seed=seed + k, clusters=[clusters[j] for j in rows],
+        s = stats.pair_stats(oriented, clusters=[clusters[j] for j in rows],
                              weights=[weights[j] for j in rows])[(x, y)]
         entry = {"model_a": x, "model_b": y, **s}
         flags = [battles[j]["position_disagreement"] for j in rows if "position_disagreement" in battles[j]]
@@ -304,10 +304,10 @@ def write_markdown(result: dict, path: Path) -> None:
         f"Judge: `{result['judge']}`. {result['n_prompts']} prompts; every pair of models on every prompt, "
         f"sides randomised per pair (seed {s['seed']}). Sampling: max_new_tokens={s['max_new_tokens']}, "
         f"temperature={s['temperature']}, top_p={s['top_p']}, seed={s['seed']}. "
-        f"Ties count half a win. 95% CIs resample prompts, not battles ({result['bootstrap']} bootstrap rounds): "
-        "a response to a prompt is in every battle its model fights on that prompt, so those battles are not "
-        "independent. Where every prompt of a pair went the same way the bootstrap would collapse to a point, "
-        "and the CI is the exact Clopper–Pearson interval over prompts instead (column *CI method*).", "",
+        f"Ties count half a win. CIs count prompts, not battles: a response to a prompt is in every battle its "
+        "model fights on that prompt, so those battles are not independent. A win rate's 95% CI is the Wilson "
+        "score interval over the pair's prompts (conservative with ties; it never collapses to a point); the "
+        f"ratings' CIs are a percentile bootstrap over prompts ({result['bootstrap']} rounds).", "",
     ]
     if "human" in result:
         lines += ["Human judge: wins / losses / ties count votes, but the win rate, its CI, the ratings and the win "

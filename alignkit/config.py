@@ -441,6 +441,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
         if child is not None:
             raise UserError(f"{where(f'stages.{child.name}.after')}: peft.method={peft.method} cannot be continued by a "
                             f"later stage (PEFT loads prompt-learning adapters frozen only); use lora/dora/ia3 for chained stages")
+    if peft.method == "ia3":
+        # TRL 1.16 builds the reference adapter by copying parameters named `.default.`; IA3's are named
+        # `ia3_l.default`, so the reference would silently be the base, not the parent policy.
+        child = next((s for s in stages if s.after and s.kind in ("dpo", "grpo", "rloo")), None)
+        if child is not None:
+            raise UserError(f"{where(f'stages.{child.name}.after')}: a {child.kind} stage cannot continue an ia3 adapter "
+                            f"(TRL would take the base, not stage {child.after}, as its reference); use lora or dora")
     return RecipeConfig(path=path, model=model, peft=peft, run_dir=run_dir, seed=seed, stages=stages,
                         description=description, raw=raw)
 

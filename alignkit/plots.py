@@ -22,7 +22,8 @@ def win_rates_plot(pairs: list[dict], path: str | Path, *, title: str = "Win rat
     labels = [f"{p['model_a']} vs {p['model_b']}" for p in rows]
     ys = list(range(len(rows)))
     rates = [p["win_rate"] for p in rows]
-    err = [[r - p["ci_low"] for r, p in zip(rates, rows)], [p["ci_high"] - r for r, p in zip(rates, rows)]]
+    # max(0, ...): a Wilson bound at 0 or 1 can land a rounding error on the wrong side of the rate.
+    err = [[max(0.0, r - p["ci_low"]) for r, p in zip(rates, rows)], [max(0.0, p["ci_high"] - r) for r, p in zip(rates, rows)]]
     ax.barh(ys, rates, color="#4c72b0", alpha=0.8)
     ax.errorbar(rates, ys, xerr=err, fmt="none", ecolor="black", capsize=4)
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)

@@ -15,10 +15,11 @@ Every public function takes two optional per-battle sequences beside the battles
 
 Win rates
   X's win rate over Y counts a tie as half a win: sum(weight * score) / sum(weight). Its 95%
-  CI is the percentile bootstrap over the pair's clusters (numpy Generator, fixed seed). When
-  every cluster went the same way (all scores 1, or all 0) the bootstrap can only return
-  [1, 1] or [0, 0]; then the CI is the exact Clopper–Pearson interval for k of n clusters
-  (scipy.stats.binomtest). `ci_method` records which one made each CI.
+  CI is the Wilson score interval with n = the pair's clusters (prompts), Kish's effective n
+  when clusters weigh unequally (statsmodels' proportion_confint). A cluster's mean score lies
+  in [0, 1], so p(1 - p) bounds its variance: valid with ties and fractional votes (then
+  conservative), and unlike the percentile bootstrap it neither collapses to a point (one
+  prompt, a clean sweep, all ties) nor narrows as a result moves towards 0 or 1.
 
 Ratings
   Maximum-likelihood Bradley–Terry, the way Chatbot Arena's `compute_mle_elo` does it: a
@@ -59,8 +60,7 @@ INIT_RATING = 1000.0
 MIN_BOOTSTRAP = 100
 PRIOR_TIES = 1.0  # virtual ties per pair that met, added only when the MLE does not exist
 LEVEL = 0.95
-CI_BOOTSTRAP = "bootstrap-percentile"
-CI_EXACT = "clopper-pearson"
+CI_WILSON = "wilson-over-prompts"
 
 
 @dataclass(frozen=True)
@@ -126,24 +126,23 @@ def bootstrap_mean_ci(values: Sequence[float], rounds: int = 1000, seed: int = 0
     return float(lo), float(hi)
 
 
-def _win_rate_ci(scores: np.ndarray, w: np.ndarray, codes: np.ndarray, rounds: int, seed: int,
-                 level: float = LEVEL) -> tuple[float, float, str]:
-    """CI of a pair's weighted win rate over clusters; exact Clopper–Pearson when every cluster went one way."""
-    from scipy.stats import binomtest
+def _win_rate_ci(scores: np.ndarray, w: np.ndarray, codes: np.ndarray, level: float = LEVEL) -> tuple[float, float, str]:
+    """Wilson score interval of a pair's weighted win rate, n = its clusters (Kish's effective n when they weigh unequally).
 
-    c = int(codes.max()) + 1
-    if np.all(scores == 1.0) or np.all(scores == 0.0):
-        # Every resample has the same mean, so the percentile bootstrap collapses to a point.
-        ci = binomtest(c if scores[0] == 1.0 else 0, c).proportion_ci(confidence_level=level, method="exact")
-        return float(ci.low), float(ci.high), CI_EXACT
-    sums, wsums = np.bincount(codes, w * scores, c), np.bincount(codes, w, c)
-    means = _cluster_means(sums, wsums, rounds, seed)
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(means, [alpha, 1 - alpha])
-    return float(lo), float(hi), CI_BOOTSTRAP
+    A cluster's mean score lies in [0, 1], so its variance is at most p(1 - p), the binomial's: the
+    interval is valid for ties and fractional human votes too (conservative when there are ties), never
+    collapses to a point (one prompt, a clean sweep, all ties), and moves monotonically with the data.
+    """
+    from statsmodels.stats.proportion import proportion_confint
+
+    cluster_weight = np.bincount(codes, w, int(codes.max()) + 1)
+    n = cluster_weight.sum() ** 2 / (cluster_weight**2).sum()
+    p = float((w * scores).sum() / w.sum())
+    lo, hi = proportion_confint(p * n, n, alpha=1 - level, method="wilson")
+    return float(lo), float(hi), CI_WILSON
 
 
-def pair_stats(battles: Iterable, rounds: int = 1000, seed: int = 0, *, clusters: Sequence[Hashable] | None = None,
+def pair_stats(battles: Iterable, *, clusters: Sequence[Hashable] | None = None,
                weights: Sequence[float] | None = None) -> dict[tuple[str, str], dict]:
     """Per unordered pair (first-seen order): the first model's raw wins/losses/ties and battles `n`, the
     number of clusters `units`, the weighted win rate and its 95% CI with `ci_method`."""
@@ -159,10 +158,10 @@ def pair_stats(battles: Iterable, rounds: int = 1000, seed: int = 0, *, clusters
         scores[k] = 0.5 if b.winner == "tie" else float((b.winner == "a") != flipped)
         per_pair.setdefault(key, []).append(k)
     out = {}
-    for i, (key, rows) in enumerate(per_pair.items()):
+    for key, rows in per_pair.items():
         s, pw = scores[rows], w[rows]
         _, local = np.unique(codes[rows], return_inverse=True)  # the pair's clusters, numbered from 0
-        lo, hi, method = _win_rate_ci(s, pw, local, rounds, seed + i)
+        lo, hi, method = _win_rate_ci(s, pw, local)
         out[key] = {
             "wins": int((s == 1.0).sum()),
             "losses": int((s == 0.0).sum()),
@@ -271,6 +270,8 @@ def bootstrap_ratings(battles: Iterable, rounds: int = 1000, seed: int = 0, *,
     """Ratings with 95% percentile-bootstrap CIs over clusters: {model: {rating, ci_low, ci_high, median}}.
 
     A round in which a model has no battle gives it no rating (it is left out of that model's percentiles).
+    With a single cluster there is nothing to resample at that level, and every round would equal the
+    point estimate: then battles are resampled instead (their dependence ignored, but not a zero-width CI).
     """
     if rounds < MIN_BOOTSTRAP:
         raise ValueError(f"bootstrap needs at least {MIN_BOOTSTRAP} rounds, got {rounds}")
@@ -279,6 +280,8 @@ def bootstrap_ratings(battles: Iterable, rounds: int = 1000, seed: int = 0, *,
     index = {m: i for i, m in enumerate(models)}
     ia, ib, w = _counts(battles, index)
     codes, c, base_w = _units(len(battles), clusters, weights)
+    if c < 2:
+        codes, c, base_w = _units(len(battles), None, weights)
     p = len(models)
     point = _fit_bt(ia, ib, w, p, base_w)
     rng = np.random.default_rng(seed)

@@ -88,7 +88,8 @@ def divergence_guard():
 
     class DivergenceGuard(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            if model is None:
+            # fp16's loss scaler overflows now and then by design: it skips that step and lowers the scale.
+            if model is None or args.fp16:
                 return
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             # One fused norm and one host sync per step (a norm is non-finite iff some entry is); a check per
@@ -103,7 +104,7 @@ def divergence_guard():
                     )
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            for key in ("loss", "train_loss", "grad_norm"):
+            for key in ("loss", "train_loss") + (() if args.fp16 else ("grad_norm",)):
                 value = (logs or {}).get(key)
                 if isinstance(value, float) and not math.isfinite(value):
                     raise TrainingDiverged(f"{key} is {value} at step {state.global_step}; stage left incomplete")
@@ -217,21 +218,39 @@ def _render(tokenizer, value, *, prompt: bool = False) -> str:
 
 
 def truncation_report(tokenizer, rows: list[dict], max_length: int | None, fmt: str) -> dict:
-    """How many rows exceed max_length (TRL truncates them silently), and the longest, in tokens."""
+    """How many rows exceed max_length (TRL truncates them silently), and the longest, in tokens.
+
+    Each sequence is counted as TRL builds it: a conversation through the chat template in one pass
+    (prompt and reply together), plain text with the tokenizer's special tokens and the EOS TRL appends;
+    for preference rows the longer of chosen and rejected.
+    """
     if not rows or not max_length:
         return {}
-    texts = []
-    for r in rows:
-        if fmt == "messages":
-            texts.append(_render(tokenizer, r["messages"]))
-        elif fmt == "text":
-            texts.append(r["text"])
-        elif fmt == "prompt_completion":
-            texts.append(_render(tokenizer, r["prompt"], prompt=True) + _render(tokenizer, r["completion"]))
-        else:  # preference: the longer of the two sequences the trainer builds
-            p = _render(tokenizer, r["prompt"], prompt=True)
-            texts.append(max(p + _render(tokenizer, r["chosen"]), p + _render(tokenizer, r["rejected"]), key=len))
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    owner, texts, plain = [], [], []  # one entry per sequence: its row, its text, whether it is plain text
+    for i, r in enumerate(rows):
+        if fmt in ("messages", "text"):
+            sequences = [(r.get("messages"), None)] if fmt == "messages" else [(r["text"], "")]
+        else:
+            replies = [r["completion"]] if fmt == "prompt_completion" else [r["chosen"], r["rejected"]]
+            sequences = [(r["prompt"], reply) for reply in replies]
+        for prompt, reply in sequences:
+            owner.append(i)
+            if isinstance(prompt, list):
+                turns = [] if reply is None else (reply if isinstance(reply, list) else [{"role": "assistant", "content": reply}])
+                texts.append(_render(tokenizer, prompt + turns))
+                plain.append(False)
+            else:
+                texts.append(prompt + reply)
+                plain.append(True)
+    lengths = [0] * len(rows)
+    for is_plain in (False, True):
+        picked = [k for k, p in enumerate(plain) if p == is_plain]
+        if not picked:
+            continue
+        encoded = tokenizer([texts[k] for k in picked], add_special_tokens=is_plain)["input_ids"]
+        for k, ids in zip(picked, encoded):
+            n = len(ids) + (is_plain and (not ids or ids[-1] != tokenizer.eos_token_id))  # TRL appends EOS
+            lengths[owner[k]] = max(lengths[owner[k]], n)
     over = sum(n > max_length for n in lengths)
     if over:
         import logging
@@ -280,7 +299,8 @@ def memory_preflight(stage, args, *, sequences_per_example: int = 1, lm_head: st
     half = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
     return _preflight(stage, batch_size=args.per_device_train_batch_size * sequences_per_example,
                       seq_len=_longest_sequence(args), gradient_checkpointing=bool(args.gradient_checkpointing),
-                      half=half, optimizer="adamw_8bit" if "8bit" in str(args.optim) else "adamw", lm_head=lm_head, log=log,
+                      half=half, optimizer="adamw_8bit" if "8bit" in getattr(args.optim, "value", str(args.optim)) else "adamw",
+                      lm_head=lm_head, log=log,
                       advice="Lower per_device_train_batch_size or max_length (raise gradient_accumulation_steps to keep "
                              "the batch), turn on gradient_checkpointing, use optim: paged_adamw_8bit, or load the base "
                              "in 4-bit.")

@@ -264,6 +264,6 @@ def leaderboard(store: Store, *, bootstrap: int = LEADERBOARD_BOOTSTRAP, seed: i
     models = [{"model": m, **ratings[m], **{k: record[m][k] for k in ("votes", "wins", "losses", "ties")}}
               for m in sorted(ratings, key=lambda m: -ratings[m]["rating"])]
     pairs = [{"model_a": x, "model_b": y, **s} for (x, y), s in
-             stats.pair_stats(ab.battles, rounds=bootstrap, seed=seed, clusters=ab.prompts, weights=ab.weights).items()]
+             stats.pair_stats(ab.battles, clusters=ab.prompts, weights=ab.weights).items()]
     warning = stats.connectivity(ab.battles, weights=ab.weights).warning
     return Leaderboard(ab.votes, len(ab.battles), models, pairs, bootstrap, warning)

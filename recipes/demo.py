@@ -857,6 +857,7 @@ def _plots(workdir: Path, result: dict, ev: dict) -> dict[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     out: dict[str, str] = {}
 
@@ -895,8 +896,9 @@ def _plots(workdir: Path, result: dict, ev: dict) -> dict[str, str]:
         xs = [i + (k - 0.5) * width for i in range(len(models))]
         nan = float("nan")  # a pair without battles has None: drawn as no bar
         ys = [nan if table[m]["win_rate"] is None else table[m]["win_rate"] for m in models]
-        err = [[y - (table[m]["ci_low"] if table[m]["ci_low"] is not None else nan) for m, y in zip(models, ys)],
-               [(table[m]["ci_high"] if table[m]["ci_high"] is not None else nan) - y for m, y in zip(models, ys)]]
+        # np.maximum: a Wilson bound at 0 or 1 can sit a rounding error past the rate; NaN (no battles) stays NaN.
+        err = np.maximum(0.0, [[y - (table[m]["ci_low"] if table[m]["ci_low"] is not None else nan) for m, y in zip(models, ys)],
+                            [(table[m]["ci_high"] if table[m]["ci_high"] is not None else nan) - y for m, y in zip(models, ys)]])
         ax.bar(xs, ys, width, yerr=err, capsize=4, label=label, color=color)
     ax.axhline(0.5, color="grey", ls=":", lw=1)
     ax.axhline(CLAIM_WIN_RATE, color="k", ls="--", lw=1, label=f"claim: {CLAIM_WIN_RATE}")
@@ -965,8 +967,8 @@ def _report(workdir: Path, result: dict, ev: dict, plots: dict[str, str]) -> str
         "",
         f"One sample per held-out prompt ({result['eval_prompts']} prompts) from each model at temperature "
         f"{result['sampling']['temperature']}; every pair of models judged blind on every prompt (sides randomised) "
-        "with `alignkit compare`'s judges and statistics; ties count half; 95% CI: percentile bootstrap over prompts "
-        "(exact Clopper–Pearson where every prompt went one way). "
+        "with `alignkit compare`'s judges and statistics; ties count half; 95% CI: the Wilson score interval over "
+        "prompts. "
         "KL(policy ‖ SFT) is the mean over the policy's own samples of log π(y|x) − log π_sft(y|x) (the k1 estimate: "
         "unbiased but noisy), with a 95% percentile bootstrap CI over prompts.",
         "",

@@ -56,7 +56,8 @@ def run(stage) -> dict:
         info["initialized_from_sha256"] = file_fingerprint(parent / "adapter_model.safetensors")
         info["reference"] = f"{parent} (frozen copy of the parent adapter)"
     elif parent:
-        info["reference"] = f"{parent} (full model, loaded a second time by TRL)"
+        info["reference"] = f"{parent} " + ("(a second full copy, loaded by TRL)" if stage.peft.method == "full"
+                                            else "(the fully fine-tuned parent with this stage's adapter disabled)")
     else:
         info["reference"] = "base model (adapter disabled)"
 

@@ -17,7 +17,7 @@ Defaults that differ from TRL's GRPOConfig (besides alignkit.training's):
   learning_rate          1e-5  (TRL: 1e-6, a full fine-tuning rate; adapters want more)
   beta                   0.04  (TRL: 0.0; a KL term against the SFT policy, as in PPO)
   num_generations        4     (TRL: 8)
-  max_completion_length  128   (TRL: 256)
+  max_completion_length  128   (TRL: 512)
 
 recipes/rloo.py runs TRL's RLOOTrainer through the same function.
 """

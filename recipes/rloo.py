@@ -13,7 +13,7 @@ adapter + score head.
 Defaults that differ from TRL's RLOOConfig (besides alignkit.training's):
   learning_rate          1e-5  (TRL: 1e-6, a full fine-tuning rate; adapters want more)
   num_generations        4     (TRL: 2)
-  max_completion_length  128   (TRL: 256)
+  max_completion_length  128   (TRL: 512)
 """
 
 from __future__ import annotations

@@ -91,8 +91,6 @@ BOOKKEEPING_TRAIN_KEYS = frozenset({
     "per_device_eval_batch_size", "eval_accumulation_steps", "dataloader_num_workers", "dataloader_pin_memory",
     "dataloader_persistent_workers", "dataloader_prefetch_factor", "disable_tqdm", "sample_log_count",
 })
-# Data keys naming files: their contents are in the data fingerprint, so a moved project is not retrained.
-DATA_PATH_KEYS = ("train", "eval", "prompts", "labels_db")
 
 
 def hashed_train_settings(train: dict) -> dict:
@@ -101,15 +99,24 @@ def hashed_train_settings(train: dict) -> dict:
     return {k: v for k, v in train.items() if k not in BOOKKEEPING_TRAIN_KEYS}
 
 
-def stage_hash(cfg: RecipeConfig, stage: StageConfig, parent_hashes: dict[str, str]) -> str:
-    from alignkit.data.sources import data_fingerprint
+def stage_hash(cfg: RecipeConfig, stage: StageConfig, parent_hashes: dict[str, str], *, legacy: bool = False) -> str:
+    from alignkit.data.sources import FINGERPRINTED_KEYS, data_fingerprint
 
+    if legacy:
+        # Before 2026-11-28 the hash took data paths and every train key: a stage completed then is still
+        # complete when this formula matches, rather than retrained by the upgrade.
+        return artifacts.stable_hash({
+            "kind": stage.kind, "model": dataclasses.asdict(cfg.model), "peft": dataclasses.asdict(cfg.peft),
+            "seed": cfg.seed, "data": stage.data, "data_fingerprint": data_fingerprint(stage.data, stage.name),
+            "train": stage.train, "parents": {role: parent_hashes[ref] for role, ref in stage.references().items()},
+        })
     return artifacts.stable_hash({
         "kind": stage.kind,
         "model": dataclasses.asdict(cfg.model),
         "peft": dataclasses.asdict(cfg.peft),
         "seed": cfg.seed,
-        "data": {k: v for k, v in stage.data.items() if k not in DATA_PATH_KEYS or str(v).startswith("hf:")},
+        # Paths whose contents the fingerprint holds are left out: a moved project is not retrained.
+        "data": {k: v for k, v in stage.data.items() if k not in FINGERPRINTED_KEYS or str(v).startswith("hf:")},
         "data_fingerprint": data_fingerprint(stage.data, stage.name),
         "train": hashed_train_settings(stage.train),
         "parents": {role: parent_hashes[ref] for role, ref in stage.references().items()},
@@ -184,13 +191,15 @@ def run_recipe(
             cfg.stage(name)  # unknown names are errors
     # Hash and check everything up front: bad data anywhere stops us before any stage is touched.
     hashes: dict[str, str] = {}
+    legacy_hashes: dict[str, str] = {}
     runs: dict[str, StageRun] = {}
     for stage in ordered:
         hashes[stage.name] = stage_hash(cfg, stage, hashes)
+        legacy_hashes[stage.name] = stage_hash(cfg, stage, legacy_hashes, legacy=True)
         runs[stage.name] = make_stage_run(cfg, stage, hashes[stage.name])
     stale: dict[str, str] = {}  # stage -> why it must be trained
     for stage in ordered:
-        reason = _staleness(cfg, stage, hashes[stage.name], stale)
+        reason = _staleness(cfg, stage, (hashes[stage.name], legacy_hashes[stage.name]), stale)
         if reason:
             stale[stage.name] = reason
     todo = [s for s in ordered if s.name in stale and (not only or s.name in only)]
@@ -207,7 +216,7 @@ def run_recipe(
     for stage in todo:
         for role, parent_dir in runs[stage.name].parents.items():
             parent = next(s for s in ordered if cfg.run_dir / s.name == parent_dir)
-            if parent not in todo and not artifacts.is_complete(parent_dir, hashes[parent.name]):
+            if parent not in todo and parent.name in stale:
                 raise UserError(f"stage {stage.name} needs {role} stage {parent.name} complete first (run without --only)")
 
     records: dict[str, dict] = {}
@@ -243,12 +252,13 @@ def run_recipe(
     return records
 
 
-def _staleness(cfg: RecipeConfig, stage: StageConfig, config_hash: str, stale: dict[str, str]) -> str | None:
-    """Why a stage must be trained, or None when its stage.json is complete and still describes it."""
+def _staleness(cfg: RecipeConfig, stage: StageConfig, config_hashes: tuple[str, str], stale: dict[str, str]) -> str | None:
+    """Why a stage must be trained, or None when its stage.json is complete and still describes it
+    (under the current hash, or the legacy one a stage completed before the hash changed carries)."""
     stage_dir = cfg.run_dir / stage.name
     if not artifacts.is_complete(stage_dir):
         return "it is not complete"
-    if not artifacts.is_complete(stage_dir, config_hash):
+    if not any(artifacts.is_complete(stage_dir, h) for h in config_hashes):
         return "its config, data or a parent's config changed"
     recorded = artifacts.read_stage(stage_dir).get("parents", {})
     for role, ref in stage.references().items():

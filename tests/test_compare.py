@@ -308,11 +308,11 @@ def test_summarise_clusters_by_prompt_and_warns_when_a_model_never_loses(tmp_pat
     result = _result(names, battles, responses)
     assert "top never lost or tied" in result["ratings_warning"]
     assert result["ratings_connectivity"]["groups"][0] == ["top"]
-    assert result["pairs"][0]["ci_method"] == "clopper-pearson" and result["pairs"][0]["ci_low"] < 0.9
+    assert result["pairs"][0]["ci_method"] == "wilson-over-prompts" and result["pairs"][0]["ci_low"] < 0.9
     assert result["ratings"]["top"]["rating"] - result["ratings"]["mid"]["rating"] < 800  # finite, not thousands
     compare.write_markdown(result, tmp_path / "compare.md")
     md = (tmp_path / "compare.md").read_text()
-    assert "**Warning:** No finite maximum-likelihood ratings" in md and "clopper-pearson" in md
+    assert "**Warning:** No finite maximum-likelihood ratings" in md and "wilson-over-prompts" in md
     # Ratings resample prompts, not battles (every pair meets on every prompt).
     tuples = [(b["model_a"], b["model_b"], b["winner"]) for b in battles]
     by_prompt = stats.bootstrap_ratings(tuples, rounds=100, seed=0, clusters=[b["prompt_index"] for b in battles])

@@ -162,6 +162,8 @@ def test_nan_reward_diverges_keeps_last_checkpoint_and_resumes(tmp_path, tiny_mo
 
     resumed = PPOTrainer(cfg, settings, peft_settings(), prompts=PROMPTS, stage_dir=tmp_path,
                          reward=lambda p, r: [1.0] * len(r), policy_adapter=parent_adapter)
+    with open(tmp_path / "ppo_log.jsonl", "a") as f:
+        f.write('{"step": 3, "mean_rew')  # a line torn by the crash
     resumed.train(resume_from=ckpt)
     assert resumed.step == 5 and [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5]
     # Step 3 was logged before the crash and trained again after the resume: it is logged once.

@@ -356,3 +356,10 @@ def test_sft_falls_back_to_the_last_turn_for_templates_trl_cannot_mask(tiny_mode
     tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     assert not can_mask_assistant_turns(tokenizer)
+
+
+def test_a_dpo_stage_cannot_continue_an_ia3_adapter():
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "tiny_sft_dpo.yaml"
+    with pytest.raises(UserError, match="cannot continue an ia3 adapter"):
+        load_recipe(recipe, ["peft.method=ia3"], stage_kinds=RECIPES)
+    load_recipe(recipe, ["peft.method=dora"], stage_kinds=RECIPES)  # DoRA's magnitudes are copied: fine

@@ -160,6 +160,27 @@ def test_mistakes_and_bookkeeping_leave_complete_stages_alone(tiny_recipe, tmp_p
                       f"stages.dpo.data.train={moved / prefs.name}"], dry_run=True, log=lines.append)
     assert sum("complete, skipped" in line for line in lines) == 2, lines
 
+    # Stages completed before the hash changed (data paths and every train key in it) are still complete.
+    from alignkit.artifacts import write_json_atomic
+    from alignkit.config import load_recipe, order_stages
+    from recipes.runner import RECIPES, stage_hash
+
+    cfg = load_recipe(path, stage_kinds=RECIPES)
+    legacy = {}
+    for stage in order_stages(cfg.stages):
+        legacy[stage.name] = stage_hash(cfg, stage, legacy, legacy=True)
+        record = read_stage(run / stage.name)
+        assert record["config_hash"] != legacy[stage.name]
+        write_json_atomic(run / stage.name / "stage.json", {**record, "config_hash": legacy[stage.name]})
+    lines = []
+    run_recipe(path, dry_run=True, log=lines.append)
+    assert sum("complete, skipped" in line for line in lines) == 2, lines
+    write_json_atomic(run / "dpo" / "stage.json", {**read_stage(run / "dpo"), "config_hash": "0" * 64})
+    lines = []
+    run_recipe(path, dry_run=True, log=lines.append)
+    assert sum("would train" in line for line in lines) == 1, lines
+    write_json_atomic(run / "dpo" / "stage.json", {**read_stage(run / "dpo"), "config_hash": legacy["dpo"]})
+
     # A parent retrained under the same config (it was interrupted) makes its child stale.
     (run / "sft" / "stage.json").unlink()
     (run / "sft" / "pending.json").write_text(json.dumps({"config_hash": read_stage(run / "dpo")["parents"]["after"]["config_hash"]}))

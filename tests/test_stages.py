@@ -142,6 +142,12 @@ def test_memory_preflight_warns_when_the_stage_will_not_fit(tmp_path, tiny_model
     assert report["fits"] is False and report["expected_bytes"] > report["available_bytes"]
     assert any(line.startswith("WARNING: sft expects") and "per_device_train_batch_size" in line for line in lines)
     assert any("activations" in line for line in lines)  # the estimate's table is shown first
+    # An 8-bit optimizer keeps a quarter of AdamW's fp32 state (TRL stores optim as an enum, not a string).
+    small = dict(output_dir=str(tmp_path), per_device_train_batch_size=1, max_length=64, use_cpu=True, bf16=False,
+                 report_to="none")
+    fp32 = memory_preflight(stage, SFTConfig(**small, optim="adamw_torch"), log=lambda *_: None)
+    paged = memory_preflight(stage, SFTConfig(**small, optim="paged_adamw_8bit"), log=lambda *_: None)
+    assert paged["breakdown"]["optimizer"] * 4 == fp32["breakdown"]["optimizer"]
 
 
 def test_ppo_memory_preflight_counts_four_roles_and_warns_with_ppo_advice(tmp_path, tiny_model_dir):
@@ -241,3 +247,20 @@ def test_kbit_preparation_keeps_a_bf16_base_in_bf16(tiny_model_dir):
     for name in our_grads:
         diff = (our_grads[name] - their_grads[name]).norm() / their_grads[name].norm()
         assert diff < 0.1, (name, diff)
+
+
+def test_truncation_report_counts_sequences_as_trl_builds_them(tiny_model_dir):
+    from alignkit.modeling import load_tokenizer
+    from alignkit.training import truncation_report
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Describe the film?"}]
+    reply = [{"role": "assistant", "content": "the film was very wonderful."}]
+    whole = len(tok.apply_chat_template(prompt + reply, tokenize=True, return_dict=True)["input_ids"])
+    report = truncation_report(tok, [{"prompt": prompt, "completion": reply}], whole, "prompt_completion")
+    assert report["longest_tokens"] == whole and report["rows_truncated"] == 0  # one pass, no header counted twice
+    assert truncation_report(tok, [{"prompt": prompt, "completion": reply}], whole - 1, "prompt_completion")["rows_truncated"] == 1
+    # Plain preference rows: prompt + the longer reply in tokens, with the EOS TRL appends.
+    row = {"prompt": "The film was", "chosen": " good.", "rejected": " long and dull and slow."}
+    longest = len(tok(row["prompt"] + row["rejected"])["input_ids"]) + 1
+    assert truncation_report(tok, [row], 1000, "preference")["longest_tokens"] == longest

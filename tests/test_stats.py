@@ -45,7 +45,7 @@ def test_ties_count_half_a_win_each_way():
     # 50 wins + 50 ties for A over B: A's score is 0.75, the same as 75 wins / 25 losses.
     r = stats.bradley_terry([("A", "B", "a")] * 50 + [("A", "B", "tie")] * 50)
     assert r["A"] - r["B"] == pytest.approx(400 * np.log10(3), abs=0.5)
-    ps = stats.pair_stats([("A", "B", "a")] * 50 + [("A", "B", "tie")] * 50, rounds=200)
+    ps = stats.pair_stats([("A", "B", "a")] * 50 + [("A", "B", "tie")] * 50)
     assert ps[("A", "B")]["win_rate"] == pytest.approx(0.75)
     assert (ps[("A", "B")]["wins"], ps[("A", "B")]["losses"], ps[("A", "B")]["ties"]) == (50, 0, 50)
 
@@ -56,16 +56,16 @@ def test_all_ties_give_half_and_equal_ratings():
     for m in "ABC":
         assert r[m]["rating"] == pytest.approx(1000.0, abs=1e-6)
         assert r[m]["ci_low"] == pytest.approx(1000.0, abs=1e-6) and r[m]["ci_high"] == pytest.approx(1000.0, abs=1e-6)
-    ps = stats.pair_stats(battles, rounds=100)
+    ps = stats.pair_stats(battles)
     for v in ps.values():
-        assert v["win_rate"] == 0.5 and v["ci_low"] == 0.5 and v["ci_high"] == 0.5 and v["ties"] == 20
+        assert v["win_rate"] == 0.5 and v["ci_low"] < 0.5 < v["ci_high"] and v["ties"] == 20  # 20 ties: not certainty
     m = stats.win_matrix(battles)
     assert m["A"]["B"] == 0.5 and m["A"]["A"] is None
 
 
 def test_pair_stats_orient_swapped_sides():
     # (B, A, "b") is a win for A: results are reported for the first-seen orientation (A, B).
-    ps = stats.pair_stats([("A", "B", "a"), ("B", "A", "b"), ("B", "A", "a"), ("A", "B", "tie")], rounds=100)
+    ps = stats.pair_stats([("A", "B", "a"), ("B", "A", "b"), ("B", "A", "a"), ("A", "B", "tie")])
     assert list(ps) == [("A", "B")]
     assert (ps[("A", "B")]["wins"], ps[("A", "B")]["losses"], ps[("A", "B")]["ties"]) == (2, 1, 1)
     assert ps[("A", "B")]["win_rate"] == pytest.approx(2.5 / 4)
@@ -161,8 +161,8 @@ def test_pair_ci_resamples_clusters_of_overlapping_votes():
             agree = rng.random() < 0.9
             votes.append(("x", "y", "a" if b == agree else "b"))
             prompts.append(p)
-    naive = stats.pair_stats(votes, rounds=1000)[("x", "y")]
-    clustered = stats.pair_stats(votes, rounds=1000, clusters=prompts, weights=[0.5] * len(votes))[("x", "y")]
+    naive = stats.pair_stats(votes)[("x", "y")]
+    clustered = stats.pair_stats(votes, clusters=prompts, weights=[0.5] * len(votes))[("x", "y")]
     assert clustered["win_rate"] == pytest.approx(naive["win_rate"])  # equal weights within a cluster
     assert clustered["ci_high"] - clustered["ci_low"] > 1.15 * (naive["ci_high"] - naive["ci_low"])
     assert (clustered["n"], clustered["units"], naive["units"]) == (160, 80, 160)
@@ -174,32 +174,37 @@ def test_weights_make_every_comparison_count_once():
     # Prompt 0: three votes (2 for x, 1 for y); prompt 1: one vote for y. Per comparison: 2/3 and 0.
     battles = [("x", "y", "a"), ("x", "y", "a"), ("x", "y", "b"), ("x", "y", "b")]
     weights = [1 / 3, 1 / 3, 1 / 3, 1.0]
-    ps = stats.pair_stats(battles, rounds=200, clusters=[0, 0, 0, 1], weights=weights)[("x", "y")]
+    ps = stats.pair_stats(battles, clusters=[0, 0, 0, 1], weights=weights)[("x", "y")]
     assert ps["win_rate"] == pytest.approx((2 / 3 + 0) / 2)
     assert (ps["wins"], ps["losses"], ps["n"], ps["units"]) == (2, 2, 4, 2)
     assert stats.win_matrix(battles, weights=weights)["x"]["y"] == pytest.approx(1 / 3)
-    assert stats.pair_stats(battles, rounds=200)[("x", "y")]["win_rate"] == 0.5  # unweighted: one vote, one unit
+    assert stats.pair_stats(battles)[("x", "y")]["win_rate"] == 0.5  # unweighted: one vote, one unit
     lo, hi = stats.bootstrap_mean_ci([1, 1, 0, 0], rounds=200, clusters=[0, 0, 0, 1], weights=weights)
     assert 0 <= lo <= 1 / 3 <= hi <= 2 / 3 + 1e-9
 
 
-def test_a_clean_sweep_gets_an_exact_clopper_pearson_interval():
-    from scipy.stats import binomtest
+def test_win_rate_cis_never_collapse_and_move_monotonically():
+    from statsmodels.stats.proportion import proportion_confint
 
-    sweep = stats.pair_stats([("x", "y", "a")] * 15, rounds=1000)[("x", "y")]
-    assert sweep["win_rate"] == 1.0 and sweep["ci_method"] == "clopper-pearson"
-    expected = binomtest(15, 15).proportion_ci(method="exact")
-    assert sweep["ci_low"] == pytest.approx(expected.low) and sweep["ci_low"] < 0.8
-    assert sweep["ci_high"] == 1.0
-    lost = stats.pair_stats([("x", "y", "b")] * 15, rounds=1000)[("x", "y")]
-    assert lost["ci_low"] == 0.0 and lost["ci_high"] == pytest.approx(1 - expected.low)
+    sweep = stats.pair_stats([("x", "y", "a")] * 15)[("x", "y")]
+    assert sweep["win_rate"] == 1.0 and sweep["ci_method"] == "wilson-over-prompts"
+    assert (sweep["ci_low"], sweep["ci_high"]) == pytest.approx(proportion_confint(15, 15, method="wilson"))
+    assert sweep["ci_low"] < 0.85 and sweep["ci_high"] == pytest.approx(1.0)
+    lost = stats.pair_stats([("x", "y", "b")] * 15)[("x", "y")]
+    assert lost["ci_high"] == pytest.approx(1 - sweep["ci_low"])
     # Counted over clusters: 15 wins on 5 prompts are 5 of 5, a wider interval.
-    clustered = stats.pair_stats([("x", "y", "a")] * 15, rounds=1000, clusters=[i // 3 for i in range(15)])[("x", "y")]
-    assert clustered["ci_low"] == pytest.approx(binomtest(5, 5).proportion_ci(method="exact").low)
-    # Anything short of a sweep keeps the bootstrap.
-    mixed = stats.pair_stats([("x", "y", "a")] * 14 + [("x", "y", "tie")], rounds=1000)[("x", "y")]
-    assert mixed["ci_method"] == "bootstrap-percentile" and mixed["ci_low"] < 1.0
-
+    clustered = stats.pair_stats([("x", "y", "a")] * 15, clusters=[i // 3 for i in range(15)])[("x", "y")]
+    assert clustered["ci_low"] == pytest.approx(proportion_confint(5, 5, method="wilson")[0])
+    assert clustered["ci_low"] < sweep["ci_low"]
+    # A weaker record never gets a tighter lower bound than a perfect one (the percentile bootstrap did).
+    lows = [stats.pair_stats([("x", "y", "a")] * 9 + [("x", "y", w)])[("x", "y")]["ci_low"] for w in ("a", "tie", "b")]
+    assert lows[0] > lows[1] > lows[2]
+    # One prompt, or all ties: an honest width, not a point.
+    for battles, clusters in (([("x", "y", "a")] * 2 + [("x", "y", "b")], [0, 0, 0]), ([("x", "y", "tie")] * 10, None)):
+        one = stats.pair_stats(battles, clusters=clusters)[("x", "y")]
+        assert one["ci_high"] - one["ci_low"] > 0.3
+    cyclic = stats.bootstrap_ratings([("A", "B", "a"), ("B", "C", "a"), ("C", "A", "a")], rounds=100, clusters=[0, 0, 0])
+    assert all(r["ci_high"] > r["ci_low"] for r in cyclic.values())
 
 def test_a_model_that_never_loses_is_flagged_and_gets_a_finite_rating():
     rest = [("B", "C", "a")] * 12 + [("B", "C", "b")] * 8

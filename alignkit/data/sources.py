@@ -27,6 +27,8 @@ SFT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "compl
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 # Keys whose values are paths, dataset dirs, hf:NAME or store URLs.
 PATH_KEYS = ("train", "eval", "prompts", "eval_prompts", "labels_db")
+# The path keys whose contents data_fingerprint hashes (labels_db: the rows its export policy keeps).
+FINGERPRINTED_KEYS = ("train", "eval", "prompts", "labels_db")
 # Each pair names two ways to say one thing; with both set the loaders would silently use the first.
 EXCLUSIVE_KEYS = (("labels_db", "train"), ("eval", "eval_fraction"))
 POLICY_KEYS = ("min_agreement", "ties", "both_bad")
@@ -151,7 +153,7 @@ def load_prompt_rows(data: dict, stage: str, key: str = "prompts") -> tuple[list
 
 def _fingerprint(data: dict, stage: str | None = None) -> str:
     parts = {}
-    for key in ("train", "eval", "prompts"):
+    for key in ("train", "eval", "prompts"):  # labels_db: data_fingerprint hashes its export
         if key in data and str(data[key]).startswith("hf:"):
             parts[key] = data[key]  # hub datasets are pinned by name (and the hub's own cache)
         elif key in data:

@@ -86,6 +86,14 @@ def split_reward_adapter(reward_dir: Path) -> tuple[Any, dict[str, torch.Tensor]
     return config, lora, score_w, score_b
 
 
+def _logged_step(line: str) -> float:
+    """The step of a ppo_log.jsonl line; a torn line (the process was killed mid-write) counts as after every step."""
+    try:
+        return json.loads(line).get("step", math.inf)
+    except json.JSONDecodeError:
+        return math.inf
+
+
 class PPOTrainer:
     """PPO on one base. `reward` is a reward stage/adapter directory or a callable (prompts, responses) -> scores."""
 
@@ -404,18 +412,16 @@ class PPOTrainer:
         cfg = self.config
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.stage_dir / "ppo_log.jsonl"
-        purge_step = None
         if resume_from is not None:
             self.load_checkpoint(Path(resume_from))
-            # Steps logged after the checkpoint are trained again: drop their old lines and events.
-            purge_step = self.step + 1
-            if log_path.exists():
-                kept = [line for line in log_path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= self.step]
-                tmp = log_path.with_name(log_path.name + ".tmp")
-                tmp.write_text("".join(line + "\n" for line in kept))
-                os.replace(tmp, log_path)
-        writer = SummaryWriter(log_dir=str(self.stage_dir / "logs"), purge_step=purge_step)
+        # Steps logged after the checkpoint (or by an earlier attempt, when starting over) are trained
+        # again: drop their old lines and TensorBoard events, so every step is logged once.
+        if log_path.exists():
+            kept = [line for line in log_path.read_text().splitlines() if _logged_step(line) <= self.step]
+            tmp = log_path.with_name(log_path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, log_path)
+        writer = SummaryWriter(log_dir=str(self.stage_dir / "logs"), purge_step=self.step + 1)
         jsonl = open(log_path, "a")
         bar = tqdm(total=cfg.steps, initial=self.step, desc="ppo", disable=os.environ.get("TQDM_DISABLE") == "1")
         try:
