@@ -42,7 +42,8 @@ def _check_messages(messages, source, row, key="messages", *, allow_empty=False)
         if not isinstance(m["role"], str) or m["role"] not in ROLES:
             raise UserError(f"{where(source, row)}: message {i} in {key!r} has unknown role {_shown(m['role'])}; one of {', '.join(sorted(ROLES))}")
         if not isinstance(m["content"], str):
-            raise UserError(f"{where(source, row)}: message {i} in {key!r} has content {_shown(m['content'])}; expected text")
+            raise UserError(f"{where(source, row)}: message {i} in {key!r} has content {_shown(m['content'])}; expected text "
+                            f"(content parts and tool calls are not supported)")
 
 
 def _check_text_or_messages(row: dict, key: str, source) -> None:
