@@ -192,7 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_dependency_noise() -> None:
+    import logging
     import warnings
+
+    # On CPUs with AVX512-BF16, importing bitsandbytes asks for a hub kernel package: not the user's to act on,
+    # and alignkit switches that inference kernel off for training anyway (modeling.keep_4bit_differentiable).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
     # TRL's configs still use transformers' old `gradient_checkpointing` names; the rename warning is not the user's to fix.
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)

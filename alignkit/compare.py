@@ -391,14 +391,15 @@ def send_to_store(out_dir: Path, db: str, models: dict[str, str], prompts: list[
     specs = [models[m] for m in models]
     if len(set(specs)) != len(specs):
         raise UserError("human judge: two --model arguments name the same spec; the store records responses by spec")
+    # model_identity: what the leaderboard counts the model by (names repeat across runs: `dpo`, `sft`).
+    identity = {m: stable_hash(info[m].get("identity") or {"spec": models[m]})[:16] for m in models}
     rows = []
     for i, prompt in enumerate(prompts):
         texts = [responses[m][i] for m in models]
         # Identical responses collapse into one in the store (no comparison): counted as ties at --collect.
         # model_name: the display name the Arena reveals after a vote (alignkit.store.arena.model_name).
-        # model_identity: what the leaderboard counts the model by (names repeat across runs: `dpo`, `sft`).
-        sampling = [{**params.to_dict(), "compare_out": str(out_dir), "model_name": m,
-                     "model_identity": stable_hash(info[m].get("identity") or {"spec": models[m]})[:16]} for m in models]
+        sampling = [{**params.to_dict(), "compare_out": str(out_dir), "model_name": m, "model_identity": identity[m]}
+                    for m in models]
         rows.append(ImportRow(prompt=prompt, source=f"alignkit compare {out_dir} prompt {i}", responses=texts,
                               models=specs, sampling=sampling))
     store = open_store(db, create=True)

@@ -90,25 +90,25 @@ def generate_batch(model, tokenizer, prompts: Sequence[Any], params: SamplingPar
     device = next(model.parameters()).device
     torch.manual_seed(params.seed)
     batches = [order[i : i + params.batch_size] for i in range(0, len(order), params.batch_size)]
-    for batch in tqdm(batches, desc="generating", disable=not progress):
-        width = max(len(encoded[i]) for i in batch)
-        # Left padding so every row's continuation starts at the same column.
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids = encoded[i]
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention[row, width - len(ids) :] = 1
-        sample = params.temperature > 0
-        kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=sample, pad_token_id=pad_id,
-                      eos_token_id=eos_id, num_return_sequences=n_ret)
-        if sample:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-        with torch.no_grad(), _only_these_settings(model):
+    sample = params.temperature > 0
+    kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=sample, pad_token_id=pad_id,
+                  eos_token_id=eos_id, num_return_sequences=n_ret)
+    if sample:
+        kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+    with torch.no_grad(), _only_these_settings(model):
+        for batch in tqdm(batches, desc="generating", disable=not progress):
+            width = max(len(encoded[i]) for i in batch)
+            # Left padding so every row's continuation starts at the same column.
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids = encoded[i]
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention[row, width - len(ids) :] = 1
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
-        gen = gen[:, width:].cpu().tolist()
-        for row, i in enumerate(batch):
-            out_ids[i] = gen[row * n_ret : (row + 1) * n_ret]
+            gen = gen[:, width:].cpu().tolist()
+            for row, i in enumerate(batch):
+                out_ids[i] = gen[row * n_ret : (row + 1) * n_ret]
 
     result = GenerationResult([], [], [], [])
     for i in range(len(prompts)):

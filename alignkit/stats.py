@@ -202,19 +202,24 @@ def _win_weights(ia: np.ndarray, ib: np.ndarray, w: np.ndarray, p: int, weights:
     return win
 
 
+def _components(edges: np.ndarray):
+    """(graph, (count, labels) of strongly connected components, (count, labels) of weakly connected ones)."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = csr_matrix(edges)
+    return (graph, connected_components(graph, directed=True, connection="strong"),
+            connected_components(graph, directed=True, connection="weak"))
+
+
 def _separated(win: np.ndarray) -> bool:
     """Whether some set of models never lost (beat-or-tie graph not strongly connected within a component).
 
     Among the models with a battle: a bootstrap round can miss one, and it gets no rating there.
     """
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import connected_components
-
     present = (win.sum(axis=0) + win.sum(axis=1)) > 0
-    graph = csr_matrix(win[np.ix_(present, present)] > 0)
-    strong, _ = connected_components(graph, directed=True, connection="strong")
-    weak, _ = connected_components(graph, directed=True, connection="weak")
-    return strong > weak
+    _, (n_strong, _), (n_weak, _) = _components(win[np.ix_(present, present)] > 0)
+    return n_strong > n_weak
 
 
 def _fit_win(win: np.ndarray) -> np.ndarray:
@@ -346,8 +351,7 @@ class Connectivity:
 
 def connectivity(battles: Iterable, *, weights: Sequence[float] | None = None) -> Connectivity:
     """The comparison graph's strongly connected groups (Ford/Zermelo: the MLE exists iff there is one)."""
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import connected_components, shortest_path
+    from scipy.sparse.csgraph import shortest_path
 
     battles = _battles(battles)
     models = _models(battles)
@@ -357,9 +361,7 @@ def connectivity(battles: Iterable, *, weights: Sequence[float] | None = None) -
     ia, ib, w = _counts(battles, index)
     _, _, bw = _units(len(battles), None, weights)
     edges = _win_weights(ia, ib, w, len(models), bw) > 0
-    graph = csr_matrix(edges)
-    n_strong, strong = connected_components(graph, directed=True, connection="strong")
-    n_weak, weak = connected_components(graph, directed=True, connection="weak")
+    graph, (n_strong, strong), (n_weak, weak) = _components(edges)
     # Between groups the graph is acyclic, and a group reaches strictly more models than any group it
     # beats, so sorting by how many models each reaches is a topological order (winners first).
     reach = np.isfinite(shortest_path(graph, unweighted=True)).sum(axis=1)

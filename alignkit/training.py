@@ -38,9 +38,15 @@ def alignkit_defaults(seed: int) -> dict:
 
 
 def liger_available() -> bool:
+    """TRL's own check (installed and recent enough), so we never turn on what TRL would refuse;
+    find_spec first, so a bad-input check without Liger does not import TRL (and bitsandbytes' noise)."""
     import importlib.util
 
-    return importlib.util.find_spec("liger_kernel") is not None
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False
+    from trl.import_utils import is_liger_kernel_available
+
+    return is_liger_kernel_available()
 
 
 def fused_kernel_defaults() -> dict:
@@ -220,37 +226,24 @@ def _render(tokenizer, value, *, prompt: bool = False) -> str:
 def truncation_report(tokenizer, rows: list[dict], max_length: int | None, fmt: str) -> dict:
     """How many rows exceed max_length (TRL truncates them silently), and the longest, in tokens.
 
-    Each sequence is counted as TRL builds it: a conversation through the chat template in one pass
-    (prompt and reply together), plain text with the tokenizer's special tokens and the EOS TRL appends;
-    for preference rows the longer of chosen and rejected.
+    Each sequence is counted as TRL builds it (alignkit.reward_model.reward_input_ids: a conversation
+    through the chat template in one pass, plain text with special tokens and EOS); for preference rows
+    the longer of chosen and rejected.
     """
+    from alignkit.reward_model import reward_input_ids
+
     if not rows or not max_length:
         return {}
-    owner, texts, plain = [], [], []  # one entry per sequence: its row, its text, whether it is plain text
-    for i, r in enumerate(rows):
-        if fmt in ("messages", "text"):
-            sequences = [(r.get("messages"), None)] if fmt == "messages" else [(r["text"], "")]
+    lengths = []
+    for r in rows:
+        if fmt == "messages":
+            sequences = [(r["messages"], [])]
+        elif fmt == "text":
+            sequences = [(r["text"], "")]
         else:
             replies = [r["completion"]] if fmt == "prompt_completion" else [r["chosen"], r["rejected"]]
             sequences = [(r["prompt"], reply) for reply in replies]
-        for prompt, reply in sequences:
-            owner.append(i)
-            if isinstance(prompt, list):
-                turns = [] if reply is None else (reply if isinstance(reply, list) else [{"role": "assistant", "content": reply}])
-                texts.append(_render(tokenizer, prompt + turns))
-                plain.append(False)
-            else:
-                texts.append(prompt + reply)
-                plain.append(True)
-    lengths = [0] * len(rows)
-    for is_plain in (False, True):
-        picked = [k for k, p in enumerate(plain) if p == is_plain]
-        if not picked:
-            continue
-        encoded = tokenizer([texts[k] for k in picked], add_special_tokens=is_plain)["input_ids"]
-        for k, ids in zip(picked, encoded):
-            n = len(ids) + (is_plain and (not ids or ids[-1] != tokenizer.eos_token_id))  # TRL appends EOS
-            lengths[owner[k]] = max(lengths[owner[k]], n)
+        lengths.append(max(len(reward_input_ids(tokenizer, prompt, reply)) for prompt, reply in sequences))
     over = sum(n > max_length for n in lengths)
     if over:
         import logging

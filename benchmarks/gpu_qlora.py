@@ -35,6 +35,7 @@ convention. LoRA skips the base weights' gradients, so the true FLOPs are lower:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -71,14 +72,14 @@ def benchmark_train(seq_len: int, gpu: bool) -> dict:
 
 
 def build_model(work: Path, shape: str) -> Path:
-    """Random-weight Llama of the given shape + the tiny tokenizer, saved once (bf16), with its matmul parameter count."""
+    """Random-weight Llama of the given shape + the tiny tokenizer, saved once (bf16)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from alignkit.tiny import build_tokenizer, tiny_corpus
 
     out = work / f"llama-{shape}"
-    if (out / "bench.json").exists():
+    if (out / "tokenizer_config.json").exists():  # saved last
         return out
     tok = build_tokenizer(tiny_corpus(), vocab_size=512)
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
@@ -86,11 +87,8 @@ def build_model(work: Path, shape: str) -> Path:
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    total = sum(p.numel() for p in model.parameters())
-    matmul = total if cfg.tie_word_embeddings else total - model.model.embed_tokens.weight.numel()
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    (out / "bench.json").write_text(json.dumps({"parameters": total, "matmul_parameters": matmul}))
     return out
 
 
@@ -215,7 +213,7 @@ def measure(side: str, kind: str, shape: str, work: Path, seq_len: int) -> dict:
     model_dir = work / f"llama-{shape}"
     recipe = work / f"recipe-{shape}.yaml"
     gpu = torch.cuda.is_available()
-    with (device_peak() if gpu else _no_sampler()) as peak:
+    with device_peak() if gpu else contextlib.nullcontext({}) as peak:
         if side == "ours":
             result = run_ours(kind, recipe, work)
         else:
@@ -230,14 +228,6 @@ def measure(side: str, kind: str, shape: str, work: Path, seq_len: int) -> dict:
         result["mfu"] = flops * result["tokens_per_second"] / (get_peak_flops(torch.cuda.get_device_name(0), "bfloat16")
                                                                 or math.nan)
     return result
-
-
-class _no_sampler:
-    def __enter__(self):
-        return {}
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main() -> None:

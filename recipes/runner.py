@@ -99,28 +99,28 @@ def hashed_train_settings(train: dict) -> dict:
     return {k: v for k, v in train.items() if k not in BOOKKEEPING_TRAIN_KEYS}
 
 
-def stage_hash(cfg: RecipeConfig, stage: StageConfig, parent_hashes: dict[str, str], *, legacy: bool = False) -> str:
+def stage_hashes(cfg: RecipeConfig, stage: StageConfig, parents: dict[str, str],
+                 legacy_parents: dict[str, str]) -> tuple[str, str]:
+    """(config hash, legacy config hash) of a stage, given its parents' of each; the data is fingerprinted once.
+
+    The legacy formula (before 2026-11-28) took data paths and every train key: a stage completed then is
+    still complete when it matches, rather than retrained by the upgrade.
+    """
     from alignkit.data.sources import FINGERPRINTED_KEYS, data_fingerprint
 
-    if legacy:
-        # Before 2026-11-28 the hash took data paths and every train key: a stage completed then is still
-        # complete when this formula matches, rather than retrained by the upgrade.
-        return artifacts.stable_hash({
-            "kind": stage.kind, "model": dataclasses.asdict(cfg.model), "peft": dataclasses.asdict(cfg.peft),
-            "seed": cfg.seed, "data": stage.data, "data_fingerprint": data_fingerprint(stage.data, stage.name),
-            "train": stage.train, "parents": {role: parent_hashes[ref] for role, ref in stage.references().items()},
-        })
-    return artifacts.stable_hash({
-        "kind": stage.kind,
-        "model": dataclasses.asdict(cfg.model),
-        "peft": dataclasses.asdict(cfg.peft),
-        "seed": cfg.seed,
+    common = {"kind": stage.kind, "model": dataclasses.asdict(cfg.model), "peft": dataclasses.asdict(cfg.peft),
+              "seed": cfg.seed, "data_fingerprint": data_fingerprint(stage.data, stage.name)}
+    refs = stage.references()
+    current = artifacts.stable_hash({
+        **common,
         # Paths whose contents the fingerprint holds are left out: a moved project is not retrained.
         "data": {k: v for k, v in stage.data.items() if k not in FINGERPRINTED_KEYS or str(v).startswith("hf:")},
-        "data_fingerprint": data_fingerprint(stage.data, stage.name),
         "train": hashed_train_settings(stage.train),
-        "parents": {role: parent_hashes[ref] for role, ref in stage.references().items()},
+        "parents": {role: parents[ref] for role, ref in refs.items()},
     })
+    legacy = artifacts.stable_hash({**common, "data": stage.data, "train": stage.train,
+                                    "parents": {role: legacy_parents[ref] for role, ref in refs.items()}})
+    return current, legacy
 
 
 def make_stage_run(cfg: RecipeConfig, stage: StageConfig, config_hash: str) -> StageRun:
@@ -194,8 +194,7 @@ def run_recipe(
     legacy_hashes: dict[str, str] = {}
     runs: dict[str, StageRun] = {}
     for stage in ordered:
-        hashes[stage.name] = stage_hash(cfg, stage, hashes)
-        legacy_hashes[stage.name] = stage_hash(cfg, stage, legacy_hashes, legacy=True)
+        hashes[stage.name], legacy_hashes[stage.name] = stage_hashes(cfg, stage, hashes, legacy_hashes)
         runs[stage.name] = make_stage_run(cfg, stage, hashes[stage.name])
     stale: dict[str, str] = {}  # stage -> why it must be trained
     for stage in ordered:
@@ -255,17 +254,17 @@ def run_recipe(
 def _staleness(cfg: RecipeConfig, stage: StageConfig, config_hashes: tuple[str, str], stale: dict[str, str]) -> str | None:
     """Why a stage must be trained, or None when its stage.json is complete and still describes it
     (under the current hash, or the legacy one a stage completed before the hash changed carries)."""
-    stage_dir = cfg.run_dir / stage.name
-    if not artifacts.is_complete(stage_dir):
+    record = artifacts.read_stage(cfg.run_dir / stage.name)
+    if not record or not record.get("complete"):
         return "it is not complete"
-    if not any(artifacts.is_complete(stage_dir, h) for h in config_hashes):
+    if record.get("config_hash") not in config_hashes:
         return "its config, data or a parent's config changed"
-    recorded = artifacts.read_stage(stage_dir).get("parents", {})
     for role, ref in stage.references().items():
         if ref in stale:
             return f"its {role} stage {ref} is trained again"
         # Same config, new weights (the parent was interrupted and retrained): the child started from other weights.
-        if recorded.get(role, {}).get("run_id") != (artifacts.read_stage(cfg.run_dir / ref) or {}).get("run_id"):
+        recorded = record.get("parents", {}).get(role, {}).get("run_id")
+        if recorded != (artifacts.read_stage(cfg.run_dir / ref) or {}).get("run_id"):
             return f"its {role} stage {ref} was retrained since"
     return None
 
@@ -278,7 +277,7 @@ def _summary(metrics: dict) -> str:
 def _launch_with_accelerate(cfg, stage, run: StageRun, overrides, accelerate_config, num_processes) -> dict:
     """Run one stage under `accelerate launch`; the runner (hashing, stage.json) stays in this process."""
     plan = {"config": str(cfg.path.resolve()), "overrides": overrides, "stage": stage.name,
-            "resume_from": str(run.resume_from) if run.resume_from else None}
+            "config_hash": run.config_hash, "resume_from": str(run.resume_from) if run.resume_from else None}
     plan_path = run.stage_dir / "plan.json"
     artifacts.write_json_atomic(plan_path, plan)
     result_path = run.stage_dir / "result.json"
@@ -299,11 +298,8 @@ def run_stage_from_plan(plan_path: str) -> int:
     """Entry point of one accelerate-launched process: train the stage; rank 0 writes result.json."""
     plan = json.loads(Path(plan_path).read_text())
     cfg = load_recipe(plan["config"], plan["overrides"], stage_kinds=RECIPES)
-    hashes: dict[str, str] = {}
-    for s in order_stages(cfg.stages):
-        hashes[s.name] = stage_hash(cfg, s, hashes)
     stage = cfg.stage(plan["stage"])
-    run = make_stage_run(cfg, stage, hashes[stage.name])
+    run = make_stage_run(cfg, stage, plan["config_hash"])  # hashed by the runner: every process re-hashing the data would be waste
     run.resume_from = Path(plan["resume_from"]) if plan["resume_from"] else None
     module = RECIPES[stage.kind]
     if hasattr(module, "load_data"):

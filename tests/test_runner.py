@@ -163,12 +163,12 @@ def test_mistakes_and_bookkeeping_leave_complete_stages_alone(tiny_recipe, tmp_p
     # Stages completed before the hash changed (data paths and every train key in it) are still complete.
     from alignkit.artifacts import write_json_atomic
     from alignkit.config import load_recipe, order_stages
-    from recipes.runner import RECIPES, stage_hash
+    from recipes.runner import RECIPES, stage_hashes
 
     cfg = load_recipe(path, stage_kinds=RECIPES)
-    legacy = {}
+    current, legacy = {}, {}
     for stage in order_stages(cfg.stages):
-        legacy[stage.name] = stage_hash(cfg, stage, legacy, legacy=True)
+        current[stage.name], legacy[stage.name] = stage_hashes(cfg, stage, current, legacy)
         record = read_stage(run / stage.name)
         assert record["config_hash"] != legacy[stage.name]
         write_json_atomic(run / stage.name / "stage.json", {**record, "config_hash": legacy[stage.name]})

@@ -44,8 +44,11 @@ def filter_rows(rows: list[dict], columns: tuple[str, ...]) -> tuple[list[dict],
 
 def split_rows(rows: list[dict], eval_fraction: float, seed: int, *, key: str = "data.eval_fraction") -> tuple[list[dict], list[dict]]:
     """(train, eval): `eval_fraction` of the rows held out, seeded. `key` names the setting in errors."""
-    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0 <= eval_fraction < 1:
-        raise UserError(f"{key}={eval_fraction!r} must be a number in [0, 1)")
+    from alignkit.data.sources import data_value_problem  # the one check of data: values
+
+    problem = data_value_problem("eval_fraction", eval_fraction)
+    if problem:
+        raise UserError(f"{key}={eval_fraction!r} {problem}")
     if eval_fraction == 0:
         return rows, []
     shuffled = rows[:]
