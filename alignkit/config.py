@@ -444,7 +444,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
     if peft.method == "ia3":
         # TRL 1.16 builds the reference adapter by copying parameters named `.default.`; IA3's are named
         # `ia3_l.default`, so the reference would silently be the base, not the parent policy.
-        child = next((s for s in stages if s.after and s.kind in ("dpo", "grpo", "rloo")), None)
+        child = next((s for s in stages if s.after and s.kind in ("dpo", "kto", "grpo", "rloo")), None)
         if child is not None:
             raise UserError(f"{where(f'stages.{child.name}.after')}: a {child.kind} stage cannot continue an ia3 adapter "
                             f"(TRL would take the base, not stage {child.after}, as its reference); use lora or dora")

@@ -217,6 +217,20 @@ def load_policy(stage, gradient_checkpointing: bool):
     return model, peft_config(stage.peft), info
 
 
+def reference_info(stage) -> dict:
+    """What a DPO / KTO stage's reference is (and the parent adapter it starts from), for stage.json."""
+    from alignkit.artifacts import file_fingerprint
+
+    parent = stage.parents.get("after")
+    if parent and (parent / "adapter_model.safetensors").exists():
+        return {"initialized_from_sha256": file_fingerprint(parent / "adapter_model.safetensors"),
+                "reference": f"{parent} (frozen copy of the parent adapter)"}
+    if parent:
+        return {"reference": f"{parent} " + ("(a second full copy, loaded by TRL)" if stage.peft.method == "full"
+                                             else "(the fully fine-tuned parent with this stage's adapter disabled)")}
+    return {"reference": "base model (adapter disabled)"}
+
+
 def _render(tokenizer, value, *, prompt: bool = False) -> str:
     if isinstance(value, str):
         return value

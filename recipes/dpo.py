@@ -18,11 +18,10 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from alignkit.artifacts import file_fingerprint
 from alignkit.data.sources import load_preference_split
 from alignkit.modeling import load_tokenizer, resolve_base
-from alignkit.training import (final_metrics, fused_kernel_defaults, load_policy, memory_preflight, save_policy,
-                               stage_callbacks, trl_args, truncation_report)
+from alignkit.training import (final_metrics, fused_kernel_defaults, load_policy, memory_preflight, reference_info,
+                               save_policy, stage_callbacks, trl_args, truncation_report)
 
 TRAIN_CONFIG = DPOConfig
 DATA_KEYS = {"train", "eval", "eval_fraction", "labels_db", "min_agreement", "ties", "both_bad"}
@@ -52,14 +51,7 @@ def run(stage) -> dict:
     # Model: one base; the parent's adapter becomes the trainable policy ("default") and TRL's frozen "ref".
     model, new_adapter, started = load_policy(stage, args.gradient_checkpointing)
     info.update(started)
-    if parent and (parent / "adapter_model.safetensors").exists():
-        info["initialized_from_sha256"] = file_fingerprint(parent / "adapter_model.safetensors")
-        info["reference"] = f"{parent} (frozen copy of the parent adapter)"
-    elif parent:
-        info["reference"] = f"{parent} " + ("(a second full copy, loaded by TRL)" if stage.peft.method == "full"
-                                            else "(the fully fine-tuned parent with this stage's adapter disabled)")
-    else:
-        info["reference"] = "base model (adapter disabled)"
+    info.update(reference_info(stage))
 
     trainer = DPOTrainer(
         model=model,

@@ -34,7 +34,7 @@ from alignkit.data.formats import prompt_of
 from alignkit.data.sources import load_prompt_rows
 from alignkit.errors import UserError
 
-POLICY_KINDS = ("sft", "dpo")
+POLICY_KINDS = ("sft", "dpo", "kto")
 
 
 @dataclass

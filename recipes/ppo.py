@@ -23,7 +23,7 @@ from alignkit.ppo.config import PPOConfig
 
 TRAIN_CONFIG = PPOConfig
 DATA_KEYS = {"prompts"}
-POLICY_KINDS = ("sft", "dpo")
+POLICY_KINDS = ("sft", "dpo", "kto")
 
 
 def load_data(stage):

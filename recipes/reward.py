@@ -152,38 +152,15 @@ def near_chance_warning(pm: dict, heldout: bool) -> str | None:
             f"more steps, or a stronger base")
 
 
-def normalise_pair(row: dict) -> dict:
-    """One format per row, as TRL needs it: prompt, chosen and rejected all text, or all message lists.
-
-    Hub datasets often mix them (UltraFeedback: `prompt` a string, `chosen`/`rejected` whole conversations that
-    repeat the prompt): the messages chosen and rejected share become the prompt, the rest the responses.
-    """
-    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-    if isinstance(chosen, list) and isinstance(rejected, list) and isinstance(prompt, str):
-        shared = 0
-        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
-            shared += 1
-        if shared:
-            prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
-        else:
-            prompt = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, list):
-        chosen = chosen if isinstance(chosen, list) else [{"role": "assistant", "content": chosen}]
-        rejected = rejected if isinstance(rejected, list) else [{"role": "assistant", "content": rejected}]
-    out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    if "margin" in row:
-        out["margin"] = row["margin"]
-    return out
-
-
 def train_config(stage) -> RewardConfig:
     return trl_args(RewardConfig, stage, DEFAULTS)
 
 
 def run(stage) -> dict:
-    train_rows, eval_rows, info = stage.prepared
-    train_rows = [normalise_pair(r) for r in train_rows]
-    eval_rows = [normalise_pair(r) for r in eval_rows]
+    train_rows, eval_rows, info = stage.prepared  # one shape per dataset (alignkit.data.formats.consistent_pairs)
+    columns = ("prompt", "chosen", "rejected") + (("margin",) if train_rows and "margin" in train_rows[0] else ())
+    train_rows = [{k: r[k] for k in columns} for r in train_rows]
+    eval_rows = [{k: r[k] for k in columns if k in r} for r in eval_rows]
 
     parent = stage.parents.get("after")
     tokenizer = load_tokenizer(str(parent) if parent else resolve_base(stage.model.base))

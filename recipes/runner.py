@@ -34,6 +34,7 @@ from alignkit.modeling import TINY_SPEC, ModelSettings, PeftSettings, resolve_ba
 STAGE_RECIPES = {
     "sft": "recipes.sft",
     "dpo": "recipes.dpo",
+    "kto": "recipes.kto",
     "reward": "recipes.reward",
     "ppo": "recipes.ppo",
     "rloo": "recipes.rloo",

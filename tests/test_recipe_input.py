@@ -363,3 +363,70 @@ def test_a_dpo_stage_cannot_continue_an_ia3_adapter():
     with pytest.raises(UserError, match="cannot continue an ia3 adapter"):
         load_recipe(recipe, ["peft.method=ia3"], stage_kinds=RECIPES)
     load_recipe(recipe, ["peft.method=dora"], stage_kinds=RECIPES)  # DoRA's magnitudes are copied: fine
+
+
+# --- preference rows in the shapes datasets come in -------------------------------------------------------------
+
+def test_hh_rlhf_rows_without_a_prompt_have_it_split_off(tmp_path):
+    """Anthropic HH-RLHF: chosen and rejected are each the whole transcript; TRL's extract_prompt takes the prefix
+    they share. Rows with nothing to split (no shared start, or one response inside the other) are dropped and
+    counted; a file of nothing else is one line."""
+    text = [{"chosen": "\n\nHuman: hi\n\nAssistant: Hello there", "rejected": "\n\nHuman: hi\n\nAssistant: Go away"},
+            {"chosen": "Sure", "rejected": "No"},  # no shared prompt
+            {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: b and more"}]
+    chat = [{"chosen": [USER, ASSISTANT], "rejected": [USER, {"role": "assistant", "content": "bye"}]}]
+    train, _, info = load_preference_split({"train": str(jsonl(tmp_path / "rows.jsonl", text))}, 0, "dpo")
+    assert train == [{"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " Hello there", "rejected": " Go away"}]
+    assert info["dropped_no_prompt"] == 2
+    train, _, _ = load_preference_split({"train": str(jsonl(tmp_path / "chat.jsonl", chat))}, 0, "dpo")
+    assert train == [{"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant", "content": "bye"}]}]
+    path = jsonl(tmp_path / "none.jsonl", [{"chosen": "yes", "rejected": "no"}])
+    with pytest.raises(UserError, match=rf"^{path}:1: missing column 'prompt' \(has: chosen, rejected\), and no row"):
+        load_preference_split({"train": str(path)}, 0, "dpo")
+
+
+def test_preference_rows_take_one_shape_trl_can_train_on(tmp_path):
+    """TRL concatenates prompt + response: a message-list prompt with text responses (what a label store holds for
+    chat prompts) crashed DPO mid-stage. UltraFeedback rows (text prompt, whole conversations as responses) keep the
+    shared messages as the prompt; text rows among chat rows become chat rows (a dataset column holds one type)."""
+    bye = {"role": "assistant", "content": "bye"}
+    rows = [{"prompt": [USER], "chosen": "hello", "rejected": "bye", "margin": 1.0},
+            {"prompt": "hi", "chosen": [USER, ASSISTANT], "rejected": [USER, bye], "margin": 2.0},
+            {"prompt": "plain", "chosen": "x", "rejected": "y", "margin": 3.0}]
+    train, _, info = load_preference_split({"train": str(jsonl(tmp_path / "rows.jsonl", rows))}, 0, "dpo")
+    assert train[0] == {"prompt": [USER], "chosen": [ASSISTANT], "rejected": [bye], "margin": 1.0}
+    assert train[1] == {"prompt": [USER], "chosen": [ASSISTANT], "rejected": [bye], "margin": 2.0}
+    assert train[2] == {"prompt": [{"role": "user", "content": "plain"}], "chosen": [{"role": "assistant", "content": "x"}],
+                        "rejected": [{"role": "assistant", "content": "y"}], "margin": 3.0}
+    assert info["rows_made_conversational"] == 1
+    plain = [{"prompt": "p ", "chosen": "a", "rejected": "b"}]
+    assert load_preference_split({"train": str(jsonl(tmp_path / "plain.jsonl", plain))}, 0, "dpo")[0] == plain
+
+
+def test_kto_rows_from_pairs_or_unpaired_and_eval_holds_out_whole_prompts(tmp_path):
+    from alignkit.data.sources import load_unpaired_split
+
+    pairs = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(10)]
+    train, evals, info = load_unpaired_split({"train": str(jsonl(tmp_path / "rows.jsonl", pairs)), "eval_fraction": 0.2}, 0, "kto")
+    assert len(train) == 16 and len(evals) == 4
+    assert info["desirable_rows"] == info["undesirable_rows"] == 8 and info["pairs_kept"] == 10
+    assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in evals})  # both rows of a pair on one side
+    assert {(r["completion"].split()[0], r["label"]) for r in train} == {("good", True), ("bad", False)}
+
+    unpaired = [{"prompt": [USER], "completion": "hello", "label": True}, {"prompt": "q", "completion": "a", "label": False}]
+    train, _, info = load_unpaired_split({"train": str(jsonl(tmp_path / "u.jsonl", unpaired))}, 0, "kto")
+    assert train[0]["completion"] == [ASSISTANT] and info["rows_made_conversational"] == 1
+    path = jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "completion": "a", "label": "yes"}])
+    with pytest.raises(UserError, match=rf"^{path}:1: column 'label' is \"yes\"; expected true"):
+        load_unpaired_split({"train": str(path)}, 0, "kto")
+
+
+def test_kto_settings_and_policies_are_checked_before_anything_runs(capsys, tmp_path):
+    kto = RECIPE.replace("kind: dpo", "kind: kto")
+    err = run_cli(capsys, write(tmp_path, kto), "stages.dpo.train.per_device_train_batch_size=1")
+    assert "per_device_train_batch_size must be at least 2" in err, err
+    # both_bad: undesirable makes unpaired rows: a dpo stage cannot take them.
+    with pytest.raises(UserError, match=r"stages\.dpo\.data\.both_bad=undesirable makes unpaired examples"):
+        load_preference_split({"labels_db": str(tmp_path / "labels.db"), "both_bad": "undesirable"}, 0, "dpo")
+    err = run_cli(capsys, write(tmp_path, kto), "stages.dpo.data.both_bad=sometimes")
+    assert "stages.dpo.data.both_bad='sometimes' must be one of drop, ignore, undesirable" in err, err

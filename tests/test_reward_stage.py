@@ -203,21 +203,6 @@ def test_grpo_refuses_a_policy_stage_as_reward(reward_run, tmp_path):
     assert not (run / "grpo" / "stage.json").exists()
 
 
-def test_mixed_format_pairs_are_normalised():
-    """UltraFeedback-style rows (string prompt, whole conversations as responses) become one conversational format."""
-    from recipes.reward import normalise_pair
-
-    user = {"role": "user", "content": "hi"}
-    row = normalise_pair({"prompt": "hi", "chosen": [user, {"role": "assistant", "content": "a"}],
-                          "rejected": [user, {"role": "assistant", "content": "b"}]})
-    assert row == {"prompt": [user], "chosen": [{"role": "assistant", "content": "a"}],
-                   "rejected": [{"role": "assistant", "content": "b"}]}
-    row = normalise_pair({"prompt": [user], "chosen": "a", "rejected": "b", "margin": 2.0})
-    assert row["chosen"] == [{"role": "assistant", "content": "a"}] and row["margin"] == 2.0
-    plain = {"prompt": "p ", "chosen": "a", "rejected": "b"}
-    assert normalise_pair(plain) == plain
-
-
 @pytest.mark.parametrize("name", ["tiny_rlhf", "llama-3.2-1b_rlhf", "llama-3.1-8b_rlhf"])
 def test_rlhf_recipes_validate_every_stage(name):
     """Keys are checked by the config loader; values too: RewardConfig / PPOConfig accept each stage's settings."""

@@ -19,7 +19,7 @@ from alignkit.errors import UserError
 from alignkit.store import db as store_db
 from alignkit.store import next_item, open_store, progress, skip, submit_vote, undo_last_vote
 from alignkit.store.agreement import agreement_report, cohen_pairs, fleiss, load_votes
-from alignkit.store.export import aggregate, export_dataset, preference_rows
+from alignkit.store.export import aggregate, export_dataset, preference_rows, unpaired_rows
 from alignkit.store.importer import import_file, parse_import_file
 from alignkit.store.models import Assignment, Comparison, Prompt, Vote
 
@@ -519,6 +519,30 @@ def test_export_writes_dataset_and_jsonl(store_url, tmp_path):
         export_dataset(store, tmp_path / "other")
     report = agreement_report(store)
     assert report["n_votes"] == 12 and set(report["annotators"]) == {"u0", "u1", "u2"}
+    store.close()
+
+
+def test_unpaired_rows_for_kto_keep_both_bad_votes_as_undesirable(store_url, tmp_path):
+    """Two rows per kept comparison (the chosen response desirable, the rejected not); with both_bad="undesirable"
+    a both-bad plurality gives both responses as undesirable, which no paired export can hold."""
+    store = open_store(store_url, overlap=2)
+    import_file(store, write_jsonl(tmp_path / "in.jsonl", [
+        {"prompt": "p0", "responses": ["good", "worse"]},
+        {"prompt": "p1", "responses": ["meh", "awful"]},
+        {"prompt": "p2", "responses": ["u", "v"]}]))
+    plan = {1: ["a", "a"], 2: ["both_bad", "both_bad"], 3: ["tie", "tie"]}
+    for cid, labels in plan.items():
+        for i, label in enumerate(labels):
+            item = next_item(store, f"u{i}")
+            assert item.comparison_id == cid
+            submit_vote(store, f"u{i}", cid, {"a": "b", "b": "a"}.get(label, label) if item.swapped else label)
+    rows = unpaired_rows(store, both_bad="undesirable")
+    assert [(r["prompt"], r["completion"], r["label"]) for r in rows] == [
+        ("p0", "good", True), ("p0", "worse", False), ("p1", "meh", False), ("p1", "awful", False)]
+    assert [(r["completion"], r["label"]) for r in unpaired_rows(store)] == [("good", True), ("worse", False)]
+    assert len(unpaired_rows(store, both_bad="undesirable", min_agreement=0.5)) == 4  # unanimous, two votes each
+    with pytest.raises(UserError, match="'undesirable' makes unpaired rows"):
+        preference_rows(store, both_bad="undesirable")
     store.close()
 
 

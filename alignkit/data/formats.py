@@ -1,7 +1,9 @@
 """Row formats the stages accept, checked row by row with the file and line of the first bad one.
 
 SFT:        {"messages": [{"role", "content"}, ...]}  |  {"prompt", "completion"}  |  {"text"}
-preference: {"prompt", "chosen", "rejected"[, "margin"]}  (strings, or TRL conversational message lists)
+preference: {"prompt", "chosen", "rejected"[, "margin"]}  (strings, or TRL conversational message lists);
+            without "prompt" (HH-RLHF), chosen and rejected are whole conversations sharing it
+unpaired:   {"prompt", "completion", "label": bool}  (KTO; preference pairs become two such rows)
 prompts:    {"prompt": str}  |  {"messages": [...]}  (the conversation so far)
 """
 
@@ -89,7 +91,8 @@ def check_preference_rows(rows: list[dict], source) -> None:
     # The loader keeps a margin column when the first row has one; a row without it would reach the trainer as None.
     has_margin = "margin" in rows[0]
     for row in rows:
-        for key in ("prompt", "chosen", "rejected"):
+        # Without a prompt column, chosen and rejected carry it (consistent_pairs splits it off).
+        for key in ("prompt", "chosen", "rejected") if "prompt" in row or "chosen" not in row else ("chosen", "rejected"):
             if key not in row:
                 has = ", ".join(k for k in row if k != "_line")
                 raise UserError(f"{where(source, row)}: missing column {key!r} (has: {has})")
@@ -99,6 +102,106 @@ def check_preference_rows(rows: list[dict], source) -> None:
         if has_margin and (isinstance(row["margin"], bool) or not isinstance(row["margin"], (int, float))
                            or not math.isfinite(row["margin"])):
             raise UserError(f"{where(source, row)}: column 'margin' is {_shown(row['margin'])}; expected a finite number")
+
+
+def _is_chat(value) -> bool:
+    return isinstance(value, list)
+
+
+def _replies_as_chat(row: dict, replies: tuple[str, ...]) -> None:
+    """Text responses to a message-list prompt become assistant messages (TRL concatenates prompt + response)."""
+    for key in replies:
+        if not _is_chat(row[key]):
+            row[key] = [{"role": "assistant", "content": row[key]}]
+
+
+def _one_type(rows: list[dict], replies: tuple[str, ...]) -> int:
+    """Text rows among conversational ones made conversational, as a user turn and assistant turns (a dataset
+    column holds one type); returns how many were changed."""
+    if all(_is_chat(r["prompt"]) for r in rows) or not any(_is_chat(r["prompt"]) for r in rows):
+        return 0
+    changed = 0
+    for row in rows:
+        if not _is_chat(row["prompt"]):
+            row["prompt"] = [{"role": "user", "content": row["prompt"]}]
+            _replies_as_chat(row, replies)
+            changed += 1
+    return changed
+
+
+def _shares_a_prompt(chosen, rejected) -> bool:
+    """Whether a prefix of both separates a prompt from two different responses (what extract_prompt assumes:
+    TRL's version returns a wrong split when they differ at the first element or one contains the other)."""
+    if not chosen or not rejected or type(chosen) is not type(rejected) or chosen[0] != rejected[0]:
+        return False
+    n = min(len(chosen), len(rejected))
+    return chosen[:n] != rejected[:n]
+
+
+def consistent_pairs(rows: list[dict], source) -> tuple[list[dict], dict]:
+    """Checked preference rows in the one shape TRL trains on — prompt, chosen and rejected all text, or all
+    message lists — and counts for stage.json. TRL's DPO and reward trainers fail mid-stage on anything else.
+
+    - no prompt column (Anthropic HH-RLHF: chosen and rejected each hold the whole conversation): TRL's
+      extract_prompt splits off the prefix they share; rows with no such prefix are dropped and counted;
+    - a text prompt with message-list responses that repeat it (UltraFeedback): the messages both responses
+      share become the prompt;
+    - a message-list prompt with text responses (a label store's chat prompts): the responses become
+      assistant messages;
+    - text rows among conversational ones become conversational (prompt a user turn, responses assistant
+      turns): a dataset column holds one type.
+    """
+    from trl.data_utils import extract_prompt
+
+    check_preference_rows(rows, source)
+    out, no_prompt = [], 0
+    for row in rows:
+        row = dict(row)
+        if "prompt" not in row or (isinstance(row["prompt"], str) and _is_chat(row["chosen"]) and _is_chat(row["rejected"])):
+            if _shares_a_prompt(row["chosen"], row["rejected"]):
+                row.update(extract_prompt(row))
+            elif "prompt" not in row:
+                no_prompt += 1
+                continue
+            else:
+                row["prompt"] = [{"role": "user", "content": row["prompt"]}]
+        if _is_chat(row["prompt"]):
+            _replies_as_chat(row, ("chosen", "rejected"))
+        out.append(row)
+    if rows and not out:
+        has = ", ".join(k for k in rows[0] if k != "_line")
+        raise UserError(f"{where(source, rows[0])}: missing column 'prompt' (has: {has}), and no row's chosen and "
+                        f"rejected share a prompt to split off")
+    made_chat = _one_type(out, ("chosen", "rejected"))
+    counts = {k: v for k, v in (("dropped_no_prompt", no_prompt), ("rows_made_conversational", made_chat)) if v}
+    return out, counts
+
+
+def consistent_unpaired(rows: list[dict], source) -> tuple[list[dict], dict]:
+    """Checked KTO rows (prompt, completion, label) in one shape, as consistent_pairs does for pairs: a
+    message-list prompt makes a text completion an assistant message; text rows among conversational ones
+    become conversational."""
+    if not rows:
+        raise UserError(f"{source}: the dataset is empty")
+    _check_rows_are_objects(rows, source)
+    out = []
+    for row in rows:
+        for key in ("prompt", "completion", "label"):
+            if key not in row:
+                has = ", ".join(k for k in row if k != "_line")
+                raise UserError(f"{where(source, row)}: missing column {key!r} (has: {has}); KTO rows are prompt / "
+                                f"completion / label, or prompt / chosen / rejected pairs")
+        _check_text_or_messages(row, "prompt", source)
+        _check_text_or_messages(row, "completion", source)
+        if not isinstance(row["label"], bool):
+            raise UserError(f"{where(source, row)}: column 'label' is {_shown(row['label'])}; expected true (desirable) "
+                            f"or false (undesirable)")
+        row = dict(row)
+        if _is_chat(row["prompt"]):
+            _replies_as_chat(row, ("completion",))
+        out.append(row)
+    made_chat = _one_type(out, ("completion",))
+    return out, ({"rows_made_conversational": made_chat} if made_chat else {})
 
 
 def check_prompt_rows(rows: list[dict], source) -> None:

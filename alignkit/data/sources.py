@@ -5,7 +5,8 @@ Keys (a stage kind accepts a subset, its recipe's DATA_KEYS):
   eval           JSONL file or dataset dir; otherwise eval_fraction of train is held out
   eval_fraction  share of train held out for evaluation (seeded)
   labels_db      a label store (SQLite path or PostgreSQL URL): preference rows exported from votes
-  min_agreement, ties, both_bad   the store's export policy (see alignkit.store.export)
+  min_agreement, ties, both_bad   the store's export policy (see alignkit.store.export); both_bad:
+                 undesirable (KTO only) keeps both-bad comparisons as two undesirable examples
   prompts        prompt dataset (PPO / RLOO / GRPO)
 
 Errors name the stage's key (`stages.<name>.data.<key>`); alignkit.config checks the same values at load
@@ -19,12 +20,13 @@ from pathlib import Path
 
 from alignkit.artifacts import file_fingerprint, stable_hash
 from alignkit.data.clean import filter_rows, split_rows
-from alignkit.data.formats import check_preference_rows, check_prompt_rows, sft_format
+from alignkit.data.formats import check_prompt_rows, consistent_pairs, consistent_unpaired, sft_format
 from alignkit.data.io import load_rows
 from alignkit.errors import UserError
 
 SFT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+UNPAIRED_COLUMNS = ("prompt", "completion", "label")
 # Keys whose values are paths, dataset dirs, hf:NAME or store URLs.
 PATH_KEYS = ("train", "eval", "prompts", "eval_prompts", "labels_db")
 # The path keys whose contents data_fingerprint hashes (labels_db: the rows its export policy keeps).
@@ -51,11 +53,12 @@ def data_value_problem(key: str, value) -> str | None:
             return "must be a number in [0, 1]"
     elif key in ("ties", "both_bad"):
         try:
-            from alignkit.store.export import POLICIES
+            from alignkit.store.export import BOTH_BAD_POLICIES, POLICIES
         except ImportError:  # no store installed: labels_db itself will say so
             return None
-        if not isinstance(value, str) or value not in POLICIES:
-            return f"must be one of {', '.join(POLICIES)}"
+        allowed = BOTH_BAD_POLICIES if key == "both_bad" else POLICIES
+        if not isinstance(value, str) or value not in allowed:
+            return f"must be one of {', '.join(allowed)}"
     return None
 
 
@@ -81,11 +84,11 @@ def _require(data: dict, key: str, stage: str, alternative: str = "") -> str:
     return data[key]
 
 
-def _eval_rows(data: dict, train: list[dict], seed: int, stage: str, check) -> tuple[list[dict], list[dict]]:
+def _eval_rows(data: dict, train: list[dict], seed: int, stage: str, prepare) -> tuple[list[dict], list[dict]]:
+    """(train, eval): the `eval` rows through `prepare(rows, source) -> rows`, or eval_fraction of train."""
     if "eval" in data:
         rows = load_rows(data["eval"], what=f"stages.{stage}.data.eval")
-        check(rows, data["eval"])
-        return train, rows
+        return train, prepare(rows, data["eval"])
     return split_rows(train, data.get("eval_fraction", 0.0), seed, key=f"stages.{stage}.data.eval_fraction")
 
 
@@ -105,6 +108,7 @@ def load_sft_split(data: dict, seed: int, stage: str) -> tuple[list[dict], list[
         if eval_fmt != fmt:
             raise UserError(f"{eval_source}: stages.{stage}.data.eval rows are in the {eval_fmt!r} format but "
                             f"data.train rows are {fmt!r}; use one format for both")
+        return eval_rows
 
     train, evals = _eval_rows(data, rows, seed, stage, same_format)
     evals = [{k: v for k, v in r.items() if k != "_line"} for r in evals]
@@ -113,32 +117,94 @@ def load_sft_split(data: dict, seed: int, stage: str) -> tuple[list[dict], list[
     return train, evals, fmt, info
 
 
-def load_preference_split(data: dict, seed: int, stage: str) -> tuple[list[dict], list[dict], dict]:
-    """(train, eval, info) for DPO / reward stages, from a file, dataset dir or label store."""
-    check_data(data, stage)
+def _store_rows(data: dict, stage: str | None, *, unpaired: bool) -> list[dict]:
+    """Rows exported from the label store named by data.labels_db, under the stage's policy keys."""
+    try:
+        from alignkit.store.export import preference_rows, unpaired_rows
+    except ImportError:
+        raise UserError(f"{_name(stage, 'labels_db')} needs the label store (alignkit.store)") from None
+    policy = {k: data[k] for k in POLICY_KEYS if k in data}
+    if not unpaired and policy.get("both_bad") == "undesirable":
+        raise UserError(f"{_name(stage, 'both_bad')}=undesirable makes unpaired examples, which only a kto stage "
+                        f"trains on; use drop or ignore")
+    return (unpaired_rows if unpaired else preference_rows)(data["labels_db"], **policy)
+
+
+def _preference_source(data: dict, stage: str, *, unpaired: bool) -> tuple[list[dict], str, str]:
+    """(rows, source, fingerprint) from data.train or the label store."""
     if "labels_db" in data:
-        try:
-            from alignkit.store.export import preference_rows
-        except ImportError:
-            raise UserError(f"stages.{stage}.data.labels_db needs the label store (alignkit.store)") from None
-        policy = {k: data[k] for k in POLICY_KEYS if k in data}
-        rows = preference_rows(data["labels_db"], **policy)
-        source = data["labels_db"]
+        rows = _store_rows(data, stage, unpaired=unpaired)
         if not rows:
-            raise UserError(f"stages.{stage}.data.labels_db: the label store {source} has no preference pairs to export yet")
-        fingerprint = stable_hash([{k: r.get(k) for k in PREFERENCE_COLUMNS} for r in rows])
-    else:
-        source = _require(data, "train", stage, " (or labels_db)")
-        rows = load_rows(source, what=f"stages.{stage}.data.train")
-        fingerprint = _fingerprint(data, stage)
-    check_preference_rows(rows, source)
-    columns = PREFERENCE_COLUMNS + (("margin",) if "margin" in rows[0] else ())
+            raise UserError(f"stages.{stage}.data.labels_db: the label store {data['labels_db']} has no "
+                            f"{'labeled responses' if unpaired else 'preference pairs'} to export yet")
+        columns = UNPAIRED_COLUMNS if unpaired else PREFERENCE_COLUMNS
+        return rows, data["labels_db"], stable_hash([{k: r.get(k) for k in columns} for r in rows])
+    source = _require(data, "train", stage, " (or labels_db)")
+    return load_rows(source, what=f"stages.{stage}.data.train"), source, _fingerprint(data, stage)
+
+
+def _pairs(rows: list[dict], source) -> tuple[list[dict], dict]:
+    """Checked, consistently shaped pairs without empty or duplicate ones, and the counts."""
+    rows, shaped = consistent_pairs(rows, source)
+    columns = PREFERENCE_COLUMNS + (("margin",) if rows and "margin" in rows[0] else ())
     rows, counts = filter_rows(rows, columns)
     if not rows:
         raise UserError(f"{source}: no usable pairs left after dropping empty and duplicate ones")
-    train, evals = _eval_rows(data, rows, seed, stage, check_preference_rows)
-    evals = [{k: v for k, v in r.items() if k != "_line"} for r in evals]
+    return rows, {**counts, **shaped}
+
+
+def load_preference_split(data: dict, seed: int, stage: str) -> tuple[list[dict], list[dict], dict]:
+    """(train, eval, info) for DPO / reward stages, from a file, dataset dir or label store."""
+    check_data(data, stage)
+    rows, source, fingerprint = _preference_source(data, stage, unpaired=False)
+    rows, counts = _pairs(rows, source)
+    train, evals = _eval_rows(data, rows, seed, stage, lambda r, s: _pairs(r, s)[0])
     info = {"train": str(source), "fingerprint": fingerprint, **counts, "train_rows": len(train), "eval_rows": len(evals)}
+    return train, evals, info
+
+
+def _unpaired(rows: list[dict], source) -> tuple[list[dict], dict]:
+    """KTO rows from unpaired rows or from pairs (each a desirable and an undesirable row, by TRL's
+    unpair_preference_dataset), checked, shaped and without empty or duplicate ones, and the counts."""
+    counts = {}
+    if rows and isinstance(rows[0], dict) and "chosen" in rows[0]:
+        from datasets import Dataset
+        from trl.data_utils import unpair_preference_dataset
+
+        pairs, counts = _pairs(rows, source)
+        rows = unpair_preference_dataset(Dataset.from_list([{k: r[k] for k in PREFERENCE_COLUMNS} for r in pairs])).to_list()
+        counts = {"pairs_kept": counts["rows_kept"], **{k: v for k, v in counts.items() if k != "rows_kept"}}
+    rows, shaped = consistent_unpaired(rows, source)
+    rows, filtered = filter_rows(rows, UNPAIRED_COLUMNS)
+    if not rows:
+        raise UserError(f"{source}: no usable rows left after dropping empty and duplicate ones")
+    if counts:  # the pairs' counts describe what was read
+        filtered = {"rows_kept": filtered["rows_kept"], "dropped_duplicate_unpaired": filtered["dropped_duplicate"]}
+    return rows, {**counts, **filtered, **shaped}
+
+
+def _split_by_prompt(rows: list[dict], fraction: float, seed: int, key: str) -> tuple[list[dict], list[dict]]:
+    """split_rows over prompts: the responses to one prompt stay on one side (no eval prompt seen in training)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(stable_hash(r["prompt"]), []).append(r)
+    train, evals = split_rows(list(groups.values()), fraction, seed, key=key)
+    return [r for g in train for r in g], [r for g in evals for r in g]
+
+
+def load_unpaired_split(data: dict, seed: int, stage: str) -> tuple[list[dict], list[dict], dict]:
+    """(train, eval, info) for a KTO stage: prompt / completion / label rows from unpaired rows, preference
+    pairs, or a label store (with both_bad: undesirable, both-bad comparisons count as two undesirable rows)."""
+    check_data(data, stage)
+    rows, source, fingerprint = _preference_source(data, stage, unpaired=True)
+    rows, counts = _unpaired(rows, source)
+    if "eval" in data:
+        train, evals = _eval_rows(data, rows, seed, stage, lambda r, s: _unpaired(r, s)[0])
+    else:
+        train, evals = _split_by_prompt(rows, data.get("eval_fraction", 0.0), seed, f"stages.{stage}.data.eval_fraction")
+    desirable = sum(r["label"] for r in train)
+    info = {"train": str(source), "fingerprint": fingerprint, **counts, "train_rows": len(train),
+            "eval_rows": len(evals), "desirable_rows": desirable, "undesirable_rows": len(train) - desirable}
     return train, evals, info
 
 
@@ -173,12 +239,8 @@ def data_fingerprint(data: dict, stage: str | None = None) -> str:
     check_data(data, stage)
     if "labels_db" in data:
         # Store contents change as people vote; the export is hashed when the stage runs.
-        try:
-            from alignkit.store.export import preference_rows
-
-            policy = {k: data[k] for k in POLICY_KEYS if k in data}
-            rows = preference_rows(data["labels_db"], **policy)
-            return stable_hash([{k: r.get(k) for k in PREFERENCE_COLUMNS} for r in rows])
-        except ImportError:
-            return "labels_db"
+        # Only a kto stage may say both_bad: undesirable (the other loaders refuse it).
+        unpaired = data.get("both_bad") == "undesirable"
+        columns = UNPAIRED_COLUMNS if unpaired else PREFERENCE_COLUMNS
+        return stable_hash([{k: r.get(k) for k in columns} for r in _store_rows(data, stage, unpaired=unpaired)])
     return _fingerprint(data, stage)

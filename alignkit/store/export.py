@@ -5,6 +5,8 @@ Per comparison, the votes are aggregated by plurality:
     ties="ignore": tie votes are left out before the plurality is taken;
   - both_bad="drop" (default): a comparison whose plurality label is `both_bad` is
     dropped; both_bad="ignore": both-bad votes are left out first;
+    both_bad="undesirable" (unpaired rows only, for KTO): such a comparison gives both
+    responses as undesirable examples;
   - no single plurality label (e.g. one vote a, one vote b): dropped;
   - agreement = votes for the winner / votes considered; rows under
     `min_agreement` are dropped, and so are comparisons with fewer than
@@ -13,7 +15,9 @@ Per comparison, the votes are aggregated by plurality:
     single vote considered (agreement 1.0 by itself) is dropped as `single_vote`.
 A kept row has prompt (str, or a messages list, as imported), chosen, rejected,
 n_annotators (all votes on the comparison), agreement, comparison_id and the
-vote counts.
+vote counts. Unpaired rows (unpaired_rows, for KTO) are two per kept comparison:
+prompt, completion, label (true for the chosen response, false for the rejected
+one or for both of a both-bad comparison), and the same bookkeeping.
 
 Arena battles (`alignkit compare --judge human:DB`) are left out: their prompts are
 evaluation prompts, and training on their votes would contaminate every later
@@ -35,18 +39,22 @@ from typing import Any, Iterator
 
 from sqlalchemy import select
 
+from alignkit.data.formats import consistent_pairs
 from alignkit.errors import UserError
 from alignkit.store.db import Store, open_store
 from alignkit.store.models import CHOICES, Comparison, Vote
 
 POLICIES = ("drop", "ignore")
+BOTH_BAD_POLICIES = POLICIES + ("undesirable",)  # undesirable: unpaired rows only
 
 
-def _check_policy(min_agreement: float, ties: str, both_bad: str, min_votes: int) -> None:
+def _check_policy(min_agreement: float, ties: str, both_bad: str, min_votes: int, unpaired: bool = False) -> None:
     if ties not in POLICIES:
         raise UserError(f"ties policy {ties!r}: expected one of {', '.join(POLICIES)}")
-    if both_bad not in POLICIES:
-        raise UserError(f"both_bad policy {both_bad!r}: expected one of {', '.join(POLICIES)}")
+    allowed = BOTH_BAD_POLICIES if unpaired else POLICIES
+    if both_bad not in allowed:
+        hint = " ('undesirable' makes unpaired rows, for a kto stage)" if both_bad == "undesirable" else ""
+        raise UserError(f"both_bad policy {both_bad!r}: expected one of {', '.join(allowed)}{hint}")
     if isinstance(min_agreement, bool) or not isinstance(min_agreement, (int, float)) \
             or not 0.0 <= min_agreement <= 1.0:
         raise UserError(f"min agreement must be a number between 0 and 1, got {min_agreement!r}")
@@ -56,7 +64,8 @@ def _check_policy(min_agreement: float, ties: str, both_bad: str, min_votes: int
 
 def aggregate(labels: list[str], *, ties: str = "drop", both_bad: str = "drop",
               min_agreement: float = 0.0, min_votes: int = 1) -> tuple[str | None, float, str]:
-    """(winner a|b or None, agreement, reason) for one comparison's canonical labels."""
+    """(winner a|b — or both_bad, under both_bad="undesirable" — or None, agreement, reason) for one
+    comparison's canonical labels."""
     counts = Counter(labels)
     if len(labels) < min_votes:
         return None, 0.0, "too_few_votes"
@@ -72,7 +81,7 @@ def aggregate(labels: list[str], *, ties: str = "drop", both_bad: str = "drop",
     agreement = top / considered
     if len(winners) > 1:
         return None, agreement, "no_majority"
-    if winners[0] in ("tie", "both_bad"):
+    if winners[0] == "tie" or (winners[0] == "both_bad" and both_bad != "undesirable"):
         return None, agreement, winners[0]
     if min_agreement > 0 and considered < 2:  # one vote agrees with itself: no evidence of agreement
         return None, agreement, "single_vote"
@@ -82,9 +91,10 @@ def aggregate(labels: list[str], *, ties: str = "drop", both_bad: str = "drop",
 
 
 def aggregate_store(store: Store, *, min_agreement: float = 0.0, ties: str = "drop", both_bad: str = "drop",
-                    min_votes: int = 1) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """(rows, counts of kept / dropped-by-reason) for every non-arena comparison with at least one vote."""
-    _check_policy(min_agreement, ties, both_bad, min_votes)
+                    min_votes: int = 1, unpaired: bool = False) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """(rows, counts of kept / dropped-by-reason) for every non-arena comparison with at least one vote:
+    preference rows, or with `unpaired` two prompt / completion / label rows per comparison."""
+    _check_policy(min_agreement, ties, both_bad, min_votes, unpaired)
     with store.read() as s:
         labels: dict[int, list[str]] = defaultdict(list)
         for cid, choice in s.execute(select(Vote.comparison_id, Vote.choice)
@@ -100,20 +110,28 @@ def aggregate_store(store: Store, *, min_agreement: float = 0.0, ties: str = "dr
             if winner is None:
                 continue
             c = comps[cid]
-            chosen, rejected = (c.response_a, c.response_b) if winner == "a" else (c.response_b, c.response_a)
+            chosen, rejected = (c.response_a, c.response_b) if winner != "b" else (c.response_b, c.response_a)
             counts = Counter(labels[cid])
-            rows.append({
-                "prompt": json.loads(c.prompt.content_json),
-                "chosen": chosen.text,
-                "rejected": rejected.text,
-                "n_annotators": len(labels[cid]),
-                "agreement": agreement,
-                "comparison_id": cid,
-                "chosen_model": chosen.model_spec,
-                "rejected_model": rejected.model_spec,
-                "votes": {k: counts.get(k, 0) for k in CHOICES},
-            })
+            prompt = json.loads(c.prompt.content_json)
+            about = {"n_annotators": len(labels[cid]), "agreement": agreement, "comparison_id": cid,
+                     "votes": {k: counts.get(k, 0) for k in CHOICES}}
+            if unpaired:
+                rows += [{"prompt": prompt, "completion": response.text, "label": label, "model": response.model_spec,
+                          **about} for response, label in ((chosen, winner != "both_bad"), (rejected, False))]
+            else:
+                rows.append({"prompt": prompt, "chosen": chosen.text, "rejected": rejected.text,
+                             "chosen_model": chosen.model_spec, "rejected_model": rejected.model_spec, **about})
     return rows, dict(reasons)
+
+
+def _aggregate(db: str | Store, **policy) -> list[dict[str, Any]]:
+    if isinstance(db, Store):
+        return aggregate_store(db, **policy)[0]
+    store = open_store(db, create=False)
+    try:
+        return aggregate_store(store, **policy)[0]
+    finally:
+        store.close()
 
 
 def preference_rows(db: str | Store, *, min_agreement: float = 0.0, ties: str = "drop", both_bad: str = "drop",
@@ -122,26 +140,15 @@ def preference_rows(db: str | Store, *, min_agreement: float = 0.0, ties: str = 
 
     `db` is a label store path or URL (or an open Store). See the module doc for the policy.
     """
-    if isinstance(db, Store):
-        return aggregate_store(db, min_agreement=min_agreement, ties=ties, both_bad=both_bad, min_votes=min_votes)[0]
-    store = open_store(db, create=False)
-    try:
-        return aggregate_store(store, min_agreement=min_agreement, ties=ties, both_bad=both_bad,
-                               min_votes=min_votes)[0]
-    finally:
-        store.close()
+    return _aggregate(db, min_agreement=min_agreement, ties=ties, both_bad=both_bad, min_votes=min_votes)
 
 
-def _dataset_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows for an Arrow table: one prompt type per column, so plain prompts become a user message when mixed."""
-    kinds = {isinstance(r["prompt"], str) for r in rows}
-    out = []
-    for r in rows:
-        r = dict(r)
-        if len(kinds) > 1 and isinstance(r["prompt"], str):
-            r["prompt"] = [{"role": "user", "content": r["prompt"]}]
-        out.append(r)
-    return out
+def unpaired_rows(db: str | Store, *, min_agreement: float = 0.0, ties: str = "drop", both_bad: str = "drop",
+                  min_votes: int = 1) -> list[dict[str, Any]]:
+    """Unpaired rows for a KTO stage: prompt, completion, label (desirable or not), two per kept comparison;
+    both_bad="undesirable" keeps both-bad comparisons as two undesirable rows. See the module doc."""
+    return _aggregate(db, min_agreement=min_agreement, ties=ties, both_bad=both_bad, min_votes=min_votes,
+                      unpaired=True)
 
 
 def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 0.0, ties: str = "drop",
@@ -165,7 +172,9 @@ def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 
     # export leaves DIR as it was and leaves no temp dir behind.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        ds = datasets.Dataset.from_list(_dataset_rows(rows))
+        # The dataset in the one shape TRL trains on (prompt and responses all text, or all messages);
+        # preferences.jsonl keeps each row as imported.
+        ds = datasets.Dataset.from_list(consistent_pairs(rows, store.name)[0])
         ds.save_to_disk(str(tmp))
         with open(tmp / "preferences.jsonl", "w", encoding="utf-8") as f:
             for r in rows:

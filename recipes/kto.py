@@ -1,0 +1,81 @@
+"""KTO stage: Kahneman-Tversky optimisation of the parent's adapter with TRL's KTOTrainer.
+
+Reads top to bottom: data -> tokenizer -> model (+ parent adapter) -> trainer -> stage directory.
+KTO learns from responses labeled desirable or undesirable on their own, so it
+takes what DPO cannot: a label store's both-bad votes (`both_bad: undesirable`:
+both responses count as undesirable), thumbs-up / thumbs-down data, and sets with
+more of one kind than the other. As in DPO, the policy starts as a trainable
+copy of the parent (SFT) adapter and TRL keeps a frozen copy of it as the `ref`
+adapter on the same base.
+Data: prompt / completion / label rows, or prompt / chosen / rejected pairs
+(each becomes a desirable and an undesirable row), from JSONL, a dataset dir or
+`labels_db:`. The eval split holds out whole prompts, so no eval prompt is seen
+in training. stage.json counts desirable and undesirable rows; TRL warns when
+their balance and desirable_weight / undesirable_weight are far apart (the KTO
+paper's rule: desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+in [1, 4/3]).
+
+Defaults that differ from TRL's KTOConfig (besides alignkit.training's):
+  learning_rate  5e-5  (TRL: 1e-6, a full fine-tuning rate; adapters want more)
+"""
+
+from __future__ import annotations
+
+from datasets import Dataset
+from trl import KTOConfig, KTOTrainer
+
+from alignkit.data.sources import UNPAIRED_COLUMNS, load_unpaired_split
+from alignkit.errors import UserError
+from alignkit.modeling import load_tokenizer, resolve_base
+from alignkit.training import (final_metrics, load_policy, memory_preflight, reference_info, save_policy, stage_callbacks,
+                               trl_args, truncation_report)
+
+TRAIN_CONFIG = KTOConfig
+DATA_KEYS = {"train", "eval", "eval_fraction", "labels_db", "min_agreement", "ties", "both_bad"}
+DEFAULTS = {"learning_rate": 5e-5}
+
+
+def load_data(stage):
+    return load_unpaired_split(stage.data, stage.seed, stage.name)
+
+
+def train_config(stage) -> KTOConfig:
+    args = trl_args(KTOConfig, stage, DEFAULTS)
+    # TRL checks this only when building the trainer, after the model is loaded: the KL term pairs each
+    # completion with another prompt of its batch.
+    if args.loss_type != "apo_zero_unpaired" and args.per_device_train_batch_size < 2:
+        raise UserError(f"stage {stage.name}: loss_type {args.loss_type!r} estimates its KL term from mismatched pairs "
+                        f"within a batch: per_device_train_batch_size must be at least 2")
+    return args
+
+
+def run(stage) -> dict:
+    train_rows, eval_rows, info = stage.prepared
+    train_rows = [{k: r[k] for k in UNPAIRED_COLUMNS} for r in train_rows]
+    eval_rows = [{k: r[k] for k in UNPAIRED_COLUMNS} for r in eval_rows]
+
+    parent = stage.parents.get("after")
+    tokenizer = load_tokenizer(str(parent) if parent else resolve_base(stage.model.base))
+    args = train_config(stage)
+    info.update(truncation_report(tokenizer, train_rows, args.max_length, "prompt_completion"))
+    # The KL estimate's forward over mismatched completions runs without gradients: one sequence per example.
+    memory = memory_preflight(stage, args)
+
+    # Model: one base; the parent's adapter becomes the trainable policy ("default") and TRL's frozen "ref".
+    model, new_adapter, started = load_policy(stage, args.gradient_checkpointing)
+    info.update(started)
+    info.update(reference_info(stage))
+
+    trainer = KTOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=new_adapter,
+        callbacks=stage_callbacks(stage.stage_dir),
+    )
+    output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
+
+    save_policy(trainer.model, tokenizer, stage.stage_dir)
+    return {"metrics": final_metrics(trainer, output), "data": info, "memory": memory}
