@@ -44,6 +44,7 @@ import numpy as np
 
 from alignkit import stats
 from alignkit.artifacts import file_fingerprint, stable_hash, write_json_atomic
+from alignkit.data.formats import prompt_from
 from alignkit.data.io import read_jsonl
 from alignkit.errors import UserError
 from alignkit.generation import SamplingParams
@@ -78,25 +79,12 @@ def parse_model_args(values: Sequence[str]) -> dict[str, str]:
 
 
 def read_prompts(path: str | Path | None, limit: int | None = None) -> list[Any]:
-    """Prompts from JSONL: each line an object with `prompt` (string) or `messages` (chat list)."""
+    """Prompts from JSONL: each line an object with `prompt` (text or messages) or `messages` (formats.prompt_from)."""
     if not path:
         raise UserError("--prompts is required (a JSONL file with a `prompt` or `messages` field per line)")
     prompts: list[Any] = []
     for row in read_jsonl(path, what="prompts"):
-        where = f"{path}:{row.pop('_line')}"
-        if "messages" in row:
-            msgs = row["messages"]
-            if (not isinstance(msgs, list) or not msgs
-                    or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                               and isinstance(m.get("content"), str) for m in msgs)):
-                raise UserError(f"{where}: `messages` must be a non-empty list of {{role, content}} strings")
-            prompts.append(msgs)
-        elif "prompt" in row:
-            if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-                raise UserError(f"{where}: `prompt` must be a non-empty string")
-            prompts.append(row["prompt"])
-        else:
-            raise UserError(f"{where}: no `prompt` or `messages` field (keys: {', '.join(sorted(row)) or 'none'})")
+        prompts.append(prompt_from(row, path))
         if limit is not None and len(prompts) >= limit:
             break
     if not prompts:

@@ -214,6 +214,9 @@ def test_model_names_and_prompt_parsing(models, prompts_file):
     assert read_prompts(prompts_file, limit=2) == PROMPTS[:2]
     with pytest.raises(UserError, match="prompts file not found"):
         read_prompts("/nonexistent.jsonl")
+    # The PPO prompts file (prompt as a message list) is a prompts file here too: one rule for every prompt file.
+    shipped = read_prompts(Path(__file__).resolve().parents[1] / "recipes" / "data" / "tiny_prompts.jsonl", limit=1)
+    assert shipped == [[{"role": "user", "content": "Give me a note on the food?"}]]
 
 
 def _fake_stage(tmp_path: Path, name: str, base: Path, adapter_bytes: bytes, config_hash: str = "same-hash") -> Path:

@@ -355,7 +355,9 @@ def test_import_validation_names_line_and_imports_nothing(store_url, tmp_path):
         ({"prompt": "p", "responses": ["only one"]}, "at least 2"),
         ({"prompt": "", "responses": ["x", "y"]}, "non-empty string"),
         ({"prompt": "p", "messages": [], "responses": ["x", "y"]}, "exactly one of"),
-        ({"messages": [{"role": "robot", "content": "hi"}], "responses": ["x", "y"]}, "role 'robot'"),
+        ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "responses": ["x", "y"]},
+         "last message in 'prompt' is the assistant's"),
+        ({"messages": [{"role": "robot", "content": "hi"}], "responses": ["x", "y"]}, 'unknown role "robot"'),
         ({"prompt": "p", "respones": ["x", "y"]}, "unknown key"),
         ({"prompt": "p", "responses": ["x", "x"]}, "duplicates"),
         ({"prompt": "p", "responses": ["x", "y"], "models": ["m"]}, "one per response"),
@@ -373,6 +375,9 @@ def test_import_validation_names_line_and_imports_nothing(store_url, tmp_path):
         {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
          "responses": ["hello", "hey", "yo"], "models": ["m1", "m2", None]}])
     assert import_file(store, path).comparisons == 3
+    # a prompt given as a message list (TRL's conversational prompt, the PPO prompts file's format) is a chat prompt
+    path = write_jsonl(tmp_path / "ppo_style.jsonl", [{"prompt": [{"role": "user", "content": "hi"}], "responses": ["a", "b"]}])
+    assert import_file(store, path).comparisons == 1
     item = next_item(store, "ann")
     assert item.prompt[1] == {"role": "user", "content": "hi"} and "user: hi" in item.prompt_text
     store.close()

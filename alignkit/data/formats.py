@@ -204,18 +204,31 @@ def consistent_unpaired(rows: list[dict], source) -> tuple[list[dict], dict]:
     return out, ({"rows_made_conversational": made_chat} if made_chat else {})
 
 
+def prompt_from(row: dict, source):
+    """The prompt a prompts-file row asks for, checked: `prompt` (non-empty text, or a message list as in TRL's
+    conversational format) or `messages`, exactly one; a message list ends with the turn to answer, not the
+    assistant's. One rule for every prompt file: PPO / GRPO / RLOO data, `label import` and `compare`."""
+    if ("prompt" in row) == ("messages" in row):
+        raise UserError(f"{where(source, row)}: give exactly one of `prompt` (text or a list of messages) or `messages`")
+    key = "prompt" if "prompt" in row else "messages"
+    value = row[key]
+    if key == "prompt" and isinstance(value, str):
+        if not value.strip():
+            raise UserError(f"{where(source, row)}: `prompt` must be a non-empty string or a list of messages")
+        return value
+    _check_messages(value, source, row, key)
+    if value[-1]["role"] == "assistant":
+        raise UserError(f"{where(source, row)}: the last message in {key!r} is the assistant's; a prompt ends with the "
+                        f"turn to answer")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
 def check_prompt_rows(rows: list[dict], source) -> None:
     if not rows:
         raise UserError(f"{source}: the prompt dataset is empty")
     _check_rows_are_objects(rows, source)
     for row in rows:
-        if "prompt" in row:
-            _check_text_or_messages(row, "prompt", source)
-        elif "messages" in row:
-            _check_messages(row["messages"], source, row)
-        else:
-            has = ", ".join(k for k in row if k != "_line")
-            raise UserError(f"{where(source, row)}: missing column 'prompt' (or 'messages'); has: {has}")
+        prompt_from(row, source)
 
 
 def prompt_of(row: dict):

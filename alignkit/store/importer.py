@@ -1,7 +1,8 @@
 """Importing prompts and candidate responses into a label store.
 
 A JSONL line is an object with
-  - `prompt` (a non-empty string) or `messages` (a list of {"role", "content"}),
+  - `prompt` (a non-empty string, or a list of {"role", "content"} messages) or `messages`
+    (alignkit.data.formats.prompt_from: the one rule for prompt files),
   - `responses`: two or more distinct non-empty strings (optional with `--generate`),
   - optionally `models`: one model spec per response (recorded with it), `id`, `meta`.
 Every pair of a prompt's responses becomes a comparison.
@@ -25,12 +26,12 @@ from typing import Any, Callable, Sequence
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from alignkit.data.formats import prompt_from
 from alignkit.data.io import read_jsonl
 from alignkit.errors import UserError
 from alignkit.store.db import Store
 from alignkit.store.models import Comparison, Prompt, Response
 
-ROLES = ("system", "user", "assistant", "tool")
 KEYS = {"prompt", "messages", "responses", "models", "id", "meta"}
 
 
@@ -61,38 +62,16 @@ def _key(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def _check_messages(msgs: Any, where: str) -> list[dict]:
-    if not isinstance(msgs, list) or not msgs:
-        raise UserError(f"{where}: `messages` must be a non-empty list of {{\"role\", \"content\"}} objects")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
-            raise UserError(f"{where}: messages[{i}] must be an object with exactly `role` and `content`")
-        if m["role"] not in ROLES:
-            raise UserError(f"{where}: messages[{i}].role {m['role']!r} is not one of {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise UserError(f"{where}: messages[{i}].content must be a string")
-    if msgs[-1]["role"] == "assistant":
-        raise UserError(f"{where}: the last message is the assistant's; a prompt ends with the turn to answer")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
-
-
 def parse_import_file(path: str | Path, *, responses_required: bool = True) -> list[ImportRow]:
     """Validate the whole file; the first bad line raises UserError("FILE:LINE: problem")."""
     rows: list[ImportRow] = []
     for obj in read_jsonl(path, what="import"):
-        where = f"{path}:{obj.pop('_line')}"
-        unknown = sorted(set(obj) - KEYS)
+        where = f"{path}:{obj['_line']}"
+        unknown = sorted(set(obj) - KEYS - {"_line"})
         if unknown:
             raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} (expected prompt or messages, "
                             f"responses, models, id, meta)")
-        if ("prompt" in obj) == ("messages" in obj):
-            raise UserError(f"{where}: give exactly one of `prompt` (a string) or `messages` (a list)")
-        if "prompt" in obj:
-            prompt = obj["prompt"]
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise UserError(f"{where}: `prompt` must be a non-empty string")
-        else:
-            prompt = _check_messages(obj["messages"], where)
+        prompt = prompt_from(obj, path)
         responses = obj.get("responses", [])
         if not isinstance(responses, list) or not all(isinstance(r, str) and r.strip() for r in responses):
             raise UserError(f"{where}: `responses` must be a list of non-empty strings")
