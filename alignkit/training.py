@@ -60,11 +60,22 @@ def fused_kernel_defaults() -> dict:
     return {"use_liger_kernel": True} if torch.cuda.is_available() and liger_available() else {}
 
 
-def trl_args(config_cls, stage, extra_defaults: dict | None = None):
-    """The stage's TRL config: alignkit defaults < recipe-kind defaults < the recipe's `train:`."""
+def trl_args(config_cls, stage, extra_defaults: dict | None = None, choices: dict | None = None):
+    """The stage's TRL config: alignkit defaults < recipe-kind defaults < the recipe's `train:`.
+
+    Values are checked against the choices TRL's fields list (and `choices`, field -> allowed values, for those
+    it lists only in prose): TRL checks them only when training reaches them, after earlier stages have run.
+    """
     values = {**alignkit_defaults(stage.seed), **(extra_defaults or {}), **stage.train}
     values["output_dir"] = str(Path(stage.stage_dir) / "checkpoints")
     values["report_to"] = "none"  # TensorBoard is attached explicitly, writing to stage_dir/logs
+    allowed = {f.name: list(f.metadata["choices"]) for f in dataclasses.fields(config_cls) if f.metadata.get("choices")}
+    allowed.update(choices or {})
+    for key, options in allowed.items():
+        given = values.get(key)
+        for value in given if isinstance(given, list) else [given]:
+            if value is not None and value not in options:
+                raise UserError(f"stage {stage.name}: invalid train settings: {key}={value!r}; one of {', '.join(options)}")
     try:
         return config_cls(**values)
     except (ValueError, TypeError) as err:

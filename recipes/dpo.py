@@ -15,6 +15,8 @@ Defaults that differ from TRL's DPOConfig (besides alignkit.training's):
 
 from __future__ import annotations
 
+import re
+
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
@@ -26,6 +28,8 @@ from alignkit.training import (final_metrics, fused_kernel_defaults, load_policy
 TRAIN_CONFIG = DPOConfig
 DATA_KEYS = {"train", "eval", "eval_fraction", "labels_db", "min_agreement", "ties", "both_bad"}
 DEFAULTS = {"learning_rate": 5e-5}
+# DPOConfig names its loss types only in the field's help; DPOTrainer refuses others at the first loss.
+LOSS_TYPES = re.findall(r"`'(\w+)'`", DPOConfig.__dataclass_fields__["loss_type"].metadata["help"])
 
 
 def load_data(stage):
@@ -33,7 +37,8 @@ def load_data(stage):
 
 
 def train_config(stage) -> DPOConfig:
-    return trl_args(DPOConfig, stage, {**DEFAULTS, **fused_kernel_defaults()})
+    return trl_args(DPOConfig, stage, {**DEFAULTS, **fused_kernel_defaults()},
+                    choices={"loss_type": LOSS_TYPES} if LOSS_TYPES else None)
 
 
 def run(stage) -> dict:

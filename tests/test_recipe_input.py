@@ -210,6 +210,18 @@ def test_type_errors_name_the_type_plainly(capsys, tmp_path, override, message):
     assert f"--set {override}: {message}" in err and "<class" not in err, err
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # DPOConfig lists its loss types only in prose; DPOTrainer refused others at the first loss, after SFT ran.
+        ("stages.dpo.train.loss_type=[sigmoid, foo]", "stage dpo: invalid train settings: loss_type='foo'; one of sigmoid, hinge"),
+        ("stages.sft.train.truncation_mode=middle", "stage sft: invalid train settings: truncation_mode='middle'; one of keep_end"),
+    ],
+)
+def test_values_trl_checks_only_when_training_reaches_them_are_checked_first(capsys, tmp_path, override, message):
+    assert message in run_cli(capsys, write(tmp_path), override)
+
+
 # --- 3. errors in --set name the --set -------------------------------------------------------------------
 
 
