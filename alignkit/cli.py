@@ -138,11 +138,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _add_estimate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("estimate", help="memory needed to train a model, from its config alone")
-    p.add_argument("model", help="hub id or local model dir (only config.json is read)")
-    p.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora")
+    p.add_argument("model", help="a model spec: hub id, model dir, adapter or stage dir, alignkit-tiny, or a config.json "
+                                 "(only the base's config.json is read)")
+    p.add_argument("--method", choices=["full", "lora", "qlora"], default=None,
+                   help="default: what a stage directory records, else qlora")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-r", type=int, default=None, help="default: an adapter's own rank, else 16")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--lm-head", choices=["fused", "full", "score"], default="fused",
                    help="fused: TRL's chunked log-prob head (SFT, DPO, GRPO stages); full: the model's own logits "

@@ -395,15 +395,42 @@ def estimate_memory(
     )
 
 
+def spec_settings(model: str) -> tuple[str, dict]:
+    """(what load_config reads, the method and LoRA rank the spec records) for any model spec: a stage directory
+    (its base; qlora / lora / full and r from its stage.json and adapter), an adapter directory (its base and r),
+    `alignkit-tiny`, a model directory, a config.json file or a hub id."""
+    from alignkit.modeling import TINY_SPEC, resolve_model_spec
+
+    if Path(model).expanduser().is_file() or (model != TINY_SPEC and not Path(model).expanduser().exists()):
+        return model, {}  # a config file, or a hub id (load_config fetches only its config.json)
+    spec = resolve_model_spec(model)
+    found: dict = {}
+    if spec.adapter_dir is not None:
+        rank = json.loads((spec.adapter_dir / "adapter_config.json").read_text()).get("r")
+        if isinstance(rank, int):
+            found["lora_r"] = rank
+        quantization = spec.model_settings.get("quantization")
+        if quantization in ("4bit", "none"):
+            found["method"] = "qlora" if quantization == "4bit" else "lora"
+    elif spec.stage is not None:
+        found["method"] = "full"
+    return spec.base, found
+
+
 def estimate_from_cli(args) -> int:
-    """`alignkit estimate MODEL --method ... --batch-size --seq-len --lora-r --[no-]gradient-checkpointing --lm-head`."""
-    cfg = load_config(args.model)
+    """`alignkit estimate MODEL --method ... --batch-size --seq-len --lora-r --[no-]gradient-checkpointing --lm-head`.
+
+    --method and --lora-r default to what a stage or adapter directory records, else qlora and 16."""
+    model, recorded = spec_settings(args.model)
+    settings = {"method": "qlora", "lora_r": 16, **recorded}
+    settings.update({k: v for k, v in (("method", args.method), ("lora_r", args.lora_r)) if v is not None})
+    cfg = load_config(model)
     est = estimate_memory(
-        shape_from_config(cfg, where=f"{args.model} config.json"),
-        args.method,
+        shape_from_config(cfg, where=f"{model} config.json"),
+        settings["method"],
         batch_size=args.batch_size,
         seq_len=args.seq_len,
-        lora_r=args.lora_r,
+        lora_r=settings["lora_r"],
         gradient_checkpointing=args.gradient_checkpointing,
         lm_head=args.lm_head,
     )

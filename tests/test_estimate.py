@@ -128,6 +128,24 @@ def test_cli_prints_the_table_and_bad_input(tiny_model_dir, tmp_path, capsys):
     assert "no hidden_size" in capsys.readouterr().err
 
 
+def test_cli_takes_any_model_spec_and_a_stages_own_settings(tiny_model_dir, tmp_path, capsys):
+    """Every command that needs a model takes a model spec: a stage directory is estimated on its base with the
+    method and rank it trained with (unless given), and alignkit-tiny is the tiny model."""
+    stage = tmp_path / "dpo"
+    stage.mkdir()
+    (stage / "adapter_config.json").write_text(json.dumps({"r": 8, "base_model_name_or_path": str(tiny_model_dir)}))
+    (stage / "stage.json").write_text(json.dumps({"complete": True, "name": "dpo", "base": str(tiny_model_dir),
+                                                  "model": {"quantization": "none"}}))
+    assert cli_main(["estimate", str(stage), "--seq-len", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "lora training" in out and "qlora" not in out and "LoRA r=8" in out
+    assert cli_main(["estimate", str(stage), "--seq-len", "64", "--lora-r", "2", "--method", "qlora"]) == 0
+    out = capsys.readouterr().out
+    assert "qlora training" in out and "LoRA r=2" in out
+    assert cli_main(["estimate", "alignkit-tiny", "--seq-len", "64"]) == 0
+    assert "qlora training" in capsys.readouterr().out
+
+
 def test_shape_reads_text_config_of_multimodal_configs():
     shape = shape_from_config({"model_type": "llava", "text_config": SMALL})
     assert shape.hidden_size == 64 and shape.num_kv_heads == 2
