@@ -306,8 +306,15 @@ def tokenizer_source(adapter_dir: str | Path | None, base: str | Path) -> str:
 
 
 def load_model_for_inference(spec: str | ResolvedSpec, *, quantization: str | None = None, padding_side: str = "left"):
-    """(model, tokenizer, resolved) for any model spec, in eval mode, adapter attached."""
+    """(model, tokenizer, resolved) for any model spec, in eval mode, adapter attached. A reward model's spec is
+    refused: its adapter was trained under a score head, and generating from it gives fluent-looking noise."""
     resolved = spec if isinstance(spec, ResolvedSpec) else resolve_model_spec(spec)
+    task = None
+    if resolved.adapter_dir is not None:
+        task = json.loads((resolved.adapter_dir / "adapter_config.json").read_text()).get("task_type")
+    if (resolved.stage or {}).get("kind") == "reward" or task == "SEQ_CLS":
+        raise UserError(f"{resolved.spec} is a reward model (a scorer, not a policy): generate from a policy stage "
+                        f"such as sft, dpo or ppo, and use it as a judge with --judge reward:{resolved.spec}")
     settings = dict(resolved.model_settings)
     settings["base"] = resolved.base
     settings.setdefault("quantization", "none")

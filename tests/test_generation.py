@@ -51,3 +51,19 @@ def test_generate_cli_raw_and_chat(tiny_model_dir, capsys):
     for extra in ([], ["--chat"]):
         assert main(["generate", str(tiny_model_dir), "--prompt", "the film was", "--max-new-tokens", "4", *extra]) == 0
         assert capsys.readouterr().out.startswith("### the film was\n")
+
+
+def test_a_reward_model_is_refused_as_a_generator(tiny_model_dir, tmp_path, capsys):
+    """Its adapter was trained under a score head: sampling from it gives fluent-looking noise, silently."""
+    import json
+
+    from alignkit.cli import main
+
+    stage = tmp_path / "reward"
+    stage.mkdir()
+    (stage / "adapter_config.json").write_text(json.dumps({"task_type": "SEQ_CLS", "base_model_name_or_path": str(tiny_model_dir)}))
+    (stage / "stage.json").write_text(json.dumps({"complete": True, "kind": "reward", "name": "reward", "base": str(tiny_model_dir)}))
+    assert main(["generate", str(stage), "--prompt", "the film was"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{stage} is a reward model (a scorer, not a policy): generate from a policy stage such as sft, "
+                        f"dpo or ppo, and use it as a judge with --judge reward:{stage}") and len(err.splitlines()) == 1
