@@ -29,7 +29,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "e.g. --set stages.dpo.train.beta=0.2 (repeatable)",
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last complete checkpoint")
-    p.add_argument("--only", action="append", default=[], metavar="STAGE", help="run only these stages (and need their parents complete)")
+    p.add_argument("--only", action="append", default=[], metavar="STAGE[,STAGE]",
+                   help="run only these stages, repeated or comma-separated (their parents must be complete)")
     p.add_argument("--dry-run", action="store_true", help="validate the config and print the plan without training")
     p.add_argument("--launcher", choices=["local", "accelerate"], default="local", help="how each training stage is launched")
     p.add_argument("--accelerate-config", default=None, help="accelerate config file, with --launcher accelerate")

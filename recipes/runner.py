@@ -315,6 +315,7 @@ def run_stage_from_plan(plan_path: str) -> int:
 def run_recipe_from_cli(args) -> int:
     if args.launcher != "accelerate" and (args.accelerate_config or args.num_processes):
         raise UserError("--accelerate-config and --num-processes need --launcher accelerate")
-    run_recipe(args.config, args.overrides, resume=args.resume, only=args.only, dry_run=args.dry_run,
+    only = [name.strip() for item in args.only for name in item.split(",") if name.strip()]
+    run_recipe(args.config, args.overrides, resume=args.resume, only=only, dry_run=args.dry_run,
                launcher=args.launcher, accelerate_config=args.accelerate_config, num_processes=args.num_processes)
     return 0

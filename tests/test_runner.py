@@ -189,3 +189,14 @@ def test_mistakes_and_bookkeeping_leave_complete_stages_alone(tiny_recipe, tmp_p
     assert _mtime(run, "sft") != first["sft"] and _mtime(run, "dpo") != first["dpo"]
     assert any("its after stage sft is trained again" in line for line in lines), lines
     assert read_stage(run / "dpo")["parents"]["after"]["run_id"] == read_stage(run / "sft")["run_id"]
+
+
+def test_only_takes_comma_separated_stage_names(tiny_recipe, capsys):
+    from alignkit.cli import main
+
+    path = tiny_recipe()
+    assert main(["run", str(path), "--dry-run", "--only", "sft,dpo"]) == 0
+    out = capsys.readouterr().out
+    assert "sft (sft): would train" in out and "dpo (dpo): would train" in out
+    assert main(["run", str(path), "--dry-run", "--only", "sft,dpp"]) == 2
+    assert "no stage named 'dpp' (did you mean 'dpo'?)" in capsys.readouterr().err
