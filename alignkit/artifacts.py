@@ -85,6 +85,14 @@ def is_complete(stage_dir: str | Path, expected_hash: str | None = None) -> bool
     return expected_hash is None or stage.get("config_hash") == expected_hash
 
 
+def started_config_hash(stage_dir: Path) -> str | None:
+    """The config hash the stage's last unfinished training started under (its checkpoints'), or None."""
+    try:
+        return json.loads((stage_dir / PENDING_JSON).read_text()).get("config_hash")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
 def begin_stage(stage_dir: Path, config_hash: str, *, resume: bool) -> bool:
     """Prepare a stage directory for training; returns True if checkpoints may be resumed.
 
@@ -93,12 +101,7 @@ def begin_stage(stage_dir: Path, config_hash: str, *, resume: bool) -> bool:
     """
     stage_dir.mkdir(parents=True, exist_ok=True)
     pending = stage_dir / PENDING_JSON
-    previous = None
-    if pending.exists():
-        try:
-            previous = json.loads(pending.read_text()).get("config_hash")
-        except json.JSONDecodeError:
-            previous = None
+    previous = started_config_hash(stage_dir)
     (stage_dir / STAGE_JSON).unlink(missing_ok=True)
     can_resume = resume and previous == config_hash
     if not can_resume:

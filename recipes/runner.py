@@ -230,15 +230,22 @@ def run_recipe(
             elif artifacts.is_complete(run.stage_dir):
                 log(f"{tag}: not selected by --only, left as it is although {stale[stage.name]}")
             continue
+        # Checkpoints of an unfinished earlier run go unless --resume continues them: say so before, in a
+        # dry run, and after, naming the last one, so hours of training are not lost without a word.
+        last = artifacts.last_complete_checkpoint(run.stage_dir)
+        same_config = last is not None and artifacts.started_config_hash(run.stage_dir) == run.config_hash
+        dropped = ""
+        if last is not None and not (resume and same_config):
+            dropped = (f"the checkpoints of its unfinished earlier run (up to {last.name}), "
+                       + ("which --resume continues" if same_config else "made under another config"))
         if dry_run:
-            log(f"{tag}: would train into {run.stage_dir}")
+            log(f"{tag}: would train into {run.stage_dir}" + (f", resuming from {last.name}" if resume and same_config else "")
+                + (f", removing {dropped}" if dropped else ""))
             continue
-        had_checkpoints = artifacts.last_complete_checkpoint(run.stage_dir) is not None
         can_resume = artifacts.begin_stage(run.stage_dir, run.config_hash, resume=resume)
         run.resume_from = artifacts.last_complete_checkpoint(run.stage_dir) if can_resume else None
-        if had_checkpoints and not can_resume:
-            log(f"{tag}: its earlier checkpoints were removed: " + ("they were made under another config" if resume
-                else "pass --resume to continue from them instead"))
+        if dropped:
+            log(f"{tag}: removed {dropped}")
         why = "" if stale[stage.name] == "it is not complete" else f" ({stale[stage.name]})"
         log(f"{tag}: training into {run.stage_dir}{why}" + (f", resuming from {run.resume_from.name}" if run.resume_from else ""))
         start = time.time()

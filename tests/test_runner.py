@@ -91,6 +91,15 @@ def test_killed_stage_is_incomplete_and_resume_continues(tiny_recipe, tiny_model
     resumed_from = last_complete_checkpoint(run / "sft")
     assert resumed_from != broken
 
+    # A dry run says what a plain run would remove and what --resume would continue, and removes nothing.
+    lines = []
+    run_recipe(path, dry_run=True, log=lines.append)
+    assert any(f"removing the checkpoints of its unfinished earlier run (up to {resumed_from.name}), which --resume "
+               f"continues" in line for line in lines), lines
+    run_recipe(path, dry_run=True, resume=True, log=lines.append)
+    assert any(f"would train into {run / 'sft'}, resuming from {resumed_from.name}" in line for line in lines), lines
+    assert last_complete_checkpoint(run / "sft") == resumed_from
+
     lines = []
     run_recipe(path, resume=True, log=lines.append)
     assert any(f"resuming from {resumed_from.name}" in line for line in lines), lines
