@@ -197,6 +197,21 @@ def quantization_config(settings: ModelSettings):
     return None
 
 
+class _ExpectedScorerReport:
+    """A logging filter dropping transformers' load report when all it lists is what loading a causal LM as a
+    one-label scorer must do — its lm_head unused, a new score head (trained by the reward stage, or loaded from
+    its adapter next) — which it prints as an alarming table. Any other row keeps the report."""
+
+    def filter(self, record) -> bool:
+        text = record.getMessage()
+        if "LOAD REPORT" not in text:
+            return True
+        rows = [[cell.strip() for cell in line.split("|")[:2]] for line in text.splitlines()
+                if line.count("|") >= 2 and not line.lstrip().startswith(("Key", "-"))]
+        expected = {("lm_head.", "UNEXPECTED"), ("score.", "MISSING")}
+        return not rows or not all((key.split(".")[0] + ".", status) in expected for key, status in rows)
+
+
 def load_base_model(settings: ModelSettings, *, model_class=None, **kwargs):
     """Load the base weights as the settings say (quantized or not), on the one available device."""
     import torch
@@ -211,10 +226,16 @@ def load_base_model(settings: ModelSettings, *, model_class=None, **kwargs):
         init["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
     if settings.attn_implementation:
         init["attn_implementation"] = settings.attn_implementation
+    import logging
+
+    report_logger, quiet = logging.getLogger("transformers.modeling_utils"), _ExpectedScorerReport()
+    report_logger.addFilter(quiet)
     try:
         model = model_class.from_pretrained(base, **init)
     except OSError as err:
         raise UserError(f"cannot load model {settings.base}: {str(err).splitlines()[0]}") from None
+    finally:
+        report_logger.removeFilter(quiet)
     return model
 
 

@@ -217,3 +217,25 @@ def test_rlhf_recipes_validate_every_stage(name):
     assert ppo.after == "sft" and ppo.reward == "reward" and reward.after == "sft"
     PPOConfig(**ppo.train)
     assert set(reward.data) <= RECIPES["reward"].DATA_KEYS
+
+
+def test_loading_a_scorer_hides_only_the_load_report_it_must_cause(tiny_model_dir, capfd):
+    """A causal LM loaded as a one-label scorer always has an unused lm_head and a new score head; transformers
+    prints that as an alarming MISSING table on every reward stage, judge and merge. Any other row still shows."""
+    import logging
+
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit.modeling import ModelSettings, _ExpectedScorerReport, load_base_model
+
+    load_base_model(ModelSettings(base=str(tiny_model_dir), quantization="none"),
+                    model_class=AutoModelForSequenceClassification, num_labels=1)
+    assert "LOAD REPORT" not in capfd.readouterr().err
+
+    def shown(rows):
+        table = "Key | Status | \n---+---+-\n" + "".join(f"{k} | {s} | \n" for k, s in rows)
+        record = logging.LogRecord("transformers.modeling_utils", logging.WARNING, "", 0, "X LOAD REPORT\n" + table, None, None)
+        return _ExpectedScorerReport().filter(record)
+
+    assert not shown([("lm_head.weight", "UNEXPECTED"), ("score.weight", "MISSING")])
+    assert shown([("score.weight", "MISSING"), ("model.layers.0.mlp.up_proj.weight", "MISSING")])
