@@ -706,3 +706,29 @@ def test_export_cleans_up_after_a_failure_and_concurrent_exports_are_safe(tmp_pa
         assert [p.name for p in out.parent.iterdir()] == ["prefs"]
         assert datasets.load_from_disk(str(out)).num_rows in (1, 3)
     store.close()
+
+
+def test_generated_import_skips_prompts_whose_samples_are_alike(tmp_path, tiny_model_dir):
+    """Two samples of a prompt can be the same text (short answers, low temperature): that prompt makes no
+    comparison and is skipped and named; only when every prompt is skipped is the import refused."""
+    from alignkit.generation import SamplingParams
+    from alignkit.store.importer import import_rows, parse_import_file
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"the film was {w}"}
+                                               for w in ("good", "bad", "fine", "odd", "long", "short", "dull", "grand")])
+    store = open_store(str(tmp_path / "labels.db"))
+    rows = parse_import_file(path, responses_required=False)
+    # One-token samples at temperature 0.5 (seed 0): one of these eight prompts draws the same token twice.
+    summary = import_rows(store, rows, generate=[str(tiny_model_dir)], progress=False,
+                          params=SamplingParams(max_new_tokens=1, temperature=0.5, seed=0))
+    assert len(summary.skipped) == 1 and summary.prompts == 7 and count(store, Comparison) == 7
+    assert "1 prompt(s) skipped" in str(summary) and summary.skipped[0].startswith(f"{path}:")
+    # The same model twice, greedy: the two responses of every prompt agree.
+    with pytest.raises(UserError, match="for every prompt"):
+        import_rows(open_store(str(tmp_path / "other.db")), parse_import_file(path, responses_required=False),
+                    generate=[str(tiny_model_dir)] * 2, progress=False, params=SamplingParams(max_new_tokens=2, temperature=0))
+    # One model, greedy, cannot give two responses (transformers refused with a traceback).
+    with pytest.raises(UserError, match="greedy decoding"):
+        import_rows(open_store(str(tmp_path / "third.db")), parse_import_file(path, responses_required=False),
+                    generate=[str(tiny_model_dir)], progress=False, params=SamplingParams(max_new_tokens=2, temperature=0))
+    store.close()

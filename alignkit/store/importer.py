@@ -52,10 +52,15 @@ class ImportSummary:
     responses: int
     comparisons: int
     new_comparisons: int
+    skipped: list[str] = field(default_factory=list)  # file:line of prompts whose samples were all alike
 
     def __str__(self) -> str:
-        return (f"{self.prompts} prompts, {self.responses} responses, {self.comparisons} comparisons "
+        text = (f"{self.prompts} prompts, {self.responses} responses, {self.comparisons} comparisons "
                 f"({self.new_comparisons} new)")
+        if self.skipped:
+            text += (f"; {len(self.skipped)} prompt(s) skipped, fewer than 2 distinct responses after generation "
+                     f"(first: {self.skipped[0]})")
+        return text
 
 
 def _key(value: Any) -> str:
@@ -97,6 +102,9 @@ def generate_responses(rows: Sequence[ImportRow], specs: Sequence[str], params, 
 
     loader = loader or load_model_for_inference
     n_ret = 2 if len(specs) == 1 else 1
+    if n_ret == 2 and params.temperature == 0:
+        raise UserError("one --generate model with greedy decoding (--temperature 0) gives the same response twice: "
+                        "sample with a temperature above 0, or give a second model")
     prompts = [r.prompt for r in rows]
     for spec in specs:
         model, tokenizer, _ = loader(spec)
@@ -179,8 +187,12 @@ def import_rows(store: Store, rows: list[ImportRow], *, generate: Sequence[str] 
         from alignkit.generation import SamplingParams
 
         generate_responses(rows, list(generate), params or SamplingParams(), progress=progress)
+    # Models may sample the same text for a prompt (greedy decoding, short answers): that prompt makes no
+    # comparison, which is no reason to refuse the others. Skipped prompts are counted and named.
     short = [r.source for r in rows if len(r.responses) < 2]
-    if short:
-        raise UserError(f"{short[0]}: fewer than 2 distinct responses after generation "
-                        f"({len(short)} prompt(s) affected); nothing imported")
-    return write_rows(store, rows)
+    if len(short) == len(rows):
+        raise UserError(f"{short[0]}: fewer than 2 distinct responses after generation for every prompt "
+                        f"({len(short)}); nothing imported (sample with --temperature above 0, or more models)")
+    summary = write_rows(store, [r for r in rows if len(r.responses) >= 2])
+    summary.skipped = short
+    return summary
