@@ -37,8 +37,10 @@ bounding threads and pooled connections (the store's pool is sized above it).
 # No `from __future__ import annotations` here: gr.api derives the endpoints' inputs and
 # outputs from these functions' real type hints (a tuple return = one output per element),
 # and Gradio resolves string hints again on every call.
+import errno
 import ipaddress
 import os
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,13 @@ CSS = """
 """
 
 
+def refused(message: str) -> gr.Error:
+    """A refusal the caller caused (bad choice, second vote, not logged in): a one-line message to the client, and
+    no traceback in the server log, where Gradio prints one for every gr.Error unless told not to. Any other
+    exception is a real server error, and Gradio still prints its traceback."""
+    return gr.Error(message, print_exception=False)
+
+
 @dataclass
 class AppContext:
     store: Store
@@ -108,10 +117,10 @@ class AppContext:
         if self.auth is None:
             return name or LOCAL_USER
         if not name:
-            raise gr.Error("log in first")
+            raise refused("log in first")
         # users() re-reads a changed file and ends the sessions of removed or re-passworded users first.
         if name not in self.auth.users() or not _session_alive(request):
-            raise gr.Error("your login is no longer valid: reload the page and log in again")
+            raise refused("your login is no longer valid: reload the page and log in again")
         return name
 
     def is_admin(self, request: gr.Request | None) -> bool:
@@ -158,7 +167,7 @@ def _item_tuple(item) -> tuple[int | None, str, str, str]:
 
 
 def _api(fn):
-    """Turn UserError into gr.Error so the client sees a one-line message."""
+    """Turn UserError into a refusal (gr.Error) so the client sees a one-line message."""
     import functools
 
     @functools.wraps(fn)
@@ -166,7 +175,7 @@ def _api(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            raise gr.Error(str(err)) from None
+            raise refused(str(err)) from None
 
     return wrapper
 
@@ -373,7 +382,7 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
 
     def require_admin(request: gr.Request) -> None:
         if not ctx.is_admin(request):
-            raise gr.Error("admins only")
+            raise refused("admins only")
 
     def show(request: gr.Request):
         if not ctx.is_admin(request):
@@ -433,19 +442,46 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_port(host: str, port: int) -> None:
+    """UserError unless `host:port` can be listened on now. Gradio's own failure is a traceback that says to set
+    GRADIO_SERVER_PORT or `server_port`, which are not the user's knobs: --port and --host are."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise UserError(f"--host {host}: not an address this machine can listen on ({err})") from None
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As uvicorn binds: a port a stopped server left in TIME_WAIT is free, one with a listener is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} on {host} is in use; choose another with --port") from None
+            if err.errno == errno.EADDRNOTAVAIL:
+                raise UserError(f"--host {host} is not an address of this machine") from None
+            if err.errno == errno.EACCES:
+                raise UserError(f"port {port} on {host} needs privileges this user lacks; choose another with --port "
+                                f"(1024 or above)") from None
+            raise UserError(f"cannot listen on {host} port {port}: {err.strerror}") from None
+
+
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, blocked_paths: list[str | Path] = (),
            prevent_thread_lock: bool = False, quiet: bool = False) -> Any:
-    """Start the server with login (unless the app was built without auth) and hardening settings."""
+    """Start the server with login (unless the app was built without auth) and hardening settings.
+
+    quiet=True leaves out Gradio's banner (its URL line and the "set share=True" hint: share links stay off);
+    errors in handlers are printed either way."""
     ctx: AppContext = demo.alignkit_context
     if ctx.auth is None and not is_loopback(host):
         raise UserError(f"--no-auth serves only on loopback (127.0.0.1, ::1, localhost), not {host}")
+    check_port(host, port)
     blocked = []
     for p in [*blocked_paths, ctx.export_dir]:
         p = Path(p).resolve()
         blocked.append(str(p))
         if p.suffix == ".db":  # SQLite's side files
             blocked += [str(p) + "-wal", str(p) + "-shm", str(p) + "-journal"]
-    return demo.launch(
+    settings = dict(
         server_name=host,
         server_port=port,
         auth=ctx.auth.check_async if ctx.auth else None,  # async: Gradio awaits it, hashing runs off the loop
@@ -468,3 +504,10 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, blocke
         prevent_thread_lock=prevent_thread_lock,
         quiet=quiet,
     )
+    try:
+        return demo.launch(**settings)
+    except OSError as err:
+        # The port was taken between check_port and Gradio's bind (Gradio says "Cannot find empty port").
+        if "empty port" not in str(err):
+            raise
+        raise UserError(f"port {port} on {host} is in use; choose another with --port") from None

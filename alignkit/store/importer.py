@@ -9,8 +9,10 @@ Every pair of a prompt's responses becomes a comparison.
 
 The whole file is validated before anything is generated or written; a bad line is
 a UserError naming file:line and the problem, and nothing is imported. All rows go
-in one transaction, so an import is all or nothing. Importing the same prompt or
-response again reuses its row (prompts and responses are keyed by content hash).
+in one transaction, so an import is all or nothing. With --generate, a prompt whose
+samples are all alike makes no comparison and is skipped (counted in the summary).
+Importing the same prompt or response again reuses its row (prompts and responses
+are keyed by content hash).
 """
 
 from __future__ import annotations
