@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _add_stage(sub: argparse._SubParsersAction) -> None:
     # Internal: the runner launches one stage per process through this (used with accelerate).
-    p = sub.add_parser("_stage", help=argparse.SUPPRESS)
+    p = sub.add_parser("_stage")  # no help=: argparse lists a subcommand with help, even SUPPRESS, in --help
     p.add_argument("plan", help="path to the stage plan JSON the runner wrote")
     p.set_defaults(handler=_stage)
 
@@ -187,8 +187,9 @@ def _tiny(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alignkit", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="alignkit", description="Preference alignment: label response pairs in a "
+                                     "browser, train SFT / reward / DPO / KTO / PPO stages over QLoRA adapters, compare models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run, _add_stage, _add_label, _add_compare, _add_merge, _add_generate, _add_estimate, _add_demo, _add_tiny):
         add(sub)
     return parser

@@ -209,3 +209,11 @@ def test_only_takes_comma_separated_stage_names(tiny_recipe, capsys):
     assert "sft (sft): would train" in out and "dpo (dpo): would train" in out
     assert main(["run", str(path), "--dry-run", "--only", "sft,dpp"]) == 2
     assert "no stage named 'dpp' (did you mean 'dpo'?)" in capsys.readouterr().err
+
+
+def test_help_lists_the_commands_a_user_runs(capsys):
+    from alignkit.cli import build_parser
+
+    text = build_parser().format_help()
+    assert "SUPPRESS" not in text and "_stage" not in text and "dispatch only" not in text
+    assert all(f"\n    {name} " in text for name in ("run", "label", "compare", "merge", "generate", "estimate", "demo"))
