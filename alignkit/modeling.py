@@ -203,7 +203,9 @@ class _ExpectedScorerReport:
     its adapter next) — which it prints as an alarming table. Any other row keeps the report."""
 
     def filter(self, record) -> bool:
-        text = record.getMessage()
+        import re
+
+        text = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # on a terminal the cells are coloured
         if "LOAD REPORT" not in text:
             return True
         rows = [[cell.strip() for cell in line.split("|")[:2]] for line in text.splitlines()
@@ -330,10 +332,13 @@ def load_model_for_inference(spec: str | ResolvedSpec, *, quantization: str | No
     """(model, tokenizer, resolved) for any model spec, in eval mode, adapter attached. A reward model's spec is
     refused: its adapter was trained under a score head, and generating from it gives fluent-looking noise."""
     resolved = spec if isinstance(spec, ResolvedSpec) else resolve_model_spec(spec)
-    task = None
+    task, architectures = None, []
     if resolved.adapter_dir is not None:
         task = json.loads((resolved.adapter_dir / "adapter_config.json").read_text()).get("task_type")
-    if (resolved.stage or {}).get("kind") == "reward" or task == "SEQ_CLS":
+    elif (Path(resolved.base) / "config.json").exists():  # a merged reward model is a sequence classifier
+        architectures = json.loads((Path(resolved.base) / "config.json").read_text()).get("architectures") or []
+    if ((resolved.stage or {}).get("kind") == "reward" or task == "SEQ_CLS"
+            or any(a.endswith("ForSequenceClassification") for a in architectures)):
         raise UserError(f"{resolved.spec} is a reward model (a scorer, not a policy): generate from a policy stage "
                         f"such as sft, dpo or ppo, and use it as a judge with --judge reward:{resolved.spec}")
     settings = dict(resolved.model_settings)

@@ -69,17 +69,21 @@ def trl_args(config_cls, stage, extra_defaults: dict | None = None, choices: dic
     values = {**alignkit_defaults(stage.seed), **(extra_defaults or {}), **stage.train}
     values["output_dir"] = str(Path(stage.stage_dir) / "checkpoints")
     values["report_to"] = "none"  # TensorBoard is attached explicitly, writing to stage_dir/logs
+    try:
+        config = config_cls(**values)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"stage {stage.name}: invalid train settings: {str(err).splitlines()[0]}") from None
+    # On the built config: TRL maps deprecated aliases (packing_strategy bfd-requeue) in __post_init__.
     allowed = {f.name: list(f.metadata["choices"]) for f in dataclasses.fields(config_cls) if f.metadata.get("choices")}
     allowed.update(choices or {})
     for key, options in allowed.items():
-        given = values.get(key)
+        if key not in stage.train:
+            continue  # defaults are TRL's own
+        given = getattr(config, key, None)
         for value in given if isinstance(given, list) else [given]:
             if value is not None and value not in options:
                 raise UserError(f"stage {stage.name}: invalid train settings: {key}={value!r}; one of {', '.join(options)}")
-    try:
-        return config_cls(**values)
-    except (ValueError, TypeError) as err:
-        raise UserError(f"stage {stage.name}: invalid train settings: {str(err).splitlines()[0]}") from None
+    return config
 
 
 def tensorboard_callback(stage_dir: Path):

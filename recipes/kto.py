@@ -41,11 +41,15 @@ def load_data(stage):
 
 def train_config(stage) -> KTOConfig:
     args = trl_args(KTOConfig, stage, DEFAULTS)
-    # TRL checks this only when building the trainer, after the model is loaded: the KL term pairs each
-    # completion with another prompt of its batch.
-    if args.loss_type != "apo_zero_unpaired" and args.per_device_train_batch_size < 2:
-        raise UserError(f"stage {stage.name}: loss_type {args.loss_type!r} estimates its KL term from mismatched pairs "
-                        f"within a batch: per_device_train_batch_size must be at least 2")
+    # TRL checks these only when building the trainer, after the model is loaded: the KL term pairs each
+    # completion with its neighbour's prompt in a fixed-order batch.
+    if args.loss_type != "apo_zero_unpaired":
+        if args.per_device_train_batch_size < 2:
+            raise UserError(f"stage {stage.name}: loss_type {args.loss_type!r} estimates its KL term from mismatched "
+                            f"pairs within a batch: per_device_train_batch_size must be at least 2")
+        if args.train_sampling_strategy != "sequential":
+            raise UserError(f"stage {stage.name}: loss_type {args.loss_type!r} pairs neighbouring rows for its KL term: "
+                            f"train_sampling_strategy must be 'sequential' (alignkit shuffles the rows once, seeded)")
     return args
 
 

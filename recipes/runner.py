@@ -233,19 +233,24 @@ def run_recipe(
         # Checkpoints of an unfinished earlier run go unless --resume continues them: say so before, in a
         # dry run, and after, naming the last one, so hours of training are not lost without a word.
         last = artifacts.last_complete_checkpoint(run.stage_dir)
-        same_config = last is not None and artifacts.started_config_hash(run.stage_dir) == run.config_hash
-        dropped = ""
+        started = artifacts.started_config_hash(run.stage_dir)  # None once a run completed
+        same_config = last is not None and started == run.config_hash
+        dropped, could_resume = "", False
         if last is not None and not (resume and same_config):
-            dropped = (f"the checkpoints of its unfinished earlier run (up to {last.name}), "
-                       + ("which --resume continues" if same_config else "made under another config"))
+            if started is None:
+                dropped = f"the checkpoints of its earlier, completed run (up to {last.name})"
+            else:
+                could_resume = same_config
+                dropped = f"the checkpoints of its unfinished earlier run (up to {last.name})" + (
+                    "" if same_config else ", made under another config")
         if dry_run:
             log(f"{tag}: would train into {run.stage_dir}" + (f", resuming from {last.name}" if resume and same_config else "")
-                + (f", removing {dropped}" if dropped else ""))
+                + (f", removing {dropped}" + (", which --resume continues" if could_resume else "") if dropped else ""))
             continue
         can_resume = artifacts.begin_stage(run.stage_dir, run.config_hash, resume=resume)
         run.resume_from = artifacts.last_complete_checkpoint(run.stage_dir) if can_resume else None
         if dropped:
-            log(f"{tag}: removed {dropped}")
+            log(f"{tag}: removed {dropped}" + (", which --resume would have continued" if could_resume else ""))
         why = "" if stale[stage.name] == "it is not complete" else f" ({stale[stage.name]})"
         log(f"{tag}: training into {run.stage_dir}{why}" + (f", resuming from {run.resume_from.name}" if run.resume_from else ""))
         start = time.time()

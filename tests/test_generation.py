@@ -67,3 +67,9 @@ def test_a_reward_model_is_refused_as_a_generator(tiny_model_dir, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert err.endswith(f"{stage} is a reward model (a scorer, not a policy): generate from a policy stage such as sft, "
                         f"dpo or ppo, and use it as a judge with --judge reward:{stage}") and len(err.splitlines()) == 1
+    # merged (alignkit merge): a full sequence-classification model
+    merged = tmp_path / "merged_reward"
+    merged.mkdir()
+    (merged / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
+    assert main(["generate", str(merged), "--prompt", "the film was"]) == 2
+    assert "is a reward model" in capsys.readouterr().err

@@ -45,7 +45,7 @@ def run(tmp_path_factory, tiny_model_dir):
     sft, kto = raw["stages"]
     sft["data"]["train"] = str((KTO_RECIPE.parent / sft["data"]["train"]).resolve())
     kto["data"] = {"labels_db": db, "both_bad": "undesirable", "eval_fraction": 0.2}
-    kto["train"].update(max_steps=16, learning_rate=5e-3, desirable_weight=1.8)  # 3 undesirable to 2 desirable
+    kto["train"].update(max_steps=32, learning_rate=5e-3, desirable_weight=1.8)  # 3 undesirable to 2 desirable
     dpo = {"name": "dpo", "kind": "dpo", "after": "sft", "data": {"labels_db": db},
            "train": {"max_steps": 2, "per_device_train_batch_size": 4, "max_length": 128, "gradient_checkpointing": False}}
     raw["stages"].append(dpo)

@@ -222,6 +222,23 @@ def test_values_trl_checks_only_when_training_reaches_them_are_checked_first(cap
     assert message in run_cli(capsys, write(tmp_path), override)
 
 
+def test_a_deprecated_alias_trl_still_maps_is_accepted(capsys, tmp_path):
+    # SFTConfig maps packing_strategy bfd-requeue to bfd_split itself: the choices are checked after TRL's mapping.
+    assert main(["run", str(write(tmp_path)), "--dry-run", "--set", "stages.sft.train.packing_strategy=bfd-requeue"]) == 0
+
+
+def test_prompt_datasets_with_both_prompt_and_messages_use_the_prompt(tmp_path):
+    """UltraFeedback carries `prompt` and the whole conversation as `messages`; an import file must give one."""
+    from alignkit.data.sources import load_prompt_rows
+    from alignkit.store.importer import parse_import_file
+
+    row = {"prompt": "q", "messages": [USER, ASSISTANT]}
+    rows, _ = load_prompt_rows({"prompts": str(jsonl(tmp_path / "p.jsonl", [row]))}, "ppo")
+    assert rows[0]["prompt"] == "q"
+    with pytest.raises(UserError, match="exactly one of"):
+        parse_import_file(jsonl(tmp_path / "i.jsonl", [{**row, "responses": ["a", "b"]}]))
+
+
 # --- 3. errors in --set name the --set -------------------------------------------------------------------
 
 
@@ -380,16 +397,18 @@ def test_a_dpo_stage_cannot_continue_an_ia3_adapter():
 # --- preference rows in the shapes datasets come in -------------------------------------------------------------
 
 def test_hh_rlhf_rows_without_a_prompt_have_it_split_off(tmp_path):
-    """Anthropic HH-RLHF: chosen and rejected are each the whole transcript; TRL's extract_prompt takes the prefix
-    they share. Rows with nothing to split (no shared start, or one response inside the other) are dropped and
-    counted; a file of nothing else is one line."""
-    text = [{"chosen": "\n\nHuman: hi\n\nAssistant: Hello there", "rejected": "\n\nHuman: hi\n\nAssistant: Go away"},
+    """Anthropic HH-RLHF: chosen and rejected are each the whole transcript; the prefix they share is the prompt,
+    cut at a word boundary (TRL's extract_prompt cut 'Assistant: S' + 'ure' / 'orry', and dropped a response that
+    extends the other). Rows with nothing to split are dropped and counted; a file of nothing else is one line."""
+    hh = "\n\nHuman: hi\n\nAssistant:"
+    text = [{"chosen": hh + " Sure, here", "rejected": hh + " Sorry, no"},
             {"chosen": "Sure", "rejected": "No"},  # no shared prompt
-            {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: b and more"}]
+            {"chosen": hh + " Yes.", "rejected": hh + " Yes. Bake it."}]
     chat = [{"chosen": [USER, ASSISTANT], "rejected": [USER, {"role": "assistant", "content": "bye"}]}]
     train, _, info = load_preference_split({"train": str(jsonl(tmp_path / "rows.jsonl", text))}, 0, "dpo")
-    assert train == [{"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " Hello there", "rejected": " Go away"}]
-    assert info["dropped_no_prompt"] == 2
+    assert train == [{"prompt": hh, "chosen": " Sure, here", "rejected": " Sorry, no"},
+                     {"prompt": hh, "chosen": " Yes.", "rejected": " Yes. Bake it."}]
+    assert info["dropped_no_prompt"] == 1
     train, _, _ = load_preference_split({"train": str(jsonl(tmp_path / "chat.jsonl", chat))}, 0, "dpo")
     assert train == [{"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant", "content": "bye"}]}]
     path = jsonl(tmp_path / "none.jsonl", [{"chosen": "yes", "rejected": "no"}])
@@ -424,6 +443,13 @@ def test_kto_rows_from_pairs_or_unpaired_and_eval_holds_out_whole_prompts(tmp_pa
     assert info["desirable_rows"] == info["undesirable_rows"] == 8 and info["pairs_kept"] == 10
     assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in evals})  # both rows of a pair on one side
     assert {(r["completion"].split()[0], r["label"]) for r in train} == {("good", True), ("bad", False)}
+    # TRL's KTO reads rows in order and pairs each with its neighbour for the KL term: not the same prompt's other
+    # response (they were side by side), and not all desirable rows first (with an eval file).
+    assert sum(a["prompt"] == b["prompt"] for a, b in zip(train, train[1:])) <= 2
+    train, _, _ = load_unpaired_split({"train": str(jsonl(tmp_path / "rows.jsonl", pairs)),
+                                       "eval": str(jsonl(tmp_path / "eval.jsonl", pairs[:2]))}, 0, "kto")
+    labels = [r["label"] for r in train]
+    assert labels not in (sorted(labels), sorted(labels, reverse=True))  # not one block of each
 
     unpaired = [{"prompt": [USER], "completion": "hello", "label": True}, {"prompt": "q", "completion": "a", "label": False}]
     train, _, info = load_unpaired_split({"train": str(jsonl(tmp_path / "u.jsonl", unpaired))}, 0, "kto")
@@ -437,6 +463,8 @@ def test_kto_settings_and_policies_are_checked_before_anything_runs(capsys, tmp_
     kto = RECIPE.replace("kind: dpo", "kind: kto")
     err = run_cli(capsys, write(tmp_path, kto), "stages.dpo.train.per_device_train_batch_size=1")
     assert "per_device_train_batch_size must be at least 2" in err, err
+    err = run_cli(capsys, write(tmp_path, kto), "stages.dpo.train.train_sampling_strategy=random")
+    assert "train_sampling_strategy must be 'sequential'" in err, err
     # both_bad: undesirable makes unpaired rows: a dpo stage cannot take them.
     with pytest.raises(UserError, match=r"stages\.dpo\.data\.both_bad=undesirable makes unpaired examples"):
         load_preference_split({"labels_db": str(tmp_path / "labels.db"), "both_bad": "undesirable"}, 0, "dpo")

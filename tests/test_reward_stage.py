@@ -238,4 +238,5 @@ def test_loading_a_scorer_hides_only_the_load_report_it_must_cause(tiny_model_di
         return _ExpectedScorerReport().filter(record)
 
     assert not shown([("lm_head.weight", "UNEXPECTED"), ("score.weight", "MISSING")])
+    assert not shown([("score.weight", "\x1b[31mMISSING\x1b[0m")])  # on a terminal the cells are coloured
     assert shown([("score.weight", "MISSING"), ("model.layers.0.mlp.up_proj.weight", "MISSING")])

@@ -35,9 +35,13 @@ def test_rerun_skips_and_changes_rerun_descendants_only(tiny_recipe, tiny_model_
     assert all("skipped" in line for line in lines), lines
     assert {n: _mtime(run, n) for n in ("sft", "dpo")} == first
 
-    # A DPO-only change re-runs DPO and leaves SFT alone.
+    # A DPO-only change re-runs DPO and leaves SFT alone; its completed run's checkpoints go, named as such.
+    had = last_complete_checkpoint(run / "dpo")
+    lines.clear()
     run_recipe(path, ["stages.dpo.train.beta=0.3"], log=lines.append)
     assert _mtime(run, "sft") == first["sft"] and _mtime(run, "dpo") != first["dpo"]
+    assert had is not None and any(f"removed the checkpoints of its earlier, completed run (up to {had.name})" in line
+                                   for line in lines), lines
     assert read_stage(run / "dpo")["config"]["train"]["beta"] == 0.3
 
     # An SFT change re-runs SFT and, through the parent hash, DPO.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 from alignkit.data.io import where
 from alignkit.errors import UserError
@@ -129,13 +130,35 @@ def _one_type(rows: list[dict], replies: tuple[str, ...]) -> int:
     return changed
 
 
-def _shares_a_prompt(chosen, rejected) -> bool:
-    """Whether a prefix of both separates a prompt from two different responses (what extract_prompt assumes:
-    TRL's version returns a wrong split when they differ at the first element or one contains the other)."""
-    if not chosen or not rejected or type(chosen) is not type(rejected) or chosen[0] != rejected[0]:
-        return False
+def _split_shared_prompt(row: dict) -> dict | None:
+    """prompt / chosen / rejected from two responses that each repeat the prompt, or None when no prefix
+    separates it from two different responses.
+
+    Message lists: TRL's extract_prompt (the longest run of shared messages), guarded where it splits wrongly
+    (the lists differ at the first message, or one contains the other). Text: the longest shared prefix cut back
+    to a word boundary, the whitespace going with the responses as TRL does — extract_prompt cuts mid-word
+    ("Assistant: S" + "ure" / "orry") and drops a response that extends the other ("Yes." / "Yes. Bake it.").
+    """
+    from trl.data_utils import extract_prompt
+
+    chosen, rejected = row["chosen"], row["rejected"]
+    if not chosen or not rejected or type(chosen) is not type(rejected) or chosen == rejected:
+        return None
+    if isinstance(chosen, str):
+        shared = os.path.commonprefix([chosen, rejected])
+        n = len(shared)
+        at_boundary = n < min(len(chosen), len(rejected)) and (
+            shared[-1:].isspace() or (chosen[n].isspace() and rejected[n].isspace()))
+        if not at_boundary:  # inside a word, or one response is all shared: back to the last whitespace
+            n = max((i for i, ch in enumerate(shared) if ch.isspace()), default=0)
+        cut = len(chosen[:n].rstrip())
+        if cut == 0:
+            return None
+        return {"prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
     n = min(len(chosen), len(rejected))
-    return chosen[:n] != rejected[:n]
+    if chosen[0] != rejected[0] or chosen[:n] == rejected[:n]:
+        return None
+    return extract_prompt(row)
 
 
 def consistent_pairs(rows: list[dict], source) -> tuple[list[dict], dict]:
@@ -151,15 +174,14 @@ def consistent_pairs(rows: list[dict], source) -> tuple[list[dict], dict]:
     - text rows among conversational ones become conversational (prompt a user turn, responses assistant
       turns): a dataset column holds one type.
     """
-    from trl.data_utils import extract_prompt
-
     check_preference_rows(rows, source)
     out, no_prompt = [], 0
     for row in rows:
         row = dict(row)
         if "prompt" not in row or (isinstance(row["prompt"], str) and _is_chat(row["chosen"]) and _is_chat(row["rejected"])):
-            if _shares_a_prompt(row["chosen"], row["rejected"]):
-                row.update(extract_prompt(row))
+            split = _split_shared_prompt(row)
+            if split is not None:
+                row.update(split)
             elif "prompt" not in row:
                 no_prompt += 1
                 continue
@@ -204,11 +226,16 @@ def consistent_unpaired(rows: list[dict], source) -> tuple[list[dict], dict]:
     return out, ({"rows_made_conversational": made_chat} if made_chat else {})
 
 
-def prompt_from(row: dict, source):
+def prompt_from(row: dict, source, *, exclusive: bool = False):
     """The prompt a prompts-file row asks for, checked: `prompt` (non-empty text, or a message list as in TRL's
-    conversational format) or `messages`, exactly one; a message list ends with the turn to answer, not the
-    assistant's. One rule for every prompt file: PPO / GRPO / RLOO data, `label import` and `compare`."""
-    if ("prompt" in row) == ("messages" in row):
+    conversational format), else `messages`; a message list ends with the turn to answer, not the assistant's.
+    One rule for every prompt file: PPO / GRPO / RLOO data, `label import` and `compare`. Datasets often carry
+    both (UltraFeedback: `messages` is the whole conversation), so `prompt` wins, unless `exclusive` (an import
+    file, where both would be a mistake) refuses the row."""
+    if "prompt" not in row and "messages" not in row:
+        has = ", ".join(k for k in row if k != "_line") or "none"
+        raise UserError(f"{where(source, row)}: no `prompt` (text or a list of messages) or `messages` column (has: {has})")
+    if exclusive and "prompt" in row and "messages" in row:
         raise UserError(f"{where(source, row)}: give exactly one of `prompt` (text or a list of messages) or `messages`")
     key = "prompt" if "prompt" in row else "messages"
     value = row[key]

@@ -16,6 +16,7 @@ time with the YAML line (data_value_problem), so these checks matter for callers
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 from alignkit.artifacts import file_fingerprint, stable_hash
@@ -202,6 +203,11 @@ def load_unpaired_split(data: dict, seed: int, stage: str) -> tuple[list[dict], 
         train, evals = _eval_rows(data, rows, seed, stage, lambda r, s: _unpaired(r, s)[0])
     else:
         train, evals = _split_by_prompt(rows, data.get("eval_fraction", 0.0), seed, f"stages.{stage}.data.eval_fraction")
+    # TRL's KTO reads rows in order and pairs each with its neighbour for the KL estimate: a pair's two rows side
+    # by side (or all desirable rows first) would make that a same-prompt pair, so the order is shuffled (seeded).
+    train, evals = train[:], evals[:]
+    random.Random(seed).shuffle(train)
+    random.Random(seed + 1).shuffle(evals)
     desirable = sum(r["label"] for r in train)
     info = {"train": str(source), "fingerprint": fingerprint, **counts, "train_rows": len(train),
             "eval_rows": len(evals), "desirable_rows": desirable, "undesirable_rows": len(train) - desirable}

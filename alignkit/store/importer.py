@@ -78,7 +78,7 @@ def parse_import_file(path: str | Path, *, responses_required: bool = True) -> l
         if unknown:
             raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} (expected prompt or messages, "
                             f"responses, models, id, meta)")
-        prompt = prompt_from(obj, path)
+        prompt = prompt_from(obj, path, exclusive=True)
         responses = obj.get("responses", [])
         if not isinstance(responses, list) or not all(isinstance(r, str) and r.strip() for r in responses):
             raise UserError(f"{where}: `responses` must be a list of non-empty strings")
