@@ -448,7 +448,8 @@ def check_port(host: str, port: int) -> None:
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as err:
-        raise UserError(f"--host {host}: not an address this machine can listen on ({err})") from None
+        raise UserError(f"--host {host}: not an address this machine can listen on "
+                        f"({getattr(err, 'strerror', None) or err})") from None
     with socket.socket(family, socket.SOCK_STREAM) as s:
         # As uvicorn binds: a port a stopped server left in TIME_WAIT is free, one with a listener is not.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -47,11 +47,22 @@ def _seconds(s: str) -> float:
     return x
 
 
+def _port(s: str) -> int:
+    try:
+        x = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+    if not 1 <= x <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {s}")
+    return x
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes are bad input like any other: one line (no usage dump), exit status 2."""
 
     def error(self, message: str):
-        raise UserError(f"{self.prog}: {message}")
+        # The caller prints "alignkit: error: ", so the subcommand goes without "alignkit" again.
+        raise UserError(f"{self.prog.removeprefix('alignkit ')}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the labeling app (login required unless --no-auth)")
     p.add_argument("--db", required=True)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=_port, default=7860)
     p.add_argument("--users", help="users file written by `alignkit label add-user`")
     p.add_argument("--overlap", type=_positive, default=3, help="distinct annotators per comparison (default 3)")
     p.add_argument("--no-auth", action="store_true", help="no login, one local annotator; loopback only")
@@ -131,7 +142,7 @@ def _import(args) -> int:
 
 def _serve(args) -> int:
     from alignkit.store import open_store
-    from labeling_ui.app import DEFAULT_CONCURRENCY_LIMIT, build_app, is_loopback, launch
+    from labeling_ui.app import DEFAULT_CONCURRENCY_LIMIT, build_app, check_port, is_loopback, launch
     from labeling_ui.users import UsersFile
 
     if args.no_auth and args.users:
@@ -142,6 +153,7 @@ def _serve(args) -> int:
     if args.no_auth and not is_loopback(args.host):
         raise UserError(f"--no-auth serves only on loopback (127.0.0.1, ::1, localhost), not {args.host}")
     auth = UsersFile(args.users) if args.users else None
+    check_port(args.host, args.port)  # before the store is opened: a busy port leaves it untouched
     limit = args.concurrency_limit or DEFAULT_CONCURRENCY_LIMIT
     store = open_store(args.db, create=False, overlap=args.overlap, lease_seconds=args.lease_seconds,
                        pool_size=limit + 4)
@@ -149,9 +161,13 @@ def _serve(args) -> int:
     blocked = [Path(args.users)] if args.users else []
     if "://" not in str(args.db):
         blocked.append(Path(args.db))
-    print(f"alignkit label: serving {args.db} on http://{args.host}:{args.port} "
-          f"(overlap {args.overlap}, {'no login' if auth is None else 'login required'})", flush=True)
-    launch(demo, host=args.host, port=args.port, blocked_paths=blocked)
+    # quiet: Gradio's banner would suggest share=True, which this app keeps off; our line says where it listens,
+    # printed once it does.
+    launch(demo, host=args.host, port=args.port, blocked_paths=blocked, prevent_thread_lock=True, quiet=True)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"alignkit label: serving {args.db} on http://{host}:{args.port} "
+          f"(overlap {args.overlap}, {'no login' if auth is None else 'login required'}); Ctrl-C stops", flush=True)
+    demo.block_thread()
     return 0
 
 
