@@ -27,9 +27,12 @@
 With `--judge human:DB` the pairs go into the label store as arena battles (responses
 recorded with their model spec and display name, which annotators see only after their
 vote, in the labeling app's Arena tab) and OUT/human.json records what was sent;
-`--collect` later reads the votes and writes the results. There every (prompt, pair) counts
-once: a vote weighs 1/(votes on its comparison), a prompt on which the two models gave the same
-response is one tie, and wins/losses/ties still count votes.
+`--collect` later reads the votes and writes the results, computed by the same functions as the
+labeling app's leaderboard (alignkit.store.arena), so the two agree. There every battle (prompt,
+pair) counts once: a vote weighs 1/(votes on its battle); wins/losses/ties still count votes. A
+prompt on which two models gave the same text is no battle (the store keeps that text once, under
+the model that stored it, and nobody votes on it): it is counted in `human.identical_responses`,
+not rated. Before any vote there is nothing to rate, and --collect says so (exit status 2).
 """
 
 from __future__ import annotations
@@ -237,7 +240,7 @@ def summarise(names: Sequence[str], battles: list[dict], responses: dict[str, li
     """pairs / ratings / win_matrix / mean_length from battle records (keys as in compare.json).
 
     Battles are clustered by `prompt_index` (every pair meets on every prompt, so a response is in
-    K-1 battles) and weighted by `weight` (default 1; the human judge's 1/votes per comparison).
+    K-1 battles) and weighted by `weight` (default 1).
     """
     if bootstrap < stats.MIN_BOOTSTRAP:
         raise UserError(f"--bootstrap must be >= {stats.MIN_BOOTSTRAP}, got {bootstrap}")
@@ -271,9 +274,13 @@ def summarise(names: Sequence[str], battles: list[dict], responses: dict[str, li
         out["ratings_warning"] = graph.warning
         out["ratings_connectivity"] = graph.as_dict()
     if responses is not None:
-        out["mean_length"] = {m: {"chars": float(np.mean([len(t) for t in responses[m]])),
-                                  "words": float(np.mean([len(t.split()) for t in responses[m]]))} for m in names}
+        out["mean_length"] = _mean_length(names, responses)
     return out
+
+
+def _mean_length(names: Sequence[str], responses: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    return {m: {"chars": float(np.mean([len(t) for t in responses[m]])),
+                "words": float(np.mean([len(t.split()) for t in responses[m]]))} for m in names}
 
 
 # ---------------------------------------------------------------------------
@@ -298,10 +305,12 @@ def write_markdown(result: dict, path: Path) -> None:
         f"ratings' CIs are a percentile bootstrap over prompts ({result['bootstrap']} rounds).", "",
     ]
     if "human" in result:
-        lines += ["Human judge: wins / losses / ties count votes, but the win rate, its CI, the ratings and the win "
-                  "matrix weigh each vote 1/(votes on its comparison), so every (prompt, pair) counts once however "
-                  "many people voted on it; a prompt on which both models gave the same response counts as one tie.",
-                  ""]
+        h = result["human"]
+        lines += [f"Human judge: {h['votes']} votes on {h['battles']} battles ({h['battles_without_votes']} battles "
+                  "without a vote yet). Wins / losses / ties count votes, but the win rate, its CI, the ratings and the "
+                  "win matrix weigh each vote 1/(votes on its battle), so every (prompt, pair) counts once however "
+                  f"many people voted on it. {h['identical_responses']} (prompt, pair)s where both models gave the "
+                  "same text are not rated: nobody voted on them.", ""]
     lines += ["## Models", "", "| name | spec | mean length (chars) | mean length (words) | generated | cached |",
               "|---|---|---:|---:|---:|---:|"]
     for m, info in result["models"].items():
@@ -370,6 +379,12 @@ def _store_key(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def _arena_identity(info: dict) -> str:
+    """The `model_identity` a human-judged model's responses carry in the store (the leaderboard counts models by it):
+    a hash of what its weights are, else of its spec."""
+    return stable_hash(info.get("identity") or {"spec": info["spec"]})[:16]
+
+
 def send_to_store(out_dir: Path, db: str, models: dict[str, str], prompts: list[Any],
                   responses: dict[str, list[str]], info: dict[str, dict], params: SamplingParams) -> dict:
     """Human judge, step 1: put every pair into the label store for blind voting; record what was sent."""
@@ -380,7 +395,7 @@ def send_to_store(out_dir: Path, db: str, models: dict[str, str], prompts: list[
     if len(set(specs)) != len(specs):
         raise UserError("human judge: two --model arguments name the same spec; the store records responses by spec")
     # model_identity: what the leaderboard counts the model by (names repeat across runs: `dpo`, `sft`).
-    identity = {m: stable_hash(info[m].get("identity") or {"spec": models[m]})[:16] for m in models}
+    identity = {m: _arena_identity({**info[m], "spec": models[m]}) for m in models}
     rows = []
     for i, prompt in enumerate(prompts):
         texts = [responses[m][i] for m in models]
@@ -406,11 +421,17 @@ def send_to_store(out_dir: Path, db: str, models: dict[str, str], prompts: list[
 
 
 def collect_from_store(out_dir: Path, db: str, bootstrap: int) -> dict:
-    """Human judge, step 2: read the votes on the pairs `send_to_store` queued; write the results."""
+    """Human judge, step 2: read the votes on the pairs `send_to_store` queued; write the results.
+
+    The votes are read and rated by the same functions as the labeling app's leaderboard
+    (alignkit.store.arena.arena_battles / summarise_votes), restricted to this run's battles and
+    named as this run named its models, so both report the same numbers for the same votes.
+    """
     from sqlalchemy import select
 
     from alignkit.store import open_store
-    from alignkit.store.models import Comparison, Prompt, Response, Vote
+    from alignkit.store.arena import arena_battles, model_key, summarise_votes
+    from alignkit.store.models import Comparison, Prompt, Response
 
     path = out_dir / HUMAN_JSON
     if not path.exists():
@@ -421,50 +442,68 @@ def collect_from_store(out_dir: Path, db: str, bootstrap: int) -> dict:
     names = list(sent["models"])
     prompts, responses = sent["prompts"], sent["responses"]
     params = SamplingParams(**sent["sampling"])
+    identity = {_arena_identity(sent["models"][m]): m for m in names}
     store = open_store(db, create=False)
-    battles, votes, unvoted, identical = [], 0, 0, 0
     try:
+        named: dict[int, str] = {}  # response id -> the model of this run it counts for
+        prompt_index: dict[int, int] = {}
+        comparisons, identical = set(), 0
         with store.read() as s:
             for i, prompt in enumerate(prompts):
                 pid = s.scalars(select(Prompt.id).where(Prompt.key == _store_key(prompt))).first()
                 if pid is None:
                     raise UserError(f"--collect: prompt {i} of {path} is not in {db}")
-                ids = {}
+                prompt_index.setdefault(pid, i)
+                gave: dict[int, list[str]] = {}  # response id -> the models that gave that text
                 for m in names:
-                    ids[m] = s.scalars(select(Response.id).where(Response.prompt_id == pid,
-                                                                 Response.key == _store_key(responses[m][i]))).first()
-                for x, y in _pairs(names):
-                    if ids[x] == ids[y]:
-                        identical += 1
-                        battles.append({"prompt_index": i, "model_a": x, "model_b": y, "winner": "tie", "identical": True})
-                        continue
-                    lo, hi = sorted((ids[x], ids[y]))
-                    comp = s.scalars(select(Comparison.id).where(Comparison.response_a_id == lo,
-                                                                 Comparison.response_b_id == hi)).first()
-                    choices = s.scalars(select(Vote.choice).where(Vote.comparison_id == comp)).all() if comp else []
-                    if not choices:
-                        unvoted += 1
-                    first = x if ids[x] == lo else y  # the store's canonical "a" is the lower response id
-                    second = y if first == x else x
-                    for c in choices:
-                        votes += 1
-                        # "both bad" is a tie between the two, as Chatbot Arena counts "tie (bothbad)".
-                        winner = c if c in ("a", "b") else "tie"
-                        # Each comparison counts once, like an identical-response tie: its votes share weight 1.
-                        battles.append({"prompt_index": i, "model_a": first, "model_b": second, "winner": winner,
-                                        "weight": 1.0 / len(choices)})
+                    r = s.scalars(select(Response).where(Response.prompt_id == pid,
+                                                         Response.key == _store_key(responses[m][i]))).first()
+                    if r is None:
+                        raise UserError(f"--collect: {m}'s response to prompt {i} of {path} is not in {db}")
+                    if r.id not in gave:
+                        gave[r.id] = []
+                        # Models that gave one text share one response, which the store (and the leaderboard)
+                        # credits to the model that stored it; nobody votes between them.
+                        named[r.id] = identity.get(model_key(r), m)
+                    gave[r.id].append(m)
+                identical += sum(len(ms) * (len(ms) - 1) // 2 for ms in gave.values())
+                for lo, hi in itertools.combinations(sorted(gave), 2):
+                    cid = s.scalars(select(Comparison.id).where(Comparison.response_a_id == lo,
+                                                                Comparison.response_b_id == hi)).first()
+                    if cid is not None:
+                        comparisons.add(cid)
+        ab = arena_battles(store, comparisons=comparisons, names=named)
     finally:
         store.close()
+    if not ab.votes:
+        raise UserError(f"--collect: no votes yet on the {ab.without_votes} battles {out_dir} sent to {db}; "
+                        f"annotators vote in the labeling app's Arena tab (alignkit label serve --db {db})")
+    summary = summarise_votes(ab, models=names, bootstrap=bootstrap, seed=params.seed, ratings=len(names) >= 3)
+    prompt_of = dict(zip(ab.comparisons, ab.prompts))
     with open(out_dir / "battles.jsonl", "w", encoding="utf-8") as f:
-        for b in battles:
-            f.write(json.dumps(b) + "\n")
+        for (a, b, winner), cid, weight in zip(ab.battles, ab.comparisons, ab.weights):
+            f.write(json.dumps({"prompt_index": prompt_index[prompt_of[cid]], "comparison_id": cid, "model_a": a,
+                                "model_b": b, "winner": winner, "weight": weight}) + "\n")
+    met = {(p["model_a"], p["model_b"]): p for p in summary.pairs}
+    pairs = [met.get((x, y)) or {"model_a": x, "model_b": y, "wins": 0, "losses": 0, "ties": 0, "n": 0, "battles": 0,
+                                 "units": 0, "win_rate": None, "ci_low": None, "ci_high": None, "ci_method": None}
+             for x, y in _pairs(names)]
     result = {
         "judge": f"human:{db}", "tie_margin": 0.0, "bootstrap": bootstrap, "n_prompts": len(prompts),
         "sampling": params.to_dict(), "seed": params.seed, "models": sent["models"],
-        "human": {"votes": votes, "comparisons_without_votes": unvoted, "identical_responses_counted_as_ties": identical,
-                  "weighting": "each vote 1/(votes on its comparison); an identical-response tie 1"},
-        **summarise(names, battles, responses, bootstrap=bootstrap, seed=params.seed),
+        "human": {"votes": summary.votes, "battles": summary.battles, "battles_without_votes": summary.without_votes,
+                  "identical_responses": identical,
+                  "weighting": "each vote 1/(votes on its battle); identical responses are not rated"},
+        "pairs": pairs, "win_matrix": summary.win_matrix,
     }
+    if len(names) >= 3:
+        result["ratings"] = {m["model"]: {k: m[k] for k in ("rating", "ci_low", "ci_high", "median")}
+                             for m in summary.models if m["rating"] is not None}
+        result["ratings_warning"] = summary.warning
+        result["ratings_connectivity"] = summary.connectivity
+    elif summary.warning:
+        result["warning"] = summary.warning
+    result["mean_length"] = _mean_length(names, responses)
     return _write_outputs(result, out_dir)
 
 
@@ -537,8 +576,8 @@ def compare_from_cli(args) -> int:
               f"win rate {_fmt(p['win_rate'])} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}]")
     for m, r in result.get("ratings", {}).items():
         print(f"{m}: {r['rating']:.0f} [{r['ci_low']:.0f}, {r['ci_high']:.0f}]")
-    if result.get("ratings_warning"):
-        print(f"warning: {result['ratings_warning']}")
+    if result.get("ratings_warning") or result.get("warning"):
+        print(f"warning: {result.get('ratings_warning') or result['warning']}")
     if "generated" in result:
         print(f"responses: {result['generated']} generated, {result['cached']} from cache")
     return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from alignkit import stats
 from alignkit.errors import UserError
 from alignkit.store import Item, Store, next_item, progress, skip, submit_vote, undo_last_vote
 from alignkit.store.agreement import agreement_report
-from alignkit.store.arena import LeaderboardCache, arena_battles, arena_vote_state, reveal
+from alignkit.store.arena import LeaderboardCache, arena_battles, arena_vote_state, reveal, summarise_votes
 from alignkit.store.export import export_dataset
 from alignkit.store.queue import prompt_as_markdown
 
@@ -204,45 +203,51 @@ def arena_vote(store: Store, user: str, comparison_id: int | None, choice: str, 
 class Leaderboard:
     """Ratings from every vote on an arena battle: Bradley–Terry on the Elo scale with bootstrap CIs.
 
-    Each comparison counts once (a vote weighs 1/(votes on it)) and the bootstrap resamples prompts;
+    Computed by alignkit.store.arena.summarise_votes, as `alignkit compare --collect` computes its results,
+    so both agree on the same votes. A battle is one comparison of two models' responses; each counts once
+    however many people voted on it (a vote weighs 1/(votes on it)), and the bootstrap resamples prompts.
     `votes`, `wins`, `losses` and `ties` count raw votes.
     """
 
-    votes: int  # all votes on arena battles
-    battles: int  # the votes rated (both sides under one name are left out)
-    models: list[dict[str, Any]]  # best first: model, rating, ci_low, ci_high, votes, wins, losses, ties
-    pairs: list[dict[str, Any]]  # model_a, model_b, wins/losses/ties of model_a, n, win_rate, ci_low, ci_high
+    votes: int  # votes rated
+    battles: int  # battles with at least one rated vote
+    models: list[dict[str, Any]]  # rated models best first: model, rating, ci_low, ci_high, battles, votes, wins, ...
+    pairs: list[dict[str, Any]]  # model_a, model_b, wins/losses/ties of model_a, n (votes), battles, units, win_rate, CI
     bootstrap: int
-    warning: str | None = None  # stats.Connectivity.warning: no finite MLE, or groups that never met
+    warning: str | None = None  # no votes yet, models not rated yet, stats.Connectivity.warning
+    without_votes: int = 0  # battles sent that nobody has voted on yet
 
     def model_rows(self) -> list[list[Any]]:
-        return [[i + 1, m["model"], round(m["rating"], 1), f"[{m['ci_low']:.1f}, {m['ci_high']:.1f}]", m["votes"],
-                 m["wins"], m["losses"], m["ties"]] for i, m in enumerate(self.models)]
+        return [[i + 1, m["model"], round(m["rating"], 1), f"[{m['ci_low']:.1f}, {m['ci_high']:.1f}]", m["battles"],
+                 m["votes"], m["wins"], m["losses"], m["ties"]] for i, m in enumerate(self.models)]
 
     def pair_rows(self) -> list[list[Any]]:
-        return [[p["model_a"], p["model_b"], p["n"], round(p["win_rate"], 3),
+        return [[p["model_a"], p["model_b"], p["battles"], p["n"], round(p["win_rate"], 3),
                  f"[{p['ci_low']:.3f}, {p['ci_high']:.3f}]"] for p in self.pairs]
 
     @property
     def summary_markdown(self) -> str:
         if not self.models:
-            return "*No votes on arena battles yet.*"
-        text = (f"**{self.battles}** rated votes on arena battles, **{len(self.models)}** models. Bradley–Terry "
-                f"ratings on the Elo scale (1000 = average) with 95% CIs that resample prompts ({self.bootstrap} "
-                f"rounds); each battle counts once however many people voted on it (win rates too); ties and "
-                f"both-bad count as ties.")
+            waiting = f" ({self.without_votes} waiting)" if self.without_votes else ""
+            return f"*No votes on arena battles yet{waiting}.*"
+        text = (f"**{self.votes}** votes on **{self.battles}** arena battles, **{len(self.models)}** models rated. "
+                f"Bradley–Terry ratings on the Elo scale (1000 = average) with 95% CIs that resample prompts "
+                f"({self.bootstrap} rounds); each battle counts once however many people voted on it (win rates "
+                f"too); ties and both-bad count as ties.")
+        if self.without_votes:
+            text += f" {self.without_votes} battles have no vote yet."
         if self.warning:
             text += f"\n\n**Warning:** {markdown_text(self.warning)}"
         return text
 
 
-LEADERBOARD_COLUMNS = ["rank", "model", "rating", "95% CI", "votes", "wins", "losses", "ties"]
-LEADERBOARD_PAIR_COLUMNS = ["model A", "model B", "votes", "win rate of A", "95% CI"]
+LEADERBOARD_COLUMNS = ["rank", "model", "rating", "95% CI", "battles", "votes", "wins", "losses", "ties"]
+LEADERBOARD_PAIR_COLUMNS = ["model A", "model B", "battles", "votes", "win rate of A", "95% CI"]
 
 
 def leaderboard(store: Store, *, bootstrap: int = LEADERBOARD_BOOTSTRAP, seed: int = 0,
                 cache: LeaderboardCache | None = None) -> Leaderboard:
-    """Ratings, CIs, votes per model and win rates per pair, from all votes on arena battles.
+    """Ratings, CIs, counts per model and win rates per pair, from all votes on arena battles.
 
     With `cache` (one per app), the result is reused until an arena vote is cast or undone: the
     bootstrap refits take seconds, and every annotator can ask.
@@ -252,18 +257,7 @@ def leaderboard(store: Store, *, bootstrap: int = LEADERBOARD_BOOTSTRAP, seed: i
     if cache is not None:
         key = (arena_vote_state(store), bootstrap, seed)
         return cache.get(key, lambda: leaderboard(store, bootstrap=bootstrap, seed=seed))
-    ab = arena_battles(store)
-    if not ab.battles:
-        return Leaderboard(ab.votes, 0, [], [], bootstrap)
-    ratings = stats.bootstrap_ratings(ab.battles, rounds=bootstrap, seed=seed, clusters=ab.prompts, weights=ab.weights)
-    record: dict[str, Counter] = {m: Counter() for m in ratings}
-    for a, b, winner in ab.battles:
-        for model, won in ((a, "a"), (b, "b")):
-            record[model]["votes"] += 1
-            record[model]["ties" if winner == "tie" else "wins" if winner == won else "losses"] += 1
-    models = [{"model": m, **ratings[m], **{k: record[m][k] for k in ("votes", "wins", "losses", "ties")}}
-              for m in sorted(ratings, key=lambda m: -ratings[m]["rating"])]
-    pairs = [{"model_a": x, "model_b": y, **s} for (x, y), s in
-             stats.pair_stats(ab.battles, clusters=ab.prompts, weights=ab.weights).items()]
-    warning = stats.connectivity(ab.battles, weights=ab.weights).warning
-    return Leaderboard(ab.votes, len(ab.battles), models, pairs, bootstrap, warning)
+    s = summarise_votes(arena_battles(store), bootstrap=bootstrap, seed=seed)
+    # Models nobody has voted on yet have no rating to rank; the warning names them.
+    rated = [m for m in s.models if m["rating"] is not None]
+    return Leaderboard(s.votes, s.battles, rated, s.pairs, bootstrap, s.warning, s.without_votes)

@@ -72,7 +72,7 @@ def test_arena_handlers_blind_vote_reveal_and_leaderboard(tmp_path):
     assert seen == [1, 2]
 
     # The Arena serves only battles; three annotators prefer gamma, and alpha over beta except once each.
-    cast = []  # (winner model or "tie", model_left, model_right)
+    cast, voted_on = [], set()  # (winner model or "tie", model_left, model_right); battles voted on
     for user in ("ann", "bob", "cat"):
         view = handlers.arena_view(store, user, overlap=3)
         n = 0
@@ -100,6 +100,7 @@ def test_arena_handlers_blind_vote_reveal_and_leaderboard(tmp_path):
             assert again.status.startswith("Not saved") and not again.revealed
             winner = {"a": left, "b": right}.get(choice, "tie")
             cast.append((winner, left, right))
+            voted_on.add(view.comparison_id)
             view = handlers.arena_view(store, user, overlap=3)
         # Every prompt's battles reach each annotator (all of them, or one per prompt: the queue's rule).
         assert n >= len(PROMPTS)
@@ -108,7 +109,8 @@ def test_arena_handlers_blind_vote_reveal_and_leaderboard(tmp_path):
         reveal(store, "ann", 1)
 
     board = handlers.leaderboard(store, bootstrap=200)
-    assert board.votes == board.battles == len(cast) >= 3 * len(PROMPTS)
+    assert board.votes == len(cast) >= 3 * len(PROMPTS) and board.battles == len(voted_on)
+    assert board.without_votes == len(battle_ids) - len(voted_on)
     assert [m["model"] for m in board.models] == ["gamma-z9", "alpha-k3", "beta-q7"]
     fought = Counter(m for _, a, b in cast for m in (a, b))
     for m in board.models:
@@ -116,6 +118,7 @@ def test_arena_handlers_blind_vote_reveal_and_leaderboard(tmp_path):
         won = sum(w == m["model"] for w, *_ in cast)
         ties = sum(w == "tie" and m["model"] in (a, b) for w, a, b in cast)
         assert (m["votes"], m["wins"], m["ties"]) == (fought[m["model"]], won, ties)
+        assert 0 < m["battles"] <= m["votes"]
     assert board.models[0]["wins"] == fought["gamma-z9"] and board.models[1]["wins"] > board.models[2]["wins"]
     # gamma won every vote: no finite MLE, and the leaderboard says so.
     assert board.warning and "gamma-z9 never lost or tied" in board.warning
@@ -235,7 +238,9 @@ def test_human_judge_through_the_real_server_and_collect(two_models, tmp_path):
         cast += decided
         assert len(cast) == 3 * len(distinct)
         board = client(server.url, ("ann", creds["ann"])).predict(api_name="/leaderboard")
-        assert board["votes"] == len(cast) and {m["model"] for m in board["models"]} == set(two_models)
+        # Three people voted on each battle: 3x as many votes as battles, and the board says which is which.
+        assert (board["votes"], board["battles"]) == (len(cast), len(distinct))
+        assert {m["model"] for m in board["models"]} == set(two_models)
         assert all(m["ci_low"] <= m["rating"] <= m["ci_high"] and m["votes"] == len(cast) for m in board["models"])
     finally:
         server.stop()
@@ -244,12 +249,16 @@ def test_human_judge_through_the_real_server_and_collect(two_models, tmp_path):
     result = json.loads((out / "compare.json").read_text())
     identical = len(PROMPTS) - len(distinct)
     assert {k: v for k, v in result["human"].items() if k != "weighting"} == {
-        "votes": len(cast), "comparisons_without_votes": 0, "identical_responses_counted_as_ties": identical}
+        "votes": len(cast), "battles": len(distinct), "battles_without_votes": 0, "identical_responses": identical}
     (pair,) = result["pairs"]
     counts = Counter(cast)
     assert (pair["model_a"], pair["model_b"]) == ("alpha-k3", "beta-q7")
-    assert (pair["wins"], pair["losses"], pair["ties"]) == (counts["alpha-k3"], counts["beta-q7"],
-                                                            counts["tie"] + identical)
+    assert (pair["wins"], pair["losses"], pair["ties"]) == (counts["alpha-k3"], counts["beta-q7"], counts["tie"])
+    # The server's leaderboard reports the same pair from the same votes (it may show it the other way round).
+    (bp,) = board["pairs"]
+    same = bp["model_a"] == "alpha-k3"
+    assert (bp["wins"], bp["losses"]) == ((pair["wins"], pair["losses"]) if same else (pair["losses"], pair["wins"]))
+    assert bp["win_rate"] == pytest.approx(pair["win_rate"] if same else 1 - pair["win_rate"])
 
 
 def _vote_all(store, users, decide, overlap):
@@ -262,7 +271,7 @@ def _vote_all(store, users, decide, overlap):
 
 
 def test_human_votes_weigh_one_comparison_once_in_collect_and_the_leaderboard(tmp_path):
-    """Three people vote on every battle of prompts 0-2, one on prompt 3; identical responses are one tie.
+    """Three people vote on every battle of prompts 0-2; prompt 3's responses are identical: no battle, not rated.
     Every (prompt, pair) counts once: a vote weighs 1/(votes on its comparison)."""
     from alignkit.compare import collect_from_store
 
@@ -279,19 +288,90 @@ def test_human_votes_weigh_one_comparison_once_in_collect_and_the_leaderboard(tm
               else ("a" if left.startswith("beta") else "b"), overlap=3)
     result = collect_from_store(out, db, bootstrap=200)
     (pair,) = result["pairs"]
-    # Raw counts are votes (and the one identical-response tie) ...
-    assert (pair["wins"], pair["losses"], pair["ties"], pair["n"], pair["units"]) == (6, 3, 1, 10, 4)
-    # ... the win rate weighs each comparison once: (2/3 + 2/3 + 2/3 + 1/2) / 4, not 6.5 / 10.
-    assert pair["win_rate"] == pytest.approx((3 * 2 / 3 + 0.5) / 4)
+    # Raw counts are votes; the identical responses of prompt 3 are counted apart, not as a tie nobody cast.
+    assert (pair["wins"], pair["losses"], pair["ties"], pair["n"], pair["battles"], pair["units"]) == (6, 3, 0, 9, 3, 3)
+    assert result["human"]["identical_responses"] == 1
+    # The win rate weighs each comparison once: alpha won 2 of 3 votes on each.
+    assert pair["win_rate"] == pytest.approx(2 / 3)
     battles = [json.loads(x) for x in (out / "battles.jsonl").read_text().splitlines()]
-    assert sorted(b.get("weight", 1.0) for b in battles) == pytest.approx([1 / 3] * 9 + [1.0])
+    assert [b["weight"] for b in battles] == pytest.approx([1 / 3] * 9)
     assert "weighted win rate" in (out / "compare.md").read_text()
 
     board = handlers.leaderboard(store, bootstrap=100)
     (lp,) = board.pairs
-    assert lp["n"] == 9 and lp["units"] == 3  # the arena has no identical-response battle
+    assert (lp["n"], lp["battles"], lp["units"]) == (9, 3, 3) and (board.votes, board.battles) == (9, 3)
     rate_alpha = lp["win_rate"] if lp["model_a"] == "alpha-k3" else 1 - lp["win_rate"]
-    assert rate_alpha == pytest.approx(2 / 3)
+    assert rate_alpha == pytest.approx(pair["win_rate"])
+    store.close()
+
+
+def test_collect_and_the_leaderboard_agree_when_models_repeat_each_others_text(tmp_path):
+    """dpo gives sft's text on half the prompts: the store keeps that text once, credited to sft, so a vote on it
+    against ppo is one sft-vs-ppo vote in both views (collect used to count it for dpo too, and counted sft-vs-dpo
+    as ties nobody cast, so their ratings differed)."""
+    from alignkit.compare import collect_from_store
+
+    db, out = str(tmp_path / "labels.db"), tmp_path / "out"
+    out.mkdir()
+    models = {"sft": "/specs/sft", "dpo": "/specs/dpo", "ppo": "/specs/ppo"}
+    n = 6
+    responses = {"sft": [f"sft {i}" for i in range(n)], "ppo": [f"ppo {i}" for i in range(n)],
+                 "dpo": [f"sft {i}" if i % 2 else f"dpo {i}" for i in range(n)]}
+    send_to_store(out, db, models, [f"prompt {i}" for i in range(n)], responses,
+                  {m: {"spec": s} for m, s in models.items()}, SamplingParams())
+    store = open_store(db, create=False)
+    strength = {"sft": 0, "dpo": 1, "ppo": 2}
+
+    def decide(user, left, right):
+        # The stronger model wins, except that bob prefers sft to ppo and cat dpo to ppo.
+        x, y = left.split()[0], right.split()[0]
+        upset = (user, {x, y}) in (("bob", {"sft", "ppo"}), ("cat", {"dpo", "ppo"}))
+        return "a" if (strength[x] > strength[y]) != upset else "b"
+
+    _vote_all(store, ["ann", "bob", "cat"], decide, overlap=3)
+    board = handlers.leaderboard(store, bootstrap=100)
+    result = collect_from_store(out, db, bootstrap=100)
+    assert result["ratings"] == {m["model"]: {k: m[k] for k in ("rating", "ci_low", "ci_high", "median")}
+                                 for m in board.models}
+    assert list(result["ratings"]) == [m["model"] for m in board.models]
+    assert (result["human"]["votes"], result["human"]["battles"]) == (board.votes, board.battles)
+    assert board.battles == 3 * n - 2 * (n // 2) and board.votes > board.battles
+    assert result["human"]["identical_responses"] == n // 2
+    store.close()
+
+
+def test_collect_before_any_vote_says_so(tmp_path, capsys):
+    """No votes: one line and exit status 2, nothing written (it printed `dpo: 1000 [1000, 1000]`, one model missing,
+    no warning). Votes for some models only: the others are named as not rated."""
+    from alignkit.cli import main
+
+    db, out = str(tmp_path / "labels.db"), tmp_path / "out"
+    out.mkdir()
+    responses = fixed_responses(MODELS)
+    responses["beta-q7"][0] = responses["alpha-k3"][0]  # an identical pair, which used to be rated as a tie
+    send_to_store(out, db, MODELS, PROMPTS, responses, {m: {"spec": s} for m, s in MODELS.items()}, SamplingParams())
+    argv = ["compare", "--judge", f"human:{db}", "--out", str(out), "--collect", "--bootstrap", "100"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"alignkit: error: --collect: no votes yet on the 10 battles {out} sent to {db}; annotators vote "
+                   f"in the labeling app's Arena tab (alignkit label serve --db {db})\n")
+    assert not (out / "compare.json").exists() and not (out / "battles.jsonl").exists()
+    store = open_store(db, create=False)
+    assert handlers.leaderboard(store, bootstrap=100).summary_markdown == "*No votes on arena battles yet (10 waiting).*"
+
+    # One vote on a battle beta is not in (response k is model k's): beta has none, and both views say so.
+    for user in (f"ann{k}" for k in range(12)):
+        view = handlers.arena_view(store, user, overlap=3)
+        if not view.left.startswith("response 1") and not view.right.startswith("response 1"):
+            break
+    handlers.arena_vote(store, user, view.comparison_id, "a", overlap=3)
+    assert main(argv) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert set(result["ratings"]) == {"alpha-k3", "gamma-z9"}
+    assert "No votes yet for beta-q7: not rated." in result["ratings_warning"]
+    assert "warning: No votes yet for beta-q7" in capsys.readouterr().out
+    board = handlers.leaderboard(store, bootstrap=100)
+    assert (board.votes, board.battles, board.without_votes) == (1, 1, 9) and "beta-q7" in board.warning
     store.close()
 
 

@@ -66,6 +66,8 @@ def test_api_votes_as_the_logged_in_annotator(env):
 
 
 def test_api_bad_input_is_refused_and_stores_nothing(env):
+    log = env["tmp"] / "server.log"
+    logged = len(log.read_bytes())
     carol = client(env["url"], ("carol", env["creds"]["carol"]))
     cid = carol.predict(api_name="/next_item")[0]
     before = len(votes_in(env["db"]))
@@ -87,6 +89,15 @@ def test_api_bad_input_is_refused_and_stores_nothing(env):
     with pytest.raises(AppError, match="rationale must be a string, got list"):
         carol.predict(comparison_id=cid, choice="a", rationale=["x"], api_name="/submit_vote")
     assert len(votes_in(env["db"])) == before + 1
+    # Refusals are the caller's mistakes: no traceback each in the server log (Gradio printed one per refusal).
+    assert "Traceback" not in log.read_bytes()[logged:].decode()
+
+
+def test_serve_says_where_it_listens_and_no_share_hint(env):
+    """Share links are off on purpose; Gradio's banner suggested `share=True` anyway."""
+    log = (env["tmp"] / "server.log").read_text()
+    assert f"alignkit label: serving {env['db']} on {env['url']} (overlap 2, login required)" in log
+    assert "share" not in log
 
 
 def test_wrong_password_and_unknown_user_are_refused(env):

@@ -74,6 +74,37 @@ def test_build_app_wires_named_endpoints(store):
         build_app(store, overlap=0)
 
 
+def test_refusals_are_one_line_errors_without_a_server_traceback(store):
+    """Gradio prints a traceback for every gr.Error unless print_exception is off: a bad choice or a second vote
+    filled the server log. Other exceptions are not wrapped, so Gradio still prints theirs."""
+    import gradio as gr
+
+    from labeling_ui.app import build_app
+
+    demo = build_app(store, overlap=2)
+    submit = next(d.fn for d in demo.fns.values() if d.api_name == "submit_vote")
+    with pytest.raises(gr.Error, match="unknown choice 'left'") as refused:
+        submit(1, "left", "", None)
+    assert refused.value.print_exception is False
+
+
+def test_serve_on_a_busy_port_is_one_line_and_touches_nothing(tmp_path, capsys):
+    import socket
+
+    db = tmp_path / "l.db"
+    assert alignkit_main(["label", "import", "--db", str(db),
+                          str(write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "responses": ["a", "b"]}]))]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert alignkit_main(["label", "serve", "--db", str(db), "--no-auth", "--port", str(port)]) == 2
+    assert capsys.readouterr().err == f"alignkit: error: port {port} on 127.0.0.1 is in use; choose another with --port\n"
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_no_auth_only_on_loopback(store):
     from labeling_ui.app import build_app, is_loopback, launch
 
@@ -137,8 +168,12 @@ def test_label_cli_import_add_user_export_stats(tmp_path, capsys):
     assert alignkit_main(["label", "export", "--db", db, "--out", str(tmp_path / "out"), "--ties", "ignore"]) == 2
     assert alignkit_main(["label", "stats", "--db", db]) == 0
     assert json.loads(capsys.readouterr().out)["n_votes"] == 1
-    with pytest.raises(UserError, match="argument --ties: invalid choice: 'coin-flip'"):
-        label_main(["export", "--db", db, "--out", "x", "--ties", "coin-flip"])
+    # Usage mistakes name the subcommand once (it read "alignkit: error: alignkit label export: ...").
+    assert alignkit_main(["label", "export", "--db", db, "--out", "x", "--ties", "coin-flip"]) == 2
+    assert capsys.readouterr().err.startswith("alignkit: error: label export: argument --ties: invalid choice: "
+                                              "'coin-flip'")
+    assert alignkit_main(["label", "serve", "--db", db, "--no-auth", "--port", "70000"]) == 2
+    assert capsys.readouterr().err == "alignkit: error: label serve: argument --port: must be between 1 and 65535, got 70000\n"
 
 
 def test_import_with_generate_records_model_and_sampling(tmp_path, tiny_model_dir):
