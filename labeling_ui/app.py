@@ -20,7 +20,8 @@ as the logged-in annotator:
   /progress                                    -> {"done", "remaining", "skipped"}
   /arena_next                                  -> (comparison_id | None, prompt, response_a, response_b), no names
   /arena_vote(comparison_id, choice)           -> {"comparison_id", "choice", "model_a", "model_b"}
-  /leaderboard                                 -> {"votes", "battles", "models": [...], "pairs": [...], "bootstrap"}
+  /leaderboard                                 -> {"votes", "battles", "without_votes", "models": [...], "pairs": [...],
+                                                  "bootstrap", "warning"}
 `choice` is a | b | tie | both_bad as shown (a = the response returned first / shown on
 the left; model_a is the model behind it). The first five serve ordinary comparisons
 only, the arena ones battles only. Errors come back as gradio_client AppError with a
