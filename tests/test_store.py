@@ -212,6 +212,9 @@ def test_bad_votes_store_nothing(store_url, tmp_path):
         submit_vote(store, "ann", item.comparison_id, "left")
     with pytest.raises(UserError, match="does not exist"):
         submit_vote(store, "ann", 999_999, "a")
+    for huge in (2**70, -1):  # beyond BIGINT the driver raised OverflowError
+        with pytest.raises(UserError, match=f"comparison {huge} does not exist"):
+            submit_vote(store, "ann", huge, "a")
     unassigned = [c for c in (1, 2, 3) if c != item.comparison_id][0]
     with pytest.raises(UserError, match="not assigned"):
         submit_vote(store, "ann", unassigned, "a")

@@ -116,6 +116,8 @@ def check_choice(choice: Any) -> str:
 def check_id(comparison_id: Any) -> int:
     if not isinstance(comparison_id, int) or isinstance(comparison_id, bool):
         raise UserError(f"comparison id must be an integer, got {comparison_id!r}")
+    if not 0 < comparison_id < 2**63:  # the databases' BIGINT: larger ids overflow in the driver, not here
+        raise UserError(f"comparison {comparison_id} does not exist")
     return comparison_id
 
 
