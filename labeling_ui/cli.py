@@ -126,11 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _import(args) -> int:
     from alignkit.generation import SamplingParams
     from alignkit.store import open_store
-    from alignkit.store.importer import import_rows, parse_import_file
+    from alignkit.store.importer import check_generate, import_rows, parse_import_file
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, batch_size=args.batch_size)
     rows = parse_import_file(args.file, responses_required=not args.generate)  # before any store is created
+    if args.generate:
+        check_generate(args.generate, params)
     store = open_store(args.db)
     try:
         summary = import_rows(store, rows, generate=args.generate, params=params)

@@ -127,6 +127,16 @@ def test_import_file_not_utf8_names_line_and_column(capsys, tmp_path):
         load_rows(listed)
 
 
+def test_greedy_generation_with_one_model_is_refused_before_a_store_exists(capsys, tmp_path, tiny_model_dir):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "the film was"}) + "\n")
+    db = tmp_path / "labels.db"
+    code, err = _run(capsys, "label", "import", "--db", str(db), str(data), "--generate", str(tiny_model_dir),
+                     "--temperature", "0")
+    _assert_one_clean_line(code, err, "one --generate model with greedy decoding (--temperature 0)")
+    assert not db.exists()
+
+
 @pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "soon"])
 def test_serve_lease_seconds_must_be_positive_and_finite(capsys, tmp_path, value):
     code, err = _run(capsys, "label", "serve", "--db", str(tmp_path / "l.db"), "--no-auth", "--lease-seconds", value)

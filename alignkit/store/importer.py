@@ -96,6 +96,13 @@ def parse_import_file(path: str | Path, *, responses_required: bool = True) -> l
     return rows
 
 
+def check_generate(specs: Sequence[str], params) -> None:
+    """Refuse settings that cannot give two different responses, before any store is opened."""
+    if len(specs) == 1 and params.temperature == 0:
+        raise UserError("one --generate model with greedy decoding (--temperature 0) gives the same response twice: "
+                        "sample with a temperature above 0, or give a second model")
+
+
 def generate_responses(rows: Sequence[ImportRow], specs: Sequence[str], params, *, progress: bool = True,
                        loader: Callable | None = None) -> None:
     """Add sampled responses to each row: one per spec, or two samples when one spec is given."""
@@ -103,10 +110,8 @@ def generate_responses(rows: Sequence[ImportRow], specs: Sequence[str], params, 
     from alignkit.modeling import load_model_for_inference
 
     loader = loader or load_model_for_inference
+    check_generate(specs, params)
     n_ret = 2 if len(specs) == 1 else 1
-    if n_ret == 2 and params.temperature == 0:
-        raise UserError("one --generate model with greedy decoding (--temperature 0) gives the same response twice: "
-                        "sample with a temperature above 0, or give a second model")
     prompts = [r.prompt for r in rows]
     for spec in specs:
         model, tokenizer, _ = loader(spec)
