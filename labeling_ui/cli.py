@@ -104,8 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=_fraction, default=0.0)
     p.add_argument("--ties", choices=["drop", "ignore"], default="drop",
                    help="drop: comparisons whose plurality is tie are dropped; ignore: tie votes are left out")
-    p.add_argument("--both-bad", choices=["drop", "ignore"], default="drop")
+    p.add_argument("--both-bad", choices=["drop", "ignore", "undesirable"], default="drop",
+                   help="drop / ignore as for --ties; undesirable (with --unpaired): both responses undesirable")
     p.add_argument("--min-votes", type=_positive, default=1)
+    p.add_argument("--unpaired", action="store_true",
+                   help="prompt / completion / label rows (KTO's unpaired format), two per comparison")
 
     p = sub.add_parser("simulate", help="simulated annotators labeling through a running server")
     p.add_argument("--url", required=True)
@@ -195,7 +198,7 @@ def _export(args) -> int:
     store = open_store(args.db, create=False)
     try:
         s = export_dataset(store, args.out, min_agreement=args.min_agreement, ties=args.ties,
-                           both_bad=args.both_bad, min_votes=args.min_votes)
+                           both_bad=args.both_bad, min_votes=args.min_votes, unpaired=args.unpaired)
     finally:
         store.close()
     print(f"exported {s['rows']} rows to {s['out']} (per reason: {s['per_reason']})")

@@ -551,6 +551,17 @@ def test_unpaired_rows_for_kto_keep_both_bad_votes_as_undesirable(store_url, tmp
     assert len(unpaired_rows(store, both_bad="undesirable", min_agreement=0.5)) == 4  # unanimous, two votes each
     with pytest.raises(UserError, match="'undesirable' makes unpaired rows"):
         preference_rows(store, both_bad="undesirable")
+    # `label export --unpaired`: the same rows as a dataset TRL's KTOTrainer reads
+    import datasets
+
+    from alignkit.cli import main as alignkit_main
+
+    out = tmp_path / "kto"
+    assert alignkit_main(["label", "export", "--db", store_url, "--out", str(out), "--unpaired", "--both-bad", "undesirable"]) == 0
+    ds = datasets.load_from_disk(str(out))
+    assert ds["label"] == [True, False, False, False] and ds["completion"][0] == "good"
+    assert json.loads((out / "export.json").read_text())["format"].startswith("unpaired")
+    assert alignkit_main(["label", "export", "--db", store_url, "--out", str(tmp_path / "pairs"), "--both-bad", "undesirable"]) == 2
     store.close()
 
 

@@ -39,7 +39,7 @@ from typing import Any, Iterator
 
 from sqlalchemy import select
 
-from alignkit.data.formats import consistent_pairs
+from alignkit.data.formats import consistent_pairs, consistent_unpaired
 from alignkit.errors import UserError
 from alignkit.store.db import Store, open_store
 from alignkit.store.models import CHOICES, Comparison, Vote
@@ -53,7 +53,8 @@ def _check_policy(min_agreement: float, ties: str, both_bad: str, min_votes: int
         raise UserError(f"ties policy {ties!r}: expected one of {', '.join(POLICIES)}")
     allowed = BOTH_BAD_POLICIES if unpaired else POLICIES
     if both_bad not in allowed:
-        hint = " ('undesirable' makes unpaired rows, for a kto stage)" if both_bad == "undesirable" else ""
+        hint = (" ('undesirable' makes unpaired rows: a kto stage, or label export --unpaired)"
+                if both_bad == "undesirable" else "")
         raise UserError(f"both_bad policy {both_bad!r}: expected one of {', '.join(allowed)}{hint}")
     if isinstance(min_agreement, bool) or not isinstance(min_agreement, (int, float)) \
             or not 0.0 <= min_agreement <= 1.0:
@@ -152,8 +153,11 @@ def unpaired_rows(db: str | Store, *, min_agreement: float = 0.0, ties: str = "d
 
 
 def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 0.0, ties: str = "drop",
-                   both_bad: str = "drop", min_votes: int = 1) -> dict[str, Any]:
-    """Write DIR as a HF dataset (datasets.load_from_disk(DIR)) plus DIR/preferences.jsonl and DIR/export.json."""
+                   both_bad: str = "drop", min_votes: int = 1, unpaired: bool = False) -> dict[str, Any]:
+    """Write DIR as a HF dataset (datasets.load_from_disk(DIR)) plus DIR/preferences.jsonl and DIR/export.json.
+
+    unpaired: prompt / completion / label rows (TRL's unpaired preference format, for KTO), two per comparison;
+    with both_bad="undesirable" a both-bad comparison gives two undesirable rows."""
     import datasets
 
     out = Path(out_dir)
@@ -163,7 +167,7 @@ def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 
         raise UserError(f"export target {out} is a non-empty directory that is not an earlier export; "
                         "choose a new directory")
     rows, reasons = aggregate_store(store, min_agreement=min_agreement, ties=ties, both_bad=both_bad,
-                                    min_votes=min_votes)
+                                    min_votes=min_votes, unpaired=unpaired)
     if not rows:
         raise UserError(f"nothing to export from {store.name}: no comparison passes the policy "
                         f"(per reason: {reasons or 'no votes yet'})")
@@ -174,14 +178,16 @@ def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 
     try:
         # The dataset in the one shape TRL trains on (prompt and responses all text, or all messages);
         # preferences.jsonl keeps each row as imported.
-        ds = datasets.Dataset.from_list(consistent_pairs(rows, store.name)[0])
+        shaped = consistent_unpaired(rows, store.name)[0] if unpaired else consistent_pairs(rows, store.name)[0]
+        ds = datasets.Dataset.from_list(shaped)
         ds.save_to_disk(str(tmp))
         with open(tmp / "preferences.jsonl", "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         summary = {"store": store.name, "rows": len(rows), "per_reason": reasons,
                    "policy": {"aggregation": "plurality", "ties": ties, "both_bad": both_bad,
-                              "min_agreement": min_agreement, "min_votes": min_votes}}
+                              "min_agreement": min_agreement, "min_votes": min_votes},
+                   "format": "unpaired (prompt, completion, label)" if unpaired else "pairs (prompt, chosen, rejected)"}
         (tmp / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
         with _locked(out.parent):
             _swap_in(tmp, out)
