@@ -234,7 +234,7 @@ def prompt_from(row: dict, source, *, exclusive: bool = False):
     file, where both would be a mistake) refuses the row."""
     if "prompt" not in row and "messages" not in row:
         has = ", ".join(k for k in row if k != "_line") or "none"
-        raise UserError(f"{where(source, row)}: no `prompt` (text or a list of messages) or `messages` column (has: {has})")
+        raise UserError(f"{where(source, row)}: missing column 'prompt' (text or a list of messages) or 'messages' (has: {has})")
     if exclusive and "prompt" in row and "messages" in row:
         raise UserError(f"{where(source, row)}: give exactly one of `prompt` (text or a list of messages) or `messages`")
     key = "prompt" if "prompt" in row else "messages"
