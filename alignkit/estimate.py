@@ -406,7 +406,7 @@ def spec_settings(model: str) -> tuple[str, dict]:
     spec = resolve_model_spec(model)
     found: dict = {}
     if spec.adapter_dir is not None:
-        rank = json.loads((spec.adapter_dir / "adapter_config.json").read_text()).get("r")
+        rank = spec.adapter_config.get("r")
         if isinstance(rank, int):
             found["lora_r"] = rank
         quantization = spec.model_settings.get("quantization")

@@ -137,7 +137,7 @@ def load_adapter_model(spec: str, *, dtype: str = "float32", base_weights: str =
     resolved = resolve_model_spec(spec)
     if resolved.adapter_dir is None:
         raise UserError(f"{spec} has no adapter to merge (it is already a full model; load it directly)")
-    adapter_cfg = json.loads((resolved.adapter_dir / "adapter_config.json").read_text())
+    adapter_cfg = resolved.adapter_config
     peft_type = str(adapter_cfg.get("peft_type", "LORA")).upper()
     if peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"):
         raise UserError(f"{spec}: a {peft_type.lower()} adapter has no weights to merge into the base; "

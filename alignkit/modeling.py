@@ -12,6 +12,7 @@ here works from that.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,13 @@ class ResolvedSpec:
     stage_dir: Path | None = None
     model_settings: dict = field(default_factory=dict)  # quantization etc. recorded by the stage
     stage: dict | None = None  # the stage.json, for stage directories
+
+    @functools.cached_property
+    def adapter_config(self) -> dict:
+        """The adapter's adapter_config.json ({} without an adapter): its rank, task type, PEFT type."""
+        if self.adapter_dir is None:
+            return {}
+        return json.loads((self.adapter_dir / "adapter_config.json").read_text())
 
     @property
     def display_name(self) -> str:
@@ -332,12 +340,11 @@ def load_model_for_inference(spec: str | ResolvedSpec, *, quantization: str | No
     """(model, tokenizer, resolved) for any model spec, in eval mode, adapter attached. A reward model's spec is
     refused: its adapter was trained under a score head, and generating from it gives fluent-looking noise."""
     resolved = spec if isinstance(spec, ResolvedSpec) else resolve_model_spec(spec)
-    task, architectures = None, []
-    if resolved.adapter_dir is not None:
-        task = json.loads((resolved.adapter_dir / "adapter_config.json").read_text()).get("task_type")
-    elif (Path(resolved.base) / "config.json").exists():  # a merged reward model is a sequence classifier
+    architectures = []
+    if resolved.adapter_dir is None and (Path(resolved.base) / "config.json").exists():
+        # a merged reward model is a sequence classifier
         architectures = json.loads((Path(resolved.base) / "config.json").read_text()).get("architectures") or []
-    if ((resolved.stage or {}).get("kind") == "reward" or task == "SEQ_CLS"
+    if ((resolved.stage or {}).get("kind") == "reward" or resolved.adapter_config.get("task_type") == "SEQ_CLS"
             or any(a.endswith("ForSequenceClassification") for a in architectures)):
         raise UserError(f"{resolved.spec} is a reward model (a scorer, not a policy): generate from a policy stage "
                         f"such as sft, dpo or ppo, and use it as a judge with --judge reward:{resolved.spec}")

@@ -476,7 +476,7 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, blocke
     ctx: AppContext = demo.alignkit_context
     if ctx.auth is None and not is_loopback(host):
         raise UserError(f"--no-auth serves only on loopback (127.0.0.1, ::1, localhost), not {host}")
-    check_port(host, port)
+    # `alignkit label serve` calls check_port before it opens the store; a port taken since is caught below.
     blocked = []
     for p in [*blocked_paths, ctx.export_dir]:
         p = Path(p).resolve()

@@ -42,23 +42,30 @@ def train_config(stage) -> DPOConfig:
 
 
 def run(stage) -> dict:
+    # chosen and rejected go through the model in one batch: two sequences per example
+    return run_against_parent(stage, train_config(stage), DPOTrainer, ("prompt", "chosen", "rejected"), "preference",
+                              sequences_per_example=2)
+
+
+def run_against_parent(stage, args, trainer_cls, columns: tuple[str, ...], fmt: str, *, sequences_per_example: int) -> dict:
+    """The DPO / KTO stage body (recipes/kto.py runs TRL's KTOTrainer through it): the parent's adapter trained
+    against a frozen copy of itself on one base. `columns` are the rows' columns the trainer reads, `fmt` their
+    format for the truncation report."""
     train_rows, eval_rows, info = stage.prepared
-    columns = ("prompt", "chosen", "rejected")
     train_rows = [{k: r[k] for k in columns} for r in train_rows]
     eval_rows = [{k: r[k] for k in columns} for r in eval_rows]
 
     parent = stage.parents.get("after")
     tokenizer = load_tokenizer(str(parent) if parent else resolve_base(stage.model.base))
-    args = train_config(stage)
-    info.update(truncation_report(tokenizer, train_rows, args.max_length, "preference"))
-    memory = memory_preflight(stage, args, sequences_per_example=2)  # chosen and rejected in one batch
+    info.update(truncation_report(tokenizer, train_rows, args.max_length, fmt))
+    memory = memory_preflight(stage, args, sequences_per_example=sequences_per_example)
 
     # Model: one base; the parent's adapter becomes the trainable policy ("default") and TRL's frozen "ref".
     model, new_adapter, started = load_policy(stage, args.gradient_checkpointing)
     info.update(started)
     info.update(reference_info(stage))
 
-    trainer = DPOTrainer(
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(train_rows),

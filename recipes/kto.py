@@ -1,6 +1,7 @@
 """KTO stage: Kahneman-Tversky optimisation of the parent's adapter with TRL's KTOTrainer.
 
-Reads top to bottom: data -> tokenizer -> model (+ parent adapter) -> trainer -> stage directory.
+Reads top to bottom: config and data here, then the body it shares with DPO (recipes/dpo.py:
+run_against_parent: tokenizer -> model (+ parent adapter) -> trainer -> stage directory).
 KTO learns from responses labeled desirable or undesirable on their own, so it
 takes what DPO cannot: a label store's both-bad votes (`both_bad: undesirable`:
 both responses count as undesirable), thumbs-up / thumbs-down data, and sets with
@@ -21,14 +22,12 @@ Defaults that differ from TRL's KTOConfig (besides alignkit.training's):
 
 from __future__ import annotations
 
-from datasets import Dataset
 from trl import KTOConfig, KTOTrainer
 
 from alignkit.data.sources import UNPAIRED_COLUMNS, load_unpaired_split
 from alignkit.errors import UserError
-from alignkit.modeling import load_tokenizer, resolve_base
-from alignkit.training import (final_metrics, load_policy, memory_preflight, reference_info, save_policy, stage_callbacks,
-                               trl_args, truncation_report)
+from alignkit.training import trl_args
+from recipes.dpo import run_against_parent
 
 TRAIN_CONFIG = KTOConfig
 DATA_KEYS = {"train", "eval", "eval_fraction", "labels_db", "min_agreement", "ties", "both_bad"}
@@ -54,32 +53,6 @@ def train_config(stage) -> KTOConfig:
 
 
 def run(stage) -> dict:
-    train_rows, eval_rows, info = stage.prepared
-    train_rows = [{k: r[k] for k in UNPAIRED_COLUMNS} for r in train_rows]
-    eval_rows = [{k: r[k] for k in UNPAIRED_COLUMNS} for r in eval_rows]
-
-    parent = stage.parents.get("after")
-    tokenizer = load_tokenizer(str(parent) if parent else resolve_base(stage.model.base))
-    args = train_config(stage)
-    info.update(truncation_report(tokenizer, train_rows, args.max_length, "prompt_completion"))
     # The KL estimate's forward over mismatched completions runs without gradients: one sequence per example.
-    memory = memory_preflight(stage, args)
-
-    # Model: one base; the parent's adapter becomes the trainable policy ("default") and TRL's frozen "ref".
-    model, new_adapter, started = load_policy(stage, args.gradient_checkpointing)
-    info.update(started)
-    info.update(reference_info(stage))
-
-    trainer = KTOTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        processing_class=tokenizer,
-        peft_config=new_adapter,
-        callbacks=stage_callbacks(stage.stage_dir),
-    )
-    output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
-
-    save_policy(trainer.model, tokenizer, stage.stage_dir)
-    return {"metrics": final_metrics(trainer, output), "data": info, "memory": memory}
+    return run_against_parent(stage, train_config(stage), KTOTrainer, UNPAIRED_COLUMNS, "prompt_completion",
+                              sequences_per_example=1)

@@ -131,6 +131,12 @@ def _store_rows(data: dict, stage: str | None, *, unpaired: bool) -> list[dict]:
     return (unpaired_rows if unpaired else preference_rows)(data["labels_db"], **policy)
 
 
+def _store_fingerprint(rows: list[dict], *, unpaired: bool) -> str:
+    """A label store's export, hashed by the columns training reads (not vote counts or timestamps)."""
+    columns = UNPAIRED_COLUMNS if unpaired else PREFERENCE_COLUMNS
+    return stable_hash([{k: r.get(k) for k in columns} for r in rows])
+
+
 def _preference_source(data: dict, stage: str, *, unpaired: bool) -> tuple[list[dict], str, str]:
     """(rows, source, fingerprint) from data.train or the label store."""
     if "labels_db" in data:
@@ -138,8 +144,7 @@ def _preference_source(data: dict, stage: str, *, unpaired: bool) -> tuple[list[
         if not rows:
             raise UserError(f"stages.{stage}.data.labels_db: the label store {data['labels_db']} has no "
                             f"{'labeled responses' if unpaired else 'preference pairs'} to export yet")
-        columns = UNPAIRED_COLUMNS if unpaired else PREFERENCE_COLUMNS
-        return rows, data["labels_db"], stable_hash([{k: r.get(k) for k in columns} for r in rows])
+        return rows, data["labels_db"], _store_fingerprint(rows, unpaired=unpaired)
     source = _require(data, "train", stage, " (or labels_db)")
     return load_rows(source, what=f"stages.{stage}.data.train"), source, _fingerprint(data, stage)
 
@@ -247,6 +252,5 @@ def data_fingerprint(data: dict, stage: str | None = None) -> str:
         # Store contents change as people vote; the export is hashed when the stage runs.
         # Only a kto stage may say both_bad: undesirable (the other loaders refuse it).
         unpaired = data.get("both_bad") == "undesirable"
-        columns = UNPAIRED_COLUMNS if unpaired else PREFERENCE_COLUMNS
-        return stable_hash([{k: r.get(k) for k in columns} for r in _store_rows(data, stage, unpaired=unpaired)])
+        return _store_fingerprint(_store_rows(data, stage, unpaired=unpaired), unpaired=unpaired)
     return _fingerprint(data, stage)
