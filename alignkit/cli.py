@@ -59,7 +59,8 @@ def _stage(args: argparse.Namespace) -> int:
 
 def _add_label(sub: argparse._SubParsersAction) -> None:
     # The label subcommands are parsed by labeling_ui.cli so the app's options live beside the app.
-    p = sub.add_parser("label", help="label store and labeling app: import, serve, add-user, export, simulate", add_help=False)
+    p = sub.add_parser("label", help="label store and labeling app: import, serve, add-user, export, stats, simulate",
+                       add_help=False)
     p.add_argument("label_argv", nargs=argparse.REMAINDER)
     p.set_defaults(handler=_label)
 
@@ -209,7 +210,12 @@ def _quiet_dependency_noise() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["label"]:
+        # All of it to labeling_ui.cli: argparse's REMAINDER would not take a leading `--help` along.
+        args = argparse.Namespace(handler=_label, label_argv=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     _quiet_dependency_noise()
     try:
         return int(args.handler(args) or 0)

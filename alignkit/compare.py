@@ -85,6 +85,8 @@ def read_prompts(path: str | Path | None, limit: int | None = None) -> list[Any]
     """Prompts from JSONL: each line an object with `prompt` (text or messages) or `messages` (formats.prompt_from)."""
     if not path:
         raise UserError("--prompts is required (a JSONL file with a `prompt` or `messages` field per line)")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1, got {limit}")
     prompts: list[Any] = []
     for row in read_jsonl(path, what="prompts"):
         prompts.append(prompt_from(row, path))
@@ -157,7 +159,8 @@ def _prompt_key(prompt: Any) -> str:
 def _read_cache(path: Path) -> dict[str, str]:
     out: dict[str, str] = {}
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        # split("\n"), not splitlines(): a response may hold U+2028 or U+0085, which JSON leaves unescaped
+        for line in path.read_text(encoding="utf-8").split("\n"):
             try:
                 row = json.loads(line)
                 out[row["prompt_key"]] = row["response"]
@@ -302,7 +305,9 @@ def write_markdown(result: dict, path: Path) -> None:
         f"Ties count half a win. CIs count prompts, not battles: a response to a prompt is in every battle its "
         "model fights on that prompt, so those battles are not independent. A win rate's 95% CI is the Wilson "
         "score interval over the pair's prompts (conservative with ties; it never collapses to a point); the "
-        f"ratings' CIs are a percentile bootstrap over prompts ({result['bootstrap']} rounds).", "",
+        f"ratings' CIs are a percentile bootstrap over prompts ({result['bootstrap']} rounds)."
+        + (f" {result['duplicate_prompts_dropped']} duplicate prompts in the prompts file were dropped."
+           if result.get("duplicate_prompts_dropped") else ""), "",
     ]
     if "human" in result:
         h = result["human"]
@@ -310,7 +315,10 @@ def write_markdown(result: dict, path: Path) -> None:
                   "without a vote yet). Wins / losses / ties count votes, but the win rate, its CI, the ratings and the "
                   "win matrix weigh each vote 1/(votes on its battle), so every (prompt, pair) counts once however "
                   f"many people voted on it. {h['identical_responses']} (prompt, pair)s where both models gave the "
-                  "same text are not rated: nobody voted on them.", ""]
+                  "same text are not rated: nobody voted on them"
+                  + (f"; nor are {h['shared_responses']} (prompt, pair)s where one model gave the text another model "
+                     "also gave: the store credits that text, and its votes, to one of them"
+                     if h.get("shared_responses") else "") + ".", ""]
     lines += ["## Models", "", "| name | spec | mean length (chars) | mean length (words) | generated | cached |",
               "|---|---|---:|---:|---:|---:|"]
     for m, info in result["models"].items():
@@ -341,7 +349,7 @@ def write_markdown(result: dict, path: Path) -> None:
             lines += [f"**Warning:** {result['ratings_warning']}", ""]
         lines += ["| model | rating | 95% CI |", "|---|---:|---|"]
         for m, r in result["ratings"].items():
-            lines.append(f"| {m} | {r['rating']:.1f} | [{r['ci_low']:.1f}, {r['ci_high']:.1f}] |")
+            lines.append(f"| {m} | {r['rating']:.1f} | [{_fmt(r['ci_low'], 1)}, {_fmt(r['ci_high'], 1)}] |")
     if result.get("win_matrix"):
         names = list(result["models"])
         lines += ["", "## Win matrix (row's win rate over column)", "", "| | " + " | ".join(names) + " |",
@@ -372,11 +380,12 @@ def _write_outputs(result: dict, out_dir: Path) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _store_key(value: Any) -> str:
-    """The label store's prompt/response key (alignkit.store.importer._key): sha256 of canonical JSON."""
-    import hashlib
+def _store_name(db: str) -> str:
+    """How human.json and messages name the store: a file by its absolute path (so --collect works from any
+    directory), a URL without its password (compare.json and compare.md get shared)."""
+    from alignkit.store.db import display_name
 
-    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return display_name(db) if "://" in db else os.path.abspath(db)
 
 
 def _arena_identity(info: dict) -> str:
@@ -410,12 +419,18 @@ def send_to_store(out_dir: Path, db: str, models: dict[str, str], prompts: list[
         summary = write_rows(store, rows, arena=True)
     finally:
         store.close()
-    write_json_atomic(out_dir / HUMAN_JSON, {"db": db, "models": info, "prompts": prompts, "responses": responses,
+    name = _store_name(db)
+    write_json_atomic(out_dir / HUMAN_JSON, {"db": name, "models": info, "prompts": prompts, "responses": responses,
                                              "sampling": params.to_dict(), "comparisons": summary.comparisons,
                                              "new_comparisons": summary.new_comparisons})
-    message = (f"human judge: {summary.comparisons} comparisons in {db} ({summary.new_comparisons} new); "
-               f"annotators vote blind in the labeling app's Arena tab (alignkit label serve --db {db}); then run "
-               f"`alignkit compare --judge human:{db} --out {out_dir} --collect`")
+    message = (f"human judge: {summary.comparisons} comparisons in {name} ({summary.new_comparisons} new); ")
+    if summary.converted:
+        # The same pair was already queued for labeling (imported from these models' responses): its votes now
+        # count in the Arena, and `label export` no longer exports it as training data.
+        message += (f"{summary.converted} of them were labeling comparisons ({summary.converted_votes} votes) and are "
+                    "arena battles now, no longer exported by `alignkit label export`; ")
+    message += (f"annotators vote blind in the labeling app's Arena tab (alignkit label serve --db {name}); then run "
+                f"`alignkit compare --judge human:{name} --out {out_dir} --collect`")
     return {"pending": True, "message": message, "comparisons": summary.comparisons,
             "new_comparisons": summary.new_comparisons, "models": info}
 
@@ -431,14 +446,16 @@ def collect_from_store(out_dir: Path, db: str, bootstrap: int) -> dict:
 
     from alignkit.store import open_store
     from alignkit.store.arena import arena_battles, model_key, summarise_votes
+    from alignkit.store.importer import storable_text, store_key
     from alignkit.store.models import Comparison, Prompt, Response
 
     path = out_dir / HUMAN_JSON
     if not path.exists():
-        raise UserError(f"--collect: {path} does not exist; run compare with --judge human:{db} first")
+        raise UserError(f"--collect: {path} does not exist; run compare with --judge human:DB first")
     sent = json.loads(path.read_text())
-    if os.path.abspath(str(sent["db"])) != os.path.abspath(db) and sent["db"] != db:
-        raise UserError(f"--collect: {out_dir} was sent to {sent['db']}, not {db}")
+    name = _store_name(db)
+    if _store_name(str(sent["db"])) != name:
+        raise UserError(f"--collect: {out_dir} was sent to {sent['db']}, not {name}")
     names = list(sent["models"])
     prompts, responses = sent["prompts"], sent["responses"]
     params = SamplingParams(**sent["sampling"])
@@ -447,19 +464,19 @@ def collect_from_store(out_dir: Path, db: str, bootstrap: int) -> dict:
     try:
         named: dict[int, str] = {}  # response id -> the model of this run it counts for
         prompt_index: dict[int, int] = {}
-        comparisons, identical = set(), 0
+        comparisons, identical, shared = set(), 0, 0
         with store.read() as s:
             for i, prompt in enumerate(prompts):
-                pid = s.scalars(select(Prompt.id).where(Prompt.key == _store_key(prompt))).first()
+                pid = s.scalars(select(Prompt.id).where(Prompt.key == store_key(prompt))).first()
                 if pid is None:
-                    raise UserError(f"--collect: prompt {i} of {path} is not in {db}")
+                    raise UserError(f"--collect: prompt {i} of {path} is not in {name}")
                 prompt_index.setdefault(pid, i)
                 gave: dict[int, list[str]] = {}  # response id -> the models that gave that text
                 for m in names:
                     r = s.scalars(select(Response).where(Response.prompt_id == pid,
-                                                         Response.key == _store_key(responses[m][i]))).first()
+                                                         Response.key == store_key(storable_text(responses[m][i])))).first()
                     if r is None:
-                        raise UserError(f"--collect: {m}'s response to prompt {i} of {path} is not in {db}")
+                        raise UserError(f"--collect: {m}'s response to prompt {i} of {path} is not in {name}")
                     if r.id not in gave:
                         gave[r.id] = []
                         # Models that gave one text share one response, which the store (and the leaderboard)
@@ -467,6 +484,9 @@ def collect_from_store(out_dir: Path, db: str, bootstrap: int) -> dict:
                         named[r.id] = identity.get(model_key(r), m)
                     gave[r.id].append(m)
                 identical += sum(len(ms) * (len(ms) - 1) // 2 for ms in gave.values())
+                # A text two models gave counts for one of them; the other's pairs with the rest go unrated.
+                sizes = [len(ms) for ms in gave.values()]
+                shared += sum(x * y for x, y in itertools.combinations(sizes, 2)) - len(sizes) * (len(sizes) - 1) // 2
                 for lo, hi in itertools.combinations(sorted(gave), 2):
                     cid = s.scalars(select(Comparison.id).where(Comparison.response_a_id == lo,
                                                                 Comparison.response_b_id == hi)).first()
@@ -476,8 +496,8 @@ def collect_from_store(out_dir: Path, db: str, bootstrap: int) -> dict:
     finally:
         store.close()
     if not ab.votes:
-        raise UserError(f"--collect: no votes yet on the {ab.without_votes} battles {out_dir} sent to {db}; "
-                        f"annotators vote in the labeling app's Arena tab (alignkit label serve --db {db})")
+        raise UserError(f"--collect: no votes yet on the {ab.without_votes} battles {out_dir} sent to {name}; "
+                        f"annotators vote in the labeling app's Arena tab (alignkit label serve --db {name})")
     summary = summarise_votes(ab, models=names, bootstrap=bootstrap, seed=params.seed, ratings=len(names) >= 3)
     prompt_of = dict(zip(ab.comparisons, ab.prompts))
     with open(out_dir / "battles.jsonl", "w", encoding="utf-8") as f:
@@ -489,10 +509,10 @@ def collect_from_store(out_dir: Path, db: str, bootstrap: int) -> dict:
                                  "units": 0, "win_rate": None, "ci_low": None, "ci_high": None, "ci_method": None}
              for x, y in _pairs(names)]
     result = {
-        "judge": f"human:{db}", "tie_margin": 0.0, "bootstrap": bootstrap, "n_prompts": len(prompts),
+        "judge": f"human:{name}", "tie_margin": 0.0, "bootstrap": bootstrap, "n_prompts": len(prompts),
         "sampling": params.to_dict(), "seed": params.seed, "models": sent["models"],
         "human": {"votes": summary.votes, "battles": summary.battles, "battles_without_votes": summary.without_votes,
-                  "identical_responses": identical,
+                  "identical_responses": identical, "shared_responses": shared,
                   "weighting": "each vote 1/(votes on its battle); identical responses are not rated"},
         "pairs": pairs, "win_matrix": summary.win_matrix,
     }
@@ -524,11 +544,24 @@ def compare_models(models: dict[str, str], prompts: list, judge: str, out_dir: s
     if bootstrap < stats.MIN_BOOTSTRAP:
         raise UserError(f"--bootstrap must be >= {stats.MIN_BOOTSTRAP}, got {bootstrap}")
     out_dir = Path(out_dir)
-    judge_obj = None if kind == "human" else load_judge(judge, tie_margin=tie_margin)  # fail before generating
+    # Fail before generating: a judge that cannot load, or a label store that cannot be opened.
+    if kind == "human":
+        from alignkit.store.db import check_store
+
+        judge_obj = None
+        check_store(arg, create=True)
+    else:
+        judge_obj = load_judge(judge, tie_margin=tie_margin)
+    # A prompt listed twice would be counted as two independent prompts and narrow every CI.
+    unique = list({stable_hash(p): p for p in prompts}.values())
+    duplicates, prompts = len(prompts) - len(unique), unique
     out_dir.mkdir(parents=True, exist_ok=True)
     responses, info = generate_cached(models, prompts, params, out_dir, progress=progress)
     if kind == "human":
-        return send_to_store(out_dir, arg, models, prompts, responses, info, params)
+        sent = send_to_store(out_dir, arg, models, prompts, responses, info, params)
+        if duplicates:
+            sent["message"] += f" ({duplicates} duplicate prompts dropped)"
+        return sent
     battles = judge_all(judge_obj, prompts, responses, params.seed)
     with open(out_dir / "battles.jsonl", "w", encoding="utf-8") as f:
         for b in battles:
@@ -538,6 +571,7 @@ def compare_models(models: dict[str, str], prompts: list, judge: str, out_dir: s
         "tie_margin": tie_margin,
         "bootstrap": bootstrap,
         "n_prompts": len(prompts),
+        "duplicate_prompts_dropped": duplicates,
         "sampling": params.to_dict(),
         "seed": params.seed,
         "models": info,
@@ -551,8 +585,6 @@ def compare_models(models: dict[str, str], prompts: list, judge: str, out_dir: s
 def compare_from_cli(args) -> int:
     from alignkit.judges import parse_judge
 
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise UserError("--max-new-tokens and --batch-size must be >= 1")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, batch_size=args.batch_size)
     kind, arg = parse_judge(args.judge)
@@ -575,9 +607,11 @@ def compare_from_cli(args) -> int:
         print(f"{p['model_a']} vs {p['model_b']}: {p['wins']}-{p['losses']}-{p['ties']} "
               f"win rate {_fmt(p['win_rate'])} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}]")
     for m, r in result.get("ratings", {}).items():
-        print(f"{m}: {r['rating']:.0f} [{r['ci_low']:.0f}, {r['ci_high']:.0f}]")
+        print(f"{m}: {r['rating']:.0f} [{_fmt(r['ci_low'], 0)}, {_fmt(r['ci_high'], 0)}]")
     if result.get("ratings_warning") or result.get("warning"):
         print(f"warning: {result.get('ratings_warning') or result['warning']}")
     if "generated" in result:
         print(f"responses: {result['generated']} generated, {result['cached']} from cache")
+    if result.get("duplicate_prompts_dropped"):
+        print(f"{result['duplicate_prompts_dropped']} duplicate prompts dropped: each prompt counts once")
     return 0

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
+from alignkit.errors import UserError
+
 Prompt = "str | list[dict[str, str]]"
 
 
@@ -25,6 +27,20 @@ class SamplingParams:
     seed: int = 0
     batch_size: int = 16
     num_return_sequences: int = 1
+
+    def __post_init__(self) -> None:
+        # Checked here, once, for every command that samples: transformers would raise mid-run, or accept
+        # top_p > 1 and a negative temperature silently.
+        problems = []
+        for name in ("max_new_tokens", "batch_size", "num_return_sequences"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not self.temperature >= 0:
+            problems.append(f"temperature must be >= 0 (0 = greedy decoding), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if problems:
+            raise UserError(f"sampling: {problems[0]}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +99,9 @@ def generate_batch(model, tokenizer, prompts: Sequence[Any], params: SamplingPar
 
     n_ret = params.num_return_sequences
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise UserError(f"prompt {empty[0]} is empty (no tokens to continue); {len(empty)} empty prompt(s)")
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out_ids: dict[int, list[list[int]]] = {}
     pad_id = tokenizer.pad_token_id

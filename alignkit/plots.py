@@ -47,7 +47,9 @@ def ratings_plot(ratings: dict[str, dict], path: str | Path, *, title: str = "Ra
     plt = _pyplot()
     names = sorted(ratings, key=lambda m: -ratings[m]["rating"])
     vals = [ratings[m]["rating"] for m in names]
-    err = [[v - ratings[m]["ci_low"] for v, m in zip(vals, names)], [ratings[m]["ci_high"] - v for v, m in zip(vals, names)]]
+    # A rating without a CI (one battle: stats.bootstrap_ratings) gets no bar, not a zero-width one.
+    err = [[0.0 if ratings[m]["ci_low"] is None else v - ratings[m]["ci_low"] for v, m in zip(vals, names)],
+           [0.0 if ratings[m]["ci_high"] is None else ratings[m]["ci_high"] - v for v, m in zip(vals, names)]]
     fig, ax = plt.subplots(figsize=(1.2 * max(3, len(names)) + 2, 4))
     ax.errorbar(range(len(names)), vals, yerr=err, fmt="o", color="#dd8452", ecolor="black", capsize=5)
     ax.axhline(1000, color="grey", linestyle="--", linewidth=1)

@@ -277,6 +277,7 @@ def bootstrap_ratings(battles: Iterable, rounds: int = 1000, seed: int = 0, *,
     A round in which a model has no battle gives it no rating (it is left out of that model's percentiles).
     With a single cluster there is nothing to resample at that level, and every round would equal the
     point estimate: then battles are resampled instead (their dependence ignored, but not a zero-width CI).
+    A single battle has no spread to resample at all: its CI is None (not estimable), not a point.
     """
     if rounds < MIN_BOOTSTRAP:
         raise ValueError(f"bootstrap needs at least {MIN_BOOTSTRAP} rounds, got {rounds}")
@@ -298,8 +299,14 @@ def bootstrap_ratings(battles: Iterable, rounds: int = 1000, seed: int = 0, *,
         present = np.bincount(ia, mult, p) + np.bincount(ib, mult, p) > 0
         samples[r, ~present] = np.nan
     lo, med, hi = np.nanquantile(samples, [0.025, 0.5, 0.975], axis=0)
-    return {m: {"rating": float(point[index[m]]), "ci_low": float(lo[index[m]]), "ci_high": float(hi[index[m]]),
-                "median": float(med[index[m]])} for m in models}
+    if c < 2:
+        lo = hi = [None] * p
+    return {m: {"rating": float(point[index[m]]), "ci_low": _float_or_none(lo[index[m]]),
+                "ci_high": _float_or_none(hi[index[m]]), "median": float(med[index[m]])} for m in models}
+
+
+def _float_or_none(x) -> float | None:
+    return None if x is None else float(x)
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", required=True)
     p.add_argument("name")
     p.add_argument("--password", help="asked for when not given")
-    p.add_argument("--admin", action="store_true", help="may see the admin tab (agreement, export)")
+    p.add_argument("--admin", action=argparse.BooleanOptionalAction, default=None,
+                   help="may see the admin tab (agreement, export); an existing user keeps theirs unless given")
 
     p = sub.add_parser("export", help="votes -> preference dataset (HF dataset dir + preferences.jsonl)")
     p.add_argument("--db", required=True)
@@ -123,30 +124,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stats", help="agreement and per-annotator statistics as JSON")
     p.add_argument("--db", required=True)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"  # a missing command names the choices, not `command`
     return parser
 
 
 def _import(args) -> int:
     from alignkit.generation import SamplingParams
     from alignkit.store import open_store
-    from alignkit.store.importer import check_generate, import_rows, parse_import_file
+    from alignkit.store.db import check_store, display_name
+    from alignkit.store.importer import check_generate, parse_import_file, prepare_rows, write_rows
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, batch_size=args.batch_size)
     rows = parse_import_file(args.file, responses_required=not args.generate)  # before any store is created
     if args.generate:
         check_generate(args.generate, params)
+        check_store(args.db, create=True)  # an unusable --db fails before minutes of sampling, not after
+    rows, skipped = prepare_rows(rows, generate=args.generate, params=params)  # a failure here leaves no store
     store = open_store(args.db)
     try:
-        summary = import_rows(store, rows, generate=args.generate, params=params)
+        summary = write_rows(store, rows)
     finally:
         store.close()
-    print(f"imported into {args.db}: {summary}")
+    summary.skipped = skipped
+    print(f"imported into {display_name(args.db)}: {summary}")
     return 0
 
 
 def _serve(args) -> int:
     from alignkit.store import open_store
+    from alignkit.store.db import display_name
     from labeling_ui.app import DEFAULT_CONCURRENCY_LIMIT, build_app, check_port, is_loopback, launch
     from labeling_ui.users import UsersFile
 
@@ -170,7 +177,7 @@ def _serve(args) -> int:
     # printed once it does.
     launch(demo, host=args.host, port=args.port, blocked_paths=blocked, prevent_thread_lock=True, quiet=True)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"alignkit label: serving {args.db} on http://{host}:{args.port} "
+    print(f"alignkit label: serving {display_name(args.db)} on http://{host}:{args.port} "
           f"(overlap {args.overlap}, {'no login' if auth is None else 'login required'}); Ctrl-C stops", flush=True)
     demo.block_thread()
     return 0
@@ -187,7 +194,8 @@ def _add_user(args) -> int:
         if getpass.getpass("again: ") != password:
             raise UserError("passwords differ")
     new = add_user(args.users, args.name, password, admin=args.admin)
-    print(f"{'added' if new else 'updated'} {args.name}{' (admin)' if args.admin else ''} in {args.users}")
+    admin = json.loads(Path(args.users).read_text())["users"][args.name].get("admin", False)
+    print(f"{'added' if new else 'updated'} {args.name}{' (admin)' if admin else ''} in {args.users}")
     return 0
 
 
@@ -201,7 +209,8 @@ def _export(args) -> int:
                            both_bad=args.both_bad, min_votes=args.min_votes, unpaired=args.unpaired)
     finally:
         store.close()
-    print(f"exported {s['rows']} rows to {s['out']} (per reason: {s['per_reason']})")
+    rows = f"{s['rows']} rows (two per comparison)" if args.unpaired else f"{s['rows']} rows"
+    print(f"exported {rows} to {s['out']} (comparisons per reason: {s['per_reason']})")
     return 0
 
 

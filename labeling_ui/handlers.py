@@ -137,7 +137,7 @@ def admin_export(store: Store, out_dir: str | Path, *, min_agreement: float, tie
                            min_votes=min_votes)
     except UserError as err:
         return f"Export failed: {err}"
-    return f"Exported {s['rows']} preference rows to `{s['out']}` (per reason: {s['per_reason']})."
+    return f"Exported {s['rows']} preference rows to `{s['out']}` (comparisons per reason: {s['per_reason']})."
 
 
 # ---------------------------------------------------------------------------
@@ -218,7 +218,7 @@ class Leaderboard:
     without_votes: int = 0  # battles sent that nobody has voted on yet
 
     def model_rows(self) -> list[list[Any]]:
-        return [[i + 1, m["model"], round(m["rating"], 1), f"[{m['ci_low']:.1f}, {m['ci_high']:.1f}]", m["battles"],
+        return [[i + 1, m["model"], round(m["rating"], 1), "[–]" if m["ci_low"] is None else f"[{m['ci_low']:.1f}, {m['ci_high']:.1f}]", m["battles"],
                  m["votes"], m["wins"], m["losses"], m["ties"]] for i, m in enumerate(self.models)]
 
     def pair_rows(self) -> list[list[Any]]:

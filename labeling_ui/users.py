@@ -28,6 +28,7 @@ import json
 import os
 import re
 import secrets
+import sys
 import tempfile
 import threading
 import time
@@ -79,8 +80,9 @@ def _read(path: Path) -> dict:
     return data
 
 
-def add_user(path: str | Path, name: str, password: str, *, admin: bool = False) -> bool:
-    """Add or replace a user; returns True when the user is new. Creates the file (0600) if needed."""
+def add_user(path: str | Path, name: str, password: str, *, admin: bool | None = None) -> bool:
+    """Add or replace a user; returns True when the user is new. Creates the file (0600) if needed.
+    admin=None keeps an existing user's admin flag (a password reset does not demote an admin); new: not admin."""
     path = Path(path)
     if not NAME_RE.match(name or ""):
         raise UserError(f"user name {name!r}: use 1-64 letters, digits, _ . @ - (starting with a letter or digit)")
@@ -92,6 +94,8 @@ def add_user(path: str | Path, name: str, password: str, *, admin: bool = False)
         raise UserError(f"cannot write users file {path}: directory {path.parent} does not exist")
     data = _read(path) if path.exists() else {"version": 1, "users": {}}
     new = name not in data["users"]
+    if admin is None:
+        admin = bool(data["users"].get(name, {}).get("admin", False))
     data["users"][name] = {**hash_password(password), "admin": bool(admin)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -139,6 +143,10 @@ class LoginLimiter:
             now = self.clock()
             recent = self._recent(name, now) or deque(maxlen=self.max_failures)
             recent.append(now)
+            if len(recent) == self.max_failures:  # the admin should know why a right password is refused now
+                print(f"alignkit label: {name!r} is locked out after {self.max_failures} failed logins within "
+                      f"{self.window:.0f} s; logins as {name!r} are refused until the oldest ages out",
+                      file=sys.stderr, flush=True)
             self._failures.pop(name, None)
             self._failures[name] = recent  # most recently failed last
             while len(self._failures) > self.max_names:

@@ -249,7 +249,8 @@ def test_human_judge_through_the_real_server_and_collect(two_models, tmp_path):
     result = json.loads((out / "compare.json").read_text())
     identical = len(PROMPTS) - len(distinct)
     assert {k: v for k, v in result["human"].items() if k != "weighting"} == {
-        "votes": len(cast), "battles": len(distinct), "battles_without_votes": 0, "identical_responses": identical}
+        "votes": len(cast), "battles": len(distinct), "battles_without_votes": 0, "identical_responses": identical,
+        "shared_responses": 0}
     (pair,) = result["pairs"]
     counts = Counter(cast)
     assert (pair["model_a"], pair["model_b"]) == ("alpha-k3", "beta-q7")
@@ -337,6 +338,12 @@ def test_collect_and_the_leaderboard_agree_when_models_repeat_each_others_text(t
     assert (result["human"]["votes"], result["human"]["battles"]) == (board.votes, board.battles)
     assert board.battles == 3 * n - 2 * (n // 2) and board.votes > board.battles
     assert result["human"]["identical_responses"] == n // 2
+    # ... and dpo-vs-ppo on those prompts is not rated either (the vote counts for sft): said, so that every
+    # (prompt, pair) is accounted for.
+    assert result["human"]["shared_responses"] == n // 2
+    assert board.battles + result["human"]["identical_responses"] + result["human"]["shared_responses"] == 3 * n
+    assert "nor are 3 (prompt, pair)s where one model gave the text another model also gave" in \
+        (out / "compare.md").read_text()
     store.close()
 
 

@@ -135,6 +135,28 @@ def test_greedy_generation_with_one_model_is_refused_before_a_store_exists(capsy
                      "--temperature", "0")
     _assert_one_clean_line(code, err, "one --generate model with greedy decoding (--temperature 0)")
     assert not db.exists()
+    # Sampling settings transformers would take silently (top_p 2) or raise on mid-run (0 new tokens).
+    for flags, message in ((["--top-p", "2"], "top_p must be in (0, 1]"),
+                           (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1")):
+        code, err = _run(capsys, "label", "import", "--db", str(db), str(data), "--generate", str(tiny_model_dir), *flags)
+        _assert_one_clean_line(code, err, message)
+        assert not db.exists()
+
+
+def test_failed_generation_leaves_no_store(capsys, tmp_path, tiny_model_dir):
+    """Sampling runs before the store is opened: a failure (here every sample empty, so no comparison) left an
+    empty store that `serve` and `export` then took for a real one."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "the film was"}) + "\n")
+    db = tmp_path / "labels.db"
+    code, err = _run(capsys, "label", "import", "--db", str(db), str(data), "--generate", str(tiny_model_dir),
+                     "--generate", str(tiny_model_dir), "--temperature", "0", "--max-new-tokens", "2")
+    assert code == 2 and "Traceback" not in err  # after the progress bars of the sampling, one line
+    assert err.strip().splitlines()[-1].startswith(f"alignkit: error: {data}:1: fewer than 2 distinct responses")
+    assert not db.exists()
+    code, err = _run(capsys, "label", "import", "--db", str(tmp_path / "no" / "dir.db"), str(data),
+                     "--generate", str(tiny_model_dir))
+    _assert_one_clean_line(code, err, "cannot create label store")
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "soon"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -205,7 +206,42 @@ def test_bad_input(models, prompts_file, tmp_path, capsys):
     assert _cli("--model", models["base"], "--model", models["ad1"], "--prompts", prompts_file,
                 "--judge", f"reward:{tmp_path / 'nostage'}", "--out", out) == 2
     assert "reward" in capsys.readouterr().err
+    # Sampling settings, the prompt limit and an unusable label store fail before any model is loaded.
+    for flags, message in ((["--temperature", -3], "temperature must be >= 0"), (["--top-p", 7], r"top_p must be in \(0, 1\]"),
+                           (["--max-new-tokens", 0], "max_new_tokens must be an integer >= 1"),
+                           (["--limit", 0], "--limit must be >= 1"),
+                           (["--judge", f"human:{tmp_path / 'no' / 'dir.db'}"], "cannot create label store")):
+        judge = [] if "--judge" in flags else ["--judge", "oracle:length"]
+        assert _cli("--model", models["base"], "--model", models["ad1"], "--prompts", prompts_file, *judge,
+                    "--out", out, *flags) == 2
+        assert re.search(message, capsys.readouterr().err), flags
     assert not out.exists()  # nothing written for bad input
+
+
+def test_a_prompt_listed_twice_counts_once(models, prompts_file, tmp_path, capsys):
+    """Duplicates counted as independent prompts narrowed every CI (24 lines, 12 prompts: CI [0.245, 0.612]
+    instead of [0.193, 0.680]); they are dropped, and said so."""
+    doubled = tmp_path / "doubled.jsonl"
+    doubled.write_text(prompts_file.read_text() * 2)
+    out = tmp_path / "out"
+    assert _cli("--model", f"base={models['base']}", "--model", f"ad1={models['ad1']}", "--prompts", doubled,
+                "--judge", "oracle:length", "--out", out, "--max-new-tokens", 6, "--bootstrap", 200) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert result["n_prompts"] == len(PROMPTS) and result["duplicate_prompts_dropped"] == len(PROMPTS)
+    assert result["pairs"][0]["units"] == len(PROMPTS)
+    assert f"{len(PROMPTS)} duplicate prompts dropped" in capsys.readouterr().out
+    assert f"{len(PROMPTS)} duplicate prompts in the prompts file were dropped" in (out / "compare.md").read_text()
+
+
+def test_cached_responses_with_unicode_line_separators_are_read_back(tmp_path):
+    """str.splitlines() also splits at U+2028 / U+0085, which JSON leaves unescaped: such a response was never
+    read back from the cache and was sampled again on every run."""
+    from alignkit.compare import _read_cache
+
+    path = tmp_path / "cache.jsonl"
+    rows = [{"prompt_key": "k1", "response": "one\u2028two\u0085three"}, {"prompt_key": "k2", "response": "x"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert _read_cache(path) == {"k1": "one\u2028two\u0085three", "k2": "x"}
 
 
 def test_model_names_and_prompt_parsing(models, prompts_file):

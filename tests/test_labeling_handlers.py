@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import stat
 
 import pytest
@@ -126,6 +127,10 @@ def test_users_file_hashes_and_rereads(tmp_path):
     assert users.is_admin("alice") and not users.is_admin(None)
     add_user(path, "bob", "another one")  # added while "serving": seen without a restart
     assert users.check("bob", "another one") and not users.is_admin("bob")
+    add_user(path, "alice", "a new password")  # a password reset keeps the admin role (it silently removed it)
+    assert users.is_admin("alice")
+    add_user(path, "alice", "a new password", admin=False)
+    assert not users.is_admin("alice")
     rec = hash_password("pw12345678")
     assert verify_password("pw12345678", rec) and not verify_password("pw12345679", rec)
     assert not verify_password("x", {"kdf": "md5"})
@@ -174,6 +179,21 @@ def test_label_cli_import_add_user_export_stats(tmp_path, capsys):
                                               "'coin-flip'")
     assert alignkit_main(["label", "serve", "--db", db, "--no-auth", "--port", "70000"]) == 2
     assert capsys.readouterr().err == "alignkit: error: label serve: argument --port: must be between 1 and 65535, got 70000\n"
+    # `alignkit label --help` lists the subcommands (it was "unrecognized arguments: --help"); none given names them.
+    with pytest.raises(SystemExit) as exit_:
+        alignkit_main(["label", "--help"])
+    assert exit_.value.code == 0 and "{import,serve,add-user,export,simulate,stats}" in capsys.readouterr().out
+    assert alignkit_main(["label"]) == 2
+    assert "required: {import,serve,add-user,export,simulate,stats}" in capsys.readouterr().err
+    # Export, stats and serve never turn another database into a store.
+    other = tmp_path / "app.sqlite"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE customers (x)")
+    before = other.read_bytes()
+    for argv in (["export", "--db", str(other), "--out", str(tmp_path / "o")], ["stats", "--db", str(other)]):
+        assert alignkit_main(["label", *argv]) == 2
+        assert "not an alignkit label store" in capsys.readouterr().err
+    assert other.read_bytes() == before
 
 
 def test_import_with_generate_records_model_and_sampling(tmp_path, tiny_model_dir):
@@ -222,7 +242,7 @@ def test_users_file_reread_on_atomic_replace_and_revokes_changed_users(tmp_path)
     assert "bob" not in users.users() and revoked == [{"alice"}, {"bob"}]
 
 
-def test_failed_logins_are_limited_per_name_without_hashing(tmp_path, monkeypatch):
+def test_failed_logins_are_limited_per_name_without_hashing(tmp_path, monkeypatch, capsys):
     import labeling_ui.users as users_mod
     from labeling_ui.users import LoginLimiter
 
@@ -236,6 +256,8 @@ def test_failed_logins_are_limited_per_name_without_hashing(tmp_path, monkeypatc
     for name in ("alice", "nobody"):  # known or not, the same: the lockout tells no one which names exist
         for _ in range(3):
             assert not users.check(name, "wrong password")
+    # The server log says when a name is locked out (a right password is refused from then on).
+    assert capsys.readouterr().err.count("is locked out after 3 failed logins") == 2
     hashed.clear()
     assert not users.check("alice", "right password") and not users.check("nobody", "x")
     assert hashed == []  # refused without hashing

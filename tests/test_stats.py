@@ -205,6 +205,10 @@ def test_win_rate_cis_never_collapse_and_move_monotonically():
         assert one["ci_high"] - one["ci_low"] > 0.3
     cyclic = stats.bootstrap_ratings([("A", "B", "a"), ("B", "C", "a"), ("C", "A", "a")], rounds=100, clusters=[0, 0, 0])
     assert all(r["ci_high"] > r["ci_low"] for r in cyclic.values())
+    # A single battle has nothing to resample: no CI (None), not the point [1095, 1095] the leaderboard showed.
+    single = stats.bootstrap_ratings([("A", "B", "a")], rounds=100)
+    assert single["A"]["rating"] > single["B"]["rating"]
+    assert all(r["ci_low"] is None and r["ci_high"] is None for r in single.values())
 
 def test_a_model_that_never_loses_is_flagged_and_gets_a_finite_rating():
     rest = [("B", "C", "a")] * 12 + [("B", "C", "b")] * 8

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -630,7 +631,11 @@ def test_arena_battles_are_their_own_pool(store_url, tmp_path):
         c2 = s.get(Comparison, 2)
         row = ImportRow(prompt="question 1", source="x", responses=[c2.response_a.text, c2.response_b.text],
                         models=["m1", "m2"], sampling=[None, None])
-    assert write_rows(store, [row], arena=True).new_comparisons == 0
+        votes_on_2 = c2.n_votes
+    # ... and says so (compare --judge human prints it): those votes leave the training export.
+    sent = write_rows(store, [row], arena=True)
+    assert (sent.new_comparisons, sent.converted, sent.converted_votes) == (0, 1, votes_on_2)
+    assert write_rows(store, [row], arena=True).converted == 0
     assert write_rows(store, arena_rows(2)).new_comparisons == 0
     with store.read() as s:
         battles = s.scalars(select(Comparison.id).where(Comparison.arena.is_(True)).order_by(Comparison.id)).all()
@@ -746,3 +751,67 @@ def test_generated_import_skips_prompts_whose_samples_are_alike(tmp_path, tiny_m
         import_rows(open_store(str(tmp_path / "third.db")), parse_import_file(path, responses_required=False),
                     generate=[str(tiny_model_dir)], progress=False, params=SamplingParams(max_new_tokens=2, temperature=0))
     store.close()
+
+
+def test_a_database_that_is_not_a_label_store_is_refused_untouched(store_url, tmp_path):
+    """`label export` on an app's own SQLite file (or PostgreSQL database) created alignkit's tables in it and
+    switched it to WAL: any database with other tables is refused, byte for byte untouched; an empty one
+    becomes a store only when asked to create one (import), never on export / serve / stats."""
+    import sqlalchemy
+
+    if store_url.startswith("postgresql"):
+        engine = sqlalchemy.create_engine(store_url.replace("postgresql://", "postgresql+psycopg://", 1))
+        with pytest.raises(UserError, match="the database is empty"):
+            open_store(store_url, create=False)
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text("CREATE TABLE customers (x integer)"))
+        with pytest.raises(UserError, match=r"not an alignkit label store \(it has other tables: customers\)"):
+            open_store(store_url)
+        assert set(sqlalchemy.inspect(engine).get_table_names()) == {"customers"}
+        engine.dispose()
+        return
+    other = tmp_path / "app.sqlite"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE customers (x)")
+    before = other.read_bytes()
+    for create in (False, True):
+        with pytest.raises(UserError, match=r"not an alignkit label store \(it has other tables: customers\)"):
+            open_store(other, create=create)
+    assert other.read_bytes() == before and not list(tmp_path.glob("app.sqlite-*"))  # no WAL switch either
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(UserError, match="no label store in .*empty.db: the database is empty"):
+        open_store(empty, create=False)
+    assert empty.stat().st_size == 0
+    open_store(empty).close()
+    open_store(empty, create=False).close()
+
+
+def test_nul_characters_are_refused_in_files_and_replaced_in_samples(store_url, tmp_path):
+    """PostgreSQL text cannot hold NUL (it crashed with the whole INSERT printed); SQLite can, so the backends
+    differed. An imported response with NUL is one line; a sampled one (a byte token) is stored as U+FFFD on both,
+    under the key compare --collect looks it up by."""
+    from alignkit.store.importer import ImportRow, storable_text, store_key, write_rows
+    from alignkit.store.models import Response
+
+    path = write_jsonl(tmp_path / "nul.jsonl", [{"prompt": "p", "responses": ["a\u0000b", "c"]}])
+    with pytest.raises(UserError, match=r"nul.jsonl:1: a response contains a NUL character"):
+        parse_import_file(path)
+    store = open_store(store_url)
+    write_rows(store, [ImportRow("p", "sampled", ["a\u0000b", "c"], ["m", "m"], [None, None])])
+    with store.read() as s:
+        texts = {r.text: r.key for r in s.scalars(select(Response))}
+    assert texts == {"a\ufffdb": store_key(storable_text("a\u0000b")), "c": store_key("c")}
+    item = next_item(store, "ann")
+    submit_vote(store, "ann", item.comparison_id, "a", "why\u0000not")  # a pasted NUL in a rationale
+    with store.read() as s:
+        assert s.scalars(select(Vote.rationale)).one() == "why\ufffdnot"
+    store.close()
+
+
+def test_urls_are_printed_without_their_password():
+    from alignkit.store.db import display_name
+
+    assert display_name("postgresql+psycopg://ak:s3cret@db.example:5432/labels") == \
+        "postgresql+psycopg://ak:***@db.example:5432/labels"
+    assert display_name("labels.db") == "labels.db"

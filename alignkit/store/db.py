@@ -23,7 +23,7 @@ import random
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -110,7 +110,46 @@ def _resolve_url(url_or_path: str | Path, *, create: bool) -> tuple[str, str]:
             raise UserError(f"no label store at {s} (create one with `alignkit label import --db {s} FILE`)")
         if not path.parent.is_dir():
             raise UserError(f"cannot create label store {s}: directory {path.parent} does not exist")
+    else:
+        _check_sqlite_file(path, s, create=create)
     return f"sqlite:///{path}", s
+
+
+def _check_sqlite_file(path: Path, name: str, *, create: bool) -> None:
+    """Look at an existing file read-only before the engine opens it: opening switches the file to WAL, and
+    a store is created in an empty database — neither may happen to a file that is not (yet) a label store."""
+    try:
+        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as err:
+        if "not a database" in str(err) or "malformed" in str(err):
+            raise UserError(f"{name} is not a SQLite database") from None
+        raise UserError(f"cannot open label store {name}: {err}") from None
+    _check_tables(tables, name, create=create)
+
+
+def _check_tables(tables: set[str], name: str, *, create: bool) -> None:
+    """Refuse a database that is not a label store; an empty one only becomes one when asked to create."""
+    if "schema_version" in tables:
+        return
+    if tables:
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise UserError(f"{name} is not an alignkit label store (it has other tables: {shown}); "
+                        "give a new file or an empty database")
+    if not create:
+        raise UserError(f"no label store in {name}: the database is empty "
+                        f"(create one with `alignkit label import --db {name} FILE`)")
+
+
+def display_name(url_or_path: str | Path) -> str:
+    """A label store's path or URL as it may be printed or saved: a URL's password is masked."""
+    s = str(url_or_path)
+    if "://" in s and not s.startswith("sqlite"):
+        try:
+            return make_url(s).render_as_string(hide_password=True)
+        except Exception:  # not a URL SQLAlchemy parses: _resolve_url refuses it with its own message
+            return s.split("@")[-1]
+    return s
 
 
 class Store:
@@ -176,14 +215,10 @@ def open_store(url_or_path: str | Path, *, create: bool = True, overlap: int = 3
                                connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _install_sqlite_hooks(engine)
     else:
-        try:
-            import psycopg  # noqa: F401
-        except ImportError:
-            raise UserError("a PostgreSQL label store needs psycopg: pip install 'alignkit[postgres]'") from None
-        engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        engine = _postgres_engine(url, pool_size=pool_size)
     store = Store(engine, name, overlap=overlap, lease_seconds=lease_seconds)
     try:
-        _ensure_schema(store)
+        _ensure_schema(store, create=create)
     except UserError:
         engine.dispose()
         raise
@@ -193,7 +228,31 @@ def open_store(url_or_path: str | Path, *, create: bool = True, overlap: int = 3
     return store
 
 
-def _ensure_schema(store: Store) -> None:
+def check_store(url_or_path: str | Path, *, create: bool) -> None:
+    """Fail now, as open_store would, without writing anything: for commands that work for minutes
+    (sampling responses) before they open the store."""
+    url, name = _resolve_url(url_or_path, create=create)  # a SQLite file is checked read-only here
+    if url.startswith("sqlite"):
+        return
+    engine = _postgres_engine(url, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            _check_tables(set(inspect(conn).get_table_names()), name, create=create)
+    except DBAPIError as err:
+        raise UserError(f"cannot open label store {name}: {str(err.orig).strip().splitlines()[0]}") from None
+    finally:
+        engine.dispose()
+
+
+def _postgres_engine(url: str, *, pool_size: int) -> Engine:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise UserError("a PostgreSQL label store needs psycopg: pip install 'alignkit[postgres]'") from None
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def _ensure_schema(store: Store, *, create: bool) -> None:
     def run(session: Session) -> None:
         conn = session.connection()
         if store.dialect == "postgresql":
@@ -201,8 +260,7 @@ def _ensure_schema(store: Store) -> None:
             conn.execute(text("SELECT pg_advisory_xact_lock(7418261)"))
         tables = set(inspect(conn).get_table_names())
         if "schema_version" not in tables:
-            if tables & set(Base.metadata.tables):
-                raise UserError(f"{store.name} has tables but no schema_version: not an alignkit label store")
+            _check_tables(tables, store.name, create=create)
             Base.metadata.create_all(conn)
             session.add(SchemaVersion(id=1, version=SCHEMA_VERSION, updated_at=time.time()))
             return

@@ -37,7 +37,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from alignkit.data.formats import consistent_pairs, consistent_unpaired
 from alignkit.errors import UserError
@@ -125,6 +125,12 @@ def aggregate_store(store: Store, *, min_agreement: float = 0.0, ties: str = "dr
     return rows, dict(reasons)
 
 
+def _arena_votes(store: Store) -> int:
+    with store.read() as s:
+        return s.scalar(select(func.count(Vote.id)).join(Comparison, Comparison.id == Vote.comparison_id)
+                        .where(Comparison.arena.is_(True))) or 0
+
+
 def _aggregate(db: str | Store, **policy) -> list[dict[str, Any]]:
     if isinstance(db, Store):
         return aggregate_store(db, **policy)[0]
@@ -169,8 +175,11 @@ def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 
     rows, reasons = aggregate_store(store, min_agreement=min_agreement, ties=ties, both_bad=both_bad,
                                     min_votes=min_votes, unpaired=unpaired)
     if not rows:
-        raise UserError(f"nothing to export from {store.name}: no comparison passes the policy "
-                        f"(per reason: {reasons or 'no votes yet'})")
+        why = f"comparisons per reason: {reasons}" if reasons else "no votes on labeling comparisons yet"
+        arena_votes = _arena_votes(store)
+        if arena_votes:  # votes on arena battles rate models (alignkit compare); they are not training data
+            why += f"; {arena_votes} votes are on arena battles, which are not exported"
+        raise UserError(f"nothing to export from {store.name}: no comparison passes the policy ({why})")
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build everything in a sibling temp dir (a unique name per export), then swap it in, so a failed
     # export leaves DIR as it was and leaves no temp dir behind.

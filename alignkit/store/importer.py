@@ -55,6 +55,8 @@ class ImportSummary:
     comparisons: int
     new_comparisons: int
     skipped: list[str] = field(default_factory=list)  # file:line of prompts whose samples were all alike
+    converted: int = 0  # arena=True: labeling comparisons that became arena battles
+    converted_votes: int = 0  # the votes they had
 
     def __str__(self) -> str:
         text = (f"{self.prompts} prompts, {self.responses} responses, {self.comparisons} comparisons "
@@ -65,8 +67,15 @@ class ImportSummary:
         return text
 
 
-def _key(value: Any) -> str:
+def store_key(value: Any) -> str:
+    """A prompt's or response's key in the store: sha256 of its canonical JSON (a response's after storable_text)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def storable_text(text: str) -> str:
+    """A sampled response as the store keeps it: PostgreSQL text cannot hold NUL, which a model can sample
+    (a byte token), so NUL becomes U+FFFD on every backend alike. Imported files with NUL are refused instead."""
+    return text.replace("\x00", "\ufffd")
 
 
 def parse_import_file(path: str | Path, *, responses_required: bool = True) -> list[ImportRow]:
@@ -82,6 +91,8 @@ def parse_import_file(path: str | Path, *, responses_required: bool = True) -> l
         responses = obj.get("responses", [])
         if not isinstance(responses, list) or not all(isinstance(r, str) and r.strip() for r in responses):
             raise UserError(f"{where}: `responses` must be a list of non-empty strings")
+        if any("\x00" in r for r in responses):
+            raise UserError(f"{where}: a response contains a NUL character (\\u0000), which a label store cannot hold")
         if len(set(responses)) != len(responses):
             raise UserError(f"{where}: `responses` has duplicates")
         if responses_required and len(responses) < 2:
@@ -142,9 +153,9 @@ def write_rows(store: Store, rows: Sequence[ImportRow], *, arena: bool = False) 
         prompt_ids: set[int] = set()
         response_ids: set[int] = set()
         pairs: set[tuple[int, int]] = set()
-        new_comp = 0
+        new_comp, converted, converted_votes = 0, 0, 0
         for row in rows:
-            key = _key(row.prompt)
+            key = store_key(row.prompt)
             prompt = session.scalars(select(Prompt).where(Prompt.key == key)).one_or_none()
             if prompt is None:
                 prompt = Prompt(key=key, content_json=json.dumps(row.prompt, ensure_ascii=False), source=row.source,
@@ -154,7 +165,8 @@ def write_rows(store: Store, rows: Sequence[ImportRow], *, arena: bool = False) 
             prompt_ids.add(prompt.id)
             ids = []
             for text, model, sampling in zip(row.responses, row.models, row.sampling):
-                rkey = _key(text)
+                text = storable_text(text)
+                rkey = store_key(text)
                 resp = session.scalars(select(Response).where(Response.prompt_id == prompt.id,
                                                               Response.key == rkey)).one_or_none()
                 if resp is None:
@@ -166,16 +178,19 @@ def write_rows(store: Store, rows: Sequence[ImportRow], *, arena: bool = False) 
             response_ids.update(ids)
             for x, y in itertools.combinations(sorted(set(ids)), 2):
                 pairs.add((x, y))
-                cid = session.scalars(select(Comparison.id).where(Comparison.response_a_id == x,
-                                                                  Comparison.response_b_id == y)).first()
-                if cid is None:
+                comp = session.scalars(select(Comparison).where(Comparison.response_a_id == x,
+                                                                Comparison.response_b_id == y)).first()
+                if comp is None:
                     session.add(Comparison(prompt_id=prompt.id, response_a_id=x, response_b_id=y, arena=arena,
                                            created_at=now))
                     new_comp += 1
-                elif arena:
-                    session.execute(update(Comparison).where(Comparison.id == cid).values(arena=True))
+                elif arena and not comp.arena:
+                    session.execute(update(Comparison).where(Comparison.id == comp.id).values(arena=True))
+                    converted += 1
+                    converted_votes += comp.n_votes
         session.flush()
-        return ImportSummary(len(prompt_ids), len(response_ids), len(pairs), new_comp)
+        return ImportSummary(len(prompt_ids), len(response_ids), len(pairs), new_comp,
+                             converted=converted, converted_votes=converted_votes)
 
     return store.write(run)
 
@@ -187,9 +202,11 @@ def import_file(store: Store, path: str | Path, *, generate: Sequence[str] = (),
     return import_rows(store, rows, generate=generate, params=params, progress=progress)
 
 
-def import_rows(store: Store, rows: list[ImportRow], *, generate: Sequence[str] = (), params=None,
-                progress: bool = True) -> ImportSummary:
-    """Import rows from `parse_import_file`, first sampling responses with each `generate` spec if given."""
+def prepare_rows(rows: list[ImportRow], *, generate: Sequence[str] = (), params=None,
+                 progress: bool = True) -> tuple[list[ImportRow], list[str]]:
+    """Sample responses with each `generate` spec if given; (rows to import, file:line of prompts skipped).
+
+    Runs before the store is opened, so a failed or interrupted generation leaves no store behind."""
     if generate:
         from alignkit.generation import SamplingParams
 
@@ -200,6 +217,13 @@ def import_rows(store: Store, rows: list[ImportRow], *, generate: Sequence[str] 
     if len(short) == len(rows):
         raise UserError(f"{short[0]}: fewer than 2 distinct responses after generation for every prompt "
                         f"({len(short)}); nothing imported (sample with --temperature above 0, or more models)")
-    summary = write_rows(store, [r for r in rows if len(r.responses) >= 2])
-    summary.skipped = short
+    return [r for r in rows if len(r.responses) >= 2], short
+
+
+def import_rows(store: Store, rows: list[ImportRow], *, generate: Sequence[str] = (), params=None,
+                progress: bool = True) -> ImportSummary:
+    """Import rows from `parse_import_file`, first sampling responses with each `generate` spec if given."""
+    kept, skipped = prepare_rows(rows, generate=generate, params=params, progress=progress)
+    summary = write_rows(store, kept)
+    summary.skipped = skipped
     return summary

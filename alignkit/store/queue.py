@@ -268,7 +268,8 @@ def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, r
     check_id(comparison_id)
     if rationale is not None and not isinstance(rationale, str):
         raise UserError(f"rationale must be a string, got {type(rationale).__name__}")
-    rationale = (rationale or "").strip() or None
+    # NUL: PostgreSQL text cannot hold it (a pasted binary string); stored alike on both backends.
+    rationale = (rationale or "").replace("\x00", "\ufffd").strip() or None
     if rationale is not None and len(rationale) > MAX_RATIONALE_CHARS:
         raise UserError(f"rationale is longer than {MAX_RATIONALE_CHARS} characters")
 
