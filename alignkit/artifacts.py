@@ -73,9 +73,26 @@ def read_stage(stage_dir: str | Path) -> dict | None:
     """The stage.json of a directory, or None if there is none (or it is unreadable)."""
     path = Path(stage_dir) / STAGE_JSON
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # missing, a directory, binary junk: not complete
         return None
+
+
+def weights_problem(stage_dir: str | Path) -> str | None:
+    """What is wrong with a complete stage's weights (none, or a file whose header does not read), else None.
+    Reads only the safetensors headers: a child stage checks its parents before anything is touched."""
+    from safetensors import safe_open
+
+    files = sorted(Path(stage_dir).glob("*.safetensors"))
+    if not files:
+        return "has no weights (*.safetensors)"
+    for f in files:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as err:  # safetensors raises its own SafetensorError for a torn or foreign file
+            return f"has an unreadable {f.name} ({str(err).splitlines()[0]})"
+    return None
 
 
 def is_complete(stage_dir: str | Path, expected_hash: str | None = None) -> bool:

@@ -148,9 +148,9 @@ def _add_estimate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--lora-r", type=int, default=None, help="default: an adapter's own rank, else 16")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--lm-head", choices=["fused", "full", "score"], default="fused",
+    p.add_argument("--lm-head", choices=["fused", "full", "score"], default=None,
                    help="fused: TRL's chunked log-prob head (SFT, DPO, GRPO stages); full: the model's own logits "
-                        "and loss (PPO); score: a reward model's score head")
+                        "and loss (PPO); score: a reward model's score head. Default: by a stage's kind, else fused")
     p.set_defaults(handler=_estimate)
 
 
@@ -209,6 +209,15 @@ def _quiet_dependency_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*torch.jit.script_method.* is deprecated", category=DeprecationWarning)
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler's stop, `kill`) is handled like Ctrl-C: the stage stops incomplete, workers with it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["label"]:
@@ -218,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     _quiet_dependency_noise()
     try:
+        _interrupt_on_sigterm()
         return int(args.handler(args) or 0)
     except UserError as err:
         print(f"alignkit: error: {err}", file=sys.stderr)

@@ -38,6 +38,8 @@ TOP_LEVEL_KEYS = {"description", "model", "peft", "run_dir", "seed", "stages"}
 STAGE_KEYS = {"name", "kind", "after", "reward", "data", "train"}
 # Stage fields that name another stage: the runner orders by them and passes them to the recipe as parents.
 STAGE_REFERENCES = ("after", "reward")
+# Kinds that score rollouts with a reward stage named by `reward:`.
+NEEDS_REWARD = {"ppo", "rloo", "grpo"}
 # Keys under `data:` whose values are paths (resolved against the YAML's directory, or the cwd for --set).
 PATH_DATA_KEYS = set(PATH_KEYS)
 
@@ -65,6 +67,7 @@ class RecipeConfig:
     stages: list[StageConfig]
     description: str = ""
     raw: dict = field(default_factory=dict)  # the resolved YAML, for stage.json
+    where: Any = None  # _Where: a dotted key -> "FILE:LINE" or "--set ...", for errors found after loading
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:
@@ -83,6 +86,7 @@ class _Lines:
 
     def __init__(self, text: str):
         self.lines: dict[str, int] = {}
+        self.duplicates: list[tuple[str, int, int]] = []  # (dotted key, first line, repeated line)
         try:
             node = yaml.compose(text)
         except yaml.YAMLError:
@@ -92,8 +96,12 @@ class _Lines:
 
     def _walk(self, node, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for k, v in node.value:
                 key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                if key in seen:  # PyYAML keeps the last silently; a recipe that says two things is refused
+                    self.duplicates.append((key, seen[key], k.start_mark.line + 1))
+                seen[key] = k.start_mark.line + 1
                 self.lines[key] = k.start_mark.line + 1
                 self._walk(v, key)
         elif isinstance(node, yaml.SequenceNode):
@@ -339,10 +347,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping with model, peft, run_dir and stages")
     raw = _unshare(raw)
+    lines = _Lines(text)
+    if lines.duplicates:
+        key, first, again = lines.duplicates[0]
+        raise UserError(f"{path}:{again}: duplicate key {key} (first on line {first}); YAML would keep only the last")
     set_by: dict[str, str] = {}
     for item in overrides or []:
         set_by[apply_override(raw, item)] = item
-    where = _Where(path, _Lines(text), set_by)
+    where = _Where(path, lines, set_by)
 
     for key in raw:
         if key not in TOP_LEVEL_KEYS:
@@ -372,6 +384,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
         raise UserError(f"{where('peft.method')}: peft.method={peft.method!r}; one of {', '.join(PEFT_METHODS)}{_suggest(peft.method, PEFT_METHODS)}")
     if peft.method == "full" and model.quantization != "none":
         raise UserError(f"{where('peft.method')}: full fine-tuning needs model.quantization: none")
+    for key, ok, rule in (("r", peft.r >= 1, ">= 1"), ("lora_alpha", peft.lora_alpha > 0, "> 0"),
+                          ("lora_dropout", 0 <= peft.lora_dropout < 1, "in [0, 1)"),
+                          ("num_virtual_tokens", peft.num_virtual_tokens >= 1, ">= 1")):
+        if not ok:  # PEFT / torch would refuse it only once the model is loaded, after earlier stages trained
+            raise UserError(f"{where(f'peft.{key}')}: peft.{key}={getattr(peft, key)!r} must be {rule}")
 
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -413,9 +430,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
             hints = typing.get_type_hints(module.TRAIN_CONFIG)
             train = {k: _coerce(v, hints.get(k, Any)) for k, v in train.items()}
             for key, value in train.items():
-                if key not in train_fields or key in MANAGED_TRAIN_KEYS:
-                    extra = " (set by alignkit)" if key in train_fields else ""
-                    raise UserError(f"{where(f'{where_key}.train.{key}')}: unknown key {where_key}.train.{key}{extra}{_suggest(key, train_fields)}")
+                if key in MANAGED_TRAIN_KEYS:
+                    raise UserError(f"{where(f'{where_key}.train.{key}')}: {where_key}.train.{key} is set by alignkit "
+                                    "(checkpoints and TensorBoard logs go into the stage directory)")
+                if key not in train_fields:
+                    raise UserError(f"{where(f'{where_key}.train.{key}')}: unknown key {where_key}.train.{key}{_suggest(key, train_fields)}")
                 if not _check_type(value, hints.get(key, Any)):
                     raise UserError(f"{where(f'{where_key}.train.{key}')}: {where_key}.train.{key}={value!r} is not a valid {_type_name(hints.get(key))}")
             if train.get("use_liger_kernel") and not liger_available():
@@ -436,6 +455,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
             if ref == s.name:
                 raise UserError(f"{where(f'stages.{s.name}.{role}')}: stage {s.name!r} cannot depend on itself")
     order_stages(stages, where=where)  # raises on cycles
+    _check_stage_roles(stages, where)
     if peft.method in ("prompt_tuning", "prefix_tuning"):
         child = next((s for s in stages if s.after), None)
         if child is not None:
@@ -449,7 +469,26 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
             raise UserError(f"{where(f'stages.{child.name}.after')}: a {child.kind} stage cannot continue an ia3 adapter "
                             f"(TRL would take the base, not stage {child.after}, as its reference); use lora or dora")
     return RecipeConfig(path=path, model=model, peft=peft, run_dir=run_dir, seed=seed, stages=stages,
-                        description=description, raw=raw)
+                        description=description, raw=raw, where=where)
+
+
+def _check_stage_roles(stages: list[StageConfig], where: "_Where") -> None:
+    """What each reference may name, known from the YAML alone: checked here rather than when the stage
+    starts, after its parents trained. The recipes check the stage.json they load again."""
+    kinds = {s.name: s.kind for s in stages}
+    for s in stages:
+        if s.kind in NEEDS_REWARD and not s.reward:
+            raise UserError(f"{where(f'stages.{s.name}')}: a {s.kind} stage needs `reward:` naming a stage of kind reward")
+        if s.reward and s.kind not in NEEDS_REWARD:
+            raise UserError(f"{where(f'stages.{s.name}.reward')}: only {', '.join(sorted(NEEDS_REWARD))} stages take "
+                            f"`reward:` (a {s.kind} stage would ignore it)")
+        if s.reward and kinds[s.reward] != "reward":
+            raise UserError(f"{where(f'stages.{s.name}.reward')}: stages.{s.name}.reward names {s.reward!r}, "
+                            f"a {kinds[s.reward]} stage, not a reward stage")
+        if s.after and kinds[s.after] == "reward":
+            raise UserError(f"{where(f'stages.{s.name}.after')}: stages.{s.name}.after names {s.after!r}, a reward "
+                            f"stage: a {s.kind} stage starts from a policy (sft, dpo, kto, ...); a reward stage goes "
+                            "under `reward:`")
 
 
 def _check_data(data: dict, where_key: str, where: _Where, module) -> dict:

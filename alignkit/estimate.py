@@ -410,20 +410,25 @@ def spec_settings(model: str) -> tuple[str, dict]:
         if isinstance(rank, int):
             found["lora_r"] = rank
         quantization = spec.model_settings.get("quantization")
-        if quantization in ("4bit", "none"):
+        if quantization in ("4bit", "8bit", "none"):
+            # 8-bit: the 16-bit LoRA figures, an upper bound, as the stage's own preflight records them
             found["method"] = "qlora" if quantization == "4bit" else "lora"
     elif spec.stage is not None:
         found["method"] = "full"
+    kind = (spec.stage or {}).get("kind")
+    if kind in ("reward", "ppo"):  # a reward model's score head; PPO computes its policy's full logits
+        found["lm_head"] = "score" if kind == "reward" else "full"
     return spec.base, found
 
 
 def estimate_from_cli(args) -> int:
     """`alignkit estimate MODEL --method ... --batch-size --seq-len --lora-r --[no-]gradient-checkpointing --lm-head`.
 
-    --method and --lora-r default to what a stage or adapter directory records, else qlora and 16."""
+    --method, --lora-r and --lm-head default to what a stage or adapter directory records, else qlora, 16, fused."""
     model, recorded = spec_settings(args.model)
-    settings = {"method": "qlora", "lora_r": 16, **recorded}
-    settings.update({k: v for k, v in (("method", args.method), ("lora_r", args.lora_r)) if v is not None})
+    settings = {"method": "qlora", "lora_r": 16, "lm_head": "fused", **recorded}
+    settings.update({k: v for k, v in (("method", args.method), ("lora_r", args.lora_r), ("lm_head", args.lm_head))
+                     if v is not None})
     cfg = load_config(model)
     est = estimate_memory(
         shape_from_config(cfg, where=f"{model} config.json"),
@@ -432,7 +437,7 @@ def estimate_from_cli(args) -> int:
         seq_len=args.seq_len,
         lora_r=settings["lora_r"],
         gradient_checkpointing=args.gradient_checkpointing,
-        lm_head=args.lm_head,
+        lm_head=settings["lm_head"],
     )
     print(est.format())
     return 0

@@ -249,6 +249,31 @@ def load_base_model(settings: ModelSettings, *, model_class=None, **kwargs):
     return model
 
 
+def check_model(settings: ModelSettings, adapter: PeftSettings) -> None:
+    """The base's config.json loads (a hub id is reachable or cached) and the adapter's named target modules
+    exist in its architecture: built on the meta device, so no weights are read. A UserError otherwise."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = resolve_base(settings.base)
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the config of model {settings.base}: {str(err).strip().splitlines()[0]}") from None
+    targets = adapter.target_modules
+    if adapter.method not in ("lora", "dora", "ia3") or not isinstance(targets, list):
+        return  # "all-linear" always matches; a regex string is PEFT's to match
+    import torch
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"peft.target_modules: {', '.join(map(str, missing))} not in {settings.base} "
+                        f"(its linear layers: {', '.join(linear)})")
+
+
 def peft_config(settings: PeftSettings, task_type: str = "CAUSAL_LM"):
     """The PEFT config for a recipe's `peft:` section; None for full fine-tuning."""
     import peft

@@ -60,6 +60,23 @@ def fused_kernel_defaults() -> dict:
     return {"use_liger_kernel": True} if torch.cuda.is_available() and liger_available() else {}
 
 
+# Train values that must be positive where set; TRL's configs accept 0 or less for them.
+POSITIVE_TRAIN_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length",
+                       "max_completion_length", "num_generations", "num_train_epochs")
+
+
+def train_settings_error(stage, message: str, *, key: str | None = None) -> UserError:
+    """A UserError for a train value the trainer's config refused, carrying the key (`err.key`) when it is
+    known or can be told from the message, so the runner can name its YAML line or --set."""
+    if key is None:
+        named = [k for k in stage.train if k in message]
+        by_value = [k for k, v in stage.train.items() if len(str(v)) >= 3 and str(v) in message]
+        key = (named or by_value or [None])[0]
+    err = UserError(f"stage {stage.name}: invalid train settings: {message}")
+    err.key = key
+    return err
+
+
 def trl_args(config_cls, stage, extra_defaults: dict | None = None, choices: dict | None = None):
     """The stage's TRL config: alignkit defaults < recipe-kind defaults < the recipe's `train:`.
 
@@ -72,7 +89,11 @@ def trl_args(config_cls, stage, extra_defaults: dict | None = None, choices: dic
     try:
         config = config_cls(**values)
     except (ValueError, TypeError) as err:
-        raise UserError(f"stage {stage.name}: invalid train settings: {str(err).splitlines()[0]}") from None
+        raise train_settings_error(stage, str(err).splitlines()[0]) from None
+    for key in POSITIVE_TRAIN_KEYS:
+        value = stage.train.get(key)
+        if isinstance(value, (int, float)) and value < 1:  # TRL takes 0 and fails in the middle of the stage
+            raise train_settings_error(stage, f"{key}={value!r} must be at least 1", key=key)
     # On the built config: TRL maps deprecated aliases (packing_strategy bfd-requeue) in __post_init__.
     allowed = {f.name: list(f.metadata["choices"]) for f in dataclasses.fields(config_cls) if f.metadata.get("choices")}
     allowed.update(choices or {})
@@ -82,7 +103,7 @@ def trl_args(config_cls, stage, extra_defaults: dict | None = None, choices: dic
         given = getattr(config, key, None)
         for value in given if isinstance(given, list) else [given]:
             if value is not None and value not in options:
-                raise UserError(f"stage {stage.name}: invalid train settings: {key}={value!r}; one of {', '.join(options)}")
+                raise train_settings_error(stage, f"{key}={value!r}; one of {', '.join(options)}", key=key)
     return config
 
 

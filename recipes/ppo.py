@@ -19,6 +19,7 @@ from alignkit.artifacts import file_fingerprint, read_stage
 from alignkit.data.formats import prompt_of
 from alignkit.data.sources import load_prompt_rows
 from alignkit.errors import UserError
+from alignkit.training import train_settings_error
 from alignkit.ppo.config import PPOConfig
 
 TRAIN_CONFIG = PPOConfig
@@ -41,7 +42,7 @@ def train_config(stage) -> PPOConfig:
     try:
         return PPOConfig(**values)
     except (ValueError, TypeError) as err:
-        raise UserError(f"stage {stage.name}: invalid train settings: {err}") from None
+        raise train_settings_error(stage, str(err)) from None
 
 
 def check_parents(stage, config: PPOConfig) -> tuple[Path | None, Path, dict]:

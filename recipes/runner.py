@@ -12,6 +12,7 @@ leaves every stage directory as it was.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -26,7 +27,7 @@ from typing import Any
 from alignkit import artifacts
 from alignkit.config import RecipeConfig, StageConfig, load_recipe, order_stages
 from alignkit.errors import UserError
-from alignkit.modeling import TINY_SPEC, ModelSettings, PeftSettings, resolve_base
+from alignkit.modeling import TINY_SPEC, ModelSettings, PeftSettings, check_model
 
 # kind -> the recipe file that trains it. Each module defines TRAIN_CONFIG, DATA_KEYS, train_config(stage)
 # and run(stage), and optionally load_data(stage); the runner calls train_config and load_data for every
@@ -100,28 +101,42 @@ def hashed_train_settings(train: dict) -> dict:
     return {k: v for k, v in train.items() if k not in BOOKKEEPING_TRAIN_KEYS}
 
 
-def stage_hashes(cfg: RecipeConfig, stage: StageConfig, parents: dict[str, str],
-                 legacy_parents: dict[str, str]) -> tuple[str, str]:
-    """(config hash, legacy config hash) of a stage, given its parents' of each; the data is fingerprinted once.
+def stage_hashes(cfg: RecipeConfig, stage: StageConfig, parents: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """The stage's config hash under each formula, given its parents' (same formula, same position); the first
+    is the one a completed stage records. The data is fingerprinted once.
 
-    The legacy formula (before 2026-11-28) took data paths and every train key: a stage completed then is
-    still complete when it matches, rather than retrained by the upgrade.
+    Earlier formulas are kept so that a stage completed under one is still complete, not retrained by an upgrade:
+    [1] (2026-11-28 to 12-04) held a local `model.base` as an absolute path, so a moved project retrained;
+    [2] (before 2026-11-28) also took data paths and every train key.
     """
     from alignkit.data.sources import FINGERPRINTED_KEYS, data_fingerprint
 
-    common = {"kind": stage.kind, "model": dataclasses.asdict(cfg.model), "peft": dataclasses.asdict(cfg.peft),
-              "seed": cfg.seed, "data_fingerprint": data_fingerprint(stage.data, stage.name)}
-    refs = stage.references()
-    current = artifacts.stable_hash({
-        **common,
-        # Paths whose contents the fingerprint holds are left out: a moved project is not retrained.
-        "data": {k: v for k, v in stage.data.items() if k not in FINGERPRINTED_KEYS or str(v).startswith("hf:")},
-        "train": hashed_train_settings(stage.train),
-        "parents": {role: parents[ref] for role, ref in refs.items()},
-    })
-    legacy = artifacts.stable_hash({**common, "data": stage.data, "train": stage.train,
-                                    "parents": {role: legacy_parents[ref] for role, ref in refs.items()}})
-    return current, legacy
+    model = dataclasses.asdict(cfg.model)
+    common = {"kind": stage.kind, "peft": dataclasses.asdict(cfg.peft), "seed": cfg.seed,
+              "data_fingerprint": data_fingerprint(stage.data, stage.name)}
+    # Paths whose contents the fingerprint holds are left out: a moved project is not retrained.
+    data = {k: v for k, v in stage.data.items() if k not in FINGERPRINTED_KEYS or str(v).startswith("hf:")}
+
+    def parent_hashes(i: int) -> dict:
+        return {role: parents[ref][i] for role, ref in stage.references().items()}
+
+    return (
+        artifacts.stable_hash({**common, "model": {**model, "base": _portable_base(cfg)}, "data": data,
+                               "train": hashed_train_settings(stage.train), "parents": parent_hashes(0)}),
+        artifacts.stable_hash({**common, "model": model, "data": data, "train": hashed_train_settings(stage.train),
+                               "parents": parent_hashes(1)}),
+        artifacts.stable_hash({**common, "model": model, "data": stage.data, "train": stage.train,
+                               "parents": parent_hashes(2)}),
+    )
+
+
+def _portable_base(cfg: RecipeConfig) -> str:
+    """model.base as hashed: a local directory relative to the recipe (the project moves with it; its weights
+    are not hashed, like compare's identity it would take minutes), a hub id or alignkit-tiny as given."""
+    base = Path(cfg.model.base)
+    if base.is_absolute() and base.exists():
+        return os.path.relpath(base, cfg.path.resolve().parent)
+    return cfg.model.base
 
 
 def make_stage_run(cfg: RecipeConfig, stage: StageConfig, config_hash: str) -> StageRun:
@@ -157,7 +172,7 @@ def _record(cfg: RecipeConfig, stage: StageConfig, run: StageRun, result: dict, 
         "base_resolved": resolve_base(cfg.model.base),
         "model": dataclasses.asdict(cfg.model),
         "peft": dataclasses.asdict(cfg.peft),
-        "parents": {role: {"name": ref, "path": str(cfg.run_dir / ref), "config_hash": hashes[ref],
+        "parents": {role: {"name": ref, "path": str(cfg.run_dir / ref), "config_hash": hashes[ref][0],
                            "run_id": (artifacts.read_stage(cfg.run_dir / ref) or {}).get("run_id")}
                     for role, ref in stage.references().items()},
         "lineage": _lineage(cfg, stage),
@@ -191,26 +206,39 @@ def run_recipe(
         for name in only:
             cfg.stage(name)  # unknown names are errors
     # Hash and check everything up front: bad data anywhere stops us before any stage is touched.
-    hashes: dict[str, str] = {}
-    legacy_hashes: dict[str, str] = {}
+    hashes: dict[str, tuple[str, ...]] = {}  # stage -> its hash under each formula (stage_hashes)
     runs: dict[str, StageRun] = {}
     for stage in ordered:
-        hashes[stage.name], legacy_hashes[stage.name] = stage_hashes(cfg, stage, hashes, legacy_hashes)
-        runs[stage.name] = make_stage_run(cfg, stage, hashes[stage.name])
+        hashes[stage.name] = stage_hashes(cfg, stage, hashes)
+        runs[stage.name] = make_stage_run(cfg, stage, hashes[stage.name][0])
     stale: dict[str, str] = {}  # stage -> why it must be trained
     for stage in ordered:
-        reason = _staleness(cfg, stage, (hashes[stage.name], legacy_hashes[stage.name]), stale)
+        reason = _staleness(cfg, stage, hashes[stage.name], stale)
         if reason:
             stale[stage.name] = reason
     todo = [s for s in ordered if s.name in stale and (not only or s.name in only)]
-    if todo and cfg.model.base != TINY_SPEC:
-        resolve_base(cfg.model.base)  # a mistyped model path must not cost a complete stage its stage.json
+    if todo and (cfg.model.base != TINY_SPEC or isinstance(cfg.peft.target_modules, list)):
+        # A mistyped model path, an unreachable hub id or a target module the model lacks must not cost a
+        # complete stage its stage.json: checked on the config alone, before any stage directory is touched.
+        try:
+            check_model(cfg.model, cfg.peft)
+        except UserError as err:
+            at = cfg.where("peft.target_modules" if str(err).startswith("peft.") else "model.base")
+            raise UserError(f"{at}: {err}") from None
+    for stage in todo:
+        for role, parent_dir in runs[stage.name].parents.items():
+            problem = artifacts.weights_problem(parent_dir) if artifacts.is_complete(parent_dir) else None
+            if problem:
+                raise UserError(f"stage {stage.name}: its {role} stage {parent_dir} is marked complete but {problem}; "
+                                f"remove {parent_dir / artifacts.STAGE_JSON} to train it again")
     for stage in todo:
         module = RECIPES[stage.kind]
         try:
             module.train_config(runs[stage.name])  # TRL validates its settings when the config is built
         except UserError as err:
-            raise UserError(f"{cfg.path}: {err}") from None
+            key = getattr(err, "key", None)
+            at = cfg.where(f"stages.{stage.name}.train.{key}") if key else str(cfg.path)
+            raise UserError(f"{at}: {err}") from None
         if hasattr(module, "load_data"):
             runs[stage.name].prepared = module.load_data(runs[stage.name])
     for stage in todo:
@@ -220,51 +248,77 @@ def run_recipe(
                 raise UserError(f"stage {stage.name} needs {role} stage {parent.name} complete first (run without --only)")
 
     records: dict[str, dict] = {}
-    for i, stage in enumerate(ordered, 1):
-        run = runs[stage.name]
-        tag = f"[{i}/{len(ordered)}] {stage.name} ({stage.kind})"
-        if stage not in todo:
-            if stage.name not in stale:
-                log(f"{tag}: complete, skipped ({run.stage_dir})")
-                records[stage.name] = artifacts.read_stage(run.stage_dir)
-            elif artifacts.is_complete(run.stage_dir):
-                log(f"{tag}: not selected by --only, left as it is although {stale[stage.name]}")
-            continue
-        # Checkpoints of an unfinished earlier run go unless --resume continues them: say so before, in a
-        # dry run, and after, naming the last one, so hours of training are not lost without a word.
-        last = artifacts.last_complete_checkpoint(run.stage_dir)
-        started = artifacts.started_config_hash(run.stage_dir)  # None once a run completed
-        same_config = last is not None and started == run.config_hash
-        dropped, could_resume = "", False
-        if last is not None and not (resume and same_config):
-            if started is None:
-                dropped = f"the checkpoints of its earlier, completed run (up to {last.name})"
+    # One runner per run directory on this machine: a second one would remove the first one's logs and
+    # checkpoints as it begins the same stage. (Nodes of one multi-node run each hold their own.)
+    with _run_dir_lock(cfg.run_dir) if todo and not dry_run else contextlib.nullcontext():
+        for i, stage in enumerate(ordered, 1):
+            run = runs[stage.name]
+            tag = f"[{i}/{len(ordered)}] {stage.name} ({stage.kind})"
+            if stage not in todo:
+                if stage.name not in stale:
+                    log(f"{tag}: complete, skipped ({run.stage_dir})")
+                    records[stage.name] = artifacts.read_stage(run.stage_dir)
+                elif artifacts.is_complete(run.stage_dir):
+                    log(f"{tag}: not selected by --only, left as it is although {stale[stage.name]}")
+                continue
+            # Checkpoints of an unfinished earlier run go unless --resume continues them: say so before, in a
+            # dry run, and after, naming the last one, so hours of training are not lost without a word.
+            last = artifacts.last_complete_checkpoint(run.stage_dir)
+            started = artifacts.started_config_hash(run.stage_dir)  # None once a run completed
+            same_config = last is not None and started == run.config_hash
+            dropped, could_resume = "", False
+            if last is not None and not (resume and same_config):
+                if started is None:
+                    dropped = f"the checkpoints of its earlier, completed run (up to {last.name})"
+                else:
+                    could_resume = same_config
+                    dropped = f"the checkpoints of its unfinished earlier run (up to {last.name})" + (
+                        "" if same_config else ", made under another config")
+            if dry_run:
+                log(f"{tag}: would train into {run.stage_dir}" + (f", resuming from {last.name}" if resume and same_config else "")
+                    + (f", removing {dropped}" + (", which --resume continues" if could_resume else "") if dropped else ""))
+                continue
+            can_resume = artifacts.begin_stage(run.stage_dir, run.config_hash, resume=resume)
+            run.resume_from = artifacts.last_complete_checkpoint(run.stage_dir) if can_resume else None
+            if dropped:
+                log(f"{tag}: removed {dropped}" + (", which --resume would have continued" if could_resume else ""))
+            why = "" if stale[stage.name] == "it is not complete" else f" ({stale[stage.name]})"
+            log(f"{tag}: training into {run.stage_dir}{why}" + (f", resuming from {run.resume_from.name}" if run.resume_from else ""))
+            start = time.time()
+            if launcher == "accelerate":
+                result = _launch_with_accelerate(cfg, stage, run, overrides or [], accelerate_config, num_processes)
             else:
-                could_resume = same_config
-                dropped = f"the checkpoints of its unfinished earlier run (up to {last.name})" + (
-                    "" if same_config else ", made under another config")
-        if dry_run:
-            log(f"{tag}: would train into {run.stage_dir}" + (f", resuming from {last.name}" if resume and same_config else "")
-                + (f", removing {dropped}" + (", which --resume continues" if could_resume else "") if dropped else ""))
-            continue
-        can_resume = artifacts.begin_stage(run.stage_dir, run.config_hash, resume=resume)
-        run.resume_from = artifacts.last_complete_checkpoint(run.stage_dir) if can_resume else None
-        if dropped:
-            log(f"{tag}: removed {dropped}" + (", which --resume would have continued" if could_resume else ""))
-        why = "" if stale[stage.name] == "it is not complete" else f" ({stale[stage.name]})"
-        log(f"{tag}: training into {run.stage_dir}{why}" + (f", resuming from {run.resume_from.name}" if run.resume_from else ""))
-        start = time.time()
-        if launcher == "accelerate":
-            result = _launch_with_accelerate(cfg, stage, run, overrides or [], accelerate_config, num_processes)
-        else:
-            result = RECIPES[stage.kind].run(run)
-        record = _record(cfg, stage, run, result, hashes, time.time() - start)
-        records[stage.name] = artifacts.complete_stage(run.stage_dir, record)
-        log(f"{tag}: complete in {record['wall_seconds']:.0f}s; " + _summary(record["metrics"]))
+                result = RECIPES[stage.kind].run(run)
+            record = _record(cfg, stage, run, result, hashes, time.time() - start)
+            records[stage.name] = artifacts.complete_stage(run.stage_dir, record)
+            log(f"{tag}: complete in {record['wall_seconds']:.0f}s; " + _summary(record["metrics"]))
     return records
 
 
-def _staleness(cfg: RecipeConfig, stage: StageConfig, config_hashes: tuple[str, str], stale: dict[str, str]) -> str | None:
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: Path):
+    """An exclusive flock on RUN_DIR/.lock-HOST, released at exit (also when the process is killed)."""
+    import fcntl
+    import socket
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / f".lock-{socket.gethostname()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(f"{run_dir} is in use by another alignkit run on this machine (pid {holder}); "
+                            "wait for it, or give this run another run_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _staleness(cfg: RecipeConfig, stage: StageConfig, config_hashes: tuple[str, ...], stale: dict[str, str]) -> str | None:
     """Why a stage must be trained, or None when its stage.json is complete and still describes it
     (under the current hash, or the legacy one a stage completed before the hash changed carries)."""
     record = artifacts.read_stage(cfg.run_dir / stage.name)
@@ -301,10 +355,32 @@ def _launch_with_accelerate(cfg, stage, run: StageRun, overrides, accelerate_con
     if num_processes:
         cmd += ["--num_processes", str(num_processes)]
     cmd += ["-m", "alignkit.cli", "_stage", str(plan_path)]
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # Its own process group: when this runner is stopped (Ctrl-C, or SIGTERM from a scheduler, which the CLI
+    # turns into KeyboardInterrupt), the launcher and every worker stop too, instead of writing into a stage
+    # the runner has abandoned.
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        proc.wait()
+    except BaseException:
+        _stop_group(proc)
+        raise
     if proc.returncode != 0 or not result_path.exists():
         raise UserError(f"stage {stage.name} failed under accelerate launch (exit {proc.returncode}); see the output above")
     return json.loads(result_path.read_text())
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    import signal
+
+    for sig, grace in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=grace)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def run_stage_from_plan(plan_path: str) -> int:
@@ -327,6 +403,9 @@ def run_stage_from_plan(plan_path: str) -> int:
 def run_recipe_from_cli(args) -> int:
     if args.launcher != "accelerate" and (args.accelerate_config or args.num_processes):
         raise UserError("--accelerate-config and --num-processes need --launcher accelerate")
+    if args.accelerate_config and not Path(args.accelerate_config).is_file():
+        raise UserError(f"--accelerate-config {args.accelerate_config}: no such file "
+                        "(the shipped ones are in recipes/configs/accelerate/)")
     only = [name.strip() for item in args.only for name in item.split(",") if name.strip()]
     run_recipe(args.config, args.overrides, resume=args.resume, only=only, dry_run=args.dry_run,
                launcher=args.launcher, accelerate_config=args.accelerate_config, num_processes=args.num_processes)

@@ -163,3 +163,55 @@ def test_failed_generation_leaves_no_store(capsys, tmp_path, tiny_model_dir):
 def test_serve_lease_seconds_must_be_positive_and_finite(capsys, tmp_path, value):
     code, err = _run(capsys, "label", "serve", "--db", str(tmp_path / "l.db"), "--no-auth", "--lease-seconds", value)
     _assert_one_clean_line(code, err, "--lease-seconds")
+
+
+def test_values_found_wrong_only_at_load_time_cost_no_complete_stage(capsys, tiny_recipe, tmp_path, tiny_model_dir):
+    """Each of these passed --dry-run and failed after the runner had begun the stage again, so its complete
+    stage.json and checkpoints were gone (two with tracebacks). Now each is one line naming the key where it
+    was set, before any stage directory is touched; and a complete parent with broken weights is named too."""
+    from alignkit.artifacts import read_stage
+
+    path = tiny_recipe(lambda raw: [s["train"].update(max_steps=1) for s in raw["stages"]])
+    run = path.parent / "run"
+    assert main(["run", str(path)]) == 0
+    capsys.readouterr()
+    before = {name: (run / name / "stage.json").read_text() for name in ("sft", "dpo")}
+    for override, needles in (
+        ("peft.lora_dropout=2", ["--set peft.lora_dropout=2", "must be in [0, 1)"]),
+        ("peft.r=0", ["--set peft.r=0", "peft.r=0 must be >= 1"]),
+        ("peft.target_modules=[nonexistent_proj]", ["--set peft.target_modules", "nonexistent_proj not in", "q_proj"]),
+        ("stages.sft.train.per_device_train_batch_size=0",
+         ["--set stages.sft.train.per_device_train_batch_size=0", "must be at least 1"]),
+        ("stages.dpo.train.lr_scheduler_type=cosin", ["--set stages.dpo.train.lr_scheduler_type=cosin", "cosin"]),
+    ):
+        code, err = _run(capsys, "run", str(path), "--set", override)
+        _assert_one_clean_line(code, err, *needles)
+        assert {name: (run / name / "stage.json").read_text() for name in ("sft", "dpo")} == before, override
+    # A parent marked complete whose adapter is gone: named, and the child's directory is left as it was.
+    (run / "sft" / "adapter_model.safetensors").write_bytes(b"junk")
+    code, err = _run(capsys, "run", str(path), "--set", "stages.dpo.train.beta=0.3")
+    _assert_one_clean_line(code, err, f"its after stage {run / 'sft'} is marked complete but has an unreadable "
+                                      "adapter_model.safetensors", "remove")
+    assert read_stage(run / "dpo")["complete"]
+
+
+def test_a_second_run_in_the_same_run_dir_is_refused(capsys, tiny_recipe):
+    """Two runners on one run_dir: the second removed the first one's logs and checkpoints as it began the same
+    stage, and the first died with a traceback. The second now refuses while the first holds the directory."""
+    from recipes.runner import _run_dir_lock
+
+    path = tiny_recipe()
+    run = path.parent / "run"
+    with _run_dir_lock(run):
+        code, err = _run(capsys, "run", str(path))
+        _assert_one_clean_line(code, err, f"{run} is in use by another alignkit run on this machine")
+        assert _no_stage_complete(run) and not (run / "sft").exists()
+        code, _ = _run(capsys, "run", str(path), "--dry-run")  # a dry run writes nothing: no lock needed
+        assert code == 0
+
+
+def test_missing_accelerate_config_is_one_line(capsys, tiny_recipe):
+    path = tiny_recipe()
+    code, err = _run(capsys, "run", str(path), "--launcher", "accelerate", "--accelerate-config", "nope.yaml")
+    _assert_one_clean_line(code, err, "--accelerate-config nope.yaml: no such file")
+    assert not (path.parent / "run").exists()

@@ -87,3 +87,32 @@ stages:
     cfg = load_recipe(path, ["stages.dpo.train.beta=0.3"], stage_kinds=RECIPES)
     assert cfg.stage("dpo").train == {"max_steps": 2, "beta": 0.3}
     assert cfg.stage("sft").train == {"max_steps": 2}
+
+
+def test_a_duplicate_key_is_an_error_not_the_last_one_silently(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("model: {base: alignkit-tiny}\nstages:\n  - name: sft\n    kind: sft\n    data: {train: x.jsonl}\n"
+                    "    train:\n      max_steps: 2\n      max_steps: 5\n")
+    with pytest.raises(UserError, match=rf"{path}:8: duplicate key stages.sft.train.max_steps \(first on line 7\)"):
+        load_recipe(path, stage_kinds=RECIPES)
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        # Known from the YAML alone; they failed only when the stage started, after its parents had trained.
+        (lambda raw: raw["stages"].append({"name": "ppo", "kind": "ppo", "after": "sft",
+                                           "data": {"prompts": "x.jsonl"}}), "a ppo stage needs `reward:`"),
+        (lambda raw: raw["stages"].append({"name": "ppo", "kind": "ppo", "after": "sft", "reward": "sft",
+                                           "data": {"prompts": "x.jsonl"}}), "names 'sft', a sft stage, not a reward stage"),
+        (lambda raw: raw["stages"][1].update(reward="sft"), "only grpo, ppo, rloo stages take `reward:`"),
+        (lambda raw: (raw["stages"].insert(1, {"name": "rm", "kind": "reward", "after": "sft",
+                                               "data": {"train": "x.jsonl"}}), raw["stages"][2].update(after="rm")),
+         "stages.dpo.after names 'rm', a reward stage"),
+        (lambda raw: raw["peft"].update(lora_dropout=1.5), "peft.lora_dropout=1.5 must be in [0, 1)"),
+    ],
+)
+def test_what_a_stage_may_start_from_is_checked_on_load(tiny_recipe, edit, expected):
+    with pytest.raises(UserError) as err:
+        load_recipe(tiny_recipe(edit), stage_kinds=RECIPES)
+    assert expected in str(err.value)

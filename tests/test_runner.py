@@ -179,9 +179,10 @@ def test_mistakes_and_bookkeeping_leave_complete_stages_alone(tiny_recipe, tmp_p
     from recipes.runner import RECIPES, stage_hashes
 
     cfg = load_recipe(path, stage_kinds=RECIPES)
-    current, legacy = {}, {}
+    hashes, legacy = {}, {}
     for stage in order_stages(cfg.stages):
-        current[stage.name], legacy[stage.name] = stage_hashes(cfg, stage, current, legacy)
+        hashes[stage.name] = stage_hashes(cfg, stage, hashes)
+        legacy[stage.name] = hashes[stage.name][2]
         record = read_stage(run / stage.name)
         assert record["config_hash"] != legacy[stage.name]
         write_json_atomic(run / stage.name / "stage.json", {**record, "config_hash": legacy[stage.name]})
@@ -221,3 +222,27 @@ def test_help_lists_the_commands_a_user_runs(capsys):
     text = build_parser().format_help()
     assert "SUPPRESS" not in text and "_stage" not in text and "dispatch only" not in text
     assert all(f"\n    {name} " in text for name in ("run", "label", "compare", "merge", "generate", "estimate", "demo"))
+
+
+def test_a_moved_project_with_a_local_base_model_is_not_retrained(tmp_path, tiny_model_dir):
+    """model.base as a local directory was hashed by its absolute path: copying the project elsewhere retrained
+    every stage, which the README says moving never does. It is hashed relative to the recipe now."""
+    import shutil
+
+    from alignkit.config import load_recipe
+    from recipes.runner import RECIPES, _portable_base
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_model_dir, project / "models" / "tiny")
+    shutil.copy(Path(__file__).resolve().parents[1] / "recipes" / "data" / "tiny_sft.jsonl", project / "sft.jsonl")
+    (project / "recipe.yaml").write_text(
+        "model: {base: models/tiny, quantization: none, compute_dtype: float32}\n"
+        "peft: {r: 4, lora_alpha: 8}\nrun_dir: runs\nstages:\n  - name: sft\n    kind: sft\n"
+        "    data: {train: sft.jsonl}\n    train: {max_steps: 1, per_device_train_batch_size: 4, max_length: 64}\n")
+    run_recipe(project / "recipe.yaml", log=lambda *_: None)
+    moved = shutil.copytree(project, tmp_path / "elsewhere" / "project")
+    shutil.rmtree(project)  # nothing of the old location is left to find
+    assert _portable_base(load_recipe(moved / "recipe.yaml", stage_kinds=RECIPES)) == "models/tiny"
+    lines = []
+    run_recipe(moved / "recipe.yaml", dry_run=True, log=lines.append)
+    assert lines and all("complete, skipped" in line for line in lines), lines
