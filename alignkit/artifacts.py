@@ -110,17 +110,18 @@ def started_config_hash(stage_dir: Path) -> str | None:
         return None
 
 
-def begin_stage(stage_dir: Path, config_hash: str, *, resume: bool) -> bool:
+def begin_stage(stage_dir: Path, config_hash: str, *, resume: bool, same_config: tuple[str, ...] = ()) -> bool:
     """Prepare a stage directory for training; returns True if checkpoints may be resumed.
 
     An old stage.json is removed first, so a crash from here on leaves the stage
-    incomplete. Only this stage's own directory is touched.
+    incomplete. Only this stage's own directory is touched. `same_config`: earlier hash formulas of the same
+    config, under which an interrupted run may have started.
     """
     stage_dir.mkdir(parents=True, exist_ok=True)
     pending = stage_dir / PENDING_JSON
     previous = started_config_hash(stage_dir)
     (stage_dir / STAGE_JSON).unlink(missing_ok=True)
-    can_resume = resume and previous == config_hash
+    can_resume = resume and previous is not None and previous in (config_hash, *same_config)
     if not can_resume:
         # Checkpoints made under another config must not be continued, and the TensorBoard logs of
         # the earlier attempt would plot its steps over the new run's.
@@ -157,6 +158,12 @@ def is_complete_checkpoint(ckpt: Path) -> bool:
         return False
     has_weights = any(ckpt.glob("*.safetensors")) or any(ckpt.glob("*.bin"))
     return has_weights
+
+
+def kept_checkpoint_note(stage_dir: Path) -> str:
+    """For messages when a stage stops: which checkpoint --resume would continue from, if any."""
+    last = last_complete_checkpoint(stage_dir)
+    return f"last good checkpoint {last.name} kept" if last else "no checkpoint saved yet"
 
 
 def last_complete_checkpoint(stage_dir: Path) -> Path | None:

@@ -210,12 +210,14 @@ def _quiet_dependency_noise() -> None:
 
 
 def _interrupt_on_sigterm() -> None:
-    """SIGTERM (a scheduler's stop, `kill`) is handled like Ctrl-C: the stage stops incomplete, workers with it."""
+    """SIGTERM (a scheduler's stop, `kill`) and SIGHUP (a closed terminal) are handled like Ctrl-C: the stage
+    stops incomplete, and accelerate's workers, in their own process group, with it."""
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.default_int_handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -383,8 +383,12 @@ def _write_outputs(result: dict, out_dir: Path) -> dict:
 def _store_name(db: str) -> str:
     """How human.json and messages name the store: a file by its absolute path (so --collect works from any
     directory), a URL without its password (compare.json and compare.md get shared)."""
+    from sqlalchemy.engine import make_url
+
     from alignkit.store.db import display_name
 
+    if db.startswith("sqlite") and "://" in db:  # sqlite:///labels.db is the file labels.db
+        db = make_url(db).database or db
     return display_name(db) if "://" in db else os.path.abspath(db)
 
 

@@ -461,6 +461,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
         if child is not None:
             raise UserError(f"{where(f'stages.{child.name}.after')}: peft.method={peft.method} cannot be continued by a "
                             f"later stage (PEFT loads prompt-learning adapters frozen only); use lora/dora/ia3 for chained stages")
+    if peft.method == "prefix_tuning":
+        # PEFT refuses both once the model is loaded: prefix tuning feeds past key values, which gradient
+        # checkpointing (on by default in TRL's configs) and sequence-classification models do not take.
+        for s in stages:
+            if s.kind == "reward":
+                raise UserError(f"{where(f'stages.{s.name}.kind')}: peft.method=prefix_tuning cannot train a reward "
+                                "model (it needs past key values, which the score model does not take); use lora")
+            if s.train.get("gradient_checkpointing") is not False:
+                raise UserError(f"{where(f'stages.{s.name}.train')}: peft.method=prefix_tuning does not work with "
+                                f"gradient checkpointing: set stages.{s.name}.train.gradient_checkpointing: false")
     if peft.method == "ia3":
         # TRL 1.16 builds the reference adapter by copying parameters named `.default.`; IA3's are named
         # `ia3_l.default`, so the reference would silently be the base, not the parent policy.
@@ -485,7 +495,7 @@ def _check_stage_roles(stages: list[StageConfig], where: "_Where") -> None:
         if s.reward and kinds[s.reward] != "reward":
             raise UserError(f"{where(f'stages.{s.name}.reward')}: stages.{s.name}.reward names {s.reward!r}, "
                             f"a {kinds[s.reward]} stage, not a reward stage")
-        if s.after and kinds[s.after] == "reward":
+        if s.after and kinds[s.after] == "reward" and s.kind != "reward":  # a reward model may continue one
             raise UserError(f"{where(f'stages.{s.name}.after')}: stages.{s.name}.after names {s.after!r}, a reward "
                             f"stage: a {s.kind} stage starts from a policy (sft, dpo, kto, ...); a reward stage goes "
                             "under `reward:`")

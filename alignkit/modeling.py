@@ -255,19 +255,26 @@ def check_model(settings: ModelSettings, adapter: PeftSettings) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     base = resolve_base(settings.base)
+    def refused(err: Exception) -> UserError:
+        return UserError(f"cannot load the config of model {settings.base}: {str(err).strip().splitlines()[0]}")
+
     try:
-        config = AutoConfig.from_pretrained(base)
+        config = AutoConfig.from_pretrained(base, trust_remote_code=settings.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the config of model {settings.base}: {str(err).strip().splitlines()[0]}") from None
+        raise refused(err) from None
     targets = adapter.target_modules
     if adapter.method not in ("lora", "dora", "ia3") or not isinstance(targets, list):
         return  # "all-linear" always matches; a regex string is PEFT's to match
     import torch
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=settings.trust_remote_code)
+    except (ValueError, KeyError) as err:  # no causal-LM class for this config
+        raise refused(err) from None
+    names = [n for n, _ in model.named_modules()]
+    # PEFT's rule (check_target_module_exists): a module's full name, or a dotted ending of it
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise UserError(f"peft.target_modules: {', '.join(map(str, missing))} not in {settings.base} "

@@ -277,7 +277,7 @@ def bootstrap_ratings(battles: Iterable, rounds: int = 1000, seed: int = 0, *,
     A round in which a model has no battle gives it no rating (it is left out of that model's percentiles).
     With a single cluster there is nothing to resample at that level, and every round would equal the
     point estimate: then battles are resampled instead (their dependence ignored, but not a zero-width CI).
-    A single battle has no spread to resample at all: its CI is None (not estimable), not a point.
+    A single battle (one vote) has no spread to resample at all: its CI is None (not estimable), not a point.
     """
     if rounds < MIN_BOOTSTRAP:
         raise ValueError(f"bootstrap needs at least {MIN_BOOTSTRAP} rounds, got {rounds}")

@@ -16,6 +16,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+from alignkit.artifacts import kept_checkpoint_note
 from alignkit.errors import TrainingDiverged, UserError
 
 MANAGED_TRAIN_KEYS = ("output_dir", "report_to", "logging_dir", "resume_from_checkpoint", "push_to_hub", "hub_model_id")
@@ -60,9 +61,9 @@ def fused_kernel_defaults() -> dict:
     return {"use_liger_kernel": True} if torch.cuda.is_available() and liger_available() else {}
 
 
-# Train values that must be positive where set; TRL's configs accept 0 or less for them.
+# Train values that must be at least 1 where set; TRL's configs accept 0 or less for them.
 POSITIVE_TRAIN_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length",
-                       "max_completion_length", "num_generations", "num_train_epochs")
+                       "max_completion_length", "num_generations")
 
 
 def train_settings_error(stage, message: str, *, key: str | None = None) -> UserError:
@@ -94,6 +95,9 @@ def trl_args(config_cls, stage, extra_defaults: dict | None = None, choices: dic
         value = stage.train.get(key)
         if isinstance(value, (int, float)) and value < 1:  # TRL takes 0 and fails in the middle of the stage
             raise train_settings_error(stage, f"{key}={value!r} must be at least 1", key=key)
+    epochs = stage.train.get("num_train_epochs")
+    if isinstance(epochs, (int, float)) and not epochs > 0:  # a fraction of an epoch is fine
+        raise train_settings_error(stage, f"num_train_epochs={epochs!r} must be above 0", key="num_train_epochs")
     # On the built config: TRL maps deprecated aliases (packing_strategy bfd-requeue) in __post_init__.
     allowed = {f.name: list(f.metadata["choices"]) for f in dataclasses.fields(config_cls) if f.metadata.get("choices")}
     allowed.update(choices or {})
@@ -142,7 +146,8 @@ def divergence_guard():
                 if p.grad is not None and not torch.isfinite(p.grad).all():
                     raise TrainingDiverged(
                         f"non-finite gradient in {name} at step {state.global_step + 1}; "
-                        f"last good checkpoint kept, stage left incomplete (lower the learning rate?)"
+                        f"{kept_checkpoint_note(Path(args.output_dir).parent)}, stage left incomplete "
+                        "(lower the learning rate?)"
                     )
 
         def on_log(self, args, state, control, logs=None, **kwargs):

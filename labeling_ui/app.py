@@ -408,7 +408,7 @@ def build_app(store: Store, *, auth: UsersFile | None = None, overlap: int = 3, 
     """The Blocks app over `store`; launch it with `launch()` (which applies auth and hardening)."""
     if overlap < 1:
         raise UserError(f"overlap must be at least 1, got {overlap}")
-    export_dir = Path(export_dir) if export_dir else Path(store.name + ".export") if "://" not in store.name \
+    export_dir = Path(export_dir) if export_dir else Path(store.name + ".export") if store.dialect == "sqlite" \
         else Path("labels.export")
     ctx = AppContext(store, overlap, auth, export_dir.resolve(), concurrency_limit)
     with gr.Blocks(title="alignkit labeling") as demo:

@@ -986,7 +986,7 @@ def _report(workdir: Path, result: dict, ev: dict, plots: dict[str, str]) -> str
     if ratings:
         lines += ["", "Bradley–Terry ratings under the oracle (Elo scale, 95% bootstrap CI): " + ", ".join(
             f"{m} {r['rating']:.0f} [{r['ci_low']:.0f}, {r['ci_high']:.0f}]" for m, r in ratings.items()
-            if all(k in r for k in ("rating", "ci_low", "ci_high")))]
+            if all(r.get(k) is not None for k in ("rating", "ci_low", "ci_high")))]
         if result.get("ratings_warning_oracle"):
             lines += ["", f"**Warning:** {result['ratings_warning_oracle']}"]
     lines += ["", f"![win rates]({plots['win_rates']})", "", "## Reward-vs-KL frontier", "",

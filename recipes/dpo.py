@@ -23,7 +23,7 @@ from trl import DPOConfig, DPOTrainer
 from alignkit.data.sources import load_preference_split
 from alignkit.modeling import load_tokenizer, resolve_base
 from alignkit.training import (final_metrics, fused_kernel_defaults, load_policy, memory_preflight, reference_info,
-                               save_policy, stage_callbacks, trl_args, truncation_report)
+                               save_policy, stage_callbacks, train_settings_error, trl_args, truncation_report)
 
 TRAIN_CONFIG = DPOConfig
 DATA_KEYS = {"train", "eval", "eval_fraction", "labels_db", "min_agreement", "ties", "both_bad"}
@@ -37,8 +37,11 @@ def load_data(stage):
 
 
 def train_config(stage) -> DPOConfig:
-    return trl_args(DPOConfig, stage, {**DEFAULTS, **fused_kernel_defaults()},
+    args = trl_args(DPOConfig, stage, {**DEFAULTS, **fused_kernel_defaults()},
                     choices={"loss_type": LOSS_TYPES} if LOSS_TYPES else None)
+    if not args.beta > 0:  # TRL takes any float: a negative beta trains towards the rejected responses
+        raise train_settings_error(stage, f"beta={args.beta!r} must be above 0 (the KL penalty's strength)", key="beta")
+    return args
 
 
 def run(stage) -> dict:

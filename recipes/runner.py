@@ -131,11 +131,14 @@ def stage_hashes(cfg: RecipeConfig, stage: StageConfig, parents: dict[str, tuple
 
 
 def _portable_base(cfg: RecipeConfig) -> str:
-    """model.base as hashed: a local directory relative to the recipe (the project moves with it; its weights
-    are not hashed, like compare's identity it would take minutes), a hub id or alignkit-tiny as given."""
+    """model.base as hashed: a local directory inside the recipe's directory relative to it (the project moves
+    with it; its weights are not hashed, like compare's identity it would take minutes), one outside as its
+    absolute path (it stays where it is when the project moves), a hub id or alignkit-tiny as given."""
     base = Path(cfg.model.base)
     if base.is_absolute() and base.exists():
-        return os.path.relpath(base, cfg.path.resolve().parent)
+        relative = os.path.relpath(base, cfg.path.resolve().parent)
+        if not relative.startswith(".."):
+            return relative
     return cfg.model.base
 
 
@@ -227,6 +230,9 @@ def run_recipe(
             raise UserError(f"{at}: {err}") from None
     for stage in todo:
         for role, parent_dir in runs[stage.name].parents.items():
+            parent = parent_dir.name
+            if parent in stale:
+                continue  # trained again in this run before its child
             problem = artifacts.weights_problem(parent_dir) if artifacts.is_complete(parent_dir) else None
             if problem:
                 raise UserError(f"stage {stage.name}: its {role} stage {parent_dir} is marked complete but {problem}; "
@@ -240,7 +246,15 @@ def run_recipe(
             at = cfg.where(f"stages.{stage.name}.train.{key}") if key else str(cfg.path)
             raise UserError(f"{at}: {err}") from None
         if hasattr(module, "load_data"):
-            runs[stage.name].prepared = module.load_data(runs[stage.name])
+            try:
+                runs[stage.name].prepared = module.load_data(runs[stage.name])
+            except UserError as err:
+                # "stages.dpo.data.eval_fraction=0.99 leaves no training rows": name where it was set, too
+                # (errors about a data file already start with FILE:LINE).
+                key = str(err).split("=", 1)[0].split(":", 1)[0].split(" ", 1)[0]
+                if key.startswith(f"stages.{stage.name}."):
+                    raise UserError(f"{cfg.where(key)}: {err}") from None
+                raise
     for stage in todo:
         for role, parent_dir in runs[stage.name].parents.items():
             parent = next(s for s in ordered if cfg.run_dir / s.name == parent_dir)
@@ -248,9 +262,10 @@ def run_recipe(
                 raise UserError(f"stage {stage.name} needs {role} stage {parent.name} complete first (run without --only)")
 
     records: dict[str, dict] = {}
-    # One runner per run directory on this machine: a second one would remove the first one's logs and
-    # checkpoints as it begins the same stage. (Nodes of one multi-node run each hold their own.)
-    with _run_dir_lock(cfg.run_dir) if todo and not dry_run else contextlib.nullcontext():
+    # One runner per stage on this machine: a second one would remove the first one's logs and checkpoints as
+    # it begins the same stage. Runners of disjoint `--only` sets may share a run_dir (the demo's lanes do);
+    # nodes of one multi-node run each hold their own lock. Held until this run ends.
+    with contextlib.ExitStack() as locks:
         for i, stage in enumerate(ordered, 1):
             run = runs[stage.name]
             tag = f"[{i}/{len(ordered)}] {stage.name} ({stage.kind})"
@@ -265,7 +280,7 @@ def run_recipe(
             # dry run, and after, naming the last one, so hours of training are not lost without a word.
             last = artifacts.last_complete_checkpoint(run.stage_dir)
             started = artifacts.started_config_hash(run.stage_dir)  # None once a run completed
-            same_config = last is not None and started == run.config_hash
+            same_config = last is not None and started in hashes[stage.name]
             dropped, could_resume = "", False
             if last is not None and not (resume and same_config):
                 if started is None:
@@ -278,7 +293,9 @@ def run_recipe(
                 log(f"{tag}: would train into {run.stage_dir}" + (f", resuming from {last.name}" if resume and same_config else "")
                     + (f", removing {dropped}" + (", which --resume continues" if could_resume else "") if dropped else ""))
                 continue
-            can_resume = artifacts.begin_stage(run.stage_dir, run.config_hash, resume=resume)
+            locks.enter_context(_stage_lock(cfg.run_dir, stage.name))
+            can_resume = artifacts.begin_stage(run.stage_dir, run.config_hash, resume=resume,
+                                               same_config=hashes[stage.name])
             run.resume_from = artifacts.last_complete_checkpoint(run.stage_dir) if can_resume else None
             if dropped:
                 log(f"{tag}: removed {dropped}" + (", which --resume would have continued" if could_resume else ""))
@@ -296,21 +313,21 @@ def run_recipe(
 
 
 @contextlib.contextmanager
-def _run_dir_lock(run_dir: Path):
-    """An exclusive flock on RUN_DIR/.lock-HOST, released at exit (also when the process is killed)."""
+def _stage_lock(run_dir: Path, stage: str):
+    """An exclusive flock on RUN_DIR/.STAGE.lock-HOST, released at exit (also when the process is killed)."""
     import fcntl
     import socket
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / f".lock-{socket.gethostname()}"
+    path = run_dir / f".{stage}.lock-{socket.gethostname()}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise UserError(f"{run_dir} is in use by another alignkit run on this machine (pid {holder}); "
-                            "wait for it, or give this run another run_dir") from None
+            raise UserError(f"stage {stage} in {run_dir} is being trained by another alignkit run on this machine "
+                            f"(pid {holder}); wait for it, or give this run another run_dir") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
@@ -372,15 +389,17 @@ def _launch_with_accelerate(cfg, stage, run: StageRun, overrides, accelerate_con
 def _stop_group(proc: subprocess.Popen) -> None:
     import signal
 
-    for sig, grace in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=grace)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    try:
+        os.killpg(proc.pid, signal.SIGINT)  # workers stop like on Ctrl-C: the stage stays incomplete
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    finally:  # also when a second Ctrl-C cuts the grace period short
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def run_stage_from_plan(plan_path: str) -> int:
@@ -407,6 +426,8 @@ def run_recipe_from_cli(args) -> int:
         raise UserError(f"--accelerate-config {args.accelerate_config}: no such file "
                         "(the shipped ones are in recipes/configs/accelerate/)")
     only = [name.strip() for item in args.only for name in item.split(",") if name.strip()]
+    if args.only and not only:  # `--only ""` from an empty shell variable must not mean every stage
+        raise UserError("--only needs stage names (comma-separated)")
     run_recipe(args.config, args.overrides, resume=args.resume, only=only, dry_run=args.dry_run,
                launcher=args.launcher, accelerate_config=args.accelerate_config, num_processes=args.num_processes)
     return 0

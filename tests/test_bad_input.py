@@ -183,6 +183,7 @@ def test_values_found_wrong_only_at_load_time_cost_no_complete_stage(capsys, tin
         ("stages.sft.train.per_device_train_batch_size=0",
          ["--set stages.sft.train.per_device_train_batch_size=0", "must be at least 1"]),
         ("stages.dpo.train.lr_scheduler_type=cosin", ["--set stages.dpo.train.lr_scheduler_type=cosin", "cosin"]),
+        ("stages.dpo.train.beta=-1", ["--set stages.dpo.train.beta=-1", "beta=-1 must be above 0"]),
     ):
         code, err = _run(capsys, "run", str(path), "--set", override)
         _assert_one_clean_line(code, err, *needles)
@@ -196,15 +197,15 @@ def test_values_found_wrong_only_at_load_time_cost_no_complete_stage(capsys, tin
 
 
 def test_a_second_run_in_the_same_run_dir_is_refused(capsys, tiny_recipe):
-    """Two runners on one run_dir: the second removed the first one's logs and checkpoints as it began the same
-    stage, and the first died with a traceback. The second now refuses while the first holds the directory."""
-    from recipes.runner import _run_dir_lock
+    """Two runners on one stage: the second removed the first one's logs and checkpoints as it began the same
+    stage, and the first died with a traceback. The second now refuses while the first holds the stage."""
+    from recipes.runner import _stage_lock
 
     path = tiny_recipe()
     run = path.parent / "run"
-    with _run_dir_lock(run):
+    with _stage_lock(run, "sft"):
         code, err = _run(capsys, "run", str(path))
-        _assert_one_clean_line(code, err, f"{run} is in use by another alignkit run on this machine")
+        _assert_one_clean_line(code, err, f"stage sft in {run} is being trained by another alignkit run on this machine")
         assert _no_stage_complete(run) and not (run / "sft").exists()
         code, _ = _run(capsys, "run", str(path), "--dry-run")  # a dry run writes nothing: no lock needed
         assert code == 0

@@ -110,9 +110,32 @@ def test_a_duplicate_key_is_an_error_not_the_last_one_silently(tmp_path):
                                                "data": {"train": "x.jsonl"}}), raw["stages"][2].update(after="rm")),
          "stages.dpo.after names 'rm', a reward stage"),
         (lambda raw: raw["peft"].update(lora_dropout=1.5), "peft.lora_dropout=1.5 must be in [0, 1)"),
+        # prefix tuning: PEFT refused it only once the model was loaded (a traceback), with TRL's default settings
+        (lambda raw: (raw["peft"].update(method="prefix_tuning"), raw["stages"].pop(),
+                      raw["stages"][0]["train"].pop("gradient_checkpointing")),
+         "set stages.sft.train.gradient_checkpointing: false"),
     ],
 )
 def test_what_a_stage_may_start_from_is_checked_on_load(tiny_recipe, edit, expected):
     with pytest.raises(UserError) as err:
         load_recipe(tiny_recipe(edit), stage_kinds=RECIPES)
     assert expected in str(err.value)
+
+
+def test_target_modules_are_matched_as_peft_matches_them(tiny_model_dir):
+    """The preflight refused a missing module before a stage began; it must not refuse what PEFT accepts:
+    a module's last name, a dotted ending, or a full name."""
+    from alignkit.modeling import ModelSettings, PeftSettings, check_model
+
+    model = ModelSettings(base=str(tiny_model_dir))
+    check_model(model, PeftSettings(target_modules=["q_proj", "self_attn.v_proj", "model.layers.0.mlp.down_proj"]))
+    with pytest.raises(UserError, match="peft.target_modules: query_key_value not in"):
+        check_model(model, PeftSettings(target_modules=["q_proj", "query_key_value"]))
+
+
+def test_a_reward_model_may_continue_a_reward_model(tiny_recipe):
+    def chain(raw):
+        raw["stages"][1] = {"name": "rm", "kind": "reward", "after": "sft", "data": {"train": "x.jsonl"}}
+        raw["stages"].append({"name": "rm2", "kind": "reward", "after": "rm", "data": {"train": "x.jsonl"}})
+
+    assert [s.name for s in load_recipe(tiny_recipe(chain), stage_kinds=RECIPES).stages] == ["sft", "rm", "rm2"]

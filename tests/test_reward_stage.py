@@ -198,7 +198,7 @@ def test_grpo_refuses_a_policy_stage_as_reward(reward_run, tmp_path):
                               "data": {"prompts": str(RLHF_RECIPE.parent.parent / "data" / "tiny_prompts.jsonl")},
                               "train": {"max_steps": 1}})
 
-    with pytest.raises(UserError, match="'sft' stage, not a reward stage"):
+    with pytest.raises(UserError, match="stages.grpo.reward names 'sft', a sft stage, not a reward stage"):
         run_recipe(write_recipe(tmp_path, edit=edit), log=lambda *_: None)
     assert not (run / "grpo" / "stage.json").exists()
 

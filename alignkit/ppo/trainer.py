@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from alignkit.artifacts import kept_checkpoint_note
 from alignkit.errors import TrainingDiverged, UserError
 from alignkit.ppo import core
 from alignkit.ppo.config import PPOConfig
@@ -322,7 +323,7 @@ class PPOTrainer:
         scores = self.score(prompts, gen.texts)
         if not core.is_finite(scores):
             raise TrainingDiverged(f"reward is not finite at PPO step {step} ({scores.tolist()}); "
-                                   f"last good checkpoint kept, stage left incomplete")
+                                   f"{kept_checkpoint_note(self.stage_dir)}, stage left incomplete")
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~torch.tensor(gen.finished)).float()
         scores = scores.to(self.device)
@@ -371,7 +372,7 @@ class PPOTrainer:
                 logprobs, _ = self._logprobs("policy", ids, att, resp)
                 pl, clip_frac, approx_kl, ratio = core.policy_loss(logprobs, ro["logprobs"][idx], ro["advantages"][idx], mask, cfg.cliprange)
                 if not core.is_finite(pl):
-                    raise TrainingDiverged(f"policy loss is {pl.item()} at PPO step {step}; last good checkpoint kept, stage left incomplete")
+                    raise TrainingDiverged(f"policy loss is {pl.item()} at PPO step {step}; {kept_checkpoint_note(self.stage_dir)}, stage left incomplete")
                 if ratio.item() > cfg.ratio_threshold:
                     skipped += 1
                     log.warning("PPO step %d: minibatch skipped, mean ratio %.3g > ratio_threshold %.3g", step, ratio.item(), cfg.ratio_threshold)
@@ -381,7 +382,7 @@ class PPOTrainer:
                 values = self._values(ids, att, R)
                 vl, v_clip = core.value_loss(values, ro["values"][idx], ro["returns"][idx], mask, cfg.cliprange_value)
                 if not core.is_finite(vl):
-                    raise TrainingDiverged(f"value loss is {vl.item()} at PPO step {step}; last good checkpoint kept, stage left incomplete")
+                    raise TrainingDiverged(f"value loss is {vl.item()} at PPO step {step}; {kept_checkpoint_note(self.stage_dir)}, stage left incomplete")
                 (cfg.vf_coef * vl / cfg.gradient_accumulation_steps).backward()
                 accumulated += 1
                 if accumulated % cfg.gradient_accumulation_steps == 0:
@@ -398,7 +399,7 @@ class PPOTrainer:
     def _optimizer_step(self, params, step: int) -> None:
         grads = [p.grad for p in params if p.grad is not None]
         if any(not torch.isfinite(g).all() for g in grads):
-            raise TrainingDiverged(f"non-finite gradient at PPO step {step}; last good checkpoint kept, stage left incomplete")
+            raise TrainingDiverged(f"non-finite gradient at PPO step {step}; {kept_checkpoint_note(self.stage_dir)}, stage left incomplete")
         torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -206,7 +206,8 @@ def prepare_rows(rows: list[ImportRow], *, generate: Sequence[str] = (), params=
                  progress: bool = True) -> tuple[list[ImportRow], list[str]]:
     """Sample responses with each `generate` spec if given; (rows to import, file:line of prompts skipped).
 
-    Runs before the store is opened, so a failed or interrupted generation leaves no store behind."""
+    `alignkit label import` runs it before opening the store, so a failed or interrupted generation leaves no
+    store behind."""
     if generate:
         from alignkit.generation import SamplingParams
 
