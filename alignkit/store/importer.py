@@ -73,7 +73,7 @@ def store_key(value: Any) -> str:
 
 
 def storable_text(text: str) -> str:
-    """A sampled response as the store keeps it: PostgreSQL text cannot hold NUL, which a model can sample
+    """A sampled response (or a vote's rationale) as the store keeps it: PostgreSQL text cannot hold NUL, which a model can sample
     (a byte token), so NUL becomes U+FFFD on every backend alike. Imported files with NUL are refused instead."""
     return text.replace("\x00", "\ufffd")
 

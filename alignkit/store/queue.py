@@ -51,6 +51,7 @@ from sqlalchemy.orm import Session, aliased
 
 from alignkit.errors import UserError
 from alignkit.store.db import Store
+from alignkit.store.importer import storable_text
 from alignkit.store.models import CHOICES, Annotator, Assignment, Comparison, Vote
 
 MAX_RATIONALE_CHARS = 10_000
@@ -268,8 +269,7 @@ def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, r
     check_id(comparison_id)
     if rationale is not None and not isinstance(rationale, str):
         raise UserError(f"rationale must be a string, got {type(rationale).__name__}")
-    # NUL: PostgreSQL text cannot hold it (a pasted binary string); stored alike on both backends.
-    rationale = (rationale or "").replace("\x00", "\ufffd").strip() or None
+    rationale = storable_text(rationale or "").strip() or None  # a pasted NUL: as for responses
     if rationale is not None and len(rationale) > MAX_RATIONALE_CHARS:
         raise UserError(f"rationale is longer than {MAX_RATIONALE_CHARS} characters")
 
