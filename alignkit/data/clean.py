@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import random
 
+from alignkit.data.io import without_location
 from alignkit.errors import UserError
 
 
-def _is_empty(value) -> bool:
+def is_empty(value) -> bool:
+    """No text: None, blank text, or messages whose contents are all blank."""
     if value is None:
         return True
     if isinstance(value, str):
         return not value.strip()
     if isinstance(value, list):
-        return not value or all(_is_empty(m.get("content") if isinstance(m, dict) else m) for m in value)
+        return not value or all(is_empty(m.get("content") if isinstance(m, dict) else m) for m in value)
     return False
 
 
@@ -23,22 +25,23 @@ def _key(row: dict, columns: tuple[str, ...]) -> str:
     return json.dumps([row.get(c) for c in columns], sort_keys=True, default=str)
 
 
-def filter_rows(rows: list[dict], columns: tuple[str, ...]) -> tuple[list[dict], dict]:
-    """Drop rows whose content columns are empty, then exact duplicates; returns (kept, counts)."""
+def filter_rows(rows: list[dict], columns: tuple[str, ...], *, keep_location: bool = False) -> tuple[list[dict], dict]:
+    """Drop rows whose content columns are empty, then exact duplicates; returns (kept, counts).
+
+    Kept rows lose their location keys (`_line`, `_row`) unless `keep_location`, for a caller that still
+    names rows in errors. Pairs with the same response twice are consistent_pairs' to count.
+    """
     kept, seen, empty, dup = [], set(), 0, 0
     for row in rows:
-        if any(_is_empty(row.get(c)) for c in columns if c in row):
+        if any(is_empty(row.get(c)) for c in columns if c in row):
             empty += 1
-            continue
-        if "chosen" in columns and row.get("chosen") == row.get("rejected"):
-            empty += 1  # a pair with the same response twice teaches nothing
             continue
         k = _key(row, columns)
         if k in seen:
             dup += 1
             continue
         seen.add(k)
-        kept.append({k2: v for k2, v in row.items() if k2 != "_line"})
+        kept.append(dict(row) if keep_location else without_location(row))
     return kept, {"rows_read": len(rows), "dropped_empty": empty, "dropped_duplicate": dup, "rows_kept": len(kept)}
 
 

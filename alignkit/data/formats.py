@@ -1,8 +1,12 @@
 """Row formats the stages accept, checked row by row with the file and line of the first bad one.
 
 SFT:        {"messages": [{"role", "content"}, ...]}  |  {"prompt", "completion"}  |  {"text"}
+            ShareGPT {"conversations": [{"from", "value"}, ...][, "system"]} and Alpaca {"instruction"[, "input"],
+            "output"[, "system", "history"]} become "messages" rows on load (standard_sft_rows)
 preference: {"prompt", "chosen", "rejected"[, "margin"]}  (strings, or TRL conversational message lists);
-            without "prompt" (HH-RLHF), chosen and rejected are whole conversations sharing it
+            without "prompt" in every row (HH-RLHF), chosen and rejected are whole conversations sharing it;
+            ShareGPT ranking rows {"conversations", "chosen", "rejected"} ({from, value} messages) and Alpaca
+            ranking rows {"instruction"[, "input"], "chosen", "rejected"} become prompt / chosen / rejected
 unpaired:   {"prompt", "completion", "label": bool}  (KTO; preference pairs become two such rows)
 prompts:    {"prompt": str}  |  {"messages": [...]}  (the conversation so far)
 """
@@ -12,11 +16,19 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 
-from alignkit.data.io import where
+from alignkit.data.clean import is_empty
+from alignkit.data.io import LOCATION_KEYS, where
 from alignkit.errors import UserError
 
 ROLES = {"system", "user", "assistant", "tool"}
+# ShareGPT speakers (`from`) and the roles they are: ShareGPT dumps say human / gpt; LLaMA-Factory's sharegpt
+# format also user / assistant, and observation for a tool's result.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "observation": "tool", "tool": "tool"}
+SFT_SHAPES = ("'messages' (role / content)", "ShareGPT 'conversations' (from / value)",
+              "Alpaca 'instruction' [+ 'input'] + 'output'", "'prompt' + 'completion'", "'text'")
 
 
 def _shown(value) -> str:
@@ -25,11 +37,23 @@ def _shown(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _columns(row: dict) -> str:
+    """The row's columns as the user wrote them, for "(has: ...)"."""
+    return ", ".join(k for k in row if k not in LOCATION_KEYS) or "none"
+
+
+def _location(row: dict) -> dict:
+    return {k: row[k] for k in LOCATION_KEYS if k in row}
+
+
 def _check_rows_are_objects(rows: list, source) -> None:
     # A .json file or dataset may hold a list of anything; every check below indexes rows by column.
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise UserError(f"{source}: row {i} is {type(row).__name__}, expected an object with named columns")
+
+
+SFT_FORMATS = ("messages", "prompt_completion", "text")
 
 
 def _check_messages(messages, source, row, key="messages", *, allow_empty=False) -> None:
@@ -57,15 +81,111 @@ def _check_text_or_messages(row: dict, key: str, source) -> None:
         raise UserError(f"{where(source, row)}: column {key!r} is {_shown(value)}; expected text or a list of messages")
 
 
+def _text_column(row: dict, key: str, source, *, optional: bool = False) -> str:
+    value = row.get(key)
+    if optional and value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{where(source, row)}: column {key!r} is {_shown(value)}; expected text")
+    return value
+
+
+def _sharegpt_messages(turns, source, row, key: str) -> list[dict]:
+    """ShareGPT turns ({from, value}) as {role, content} messages, checked as messages are."""
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{where(source, row)}: column {key!r} must be a non-empty list of messages")
+    out = []
+    for i, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict):
+            raise UserError(f"{where(source, row)}: message {i} in {key!r} is {_shown(turn)}, expected an object with "
+                            f"'from' and 'value'")
+        missing = [repr(k) for k in ("from", "value") if k not in turn]
+        if missing:
+            raise UserError(f"{where(source, row)}: message {i} in {key!r} has no {' or '.join(missing)}")
+        if not isinstance(turn["from"], str) or turn["from"] not in SHAREGPT_ROLES:
+            raise UserError(f"{where(source, row)}: message {i} in {key!r} has unknown role {_shown(turn['from'])}; "
+                            f"one of {', '.join(SHAREGPT_ROLES)}")
+        out.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    _check_messages(out, source, row, key)
+    return out
+
+
+def _is_sharegpt(value) -> bool:
+    """A message list in ShareGPT's {from, value} form (some datasets keep it under `messages`)."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "from" in value[0]
+
+
+def _sharegpt_prompt(row: dict, source, key: str) -> list[dict]:
+    """A ShareGPT row's conversation as messages, its optional `system` column first (LLaMA-Factory's)."""
+    system = _text_column(row, "system", source, optional=True)
+    return ([{"role": "system", "content": system}] if system else []) + _sharegpt_messages(row[key], source, row, key)
+
+
+def _alpaca_prompt(row: dict, source) -> list[dict]:
+    """An Alpaca row up to its answer: [system], the `history` pairs as turns, then instruction + "\n\n" + input
+    (the instruction alone when input is empty) as the user turn."""
+    system = _text_column(row, "system", source, optional=True)
+    messages = [{"role": "system", "content": system}] if system else []
+    history = row.get("history") or []
+    if not isinstance(history, list):
+        raise UserError(f"{where(source, row)}: column 'history' is {_shown(history)}; expected a list of "
+                        f"[question, answer] pairs")
+    for i, pair in enumerate(history, 1):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise UserError(f"{where(source, row)}: column 'history' item {i} is {_shown(pair)}; expected a "
+                            f"[question, answer] pair")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    instruction, extra = _text_column(row, "instruction", source), _text_column(row, "input", source, optional=True)
+    return messages + [{"role": "user", "content": instruction + ("\n\n" + extra if extra else "")}]
+
+
+def _sft_shape(row: dict) -> str | None:
+    """The shape an SFT row is in — messages, sharegpt, alpaca, prompt_completion, text — or None. A column
+    holding None counts as absent: a dataset directory gives every row every column of the file."""
+    has = {k for k, v in row.items() if v is not None}
+    if "messages" in has:
+        return "sharegpt" if _is_sharegpt(row["messages"]) else "messages"
+    if "conversations" in has:
+        return "sharegpt"
+    if {"instruction", "output"} <= has:
+        return "alpaca"
+    if {"prompt", "completion"} <= has:
+        return "prompt_completion"
+    return "text" if "text" in has else None
+
+
+def standard_sft_rows(rows: list, source) -> tuple[list[dict], dict]:
+    """(rows, formats_read): ShareGPT and Alpaca rows as `messages` rows (their location kept), the others as
+    they are, and how many rows came in each shape. A row in no known shape is one error naming the shapes."""
+    if not rows:
+        raise UserError(f"{source}: the dataset is empty")
+    _check_rows_are_objects(rows, source)
+    out, shapes = [], Counter()
+    for row in rows:
+        shape = _sft_shape(row)
+        if shape is None:
+            raise UserError(f"{where(source, row)}: missing column 'messages' (has: {_columns(row)}); an SFT row is "
+                            f"one of {', '.join(SFT_SHAPES)}")
+        shapes[shape] += 1
+        if shape == "sharegpt":
+            key = "messages" if "messages" in row and row["messages"] is not None else "conversations"
+            row = {"messages": _sharegpt_prompt(row, source, key), **_location(row)}
+        elif shape == "alpaca":
+            answer = {"role": "assistant", "content": _text_column(row, "output", source)}
+            row = {"messages": _alpaca_prompt(row, source) + [answer], **_location(row)}
+        out.append(row)
+    return out, dict(shapes)
+
+
 def sft_format(rows: list[dict], source) -> str:
-    """'messages', 'prompt_completion' or 'text' — the one format all rows share."""
+    """'messages', 'prompt_completion' or 'text' — the one format all rows share (after standard_sft_rows)."""
     if not rows:
         raise UserError(f"{source}: the dataset is empty")
     _check_rows_are_objects(rows, source)
     first = rows[0]
-    fmt = "messages" if "messages" in first else "prompt_completion" if "prompt" in first and "completion" in first else "text" if "text" in first else None
-    if fmt is None:
-        raise UserError(f"{where(source, first)}: SFT rows need a 'messages' column, 'prompt' + 'completion', or 'text' (has: {', '.join(k for k in first if k != '_line')})")
+    fmt = _sft_shape(first)
+    if fmt not in SFT_FORMATS:
+        raise UserError(f"{where(source, first)}: SFT rows need {', '.join(SFT_SHAPES)} (has: {_columns(first)})")
     for row in rows:
         if fmt == "messages":
             if "messages" not in row:
@@ -85,18 +205,62 @@ def sft_format(rows: list[dict], source) -> str:
     return fmt
 
 
+def _preference_shape(row: dict) -> str:
+    """sharegpt (`conversations` + chosen / rejected messages), alpaca (`instruction` + chosen / rejected), or
+    prompt_chosen_rejected / chosen_rejected (no prompt: HH-RLHF's whole transcripts)."""
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "prompt" not in row:
+        return "alpaca"
+    return "prompt_chosen_rejected" if "prompt" in row else "chosen_rejected"
+
+
+def _sharegpt_reply(row: dict, key: str, source) -> list[dict]:
+    """A ShareGPT ranking row's chosen / rejected: one {from, value} message (LLaMA-Factory) or a list of them."""
+    if key not in row:
+        raise UserError(f"{where(source, row)}: missing column {key!r} (has: {_columns(row)})")
+    value = row[key]
+    return _sharegpt_messages([value] if isinstance(value, dict) else value, source, row, key)
+
+
+def standard_preference_rows(rows: list, source) -> tuple[list[dict], dict]:
+    """(rows, formats_read): ShareGPT and Alpaca ranking rows as prompt / chosen / rejected rows (a message-list
+    prompt; margin and location kept), the others as they are, and how many rows came in each shape."""
+    if not rows:
+        raise UserError(f"{source}: the preference dataset is empty")
+    _check_rows_are_objects(rows, source)
+    out, shapes = [], Counter()
+    for row in rows:
+        shape = _preference_shape(row)
+        shapes[shape] += 1
+        kept = {k: row[k] for k in ("margin", *LOCATION_KEYS) if k in row}
+        if shape == "sharegpt":
+            row = {"prompt": _sharegpt_prompt(row, source, "conversations"), "chosen": _sharegpt_reply(row, "chosen", source),
+                   "rejected": _sharegpt_reply(row, "rejected", source), **kept}
+        elif shape == "alpaca":
+            row = {"prompt": _alpaca_prompt(row, source), **{k: row[k] for k in ("chosen", "rejected") if k in row}, **kept}
+        out.append(row)
+    return out, dict(shapes)
+
+
 def check_preference_rows(rows: list[dict], source) -> None:
+    """Every row has prompt (unless no row has: HH-RLHF), chosen and rejected as text or messages, and a
+    finite margin in every row or in none."""
     if not rows:
         raise UserError(f"{source}: the preference dataset is empty")
     _check_rows_are_objects(rows, source)
     # The loader keeps a margin column when the first row has one; a row without it would reach the trainer as None.
     has_margin = "margin" in rows[0]
+    # A row without a prompt among rows with one is a malformed file, not an HH-RLHF transcript: splitting off
+    # what its two answers share would make words of the answers its prompt.
+    with_prompt = any("prompt" in row for row in rows)
     for row in rows:
-        # Without a prompt column, chosen and rejected carry it (consistent_pairs splits it off).
-        for key in ("prompt", "chosen", "rejected") if "prompt" in row or "chosen" not in row else ("chosen", "rejected"):
+        if with_prompt and "prompt" not in row and "chosen" in row and "rejected" in row:
+            raise UserError(f"{where(source, row)}: no 'prompt' column, which other rows have; give every row its "
+                            f"prompt, or none (chosen and rejected then each hold the whole conversation)")
+        for key in ("prompt", "chosen", "rejected") if with_prompt else ("chosen", "rejected"):
             if key not in row:
-                has = ", ".join(k for k in row if k != "_line")
-                raise UserError(f"{where(source, row)}: missing column {key!r} (has: {has})")
+                raise UserError(f"{where(source, row)}: missing column {key!r} (has: {_columns(row)})")
             _check_text_or_messages(row, key, source)
         if ("margin" in row) != has_margin:
             raise UserError(f"{where(source, row)}: column 'margin' must be in every row or in none")
@@ -161,41 +325,64 @@ def _split_shared_prompt(row: dict) -> dict | None:
     return extract_prompt(row)
 
 
+def _same_responses(row: dict) -> bool:
+    return row["chosen"] == row["rejected"] and not is_empty(row["chosen"])  # empty pairs are filter_rows' to count
+
+
+def _shape_pair(row: dict) -> str | None:
+    """Bring one checked row (changed in place) to prompt / chosen / rejected as TRL trains on them; returns
+    why it is dropped instead (a counter's name), or None."""
+    if _same_responses(row):
+        return "dropped_identical"
+    if "prompt" not in row or (isinstance(row["prompt"], str) and _is_chat(row["chosen"]) and _is_chat(row["rejected"])):
+        split = _split_shared_prompt(row)
+        if split is not None:
+            row.update(split)
+        elif "prompt" not in row:
+            return "dropped_no_prompt"
+        else:
+            row["prompt"] = [{"role": "user", "content": row["prompt"]}]
+    if _is_chat(row["prompt"]):
+        _replies_as_chat(row, ("chosen", "rejected"))
+        # A user (or tool) turn after the prompt would be trained as part of the answer preferred or refused.
+        if any(m["role"] != "assistant" for key in ("chosen", "rejected") for m in row[key]):
+            return "dropped_not_assistant_reply"
+    return "dropped_identical" if _same_responses(row) else None
+
+
 def consistent_pairs(rows: list[dict], source) -> tuple[list[dict], dict]:
     """Checked preference rows in the one shape TRL trains on — prompt, chosen and rejected all text, or all
     message lists — and counts for stage.json. TRL's DPO and reward trainers fail mid-stage on anything else.
 
+    - ShareGPT and Alpaca ranking rows become prompt / chosen / rejected (standard_preference_rows);
     - no prompt column (Anthropic HH-RLHF: chosen and rejected each hold the whole conversation): TRL's
       extract_prompt splits off the prefix they share; rows with no such prefix are dropped and counted;
     - a text prompt with message-list responses that repeat it (UltraFeedback): the messages both responses
       share become the prompt;
     - a message-list prompt with text responses (a label store's chat prompts): the responses become
       assistant messages;
+    - responses with any turn but the assistant's after the prompt, and pairs whose two responses are the
+      same, are dropped and counted;
     - text rows among conversational ones become conversational (prompt a user turn, responses assistant
       turns): a dataset column holds one type.
     """
+    rows, formats = standard_preference_rows(rows, source)
     check_preference_rows(rows, source)
-    out, no_prompt = [], 0
+    out, dropped = [], Counter()
     for row in rows:
         row = dict(row)
-        if "prompt" not in row or (isinstance(row["prompt"], str) and _is_chat(row["chosen"]) and _is_chat(row["rejected"])):
-            split = _split_shared_prompt(row)
-            if split is not None:
-                row.update(split)
-            elif "prompt" not in row:
-                no_prompt += 1
-                continue
-            else:
-                row["prompt"] = [{"role": "user", "content": row["prompt"]}]
-        if _is_chat(row["prompt"]):
-            _replies_as_chat(row, ("chosen", "rejected"))
-        out.append(row)
-    if rows and not out:
-        has = ", ".join(k for k in rows[0] if k != "_line")
-        raise UserError(f"{where(source, rows[0])}: missing column 'prompt' (has: {has}), and no row's chosen and "
-                        f"rejected share a prompt to split off")
+        reason = _shape_pair(row)
+        if reason:
+            dropped[reason] += 1
+        else:
+            out.append(row)
+    if rows and dropped["dropped_no_prompt"] == len(rows):
+        raise UserError(f"{where(source, rows[0])}: missing column 'prompt' (has: {_columns(rows[0])}), and no row's "
+                        f"chosen and rejected share a prompt to split off")
     made_chat = _one_type(out, ("chosen", "rejected"))
-    counts = {k: v for k, v in (("dropped_no_prompt", no_prompt), ("rows_made_conversational", made_chat)) if v}
+    counts = {**{k: v for k, v in sorted(dropped.items())}, "formats_read": formats}
+    if made_chat:
+        counts["rows_made_conversational"] = made_chat
     return out, counts
 
 
@@ -210,8 +397,7 @@ def consistent_unpaired(rows: list[dict], source) -> tuple[list[dict], dict]:
     for row in rows:
         for key in ("prompt", "completion", "label"):
             if key not in row:
-                has = ", ".join(k for k in row if k != "_line")
-                raise UserError(f"{where(source, row)}: missing column {key!r} (has: {has}); KTO rows are prompt / "
+                raise UserError(f"{where(source, row)}: missing column {key!r} (has: {_columns(row)}); KTO rows are prompt / "
                                 f"completion / label, or prompt / chosen / rejected pairs")
         _check_text_or_messages(row, "prompt", source)
         _check_text_or_messages(row, "completion", source)
@@ -233,8 +419,8 @@ def prompt_from(row: dict, source, *, exclusive: bool = False):
     both (UltraFeedback: `messages` is the whole conversation), so `prompt` wins, unless `exclusive` (an import
     file, where both would be a mistake) refuses the row."""
     if "prompt" not in row and "messages" not in row:
-        has = ", ".join(k for k in row if k != "_line") or "none"
-        raise UserError(f"{where(source, row)}: missing column 'prompt' (text or a list of messages) or 'messages' (has: {has})")
+        raise UserError(f"{where(source, row)}: missing column 'prompt' (text or a list of messages) or 'messages' "
+                        f"(has: {_columns(row)})")
     if exclusive and "prompt" in row and "messages" in row:
         raise UserError(f"{where(source, row)}: give exactly one of `prompt` (text or a list of messages) or `messages`")
     key = "prompt" if "prompt" in row else "messages"

@@ -1,4 +1,9 @@
-"""Reading rows from JSONL files or saved HF dataset directories, with errors that say file and line."""
+"""Reading rows from JSONL files or saved HF dataset directories, with errors that say file and line.
+
+Every row carries where it came from, for errors: `_line` (JSONL line) or `_row` (0-based index into a
+dataset directory, a .json list or a hub split). LOCATION_KEYS names them; without_location drops them
+before rows reach a trainer.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import json
 from pathlib import Path
 
 from alignkit.errors import UserError
+
+LOCATION_KEYS = ("_line", "_row")
 
 
 def _utf8(data: bytes, path: Path, first_line: int = 1) -> str:
@@ -53,12 +60,23 @@ def load_hub_rows(source: str, *, what: str = "data") -> list[dict]:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as err:  # the hub client raises many types; all mean "cannot get that dataset"
         raise UserError(f"{what}: cannot load {source}: {str(err).splitlines()[0]}") from None
-    return [dict(r) for r in ds]
+    return _indexed(ds)
+
+
+def _indexed(rows) -> list[dict]:
+    """Rows of a dataset or JSON list, each with its index as `_row` (a non-object row is left for the
+    format checks to name)."""
+    return [{**row, "_row": i} if isinstance(row, dict) else row for i, row in enumerate(rows)]
+
+
+def without_location(row: dict) -> dict:
+    """The row without the keys that say where it came from."""
+    return {k: v for k, v in row.items() if k not in LOCATION_KEYS}
 
 
 def load_rows(source: str | Path, *, what: str = "data") -> list[dict]:
-    """Rows from a .jsonl/.json file, a `datasets.save_to_disk` directory, or `hf:NAME[:SPLIT]`.
-    Rows carry `_line` when from JSONL."""
+    """Rows from a .jsonl/.json file, a `datasets.save_to_disk` directory, or `hf:NAME[:SPLIT]`, each with
+    its location (`_line` from JSONL, `_row` otherwise)."""
     if isinstance(source, str) and source.startswith("hf:"):
         return load_hub_rows(source, what=what)
     path = Path(source)
@@ -72,7 +90,7 @@ def load_rows(source: str | Path, *, what: str = "data") -> list[dict]:
             if "train" not in ds:
                 raise UserError(f"{what}: {path} has splits {list(ds)}, expected a 'train' split")
             ds = ds["train"]
-        return [dict(r) for r in ds]
+        return _indexed(ds)
     if path.suffix == ".json":
         if not path.exists():
             raise UserError(f"{what} file not found: {path}")
@@ -82,10 +100,13 @@ def load_rows(source: str | Path, *, what: str = "data") -> list[dict]:
             raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
         if not isinstance(data, list):
             raise UserError(f"{path}: expected a JSON list of objects")
-        return data
+        return _indexed(data)
     return read_jsonl(path, what=what)
 
 
 def where(source: str | Path, row: dict) -> str:
-    """`file:line` for a JSONL row, the file alone otherwise."""
-    return f"{source}:{row['_line']}" if "_line" in row else str(source)
+    """`file:line` for a JSONL row, `dataset[index]` for a row of a dataset or JSON list, the source alone
+    for rows that came from elsewhere (a label store)."""
+    if "_line" in row:
+        return f"{source}:{row['_line']}"
+    return f"{source}[{row['_row']}]" if "_row" in row else str(source)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from alignkit.artifacts import file_fingerprint, stable_hash
 from alignkit.data.clean import filter_rows, split_rows
-from alignkit.data.formats import check_prompt_rows, consistent_pairs, consistent_unpaired, sft_format
-from alignkit.data.io import load_rows
+from alignkit.data.formats import check_prompt_rows, consistent_pairs, consistent_unpaired, sft_format, standard_sft_rows
+from alignkit.data.io import load_rows, without_location
 from alignkit.errors import UserError
 
 SFT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
@@ -94,17 +94,20 @@ def _eval_rows(data: dict, train: list[dict], seed: int, stage: str, prepare) ->
 
 
 def load_sft_split(data: dict, seed: int, stage: str) -> tuple[list[dict], list[dict], str, dict]:
-    """(train, eval, format, info) for an SFT stage."""
+    """(train, eval, format, info) for an SFT stage. ShareGPT and Alpaca rows arrive as `messages` rows
+    (info's formats_read counts the shapes read). Rows keep their location keys (`_line` / `_row`) so that the
+    recipe can still name a row it refuses; io.without_location drops them."""
     check_data(data, stage)
     source = _require(data, "train", stage)
-    rows = load_rows(source, what=f"stages.{stage}.data.train")
+    rows, formats = standard_sft_rows(load_rows(source, what=f"stages.{stage}.data.train"), source)
     fmt = sft_format(rows, source)
-    rows, counts = filter_rows(rows, SFT_COLUMNS[fmt])
+    rows, counts = filter_rows(rows, SFT_COLUMNS[fmt], keep_location=True)
     if not rows:
         raise UserError(f"{source}: no usable rows left after dropping empty and duplicate examples")
 
     def same_format(eval_rows, eval_source):
         # One SFT dataset format per stage: TRL tokenizes train and eval with the same settings.
+        eval_rows, _ = standard_sft_rows(eval_rows, eval_source)
         eval_fmt = sft_format(eval_rows, eval_source)
         if eval_fmt != fmt:
             raise UserError(f"{eval_source}: stages.{stage}.data.eval rows are in the {eval_fmt!r} format but "
@@ -112,9 +115,8 @@ def load_sft_split(data: dict, seed: int, stage: str) -> tuple[list[dict], list[
         return eval_rows
 
     train, evals = _eval_rows(data, rows, seed, stage, same_format)
-    evals = [{k: v for k, v in r.items() if k != "_line"} for r in evals]
-    info = {"train": str(source), "fingerprint": _fingerprint(data, stage), "format": fmt, **counts,
-            "train_rows": len(train), "eval_rows": len(evals)}
+    info = {"train": str(source), "fingerprint": _fingerprint(data, stage), "format": fmt, "formats_read": formats,
+            **counts, "train_rows": len(train), "eval_rows": len(evals)}
     return train, evals, fmt, info
 
 
@@ -150,13 +152,17 @@ def _preference_source(data: dict, stage: str, *, unpaired: bool) -> tuple[list[
 
 
 def _pairs(rows: list[dict], source) -> tuple[list[dict], dict]:
-    """Checked, consistently shaped pairs without empty or duplicate ones, and the counts."""
+    """Checked, consistently shaped pairs without empty or duplicate ones, and the counts (rows_read: the
+    rows of the file; rows_kept plus every dropped_* count adds up to it)."""
+    rows_read = len(rows)
     rows, shaped = consistent_pairs(rows, source)
     columns = PREFERENCE_COLUMNS + (("margin",) if rows and "margin" in rows[0] else ())
     rows, counts = filter_rows(rows, columns)
+    counts = {**counts, **shaped, "rows_read": rows_read}
     if not rows:
-        raise UserError(f"{source}: no usable pairs left after dropping empty and duplicate ones")
-    return rows, {**counts, **shaped}
+        dropped = ", ".join(f"{k[len('dropped_'):]} {v}" for k, v in counts.items() if k.startswith("dropped_") and v)
+        raise UserError(f"{source}: no usable pairs left of {rows_read} rows (dropped: {dropped})")
+    return rows, counts
 
 
 def load_preference_split(data: dict, seed: int, stage: str) -> tuple[list[dict], list[dict], dict]:
@@ -225,7 +231,7 @@ def load_prompt_rows(data: dict, stage: str, key: str = "prompts") -> tuple[list
     rows = load_rows(source, what=f"stages.{stage}.data.{key}")
     check_prompt_rows(rows, source)
     info = {key: str(source), "fingerprint": file_fingerprint(source), "rows": len(rows)}
-    return [{k: v for k, v in r.items() if k != "_line"} for r in rows], info
+    return [without_location(r) for r in rows], info
 
 
 def _fingerprint(data: dict, stage: str | None = None) -> str:
