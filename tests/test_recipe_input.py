@@ -375,16 +375,16 @@ def test_model_specs_take_bare_hub_ids_and_refuse_incomplete_stages(tmp_path):
         resolve_model_spec(str(interrupted))
 
 
-def test_sft_falls_back_to_the_last_turn_for_templates_trl_cannot_mask(tiny_model_dir):
+def test_sft_masks_templates_trl_cannot_mask_turn_by_turn(tiny_model_dir):
+    from alignkit.data.chat_mask import MARKERS, TURN_BY_TURN, mask_plan
     from alignkit.modeling import load_tokenizer
-    from recipes.sft import can_mask_assistant_turns
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    assert can_mask_assistant_turns(tokenizer)  # alignkit's default template marks generations
+    assert mask_plan(tokenizer).method == MARKERS  # alignkit's default template marks generations
     # A template that merely mentions add_generation_prompt has no {% generation %} markers.
     tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    assert not can_mask_assistant_turns(tokenizer)
+    assert mask_plan(tokenizer).method == TURN_BY_TURN
 
 
 def test_a_dpo_stage_cannot_continue_an_ia3_adapter():
