@@ -39,20 +39,26 @@ bounding threads and pooled connections (the store's pool is sized above it).
 # outputs from these functions' real type hints (a tuple return = one output per element),
 # and Gradio resolves string hints again on every call.
 import errno
+import html
 import ipaddress
 import os
 import socket
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from alignkit.errors import UserError
 from alignkit.store import Store, next_item as store_next_item, progress as store_progress
 from alignkit.store import skip as store_skip, submit_vote as store_submit_vote, undo_last_vote
 from alignkit.store.arena import LeaderboardCache, reveal
+from alignkit.store.queue import MAX_RATIONALE_CHARS
 from labeling_ui import handlers
+from labeling_ui.guard import DeviceCookies, Guard, GuardSettings, LoginThrottle, Sessions
+from labeling_ui.render import PAGE_CSS, notice_html, prompt_html, text_html
 from labeling_ui.users import UsersFile
 
 DEFAULT_CONCURRENCY_LIMIT = 8
@@ -61,37 +67,19 @@ DEFAULT_CONCURRENCY_LIMIT = 8
 CONCURRENCY_ID = "store"
 LOCAL_USER = "local"  # the annotator's name with --no-auth (loopback only)
 
-# Keyboard shortcuts: 1 = A better, 2 = B better, 3 = tie, 4 = both bad, in the Label and the
-# Arena tab; s = skip, u = undo (Label), n = next battle (Arena). A key clicks the button of the
-# tab in view only (a hidden tab's buttons have no offsetParent). Ignored while typing in an
-# editable field (the rationale box).
-KEYBOARD_HEAD = """
-<script>
-document.addEventListener('keydown', function (e) {
-  var t = e.target;
-  if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
-  if (t && ((t.tagName === 'TEXTAREA' || t.tagName === 'INPUT') && !t.readOnly || t.isContentEditable)) return;
-  var ids = {'1': ['ak-vote-a', 'ak-arena-a'], '2': ['ak-vote-b', 'ak-arena-b'],
-             '3': ['ak-vote-tie', 'ak-arena-tie'], '4': ['ak-vote-both-bad', 'ak-arena-both-bad'],
-             's': ['ak-skip'], 'u': ['ak-undo'], 'n': ['ak-arena-next']};
-  var list = ids[(e.key || '').toLowerCase()] || [];
-  for (var i = 0; i < list.length; i++) {
-    var el = document.getElementById(list[i]);
-    if (el && !el.disabled && el.offsetParent !== null) { e.preventDefault(); el.click(); return; }
-  }
-});
-</script>
-"""
-
-# The prompt is markdown, and `sanitize_html` keeps images: a prompt with ![](http://host/x.png) would
-# make every annotator's browser fetch it, leaking their address. Gradio's Markdown has no switch for
-# images, so the page's policy allows images and media from this server (and inline data) only.
-CSP_HEAD = """<meta http-equiv="Content-Security-Policy" content="img-src 'self' data: blob:; media-src 'self' data: blob:">
-"""
-
+# Keyboard shortcuts, the guard against votes on an item not yet seen, the session-ended notice and the
+# rationale counter live in page.js, which guard.py serves and adds to every page with its nonce.
 CSS = """
 #ak-prompt, #ak-arena-prompt { max-height: 22em; overflow-y: auto; }
-"""
+.ak-response { max-height: 30em; overflow-y: auto; padding: 0.5em 0.7em; border: 1px solid var(--border-color-primary);
+               border-radius: 6px; min-height: 8em; }
+.ak-side { font-weight: 600; font-size: 0.85em; margin-bottom: 0.3em; }
+""" + PAGE_CSS
+
+# System fonts: the default theme fetches Google Fonts, a third-party connection the page's policy refuses.
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                          font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
+DEFAULT_MIN_DISPLAY_SECONDS = 0.3
 
 
 def refused(message: str) -> gr.Error:
@@ -108,6 +96,8 @@ class AppContext:
     auth: UsersFile | None  # None: --no-auth (loopback only), everyone is LOCAL_USER and admin
     export_dir: Path
     concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT
+    min_display_seconds: float = DEFAULT_MIN_DISPLAY_SECONDS  # a vote sooner after serving is refused
+    guard: GuardSettings = field(default_factory=GuardSettings)
     # Ratings are refit (with bootstrap) only when arena votes changed: every annotator may open the tab.
     leaderboard_cache: LeaderboardCache = field(default_factory=LeaderboardCache)
 
@@ -193,7 +183,7 @@ def api_endpoints(ctx: AppContext) -> None:
     def submit_vote(comparison_id: int, choice: str, rationale: str = "", request: gr.Request = None) -> dict:
         """Vote on a leased comparison: choice a | b | tie | both_bad, as shown (a = first/left)."""
         r = store_submit_vote(ctx.store, ctx.user(request), comparison_id, choice, rationale or None,
-                              overlap=ctx.overlap)
+                              overlap=ctx.overlap, min_display_seconds=ctx.min_display_seconds)
         return {"vote_id": r.vote_id, "comparison_id": r.comparison_id, "choice": r.choice, "seconds": r.seconds}
 
     @_api
@@ -221,7 +211,8 @@ def api_endpoints(ctx: AppContext) -> None:
     def arena_vote(comparison_id: int, choice: str, request: gr.Request = None) -> dict:
         """Vote on a leased battle (a | b | tie | both_bad, a = first/left); returns the models behind A and B."""
         user = ctx.user(request)
-        store_submit_vote(ctx.store, user, comparison_id, choice, overlap=ctx.overlap, arena=True)
+        store_submit_vote(ctx.store, user, comparison_id, choice, overlap=ctx.overlap, arena=True,
+                          min_display_seconds=ctx.min_display_seconds)
         r = reveal(ctx.store, user, comparison_id)
         return {"comparison_id": r.comparison_id, "choice": r.choice, "model_a": r.model_left,
                 "model_b": r.model_right}
@@ -244,107 +235,150 @@ def api_endpoints(ctx: AppContext) -> None:
 
 @dataclass
 class PairWidgets:
-    """A prompt, two responses side by side and the four vote buttons (by choice: a, b, tie, both_bad)."""
+    """A prompt, two responses side by side and the four vote buttons (by choice: a, b, tie, both_bad), plus
+    the hidden field holding the id of the comparison on screen: votes send it, so a vote names what the
+    annotator saw, not whatever the server moved on to."""
 
-    prompt: gr.Markdown
-    left: gr.Textbox
-    right: gr.Textbox
+    prompt: gr.HTML
+    left: gr.HTML
+    right: gr.HTML
+    shown: gr.Textbox
     votes: dict[str, gr.Button]
+    sides: tuple[str, str]
+
+
+def _html(elem_id: str) -> gr.HTML:
+    # js_on_load=None: the component's default script is a click listener we do not need.
+    return gr.HTML(elem_id=elem_id, js_on_load=None, container=True, padding=True)
 
 
 def pair_widgets(elem_prefix: str, vote_prefix: str, side_labels: tuple[str, str], vote_labels: dict[str, str]) -> PairWidgets:
-    prompt = gr.Markdown(label="Prompt", elem_id=f"{elem_prefix}-prompt", sanitize_html=True, container=True)
+    prompt = _html(f"{elem_prefix}-prompt")
     with gr.Row(equal_height=True):
-        # Model text goes in read-only text boxes: shown as text, never parsed as HTML or markdown.
-        left = gr.Textbox(label=side_labels[0], lines=10, max_lines=30, interactive=False, elem_id=f"{elem_prefix}-left")
-        right = gr.Textbox(label=side_labels[1], lines=10, max_lines=30, interactive=False, elem_id=f"{elem_prefix}-right")
+        left, right = _html(f"{elem_prefix}-left"), _html(f"{elem_prefix}-right")
+    shown = gr.Textbox(visible="hidden", elem_id=f"{elem_prefix}-shown")
     with gr.Row():
         votes = {choice: gr.Button(f"{text}  [{key}]", variant="primary" if choice in ("a", "b") else "secondary",
                                    elem_id=f"{vote_prefix}-{choice.replace('_', '-')}")
                  for key, (choice, text) in enumerate(vote_labels.items(), 1)}
-    return PairWidgets(prompt, left, right, votes)
+    return PairWidgets(prompt, left, right, shown, votes, side_labels)
 
 
-def labeling_tab(ctx: AppContext, demo: gr.Blocks) -> None:
+def pair_update(ctx: AppContext, pair: PairWidgets, view: handlers.ItemView, markdown: bool) -> dict:
+    """The three text blocks and the hidden id for `view`. Every update carries a fresh render mark, so the
+    page sees each answer of the server, even one that shows the same item again."""
+    marks = f'data-ak-render="{time.monotonic_ns()}" data-ak-min-ms="{round(ctx.min_display_seconds * 1000)}"'
+    if view.done:
+        prompt = f'<div {marks} data-ak-item="">{notice_html(view.prompt)}</div>'
+        left = right = ""
+    else:
+        prompt = (f'<div {marks} data-ak-item="{view.comparison_id}"><div class="ak-side">Prompt</div>'
+                  f'{prompt_html(view.prompt, markdown=markdown)}</div>')
+        left, right = (_response_html(side, text, markdown) for side, text in zip(pair.sides, (view.left, view.right)))
+    return {pair.prompt: prompt, pair.left: left, pair.right: right,
+            pair.shown: "" if view.done else str(view.comparison_id)}
+
+
+def _response_html(side: str, text: str, markdown: bool) -> str:
+    return (f'<div class="ak-side">{html.escape(side)} <span class="ak-len">({len(text):,} characters)</span></div>'
+            f'<div class="ak-response">{text_html(text, markdown=markdown)}</div>')
+
+
+def labeling_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> None:
     with gr.Tab("Label", id="label"):
         progress = gr.Markdown(elem_id="ak-progress")
         pair = pair_widgets("ak", "ak-vote", ("A", "B"),
                             {"a": "A better", "b": "B better", "tie": "Tie", "both_bad": "Both bad"})
-        prompt, left, right = pair.prompt, pair.left, pair.right
-        rationale = gr.Textbox(label="Rationale (optional)", lines=2, max_lines=6, elem_id="ak-rationale")
+        rationale = gr.Textbox(label="Rationale (optional)", lines=2, max_lines=6, elem_id="ak-rationale",
+                               max_length=MAX_RATIONALE_CHARS)
         with gr.Row():
             btn_skip = gr.Button("Skip  [s]", size="sm", elem_id="ak-skip")
             btn_undo = gr.Button("Undo last vote  [u]", size="sm", elem_id="ak-undo")
         status = gr.Markdown(elem_id="ak-status")
-        comparison = gr.State(None)
 
-    outputs = [comparison, prompt, left, right, progress, status, rationale]
+    outputs = [pair.prompt, pair.left, pair.right, pair.shown, progress, status, rationale]
 
-    def render(view: handlers.ItemView) -> dict:
-        return {comparison: view.comparison_id, prompt: view.prompt_markdown, left: view.left, right: view.right,
-                progress: view.progress, status: view.status, rationale: ""}
+    def render(view: handlers.ItemView, as_markdown: bool) -> dict:
+        # A refused action keeps what the annotator typed; a vote that went through clears it.
+        return {**pair_update(ctx, pair, view, as_markdown), progress: view.progress, status: view.status,
+                rationale: gr.skip() if view.refused else ""}
 
-    def show(request: gr.Request):
-        return render(handlers.current_view(ctx.store, ctx.user(request), overlap=ctx.overlap))
+    def show(as_markdown, request: gr.Request):
+        return render(handlers.current_view(ctx.store, ctx.user(request), overlap=ctx.overlap), as_markdown)
+
+    def redisplay(as_markdown, request: gr.Request):
+        view = handlers.current_view(ctx.store, ctx.user(request), overlap=ctx.overlap)
+        return {**pair_update(ctx, pair, view, as_markdown), progress: view.progress}
 
     def on_vote(choice: str):
-        def fn(cid, why, request: gr.Request):
-            return render(handlers.vote(ctx.store, ctx.user(request), cid, choice, why, overlap=ctx.overlap))
+        def fn(shown, why, as_markdown, request: gr.Request):
+            return render(handlers.vote(ctx.store, ctx.user(request), handlers.shown_id(shown), choice, why,
+                                        overlap=ctx.overlap, min_display_seconds=ctx.min_display_seconds),
+                          as_markdown)
 
         return fn
 
-    def on_skip(cid, request: gr.Request):
-        return render(handlers.skip_item(ctx.store, ctx.user(request), cid, overlap=ctx.overlap))
+    def on_skip(shown, as_markdown, request: gr.Request):
+        return render(handlers.skip_item(ctx.store, ctx.user(request), handlers.shown_id(shown), overlap=ctx.overlap),
+                      as_markdown)
 
-    def on_undo(request: gr.Request):
-        return render(handlers.undo(ctx.store, ctx.user(request), overlap=ctx.overlap))
+    def on_undo(as_markdown, request: gr.Request):
+        return render(handlers.undo(ctx.store, ctx.user(request), overlap=ctx.overlap), as_markdown)
 
     ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
-    demo.load(show, outputs=outputs, **ui)
+    demo.load(show, inputs=[markdown], outputs=outputs, **ui)
+    markdown.change(redisplay, inputs=[markdown], outputs=[pair.prompt, pair.left, pair.right, pair.shown, progress],
+                    **ui)
     for choice, button in pair.votes.items():
-        button.click(on_vote(choice), inputs=[comparison, rationale], outputs=outputs, **ui)
-    btn_skip.click(on_skip, inputs=[comparison], outputs=outputs, **ui)
-    btn_undo.click(on_undo, outputs=outputs, **ui)
+        button.click(on_vote(choice), inputs=[pair.shown, rationale, markdown], outputs=outputs, **ui)
+    btn_skip.click(on_skip, inputs=[pair.shown, markdown], outputs=outputs, **ui)
+    btn_undo.click(on_undo, inputs=[markdown], outputs=outputs, **ui)
 
 
-def arena_tab(ctx: AppContext, demo: gr.Blocks) -> None:
+def arena_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> None:
     with gr.Tab("Arena", id="arena") as tab:
         gr.Markdown("Two anonymous models answer the same prompt. Vote for the better answer; "
                     "you see which models they were after your vote.")
         progress = gr.Markdown(elem_id="ak-arena-progress")
         pair = pair_widgets("ak-arena", "ak-arena", ("Model A", "Model B"),
                             {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"})
-        prompt, left, right = pair.prompt, pair.left, pair.right
         reveal_md = gr.Markdown(elem_id="ak-arena-reveal")
         btn_next = gr.Button("Next battle  [n]", visible=False, elem_id="ak-arena-next")
         status = gr.Markdown(elem_id="ak-arena-status")
-        comparison = gr.State(None)
 
     vote_buttons = list(pair.votes.values())
-    outputs = [comparison, prompt, left, right, progress, status, reveal_md, btn_next, *vote_buttons]
+    outputs = [pair.prompt, pair.left, pair.right, pair.shown, progress, status, reveal_md, btn_next, *vote_buttons]
 
-    def render(view: handlers.ArenaView) -> dict:
+    def render(view: handlers.ArenaView, as_markdown: bool) -> dict:
         # Vote buttons: hidden when nothing is left, locked once this battle is voted and revealed.
         buttons = {b: gr.Button(visible=not view.done, interactive=not view.revealed) for b in vote_buttons}
-        return {comparison: view.comparison_id, prompt: view.prompt_markdown, left: view.left, right: view.right,
-                progress: view.progress, status: view.status, reveal_md: view.reveal_markdown,
-                btn_next: gr.Button(visible=view.revealed), **buttons}
+        return {**pair_update(ctx, pair, view, as_markdown), progress: view.progress, status: view.status,
+                reveal_md: view.reveal_markdown, btn_next: gr.Button(visible=view.revealed), **buttons}
 
-    def show(request: gr.Request):
-        return render(handlers.arena_view(ctx.store, ctx.user(request), overlap=ctx.overlap))
+    def show(as_markdown, request: gr.Request):
+        return render(handlers.arena_view(ctx.store, ctx.user(request), overlap=ctx.overlap), as_markdown)
+
+    def redisplay(shown, as_markdown, request: gr.Request):
+        if handlers.shown_id(shown) is None:  # the Arena was not opened: nothing to lease yet
+            return {}
+        return render(handlers.arena_redisplay(ctx.store, ctx.user(request), handlers.shown_id(shown),
+                                               overlap=ctx.overlap), as_markdown)
 
     def on_vote(choice: str):
-        def fn(cid, request: gr.Request):
-            return render(handlers.arena_vote(ctx.store, ctx.user(request), cid, choice, overlap=ctx.overlap))
+        def fn(shown, as_markdown, request: gr.Request):
+            return render(handlers.arena_vote(ctx.store, ctx.user(request), handlers.shown_id(shown), choice,
+                                              overlap=ctx.overlap, min_display_seconds=ctx.min_display_seconds),
+                          as_markdown)
 
         return fn
 
     ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
     # Leased when the tab is opened, not on page load: most visitors label, and a lease holds a slot.
-    tab.select(show, outputs=outputs, **ui)
-    btn_next.click(show, outputs=outputs, **ui)
+    tab.select(show, inputs=[markdown], outputs=outputs, **ui)
+    btn_next.click(show, inputs=[markdown], outputs=outputs, **ui)
+    markdown.change(redisplay, inputs=[pair.shown, markdown], outputs=outputs, **ui)
     for choice, button in pair.votes.items():
-        button.click(on_vote(choice), inputs=[comparison], outputs=outputs, **ui)
+        button.click(on_vote(choice), inputs=[pair.shown, markdown], outputs=outputs, **ui)
 
 
 def leaderboard_tab(ctx: AppContext, demo: gr.Blocks) -> None:
@@ -403,19 +437,40 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
     export.click(do_export, inputs=[min_agreement, ties, both_bad, min_votes], outputs=[export_status], **ui)
 
 
+def header(ctx: AppContext, demo: gr.Blocks) -> gr.Checkbox:
+    """The title, the display toggle (each annotator's own, kept in their browser) and the logout button."""
+    with gr.Row(equal_height=True):
+        gr.Markdown("### alignkit labeling — which response is better?")
+        markdown = gr.Checkbox(False, label="Render markdown (HTML is always shown as text)", elem_id="ak-markdown",
+                               scale=0, min_width=300)
+        if ctx.auth is not None:
+            gr.Button("Log out", size="sm", elem_id="ak-logout", scale=0, min_width=90)
+    saved = gr.BrowserState(False, storage_key="alignkit-render-markdown")
+    ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
+    markdown.change(lambda on: on, inputs=[markdown], outputs=[saved], **ui)
+    # Restoring it changes the box, whose change event renders the tabs in the chosen mode.
+    demo.load(lambda on: bool(on), inputs=[saved], outputs=[markdown], **ui)
+    return markdown
+
+
 def build_app(store: Store, *, auth: UsersFile | None = None, overlap: int = 3, export_dir: str | Path | None = None,
-              concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT) -> gr.Blocks:
+              concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT,
+              min_display_seconds: float = DEFAULT_MIN_DISPLAY_SECONDS,
+              guard: GuardSettings | None = None) -> gr.Blocks:
     """The Blocks app over `store`; launch it with `launch()` (which applies auth and hardening)."""
     if overlap < 1:
         raise UserError(f"overlap must be at least 1, got {overlap}")
+    if not min_display_seconds >= 0:
+        raise UserError(f"the minimum display time must be 0 seconds or more, got {min_display_seconds}")
     export_dir = Path(export_dir) if export_dir else Path(store.name + ".export") if store.dialect == "sqlite" \
         else Path("labels.export")
-    ctx = AppContext(store, overlap, auth, export_dir.resolve(), concurrency_limit)
+    ctx = AppContext(store, overlap, auth, export_dir.resolve(), concurrency_limit, min_display_seconds,
+                     guard or GuardSettings())
     with gr.Blocks(title="alignkit labeling") as demo:
-        gr.Markdown("### alignkit labeling — which response is better?")
+        markdown = header(ctx, demo)
         with gr.Tabs():
-            labeling_tab(ctx, demo)
-            arena_tab(ctx, demo)
+            labeling_tab(ctx, demo, markdown)
+            arena_tab(ctx, demo, markdown)
             leaderboard_tab(ctx, demo)
             admin_tab(ctx, demo)
         api_endpoints(ctx)
@@ -467,6 +522,17 @@ def check_port(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host} port {port}: {err.strerror}") from None
 
 
+def _reread_users(auth: UsersFile | None) -> None:
+    """Re-read a changed users file (ending revoked sessions). A file broken while serving keeps the last good
+    one in force: the handlers refuse with its error, the front door must still answer."""
+    if auth is None:
+        return
+    try:
+        auth.users()
+    except UserError:
+        pass
+
+
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, blocked_paths: list[str | Path] = (),
            prevent_thread_lock: bool = False, quiet: bool = False) -> Any:
     """Start the server with login (unless the app was built without auth) and hardening settings.
@@ -500,8 +566,12 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, blocke
         max_file_size="1mb",  # the app takes no uploads; Gradio's upload route stays small
         show_error=False,  # gr.Error messages still reach the client; other exceptions do not leak
         max_threads=max(40, 2 * ctx.concurrency_limit),
-        head=CSP_HEAD + KEYBOARD_HEAD,
         css=CSS,
+        theme=THEME,
+        app_kwargs={"middleware": [Middleware(Guard, settings=ctx.guard, throttle=LoginThrottle(ctx.guard.throttle),
+                                              sessions=Sessions(ctx.guard.session_seconds),
+                                              devices=DeviceCookies(),
+                                              refresh=lambda: _reread_users(ctx.auth))]},
         footer_links=["api"],
         prevent_thread_lock=prevent_thread_lock,
         quiet=quiet,

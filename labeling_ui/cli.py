@@ -47,6 +47,16 @@ def _seconds(s: str) -> float:
     return x
 
 
+def _non_negative(s: str) -> float:
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or more, got {s}")
+    return x
+
+
 def _port(s: str) -> int:
     try:
         x = int(s)
@@ -91,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", help="where the admin tab's export writes (default: DB.export next to the store)")
     p.add_argument("--concurrency-limit", type=_positive, default=None,
                    help="handler calls run at once (default: labeling_ui.app.DEFAULT_CONCURRENCY_LIMIT)")
+    p.add_argument("--min-display-seconds", type=_non_negative, default=None,
+                   help="a vote on an item shown for less than this is refused (default 0.3; 0 for scripted "
+                        "annotators)")
+    p.add_argument("--session-hours", type=_seconds, default=12.0,
+                   help="a login lasts this long, then the annotator logs in again (default 12)")
 
     p = sub.add_parser("add-user", help="add or update an annotator in a users file")
     p.add_argument("--users", required=True)
@@ -121,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=_fraction, default=0.0, help="share of votes replaced by a random choice")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arena", action="store_true", help="vote on the Arena's blind battles instead of the Label tab's pairs")
+    p.add_argument("--dwell", type=_non_negative, default=0.35,
+                   help="seconds each item is on screen before the vote (default 0.35: above the server's default "
+                        "minimum of 0.3; 0 against a server started with --min-display-seconds 0)")
 
     p = sub.add_parser("stats", help="agreement and per-annotator statistics as JSON")
     p.add_argument("--db", required=True)
@@ -153,8 +171,10 @@ def _import(args) -> int:
 
 def _serve(args) -> int:
     from alignkit.store import open_store
-    from alignkit.store.db import display_name
-    from labeling_ui.app import DEFAULT_CONCURRENCY_LIMIT, build_app, check_port, is_loopback, launch
+    from alignkit.store.db import check_store, display_name
+    from labeling_ui.app import (DEFAULT_CONCURRENCY_LIMIT, DEFAULT_MIN_DISPLAY_SECONDS, build_app, check_port,
+                                 is_loopback, launch)
+    from labeling_ui.guard import GuardSettings
     from labeling_ui.users import UsersFile
 
     if args.no_auth and args.users:
@@ -165,11 +185,14 @@ def _serve(args) -> int:
     if args.no_auth and not is_loopback(args.host):
         raise UserError(f"--no-auth serves only on loopback (127.0.0.1, ::1, localhost), not {args.host}")
     auth = UsersFile(args.users) if args.users else None
+    check_store(args.db, create=False, look_inside=False)  # a missing store is named whatever the port's state
     check_port(args.host, args.port)  # before the store is opened: a busy port leaves it untouched
     limit = args.concurrency_limit or DEFAULT_CONCURRENCY_LIMIT
     store = open_store(args.db, create=False, overlap=args.overlap, lease_seconds=args.lease_seconds,
                        pool_size=limit + 4)
-    demo = build_app(store, auth=auth, overlap=args.overlap, export_dir=args.export_dir, concurrency_limit=limit)
+    min_display = DEFAULT_MIN_DISPLAY_SECONDS if args.min_display_seconds is None else args.min_display_seconds
+    demo = build_app(store, auth=auth, overlap=args.overlap, export_dir=args.export_dir, concurrency_limit=limit,
+                     min_display_seconds=min_display, guard=GuardSettings(session_seconds=args.session_hours * 3600))
     blocked = [Path(args.users)] if args.users else []
     if "://" not in str(args.db):
         blocked.append(Path(args.db))
@@ -232,7 +255,7 @@ def _simulate(args) -> int:
         for name, pw in users:
             add_user(args.users, name, pw)
     result = run_simulated_annotators(args.url, users, judge, args.votes, args.noise, args.seed,
-                                      clients_without_auth=args.annotators, arena=args.arena)
+                                      clients_without_auth=args.annotators, arena=args.arena, dwell=args.dwell)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -27,18 +27,28 @@ LEADERBOARD_BOOTSTRAP = 200  # rounds: a refit per round, so a click costs a fra
 
 @dataclass(frozen=True)
 class ItemView:
-    """What the labeling view shows: one comparison (or none left), progress and a status line."""
+    """What the labeling view shows: one comparison (or none left), progress and a status line.
+
+    `prompt`, `left` and `right` are the texts as stored (the prompt a string or chat messages); the app
+    renders them with labeling_ui.render, which never interprets them. `refused`: the action was not
+    carried out, so what the annotator typed (the rationale) stays in its box."""
 
     comparison_id: int | None
-    prompt_markdown: str
-    left: str  # model text: shown in a text box, never as HTML
+    prompt: Any
+    left: str
     right: str
     progress: str
     status: str = ""
+    refused: bool = False
 
     @property
     def done(self) -> bool:
         return self.comparison_id is None
+
+    @property
+    def prompt_markdown(self) -> str:
+        """The prompt as markdown source, or the notice when nothing is left."""
+        return prompt_as_markdown(self.prompt)
 
 
 @dataclass(frozen=True)
@@ -58,27 +68,44 @@ def _progress_line(store: Store, user: str, overlap: int) -> str:
     return f"**{html.escape(user)}** — done {p.done}, remaining {p.remaining}{extra}"
 
 
-def _view(store: Store, user: str, overlap: int, item: Item | None, status: str) -> ItemView:
+NOTHING_LEFT = "Nothing left to label for you. Thank you!"
+NO_BATTLES_LEFT = "No battles left for you. Thank you!"
+
+
+def _view(store: Store, user: str, overlap: int, item: Item | None, status: str, refused: bool = False) -> ItemView:
     line = _progress_line(store, user, overlap)
     if item is None:
-        return ItemView(None, "*Nothing left to label for you. Thank you!*", "", "", line, status)
-    return ItemView(item.comparison_id, item.prompt_markdown, item.left, item.right, line, status)
+        return ItemView(None, NOTHING_LEFT, "", "", line, status, refused)
+    return ItemView(item.comparison_id, item.prompt, item.left, item.right, line, status, refused)
 
 
-def current_view(store: Store, user: str, *, overlap: int, status: str = "") -> ItemView:
+def current_view(store: Store, user: str, *, overlap: int, status: str = "", refused: bool = False) -> ItemView:
     """The annotator's leased comparison (leasing a new one if they hold none)."""
-    return _view(store, user, overlap, next_item(store, user, overlap=overlap), status)
+    return _view(store, user, overlap, next_item(store, user, overlap=overlap), status, refused)
+
+
+def shown_id(value: Any) -> int | None:
+    """The comparison id the page had on screen, as its hidden field sends it ("" when none)."""
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"comparison id must be an integer, got {value!r}") from None
 
 
 def vote(store: Store, user: str, comparison_id: int | None, choice: str, rationale: str | None, *,
-         overlap: int) -> ItemView:
-    """Record a vote (choice as shown: a = left) and move on to the next comparison."""
+         overlap: int, min_display_seconds: float = 0.0) -> ItemView:
+    """Record a vote on the comparison that was on screen (choice as shown: a = left), then show the next.
+
+    A refused vote (too soon, already voted, not leased) changes nothing and keeps the rationale."""
     if comparison_id is None:
-        return current_view(store, user, overlap=overlap, status="Nothing to vote on.")
+        return current_view(store, user, overlap=overlap, status="Nothing to vote on.", refused=True)
     try:
-        receipt = submit_vote(store, user, int(comparison_id), choice, rationale, overlap=overlap)
+        receipt = submit_vote(store, user, int(comparison_id), choice, rationale, overlap=overlap,
+                              min_display_seconds=min_display_seconds)
     except UserError as err:
-        return current_view(store, user, overlap=overlap, status=f"Not saved: {err}")
+        return current_view(store, user, overlap=overlap, status=f"Not saved: {err}", refused=True)
     label = CHOICE_LABELS[choice]
     return current_view(store, user, overlap=overlap,
                         status=f"Saved #{receipt.comparison_id}: {label} ({receipt.seconds:.0f} s).")
@@ -90,7 +117,7 @@ def skip_item(store: Store, user: str, comparison_id: int | None, *, overlap: in
     try:
         skip(store, user, int(comparison_id))
     except UserError as err:
-        return current_view(store, user, overlap=overlap, status=f"Not skipped: {err}")
+        return current_view(store, user, overlap=overlap, status=f"Not skipped: {err}", refused=True)
     return current_view(store, user, overlap=overlap, status=f"Skipped #{comparison_id}.")
 
 
@@ -176,27 +203,44 @@ def _arena_progress(store: Store, user: str, overlap: int) -> str:
     return f"**{html.escape(user)}** — battles judged {p.done}, remaining {p.remaining}"
 
 
-def arena_view(store: Store, user: str, *, overlap: int, status: str = "") -> ArenaView:
+def arena_view(store: Store, user: str, *, overlap: int, status: str = "", refused: bool = False) -> ArenaView:
     """The annotator's leased battle (leasing a new one if they hold none), without model names."""
     item = next_item(store, user, overlap=overlap, arena=True)
     line = _arena_progress(store, user, overlap)
     if item is None:
-        return ArenaView(None, "*No battles left for you. Thank you!*", "", "", line, status)
-    return ArenaView(item.comparison_id, item.prompt_markdown, item.left, item.right, line, status)
+        return ArenaView(None, NO_BATTLES_LEFT, "", "", line, status, refused)
+    return ArenaView(item.comparison_id, item.prompt, item.left, item.right, line, status, refused)
 
 
-def arena_vote(store: Store, user: str, comparison_id: int | None, choice: str, *, overlap: int) -> ArenaView:
-    """Record a vote on a battle (choice as shown: a = left), then show the same battle with its models named."""
-    if comparison_id is None:
-        return arena_view(store, user, overlap=overlap, status="Nothing to vote on.")
+def _revealed(store: Store, user: str, comparison_id: int, overlap: int, status: str) -> ArenaView | None:
+    """The battle with its models named, once `user` has voted on it; None before."""
     try:
-        submit_vote(store, user, int(comparison_id), choice, overlap=overlap, arena=True)
+        r = reveal(store, user, comparison_id)
+    except UserError:
+        return None
+    return ArenaView(r.comparison_id, r.prompt, r.left, r.right, _arena_progress(store, user, overlap), status,
+                     False, r.choice, r.model_left, r.model_right)
+
+
+def arena_vote(store: Store, user: str, comparison_id: int | None, choice: str, *, overlap: int,
+               min_display_seconds: float = 0.0) -> ArenaView:
+    """Record a vote on the battle that was on screen (choice as shown: a = left), then show the same battle
+    with its models named. A refused vote on a battle already voted shows that battle's reveal again."""
+    if comparison_id is None:
+        return arena_view(store, user, overlap=overlap, status="Nothing to vote on.", refused=True)
+    try:
+        submit_vote(store, user, int(comparison_id), choice, overlap=overlap, arena=True,
+                    min_display_seconds=min_display_seconds)
     except UserError as err:
-        return arena_view(store, user, overlap=overlap, status=f"Not saved: {err}")
-    r = reveal(store, user, int(comparison_id))
-    return ArenaView(r.comparison_id, prompt_as_markdown(r.prompt), r.left, r.right,
-                     _arena_progress(store, user, overlap), f"Saved #{r.comparison_id}.", r.choice, r.model_left,
-                     r.model_right)
+        return (_revealed(store, user, int(comparison_id), overlap, f"Not saved: {err}")
+                or arena_view(store, user, overlap=overlap, status=f"Not saved: {err}", refused=True))
+    return _revealed(store, user, int(comparison_id), overlap, f"Saved #{comparison_id}.")
+
+
+def arena_redisplay(store: Store, user: str, comparison_id: int | None, *, overlap: int) -> ArenaView:
+    """The battle on screen again (after the display mode changed): its reveal once voted, else the lease."""
+    shown = None if comparison_id is None else _revealed(store, user, comparison_id, overlap, "")
+    return shown or arena_view(store, user, overlap=overlap)
 
 
 @dataclass(frozen=True)

@@ -85,11 +85,14 @@ def connect(url: str, auth: tuple[str, str] | None):
 
 
 def run_simulated_annotators(url: str, users: Sequence[tuple[str, str]] | None, judge: Judge, n_votes_max: int | None = None,
-                             noise: float = 0.0, seed: int = 0, *, clients_without_auth: int = 1, arena: bool = False) -> dict:
+                             noise: float = 0.0, seed: int = 0, *, clients_without_auth: int = 1, arena: bool = False,
+                             dwell: float = 0.0) -> dict:
     """Label through the server at `url` as each of `users` (name, password) at once.
 
     users=None: a server started with --no-auth; `clients_without_auth` clients then all
-    act as its one local annotator. Returns counts, throughput and submit latencies (ms).
+    act as its one local annotator. `dwell`: seconds each item is looked at before the vote
+    (a server refuses votes sooner than its --min-display-seconds). Returns counts,
+    throughput and submit latencies (ms).
     """
     from gradio_client.exceptions import AppError
 
@@ -141,6 +144,8 @@ def run_simulated_annotators(url: str, users: Sequence[tuple[str, str]] | None, 
                     raise UserError(f"judge returned {choice!r}, expected one of {', '.join(CHOICES)}")
                 if noise and rng.random() < noise:
                     choice = rng.choice(CHOICES)
+                if dwell:
+                    time.sleep(dwell)
                 t0 = time.perf_counter()
                 try:
                     extra = {} if arena else {"rationale": ""}

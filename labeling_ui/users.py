@@ -10,10 +10,9 @@ Written atomically with mode 0600. The server reads it again when it changes, so
 
 Logins: Gradio awaits `UsersFile.check_async` on its event loop, which runs the scrypt
 check (~60 ms of CPU) on a small pool of its own, so a flood of logins neither stalls
-the loop nor takes more than LOGIN_WORKERS cores from the annotators. A user name with
-MAX_FAILED_LOGINS failures within FAILED_LOGIN_WINDOW_S is refused without hashing until
-the oldest of them ages out (for every name, known or not, so it tells no one which
-names exist). Gradio hands the check no request, so there is no limit per client address.
+the loop nor takes more than LOGIN_WORKERS cores from the annotators. Throttling (per
+client address and per name, with back-off) happens before this check, in guard.py,
+where the client's address is known; Gradio hands this check no request.
 
 scrypt cost stays n=2**14: each record carries its own parameters, so it can be raised
 for new passwords later, but a higher cost makes every login (and the flood above) dearer.
@@ -28,11 +27,8 @@ import json
 import os
 import re
 import secrets
-import sys
 import tempfile
 import threading
-import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +39,7 @@ from alignkit.errors import UserError
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 MIN_PASSWORD = 8
-MAX_FAILED_LOGINS = 10
-FAILED_LOGIN_WINDOW_S = 600.0
 LOGIN_WORKERS = 2  # scrypt checks at once; more logins wait their turn off the event loop
-MAX_TRACKED_NAMES = 10_000  # names with recent failures remembered (random names cannot grow it unbounded)
 
 
 def hash_password(password: str, *, salt: bytes | None = None, n: int = SCRYPT["n"], r: int = SCRYPT["r"],
@@ -120,48 +113,6 @@ def _credential(record: dict | None) -> tuple | None:
     return None if record is None else (record.get("salt"), record.get("hash"))
 
 
-class LoginLimiter:
-    """Failed logins per user name in a sliding window: a name with `max_failures` failures in the last
-    `window` seconds is blocked until the oldest of them ages out. Thread-safe."""
-
-    def __init__(self, max_failures: int = MAX_FAILED_LOGINS, window: float = FAILED_LOGIN_WINDOW_S, *,
-                 clock: Callable[[], float] = time.monotonic, max_names: int = MAX_TRACKED_NAMES):
-        self.max_failures, self.window, self.clock, self.max_names = max_failures, window, clock, max_names
-        self._lock = threading.Lock()
-        self._failures: dict[str, deque[float]] = {}  # oldest-updated first
-
-    def blocked(self, name: str) -> bool:
-        with self._lock:
-            recent = self._recent(name, self.clock())
-            return recent is not None and len(recent) >= self.max_failures
-
-    def record(self, name: str, ok: bool) -> None:
-        with self._lock:
-            if ok:
-                self._failures.pop(name, None)
-                return
-            now = self.clock()
-            recent = self._recent(name, now) or deque(maxlen=self.max_failures)
-            recent.append(now)
-            if len(recent) == self.max_failures:  # the admin should know why a right password is refused now
-                print(f"alignkit label: {name!r} is locked out after {self.max_failures} failed logins within "
-                      f"{self.window:.0f} s; logins as {name!r} are refused until the oldest ages out",
-                      file=sys.stderr, flush=True)
-            self._failures.pop(name, None)
-            self._failures[name] = recent  # most recently failed last
-            while len(self._failures) > self.max_names:
-                del self._failures[next(iter(self._failures))]
-
-    def _recent(self, name: str, now: float) -> deque[float] | None:
-        recent = self._failures.get(name)
-        while recent and recent[0] <= now - self.window:
-            recent.popleft()
-        if recent is not None and not recent:
-            del self._failures[name]
-            return None
-        return recent
-
-
 class UsersFile:
     """Login checks against a users file, re-read whenever it changes on disk (thread-safe).
 
@@ -169,9 +120,8 @@ class UsersFile:
     `on_revoke` are called with those names (the app ends their sessions) before anyone is checked
     against the new file."""
 
-    def __init__(self, path: str | Path, *, limiter: LoginLimiter | None = None, login_workers: int = LOGIN_WORKERS):
+    def __init__(self, path: str | Path, *, login_workers: int = LOGIN_WORKERS):
         self.path = Path(path).resolve()
-        self.limiter = limiter or LoginLimiter()
         self._lock = threading.Lock()
         self._snap: _Snapshot | None = None
         self._revoke_hooks: list[Callable[[set[str]], None]] = []
@@ -202,9 +152,7 @@ class UsersFile:
         return users
 
     def check(self, username: str, password: str) -> bool:
-        """True when the name exists and the password matches (and the name is not blocked by failures)."""
-        if self.limiter.blocked(username):
-            return False
+        """True when the name exists and the password matches."""
         record = self.users().get(username)
         if record is None:
             # Spend the same time as a real check, so timing does not tell which user names exist.
@@ -212,13 +160,10 @@ class UsersFile:
             ok = False
         else:
             ok = verify_password(password, record)
-        self.limiter.record(username, ok)
         return ok
 
     async def check_async(self, username: str, password: str) -> bool:
         """Gradio's `auth` callable: awaited on the event loop, so the hashing runs on the login pool."""
-        if self.limiter.blocked(username):  # refused at once: no thread, no hashing
-            return False
         return await asyncio.get_running_loop().run_in_executor(self._login_pool, self.check, username, password)
 
     def is_admin(self, username: str | None) -> bool:

@@ -378,7 +378,9 @@ def _serve_and_label(store, labels: Path, users: list[tuple[str, str]], s: DemoS
     url = f"http://127.0.0.1:{port}/"
     cmd = [sys.executable, "-m", "alignkit.cli", "label", "serve", "--db", str(labels / "labels.db"),
            "--users", str(labels / "users.json"), "--host", "127.0.0.1", "--port", str(port),
-           "--overlap", str(s.overlap), "--export-dir", str(labels / "admin-exports")]
+           "--overlap", str(s.overlap), "--export-dir", str(labels / "admin-exports"),
+           # The annotators are scripts that vote as soon as an item arrives; people get the 0.3 s minimum.
+           "--min-display-seconds", "0"]
     server_log = open(labels / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})

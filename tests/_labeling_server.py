@@ -56,11 +56,15 @@ def make_users(path: Path, names: list[str], *, admins: tuple[str, ...] = ()) ->
 
 
 class Server:
-    """`alignkit label serve` in a subprocess on a free loopback port."""
+    """`alignkit label serve` in a subprocess on a free loopback port.
+
+    min_display: the server's --min-display-seconds; 0 by default, since test clients vote as soon as an
+    item arrives (the browser tests and the refusal tests set the real minimum)."""
 
     def __init__(self, db: str, *, users: Path | None = None, overlap: int = 3, extra: list[str] = (),
-                 log: Path | None = None):
-        self.db, self.users, self.overlap, self.extra = db, users, overlap, list(extra)
+                 log: Path | None = None, min_display: float = 0.0):
+        self.db, self.users, self.overlap = db, users, overlap
+        self.extra = ["--min-display-seconds", str(min_display), *extra]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log

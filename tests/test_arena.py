@@ -97,7 +97,9 @@ def test_arena_handlers_blind_vote_reveal_and_leaderboard(tmp_path):
             assert voted.reveal_markdown.startswith(f"A was **{handlers.markdown_text(left)}**, "
                                                     f"B was **{handlers.markdown_text(right)}**")
             again = handlers.arena_vote(store, user, view.comparison_id, "a", overlap=3)
-            assert again.status.startswith("Not saved") and not again.revealed
+            # A second vote (a double tap) is refused and the same battle's reveal stays on screen.
+            assert again.status.startswith("Not saved") and again.revealed
+            assert (again.comparison_id, again.choice) == (view.comparison_id, choice)
             winner = {"a": left, "b": right}.get(choice, "tie")
             cast.append((winner, left, right))
             voted_on.add(view.comparison_id)

@@ -2,59 +2,20 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
+from _browser import browser, focus_page, log_in, other_host, shown_item, text_of  # noqa: F401
 from _labeling_server import Server, make_store, make_users
 from alignkit.store import open_store
 from alignkit.store.agreement import load_votes
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = "/usr/bin/chromium"
 XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2"><b id="injected">bold</b>'
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"browser tests SKIPPED: {CHROMIUM} missing (apt-get install -y chromium)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="browser tests SKIPPED: playwright not installed")
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def image_host():
-    """Another origin serving an image, counting the requests it gets: a stand-in for a remote host."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    hits = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            hits.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/gif")
-            self.end_headers()
-            self.wfile.write(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;")
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", hits
-    server.shutdown()
-
-
-def test_login_label_three_with_shortcuts_and_model_html_stays_text(browser, tmp_path, image_host):
-    image_url, image_hits = image_host
+def test_login_label_three_with_shortcuts_and_model_html_stays_text(browser, tmp_path, other_host):
+    image_url, image_hits = other_host
     db = make_store(str(tmp_path / "labels.db"), tmp_path, 0, extra=[
         {"prompt": "Which answer is **safer**?\n\n```python\nprint('hi')\n```\n\n"
                    f"![pixel]({image_url}/md.gif) <img src=\"{image_url}/tag.gif\">",
@@ -73,37 +34,35 @@ def test_login_label_three_with_shortcuts_and_model_html_stays_text(browser, tmp
                arena=True)
     store.close()
     creds = make_users(tmp_path / "users.json", ["erin", "root"], admins=("root",))
-    server = Server(db, users=tmp_path / "users.json", overlap=1, log=tmp_path / "server.log").start()
+    server = Server(db, users=tmp_path / "users.json", overlap=1, log=tmp_path / "server.log", min_display=0.3).start()
     page = browser.new_page()
     dialogs = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     try:
-        page.goto(server.url, wait_until="domcontentloaded")
-        page.fill("input[type=text]", "erin")
-        page.fill("input[type=password]", creds["erin"])
-        page.keyboard.press("Enter")
-        left = page.locator("#ak-left textarea")
-        right = page.locator("#ak-right textarea")
-        page.wait_for_function("() => { const t = document.querySelector('#ak-left textarea'); "
-                               "return t && t.value.length > 0; }", timeout=30_000)
+        log_in(page, server.url, "erin", creds["erin"])
+        shown_item(page)
 
         # The response with <script> and an onerror image is shown verbatim as text, never run.
-        texts = [left.input_value(), right.input_value()]
+        texts = [text_of(page, "#ak-left"), text_of(page, "#ak-right")]
         assert XSS in texts
         assert page.evaluate("window.__xss") is None
         assert page.locator("#injected").count() == 0 and page.locator("img[src=x]").count() == 0
-        # The prompt is markdown: the code block is rendered.
-        assert page.locator("#ak-prompt pre code").count() >= 1
-        # Its images are not fetched from other hosts (that would leak every annotator's address).
-        page.wait_for_function("() => document.querySelectorAll('#ak-prompt img').length > 0", timeout=15_000)
+        # With markdown on, the code block is rendered; images are never fetched, from any host (that
+        # would leak every annotator's address), nor shown: the prompt's image syntax is shown as text.
+        page.locator("#ak-markdown input").check()
+        page.wait_for_selector("#ak-prompt pre code", timeout=15_000)
         page.wait_for_timeout(500)
-        assert image_hits == []
+        assert page.locator("#ak-prompt img").count() == 0 and image_hits == []
+        page.locator("#ak-markdown input").uncheck()
+        page.wait_for_selector("#ak-prompt .ak-text", timeout=15_000)
 
         shown = []
         for key, expect in (("1", "a"), ("2", "b"), ("3", "tie")):
-            before = (left.input_value(), right.input_value())
+            shown_item(page)
+            page.wait_for_timeout(400)  # on screen past the 0.3 s minimum
+            before = (text_of(page, "#ak-left"), text_of(page, "#ak-right"))
             shown.append(before)
-            page.locator("body").click(position={"x": 5, "y": 5})  # focus outside any text box
+            focus_page(page)
             page.keyboard.press(key)
             page.wait_for_function(
                 "(n) => (document.querySelector('#ak-status') || {}).innerText?.includes('Saved #' + n)",
@@ -115,21 +74,18 @@ def test_login_label_three_with_shortcuts_and_model_html_stays_text(browser, tmp
 
         # An admin sees the admin tab with the counts.
         admin = browser.new_context().new_page()
-        admin.goto(server.url, wait_until="domcontentloaded")
-        admin.fill("input[type=text]", "root")
-        admin.fill("input[type=password]", creds["root"])
-        admin.keyboard.press("Enter")
+        log_in(admin, server.url, "root", creds["root"])
         admin.get_by_role("tab", name="Admin").click(timeout=30_000)
         admin.get_by_text("3 votes on 3 comparisons").wait_for(timeout=15_000)
         admin.close()
 
         # The Arena: anonymous texts, a vote with the same key, then the names (as text) and locked buttons.
         page.get_by_role("tab", name="Arena").click()
-        page.wait_for_function("() => { const t = document.querySelector('#ak-arena-left textarea'); "
-                               "return t && t.value.length > 0; }", timeout=15_000)
-        arena_left = page.locator("#ak-arena-left textarea").input_value()
+        shown_item(page, "ak-arena-prompt")
+        page.wait_for_timeout(400)
+        arena_left = text_of(page, "#ak-arena-left")
         assert "model" not in page.locator("#ak-arena-reveal").inner_text()
-        page.locator("body").click(position={"x": 5, "y": 5})
+        focus_page(page)
         page.keyboard.press("1")  # A is better; the hidden Label tab's button must not take it
         page.locator("#ak-arena-reveal").get_by_text("A was").wait_for(timeout=15_000)
         left_model = battle_models[0] if arena_left == "battle answer one" else battle_models[1]

@@ -85,8 +85,8 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def _resolve_url(url_or_path: str | Path, *, create: bool) -> tuple[str, str]:
-    """(SQLAlchemy URL, a name for messages)."""
+def _resolve_url(url_or_path: str | Path, *, create: bool, look_inside: bool = True) -> tuple[str, str]:
+    """(SQLAlchemy URL, a name for messages). look_inside=False: an existing SQLite file is not opened."""
     s = str(url_or_path)
     if s.startswith("sqlite") and "://" in s:
         # A sqlite:/// URL is the file it names (same checks as a path). In memory, every pooled
@@ -110,7 +110,7 @@ def _resolve_url(url_or_path: str | Path, *, create: bool) -> tuple[str, str]:
             raise UserError(f"no label store at {s} (create one with `alignkit label import --db {s} FILE`)")
         if not path.parent.is_dir():
             raise UserError(f"cannot create label store {s}: directory {path.parent} does not exist")
-    else:
+    elif look_inside:
         _check_sqlite_file(path, s, create=create)
     return f"sqlite:///{path}", s
 
@@ -228,11 +228,13 @@ def open_store(url_or_path: str | Path, *, create: bool = True, overlap: int = 3
     return store
 
 
-def check_store(url_or_path: str | Path, *, create: bool) -> None:
+def check_store(url_or_path: str | Path, *, create: bool, look_inside: bool = True) -> None:
     """Fail now, as open_store would, without writing anything: for commands that work for minutes
-    (sampling responses) before they open the store."""
-    url, name = _resolve_url(url_or_path, create=create)  # a SQLite file is checked read-only here
-    if url.startswith("sqlite"):
+    (sampling responses) before they open the store. look_inside=False checks only what needs no
+    connection (a store file that does not exist, a bad URL): reading a SQLite file in WAL mode,
+    even read-only, leaves its -shm file behind."""
+    url, name = _resolve_url(url_or_path, create=create, look_inside=look_inside)
+    if url.startswith("sqlite") or not look_inside:
         return
     engine = _postgres_engine(url, pool_size=1)
     try:

@@ -13,6 +13,8 @@ Rules, all enforced inside one database transaction each:
 - a vote is accepted only on a comparison assigned to that annotator, and never
   beyond the overlap: a late vote on an expired lease whose slot went to
   someone else is refused;
+- a vote names its comparison (the one the annotator had on screen), and one sooner
+  than `min_display_seconds` after that comparison was served to them is refused;
 - arena battles: an annotator is served at most one battle per prompt. compare puts
   every pair of models on a prompt in the store, so a second battle of the same
   prompt repeats a response whose model the first reveal named. Battles are served
@@ -262,8 +264,12 @@ def next_item(store: Store, annotator: str, *, overlap: int | None = None, now: 
 
 
 def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, rationale: str | None = None, *,
-                overlap: int | None = None, now: float | None = None, arena: bool = False) -> VoteReceipt:
-    """Record `annotator`'s vote on a comparison of the pool assigned to them; `choice` is as shown (a = left)."""
+                overlap: int | None = None, now: float | None = None, arena: bool = False,
+                min_display_seconds: float = 0.0) -> VoteReceipt:
+    """Record `annotator`'s vote on a comparison of the pool assigned to them; `choice` is as shown (a = left).
+
+    A vote sooner than `min_display_seconds` after the comparison was served to them is refused (nothing
+    changes): nobody judges two responses that fast, and a double key press lands there."""
     overlap = store.overlap if overlap is None else overlap
     check_choice(choice)
     check_id(comparison_id)
@@ -289,6 +295,9 @@ def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, r
                                 .where(Comparison.id == comparison_id))
         if others >= overlap:
             raise UserError(f"the lease on comparison {comparison_id} expired and it went to other annotators")
+        if _shown_too_briefly(t, a, min_display_seconds):
+            raise UserError(f"comparison {comparison_id} was on screen for {max(0.0, t - a.served_at):.2f} s; "
+                            f"votes need at least {min_display_seconds:g} s")
         canonical = _SWAP[choice] if a.swapped else choice
         vote = Vote(comparison_id=comparison_id, annotator_id=uid, assignment_id=a.id, choice=canonical,
                     swapped=a.swapped, rationale=rationale, seconds=max(0.0, t - a.served_at), created_at=t)
@@ -303,6 +312,10 @@ def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, r
         return store.write(run)
     except IntegrityError:
         raise UserError(f"{annotator} already voted on comparison {comparison_id}") from None
+
+
+def _shown_too_briefly(now: float, a: Assignment, min_display_seconds: float) -> bool:
+    return now - a.served_at < min_display_seconds
 
 
 def skip(store: Store, annotator: str, comparison_id: int, *, arena: bool = False) -> None:

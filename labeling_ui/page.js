@@ -1,0 +1,189 @@
+// alignkit labeling: the page's own script, served by labeling_ui/guard.py with the page's nonce.
+//
+// What it guarantees in the browser (the server checks the same things again, whatever this script does):
+// - a vote, skip or key press acts on the item that is rendered: while one is on its way, further presses
+//   are ignored until the server's answer has rendered, and an item shown for less than its minimum
+//   (data-ak-min-ms on the prompt) takes no vote;
+// - keys: 1 = A better, 2 = B better, 3 = tie, 4 = both bad (Label and Arena tab); s = skip, u = undo
+//   (Label); n = next battle (Arena); ignored while typing in a text field;
+// - a session that ended (logout, password change, expiry, server restart) is said on the page at once;
+// - a login refused for too many attempts says until when (Gradio's login form shows nothing for it);
+// - the rationale box shows its length against its limit.
+(function () {
+  "use strict";
+  var KEYS = {"1": ["ak-vote-a", "ak-arena-a"], "2": ["ak-vote-b", "ak-arena-b"],
+              "3": ["ak-vote-tie", "ak-arena-tie"], "4": ["ak-vote-both-bad", "ak-arena-both-bad"],
+              "s": ["ak-skip"], "u": ["ak-undo"], "n": ["ak-arena-next"]};
+  // Buttons that act on the item on screen, and the prompt block that names it.
+  var ITEM_BUTTONS = {"ak-vote-a": "ak-prompt", "ak-vote-b": "ak-prompt", "ak-vote-tie": "ak-prompt",
+                      "ak-vote-both-bad": "ak-prompt", "ak-skip": "ak-prompt",
+                      "ak-arena-a": "ak-arena-prompt", "ak-arena-b": "ak-arena-prompt",
+                      "ak-arena-tie": "ak-arena-prompt", "ak-arena-both-bad": "ak-arena-prompt"};
+  var OTHER_BUTTONS = {"ak-undo": "ak-prompt", "ak-arena-next": "ak-arena-prompt"};
+  var STUCK_MS = 10000;  // no answer rendered by then: let the annotator try again
+  var views = {};  // prompt element id -> {item, render, shownAt, busySince}
+  var sessionEnded = false;
+
+  function view(id) {
+    if (!views[id]) views[id] = {item: null, render: null, shownAt: 0, busySince: 0};
+    return views[id];
+  }
+
+  function marks(id) {
+    var el = document.querySelector("#" + id + " [data-ak-render]");
+    if (!el) return null;
+    return {item: el.getAttribute("data-ak-item"), render: el.getAttribute("data-ak-render"),
+            minMs: parseInt(el.getAttribute("data-ak-min-ms") || "0", 10)};
+  }
+
+  // Called on every DOM change: a new render token means the server answered; a new item starts its clock.
+  function observe() {
+    ["ak-prompt", "ak-arena-prompt"].forEach(function (id) {
+      var m = marks(id);
+      if (!m) return;
+      var v = view(id);
+      if (m.render !== v.render) {
+        v.render = m.render;
+        v.busySince = 0;
+      }
+      if (m.item !== v.item) {
+        v.item = m.item;
+        v.shownAt = performance.now();
+      }
+    });
+    decorateRationale();
+  }
+
+  function allowed(buttonId) {
+    var promptId = ITEM_BUTTONS[buttonId] || OTHER_BUTTONS[buttonId];
+    if (!promptId) return true;
+    if (sessionEnded) return false;
+    var v = view(promptId), m = marks(promptId), now = performance.now();
+    if (v.busySince && now - v.busySince < STUCK_MS) return false;
+    if (ITEM_BUTTONS[buttonId]) {
+      if (!m || m.item === null || m.item === "") return false;  // nothing on screen to act on
+      if (now - v.shownAt < m.minMs) return false;
+    }
+    return true;
+  }
+
+  document.addEventListener("keydown", function (e) {
+    var t = e.target;
+    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+    if (t && ((t.tagName === "TEXTAREA" || t.tagName === "INPUT") && !t.readOnly || t.isContentEditable)) return;
+    var list = KEYS[(e.key || "").toLowerCase()] || [];
+    for (var i = 0; i < list.length; i++) {
+      var el = document.getElementById(list[i]);
+      // A key clicks the button of the tab in view only (a hidden tab's buttons have no offsetParent).
+      if (el && !el.disabled && el.offsetParent !== null) { e.preventDefault(); el.click(); return; }
+    }
+  });
+
+  // Capture phase, on window: runs before Gradio's own click handler on the button, so a refused click
+  // never becomes an event. Keys go through here too (they click the button).
+  window.addEventListener("click", function (e) {
+    var button = e.target && e.target.closest ? e.target.closest("button[id]") : null;
+    if (!button) return;
+    if (button.id === "ak-logout") {
+      e.stopPropagation(); e.preventDefault();
+      logout();
+      return;
+    }
+    var promptId = ITEM_BUTTONS[button.id] || OTHER_BUTTONS[button.id];
+    if (!promptId) return;
+    if (!allowed(button.id)) {
+      e.stopPropagation(); e.preventDefault();
+      if (sessionEnded) showEnded();
+      return;
+    }
+    view(promptId).busySince = performance.now();
+    checkSession();
+  }, true);
+
+  function banner(id, text, action) {
+    var el = document.getElementById(id);
+    if (!el) {
+      el = document.createElement("div");
+      el.id = id;
+      el.setAttribute("role", "alert");
+      el.style.cssText = "position:fixed;top:0;left:0;right:0;z-index:2147483647;padding:14px 18px;" +
+        "background:#b91c1c;color:#fff;font:16px/1.4 system-ui,sans-serif;text-align:center;";
+      document.body.appendChild(el);
+    }
+    el.textContent = text + " ";
+    if (action) {
+      var b = document.createElement("button");
+      b.textContent = action.label;
+      b.style.cssText = "margin-left:12px;padding:4px 12px;font:inherit;cursor:pointer;";
+      b.addEventListener("click", action.run);
+      el.appendChild(b);
+    }
+    return el;
+  }
+
+  function showEnded() {
+    banner("ak-session-ended", "Your session ended \u2014 log in again.",
+           {label: "Log in", run: function () { location.reload(); }});
+  }
+
+  var lastCheck = 0;
+  function checkSession(force) {
+    if (!document.getElementById("ak-prompt")) return;  // the login page: nothing to check
+    var now = Date.now();
+    if (!force && now - lastCheck < 1000) return;
+    lastCheck = now;
+    fetch("alignkit/session", {credentials: "same-origin", cache: "no-store"}).then(function (r) {
+      if (r.status === 401) { sessionEnded = true; showEnded(); }
+    }).catch(function () { /* the server is down: the next check says so once it is back */ });
+  }
+  setInterval(function () { checkSession(true); }, 15000);
+  document.addEventListener("visibilitychange", function () { if (!document.hidden) checkSession(true); });
+
+  function logout() {
+    fetch("logout", {method: "POST", credentials: "same-origin"}).finally(function () { location.reload(); });
+  }
+
+  // Gradio's login form shows a message for 400 only; a 429 from the throttle says until when.
+  var nativeFetch = window.fetch;
+  window.fetch = function (input, init) {
+    var url = typeof input === "string" ? input : (input && input.url) || "";
+    var isLogin = init && init.method === "POST" && /\/login\/?$/.test(new URL(url, location.href).pathname);
+    var pending = nativeFetch.apply(this, arguments);
+    if (!isLogin) return pending;
+    return pending.then(function (response) {
+      var old = document.getElementById("ak-login-message");
+      if (old) old.remove();
+      if (response.status === 429) {
+        response.clone().json().then(function (body) {
+          var text = body.detail;
+          if (body.retry_at) {
+            var at = new Date(Math.ceil(body.retry_at / 60) * 60 * 1000);
+            text = text.replace(/\d\d:\d\d/, at.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"}));
+          }
+          banner("ak-login-message", text);
+        });
+      }
+      return response;
+    });
+  };
+
+  function decorateRationale() {
+    var box = document.querySelector("#ak-rationale textarea");
+    if (!box || box.getAttribute("data-ak-counted")) return;
+    box.setAttribute("data-ak-counted", "1");
+    box.setAttribute("dir", "auto");
+    var counter = document.createElement("div");
+    counter.id = "ak-rationale-count";
+    counter.style.cssText = "font-size:0.8em;opacity:0.7;text-align:right;";
+    (box.closest("label") || box.parentNode).insertAdjacentElement("afterend", counter);
+    var limit = box.getAttribute("maxlength");
+    var update = function () { counter.textContent = box.value.length + (limit ? " / " + limit : "") + " characters"; };
+    box.addEventListener("input", update);
+    setInterval(update, 500);  // Gradio sets the value from the server without an input event
+    update();
+  }
+
+  new MutationObserver(observe).observe(document.documentElement, {childList: true, subtree: true,
+                                                                     characterData: true, attributes: true,
+                                                                     attributeFilter: ["data-ak-render"]});
+})();
