@@ -251,3 +251,23 @@ def test_a_login_that_must_wait_says_until_when(browser, served):
         assert page.locator("#ak-prompt").count() == 0  # not logged in
     finally:
         page.close()
+
+
+def test_a_server_restart_ends_the_session_and_the_page_says_so(browser, tmp_path):
+    db = make_store(str(tmp_path / "labels.db"), tmp_path, 3)
+    creds = make_users(tmp_path / "users.json", ["ann"])
+    server = Server(db, users=tmp_path / "users.json", log=tmp_path / "server.log", min_display=0.3).start()
+    page = browser.new_page()
+    try:
+        log_in(page, server.url, "ann", creds["ann"])
+        shown_item(page)
+        server.stop()
+        server.start()  # same port; logins live in the server process, so every session is gone
+        page.wait_for_timeout(450)
+        focus_page(page)
+        page.keyboard.press("1")
+        page.locator("#ak-session-ended").get_by_text("Your session ended").wait_for(timeout=15_000)
+        assert votes_of(db, "ann") == []
+    finally:
+        page.close()
+        server.stop()
