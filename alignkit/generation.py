@@ -134,7 +134,9 @@ def generate_batch(model, tokenizer, prompts: Sequence[Any], params: SamplingPar
         for seq in out_ids[i]:
             ended = eos_id in seq
             seq = seq[: seq.index(eos_id) + 1] if ended else [t for t in seq if t != pad_id]
-            result.texts.append(tokenizer.decode(seq, skip_special_tokens=True).strip())
+            # Exactly what was sampled: a raw continuation often starts with a space, and prompt + text must
+            # re-tokenize as it was generated (TRL checks the prompt is a prefix of prompt + completion).
+            result.texts.append(tokenizer.decode(seq, skip_special_tokens=True))
             result.prompt_ids.append(encoded[i])
             result.response_ids.append(seq)
             result.finished.append(ended)

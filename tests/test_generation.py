@@ -73,3 +73,21 @@ def test_a_reward_model_is_refused_as_a_generator(tiny_model_dir, tmp_path, caps
     (merged / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
     assert main(["generate", str(merged), "--prompt", "the film was"]) == 2
     assert "is a reward model" in capsys.readouterr().err
+
+
+def test_samples_keep_exactly_the_text_that_was_sampled(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    prompts = ["the film was", "the music", "i thought the story"]
+    result = generate_batch(model, tokenizer, prompts, SamplingParams(max_new_tokens=12, temperature=1.0, seed=3,
+                                                                      num_return_sequences=4))
+    for text, ids in zip(result.texts, result.response_ids):
+        assert text == tokenizer.decode(ids, skip_special_tokens=True)  # not trimmed
+    # A raw continuation begins with the space between the prompt's last word and the next one; trimmed, the
+    # stored pair would glue them ("wasgreat") and no longer continue its prompt as sampled.
+    assert any(text.startswith(" ") for text in result.texts)
+    for prompt, text, ids in zip([p for p in prompts for _ in range(4)], result.texts, result.response_ids):
+        if ids and tokenizer.eos_token_id not in ids:
+            assert tokenizer(prompt + text, add_special_tokens=False)["input_ids"][: len(encode_prompt(tokenizer, prompt))] \
+                == encode_prompt(tokenizer, prompt)
