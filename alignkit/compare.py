@@ -278,7 +278,43 @@ def summarise(names: Sequence[str], battles: list[dict], responses: dict[str, li
         out["ratings_connectivity"] = graph.as_dict()
     if responses is not None:
         out["mean_length"] = _mean_length(names, responses)
+        out.update(length_control(names, battles, responses, pairs, bootstrap=bootstrap, seed=seed))
     return out
+
+
+def length_control(names: Sequence[str], battles: list[dict], responses: dict[str, list[str]], pairs: list[dict],
+                   *, bootstrap: int, seed: int) -> dict:
+    """Adds `lc_win_rate`, `lc_ci_low`, `lc_ci_high` and `length_coef` to each pair (AlpacaEval 2's length-
+    controlled win rate, bootstrap CI over prompts) and returns `ratings_length_controlled` /
+    `length_coef` for three or more models (Bradley–Terry with Chatbot Arena's style term). Lengths are
+    characters of the responses the judge saw; see alignkit.stats for the models."""
+    length = {(m, i): len(texts[i]) for m, texts in responses.items() for i in range(len(texts))}
+    for pair in pairs:
+        x, y = pair["model_a"], pair["model_b"]
+        rows = [b for b in battles if {b["model_a"], b["model_b"]} == {x, y}]
+        if not rows:
+            continue
+        flip = {"a": "b", "b": "a", "tie": "tie"}
+        outcome = [b["winner"] if b["model_a"] == x else flip[b["winner"]] for b in rows]
+        lc = stats.length_controlled_win_rate(
+            [{"a": 1.0, "b": 0.0, "tie": 0.5}[o] for o in outcome],
+            [length[x, b["prompt_index"]] - length[y, b["prompt_index"]] for b in rows],
+            rounds=bootstrap, seed=seed, clusters=[b["prompt_index"] for b in rows],
+            weights=[float(b.get("weight", 1.0)) for b in rows])
+        pair.update(lc_win_rate=lc.win_rate, lc_ci_low=lc.ci_low, lc_ci_high=lc.ci_high, length_coef=lc.length_coef)
+    if len(names) < 3 or not battles:
+        return {}
+    styled = stats.style_controlled_ratings(
+        [(b["model_a"], b["model_b"], b["winner"]) for b in battles],
+        [length[b["model_a"], b["prompt_index"]] for b in battles],
+        [length[b["model_b"], b["prompt_index"]] for b in battles],
+        rounds=bootstrap, seed=seed, clusters=[b["prompt_index"] for b in battles],
+        weights=[float(b.get("weight", 1.0)) for b in battles])
+    if styled is None:
+        return {"ratings_length_controlled": None}
+    order = sorted(styled["ratings"], key=lambda m: -styled["ratings"][m]["rating"])
+    return {"ratings_length_controlled": {m: styled["ratings"][m] for m in order},
+            "ratings_length_coef": styled["length_coef"]}
 
 
 def _mean_length(names: Sequence[str], responses: dict[str, list[str]]) -> dict[str, dict[str, float]]:
@@ -328,12 +364,13 @@ def write_markdown(result: dict, path: Path) -> None:
     position = any("position_disagreement_rate" in p for p in result["pairs"])
     win_rate_label = "weighted win rate of A" if "human" in result else "win rate of A"
     lines += ["", "## Pairs", "",
-              f"| model A | model B | wins | losses | ties | prompts | {win_rate_label} | 95% CI | CI method |"
-              + (" orders disagree |" if position else ""),
-              "|---|---|---:|---:|---:|---:|---:|---|---|" + ("---:|" if position else "")]
+              f"| model A | model B | wins | losses | ties | prompts | {win_rate_label} | 95% CI | CI method | "
+              "length-controlled | 95% CI |" + (" orders disagree |" if position else ""),
+              "|---|---|---:|---:|---:|---:|---:|---|---|---:|---|" + ("---:|" if position else "")]
     for p in result["pairs"]:
         row = (f"| {p['model_a']} | {p['model_b']} | {p['wins']} | {p['losses']} | {p['ties']} | {p.get('units', '–')} | "
-               f"{_fmt(p['win_rate'])} | [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}] | {p.get('ci_method') or '–'} |")
+               f"{_fmt(p['win_rate'])} | [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}] | {p.get('ci_method') or '–'} | "
+               f"{_fmt(p.get('lc_win_rate'))} | [{_fmt(p.get('lc_ci_low'))}, {_fmt(p.get('lc_ci_high'))}] |")
         if position:
             row += f" {_fmt(p.get('position_disagreement_rate'))} |"
         lines.append(row)
@@ -350,14 +387,24 @@ def write_markdown(result: dict, path: Path) -> None:
         lines += ["| model | rating | 95% CI |", "|---|---:|---|"]
         for m, r in result["ratings"].items():
             lines.append(f"| {m} | {r['rating']:.1f} | [{_fmt(r['ci_low'], 1)}, {_fmt(r['ci_high'], 1)}] |")
+    if result.get("ratings_length_controlled"):
+        lines += ["", "## Ratings at equal length", "",
+                  "The same regression with a length term, as Chatbot Arena's style control: (len A - len B) / "
+                  f"(len A + len B), scaled by its spread; its coefficient is {result['ratings_length_coef']:.2f} "
+                  "(log-odds per unit; above 0: the judge prefers longer responses).", "",
+                  "| model | rating | 95% CI |", "|---|---:|---|"]
+        for m, r in result["ratings_length_controlled"].items():
+            lines.append(f"| {m} | {r['rating']:.1f} | [{_fmt(r['ci_low'], 1)}, {_fmt(r['ci_high'], 1)}] |")
     if result.get("win_matrix"):
         names = list(result["models"])
         lines += ["", "## Win matrix (row's win rate over column)", "", "| | " + " | ".join(names) + " |",
                   "|---|" + "---:|" * len(names)]
         for x in names:
             lines.append(f"| {x} | " + " | ".join(_fmt(result["win_matrix"][x][y], 2) for y in names) + " |")
-    lines += ["", "Mean length is reported because length bias is the most common way reward models and people "
-              "are fooled: a win rate that tracks length deserves a second look.", ""]
+    lines += ["", "Length bias is the most common way reward models and people are fooled, so every pair also has "
+              "a *length-controlled* win rate (AlpacaEval 2's: a logistic model of the verdict on tanh(length "
+              "difference / its SD), read off at zero difference; 95% CI a bootstrap over prompts). A raw win rate "
+              "far above its length-controlled one was bought with length.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -504,10 +551,12 @@ def collect_from_store(out_dir: Path, db: str, bootstrap: int) -> dict:
                         f"annotators vote in the labeling app's Arena tab (alignkit label serve --db {name})")
     summary = summarise_votes(ab, models=names, bootstrap=bootstrap, seed=params.seed, ratings=len(names) >= 3)
     prompt_of = dict(zip(ab.comparisons, ab.prompts))
+    records = [{"prompt_index": prompt_index[prompt_of[cid]], "comparison_id": cid, "model_a": a, "model_b": b,
+                "winner": winner, "weight": weight}
+               for (a, b, winner), cid, weight in zip(ab.battles, ab.comparisons, ab.weights)]
     with open(out_dir / "battles.jsonl", "w", encoding="utf-8") as f:
-        for (a, b, winner), cid, weight in zip(ab.battles, ab.comparisons, ab.weights):
-            f.write(json.dumps({"prompt_index": prompt_index[prompt_of[cid]], "comparison_id": cid, "model_a": a,
-                                "model_b": b, "winner": winner, "weight": weight}) + "\n")
+        for record in records:
+            f.write(json.dumps(record) + "\n")
     met = {(p["model_a"], p["model_b"]): p for p in summary.pairs}
     pairs = [met.get((x, y)) or {"model_a": x, "model_b": y, "wins": 0, "losses": 0, "ties": 0, "n": 0, "battles": 0,
                                  "units": 0, "win_rate": None, "ci_low": None, "ci_high": None, "ci_method": None}
@@ -528,6 +577,7 @@ def collect_from_store(out_dir: Path, db: str, bootstrap: int) -> dict:
     elif summary.warning:
         result["warning"] = summary.warning
     result["mean_length"] = _mean_length(names, responses)
+    result.update(length_control(names, records, responses, pairs, bootstrap=bootstrap, seed=params.seed))
     return _write_outputs(result, out_dir)
 
 

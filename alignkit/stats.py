@@ -126,6 +126,14 @@ def bootstrap_mean_ci(values: Sequence[float], rounds: int = 1000, seed: int = 0
     return float(lo), float(hi)
 
 
+def wilson_interval(p: float, n: float, level: float = LEVEL) -> tuple[float, float]:
+    """Wilson score interval of a proportion p over n (possibly effective, fractional) trials."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    lo, hi = proportion_confint(p * n, n, alpha=1 - level, method="wilson")
+    return float(lo), float(hi)
+
+
 def _win_rate_ci(scores: np.ndarray, w: np.ndarray, codes: np.ndarray, level: float = LEVEL) -> tuple[float, float, str]:
     """Wilson score interval of a pair's weighted win rate, n = its clusters (Kish's effective n when they weigh unequally).
 
@@ -133,13 +141,10 @@ def _win_rate_ci(scores: np.ndarray, w: np.ndarray, codes: np.ndarray, level: fl
     interval is valid for ties and fractional human votes too (conservative when there are ties), never
     collapses to a point (one prompt, a clean sweep, all ties), and moves monotonically with the data.
     """
-    from statsmodels.stats.proportion import proportion_confint
-
     cluster_weight = np.bincount(codes, w, int(codes.max()) + 1)
     n = cluster_weight.sum() ** 2 / (cluster_weight**2).sum()
     p = float((w * scores).sum() / w.sum())
-    lo, hi = proportion_confint(p * n, n, alpha=1 - level, method="wilson")
-    return float(lo), float(hi), CI_WILSON
+    return (*wilson_interval(p, n, level), CI_WILSON)
 
 
 def pair_stats(battles: Iterable, *, clusters: Sequence[Hashable] | None = None,
@@ -400,3 +405,132 @@ def win_matrix(battles: Iterable, models: Sequence[str] | None = None, *,
 def expected_win_rate(rating_x: float, rating_y: float) -> float:
     """P(x beats y) under the ratings (400 points per factor of 10)."""
     return 1.0 / (1.0 + BASE ** ((rating_y - rating_x) / SCALE))
+
+
+# ---------------------------------------------------------------------------
+# Length control
+# ---------------------------------------------------------------------------
+#
+# Judges, people included, prefer longer answers; a policy trained on their preferences learns to be long.
+# Length control asks what a judge would prefer at equal length.
+#
+# Win rate (AlpacaEval 2): a logistic model of the judge's verdict on one pair,
+#     logit P(X wins) = theta + gamma * tanh(d / sd(d)),   d = len(X's response) - len(Y's),
+# fitted on the pair's battles (a tie is half a win: one row each way at half the weight); the
+# length-controlled win rate is sigmoid(theta), the model read off at zero length difference. Its CI is the
+# percentile bootstrap over prompts (clusters), refitting each round.
+#
+# Ratings (Chatbot Arena's style control): the Bradley–Terry regression above with one more column, the
+# length difference normalised as (len_a - len_b) / (len_a + len_b) and scaled by its spread; the model coefficients
+# are the ratings with length held equal, the extra one how much length sways the judge.
+
+
+@dataclass(frozen=True)
+class LengthControlled:
+    win_rate: float  # sigmoid(theta): the win rate at zero length difference
+    ci_low: float | None
+    ci_high: float | None
+    length_coef: float  # gamma: log-odds per unit of tanh(d / sd(d))
+    raw_win_rate: float
+
+
+def length_feature(diff: Sequence[float]) -> np.ndarray:
+    """AlpacaEval 2's feature: tanh of the length difference in units of its standard deviation (all 0 when
+    every difference is the same, so that a constant offset is left to the intercept)."""
+    d = np.asarray(diff, dtype=float)
+    sd = d.std()
+    return np.tanh(d / sd) if sd > 0 else np.zeros_like(d)
+
+
+def _fit_logistic(x: np.ndarray, scores: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """(intercept, slope) of the weighted logistic regression of scores in [0, 1] on one feature."""
+    from sklearn.linear_model import LogisticRegression
+
+    wins, losses = w * scores, w * (1 - scores)
+    if wins.sum() <= 0 or losses.sum() <= 0:  # every verdict one way: theta is +-infinity, gamma undefined
+        return (math.inf if losses.sum() <= 0 else -math.inf), 0.0
+    keep_w, keep_l = wins > 0, losses > 0
+    features = np.concatenate([x[keep_w], x[keep_l]])[:, None]
+    y = np.concatenate([np.ones(keep_w.sum()), np.zeros(keep_l.sum())])
+    lr = LogisticRegression(C=1e6, tol=1e-8, max_iter=1000)
+    lr.fit(features, y, sample_weight=np.concatenate([wins[keep_w], losses[keep_l]]))
+    return float(lr.intercept_[0]), float(lr.coef_[0, 0])
+
+
+def _sigmoid(t: float) -> float:
+    return 1.0 / (1.0 + math.exp(-t)) if math.isfinite(t) else float(t > 0)
+
+
+def length_controlled_win_rate(scores: Sequence[float], length_diff: Sequence[float], *, rounds: int = 1000,
+                               seed: int = 0, clusters: Sequence[Hashable] | None = None,
+                               weights: Sequence[float] | None = None, level: float = LEVEL) -> LengthControlled:
+    """X's win rate over Y at zero length difference, with a bootstrap CI over clusters.
+
+    scores: X's score per battle (1 win, 0.5 tie, 0 loss); length_diff: len(X's response) - len(Y's)."""
+    s = np.asarray(scores, dtype=float)
+    x = length_feature(length_diff)
+    codes, c, w = _units(s.size, clusters, weights)
+    theta, gamma = _fit_logistic(x, s, w)
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(rounds if c >= 2 else 0):
+        mult = np.bincount(rng.integers(0, c, size=c), minlength=c)[codes]
+        boot.append(_sigmoid(_fit_logistic(x, s, w * mult)[0]))
+    alpha = (1 - level) / 2
+    lo, hi = (float(q) for q in np.quantile(boot, [alpha, 1 - alpha])) if boot else (None, None)
+    return LengthControlled(_sigmoid(theta), lo, hi, gamma, float((w * s).sum() / w.sum()))
+
+
+def style_controlled_ratings(battles: Iterable, len_a: Sequence[float], len_b: Sequence[float], *,
+                             rounds: int = 1000, seed: int = 0, clusters: Sequence[Hashable] | None = None,
+                             weights: Sequence[float] | None = None) -> dict | None:
+    """Bradley–Terry ratings with a length term, as Chatbot Arena's style control: {"ratings": {model:
+    {rating, ci_low, ci_high}}, "length_coef"}. None where the plain MLE does not exist (a model that never
+    lost or never won): there the virtual-tie prior, not the data, would set the gaps, and a length term on
+    top of it would only restate the prior."""
+    battles = _battles(battles)
+    models = _models(battles)
+    index = {m: i for i, m in enumerate(models)}
+    ia, ib, outcome = _counts(battles, index)
+    codes, c, w = _units(len(battles), clusters, weights)
+    if len(models) < 2 or _separated(_win_weights(ia, ib, outcome, len(models), w)):
+        return None
+    la, lb = np.asarray(len_a, dtype=float), np.asarray(len_b, dtype=float)
+    style = (la - lb) / np.maximum(la + lb, 1.0)
+    # Scaled, not centred: 0 must stay "equal length", since the ratings are read off there (and a and b are
+    # not randomised in every caller, so the mean difference need not be 0).
+    style = style / style.std() if style.std() > 0 else np.zeros_like(style)
+    design = np.zeros((len(battles), len(models) + 1))
+    design[np.arange(len(battles)), ia] = math.log(BASE)
+    design[np.arange(len(battles)), ib] = -math.log(BASE)
+    design[:, -1] = style
+    score = np.where(outcome == 0, 1.0, np.where(outcome == 1, 0.0, 0.5))
+    point = _fit_style(design, score, w)
+    rng = np.random.default_rng(seed)
+    samples = np.full((rounds if c >= 2 else 0, len(models) + 1), np.nan)
+    for r in range(len(samples)):
+        mult = np.bincount(rng.integers(0, c, size=c), minlength=c)[codes]
+        samples[r] = _fit_style(design, score, w * mult)
+        present = np.bincount(ia, mult, len(models)) + np.bincount(ib, mult, len(models)) > 0
+        samples[r, :-1][~present] = np.nan  # a model without a battle in this round has no rating in it
+    out = {}
+    for m, i in index.items():
+        lo, hi = (float(q) for q in np.nanquantile(samples[:, i], [0.025, 0.975])) if len(samples) else (None, None)
+        out[m] = {"rating": float(point[i]), "ci_low": lo, "ci_high": hi}
+    return {"ratings": out, "length_coef": float(point[-1])}
+
+
+def _fit_style(design: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Elo-scale model ratings and the raw length coefficient (last) of the duplicated-row regression."""
+    from sklearn.linear_model import LogisticRegression
+
+    rows = np.concatenate([design, design])
+    y = np.concatenate([np.ones(len(score)), np.zeros(len(score))])
+    sw = np.concatenate([w * score, w * (1 - score)])
+    keep = sw > 0
+    if len(set(y[keep])) < 2:  # a bootstrap round where every verdict went one way: nothing to fit
+        return np.full(design.shape[1], np.nan)
+    lr = LogisticRegression(C=1e6, fit_intercept=False, tol=1e-8, max_iter=1000)
+    lr.fit(rows[keep], y[keep], sample_weight=sw[keep])
+    coef = lr.coef_[0]
+    return np.concatenate([SCALE * coef[:-1] + INIT_RATING, coef[-1:]])

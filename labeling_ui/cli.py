@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds each item is on screen before the vote (default 0.35: above the server's default "
                         "minimum of 0.3; 0 against a server started with --min-display-seconds 0)")
 
-    p = sub.add_parser("stats", help="agreement and per-annotator statistics as JSON")
+    p = sub.add_parser("stats", help="agreement, per-annotator statistics and length bias as JSON")
     p.add_argument("--db", required=True)
     sub.metavar = "{" + ",".join(sub.choices) + "}"  # a missing command names the choices, not `command`
     return parser
@@ -262,11 +262,11 @@ def _simulate(args) -> int:
 
 def _stats(args) -> int:
     from alignkit.store import open_store
-    from alignkit.store.agreement import agreement_report
+    from alignkit.store.agreement import agreement_report, length_report
 
     store = open_store(args.db, create=False)
     try:
-        print(json.dumps(agreement_report(store), indent=2))
+        print(json.dumps({**agreement_report(store), "length": length_report(store)}, indent=2))
     finally:
         store.close()
     return 0

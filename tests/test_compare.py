@@ -97,6 +97,8 @@ def test_compare_end_to_end_with_cache_and_a_third_model(models, prompts_file, t
         assert key in pair
     assert pair["wins"] + pair["losses"] + pair["ties"] == len(PROMPTS)
     assert pair["ci_low"] <= pair["win_rate"] <= pair["ci_high"]
+    assert {"lc_win_rate", "lc_ci_low", "lc_ci_high", "length_coef"} <= set(pair)  # beside the raw one
+    assert 0.0 <= pair["lc_win_rate"] <= 1.0
     assert set(first["mean_length"]) == {"base", "ad1"} and "ratings" not in first
     assert (out / "compare.md").exists() and (out / "win_rates.png").stat().st_size > 1000
     assert not (out / "ratings.png").exists()
@@ -125,6 +127,7 @@ def test_compare_end_to_end_with_cache_and_a_third_model(models, prompts_file, t
     for r in third["ratings"].values():
         assert r["ci_low"] <= r["rating"] <= r["ci_high"] and "elo" not in r
     assert "ratings_warning" in third and "online Elo" not in (out / "compare.md").read_text()
+    assert "ratings_length_controlled" in third and "length-controlled" in (out / "compare.md").read_text()
     assert third["win_matrix"]["base"]["ad1"] == pytest.approx(first["pairs"][0]["win_rate"])
     assert (out / "ratings.png").stat().st_size > 1000
     assert "## Ratings" in (out / "compare.md").read_text()
@@ -357,3 +360,23 @@ def test_summarise_clusters_by_prompt_and_warns_when_a_model_never_loses(tmp_pat
     by_prompt = stats.bootstrap_ratings(tuples, rounds=100, seed=0, clusters=[b["prompt_index"] for b in battles])
     assert result["ratings"] == {m: by_prompt[m] for m in result["ratings"]}
     assert result["ratings"] != {m: r for m, r in stats.bootstrap_ratings(tuples, rounds=100, seed=0).items()}
+
+
+def test_summarise_reports_a_length_controlled_win_rate_beside_the_raw_one(tmp_path):
+    """Two equally good models; the judge prefers the longer response by construction."""
+    rng = np.random.default_rng(4)
+    n = 300
+    responses = {"long": ["x" * max(1, int(rng.normal(150, 40))) for _ in range(n)],
+                 "short": ["x" * max(1, int(rng.normal(100, 40))) for _ in range(n)]}
+    d = np.array([len(a) - len(b) for a, b in zip(responses["long"], responses["short"])])
+    p_long = 1 / (1 + np.exp(-2.0 * np.tanh(d / d.std())))
+    battles = [{"prompt_index": i, "model_a": "long", "model_b": "short", "winner": "a" if rng.random() < p_long[i]
+                else "b"} for i in range(n)]
+    result = compare.summarise(["long", "short"], battles, responses, bootstrap=300, seed=0)
+    (pair,) = result["pairs"]
+    assert pair["win_rate"] > 0.7 and pair["ci_low"] > 0.6  # raw: long looks better
+    assert pair["lc_ci_low"] < 0.5 < pair["lc_ci_high"]  # at equal length it is not
+    compare.write_markdown({**result, "judge": "x", "n_prompts": n, "bootstrap": 300, "models": {},
+                            "sampling": {"seed": 0, "max_new_tokens": 1, "temperature": 1.0, "top_p": 1.0}},
+                           tmp_path / "compare.md")
+    assert "length-controlled" in (tmp_path / "compare.md").read_text()

@@ -242,3 +242,51 @@ def test_models_that_never_met_are_flagged_as_separate_groups():
 def test_online_elo_is_gone():
     # It was computed in pair-sorted order, so it meant nothing and contradicted the Bradley–Terry ratings.
     assert not hasattr(stats, "online_elo")
+
+
+def _length_biased_battles(n: int, seed: int, *, models=("x", "y"), mean_len=(150.0, 100.0)):
+    """Equally good models whose responses differ in length only; the judge prefers the longer by construction:
+    P(first shown wins) = sigmoid(2 * tanh(d / sd(d))), d = its length minus the other's."""
+    rng = np.random.default_rng(seed)
+    battles, len_a, len_b, prompts = [], [], [], []
+    for i in range(n):
+        for j, k in [(0, 1)] if len(models) == 2 else [(0, 1), (0, 2), (1, 2)]:
+            la, lb = rng.normal(mean_len[j], 40.0), rng.normal(mean_len[k], 40.0)
+            battles.append((models[j], models[k], la - lb))
+            len_a.append(la), len_b.append(lb), prompts.append(i)
+    d = np.array([b[2] for b in battles])
+    p_a = 1 / (1 + np.exp(-2.0 * np.tanh(d / d.std())))
+    u = rng.random(len(battles))
+    winners = np.where(u < p_a, "a", "b")
+    return [(a, b, w) for (a, b, _), w in zip(battles, winners)], np.array(len_a), np.array(len_b), prompts
+
+
+def test_length_controlled_win_rate_sees_through_a_judge_that_prefers_length():
+    battles, la, lb, prompts = _length_biased_battles(400, seed=11)
+    scores = [1.0 if w == "a" else 0.0 for _, _, w in battles]
+    lc = stats.length_controlled_win_rate(scores, la - lb, clusters=prompts, rounds=300, seed=0)
+    assert lc.raw_win_rate > 0.7  # raw: far from a coin flip, though neither model is better
+    assert lc.ci_low < 0.5 < lc.ci_high and abs(lc.win_rate - 0.5) < 0.08  # controlled: a coin flip
+    assert lc.length_coef > 1.0  # and the judge's taste for length is what the model found
+
+
+def test_length_control_changes_nothing_when_lengths_do_not_differ():
+    # d constant: the feature is 0 everywhere, the model is intercept-only, sigmoid(theta) = the raw rate.
+    scores = [1.0, 1.0, 0.0, 0.5, 1.0, 0.0, 1.0, 0.5]  # 5 of 8: (4 + 2 * 0.5) / 8 = 0.625
+    lc = stats.length_controlled_win_rate(scores, [3.0] * 8, rounds=200, seed=1)
+    assert lc.raw_win_rate == 0.625 and abs(lc.win_rate - 0.625) < 1e-6 and lc.length_coef == 0.0
+    sweep = stats.length_controlled_win_rate([1.0] * 5, [1, 2, 3, 4, 5], rounds=100)
+    assert sweep.win_rate == 1.0 and sweep.raw_win_rate == 1.0  # every verdict one way: no fit, no NaN
+
+
+def test_style_controlled_ratings_undo_a_length_advantage():
+    battles, la, lb, prompts = _length_biased_battles(250, seed=5, models=("short", "mid", "long"),
+                                                      mean_len=(80.0, 120.0, 160.0))
+    plain = stats.bradley_terry(battles)
+    assert plain["long"] - plain["short"] > 100  # plain ratings reward length
+    styled = stats.style_controlled_ratings(battles, la, lb, clusters=prompts, rounds=150, seed=0)
+    r = styled["ratings"]
+    assert abs(r["long"]["rating"] - r["short"]["rating"]) < 40 and styled["length_coef"] > 0.5
+    assert all(v["ci_low"] < 1000 < v["ci_high"] for v in r.values())  # none is better at equal length
+    one_way = [("a", "b", "a"), ("a", "c", "a"), ("b", "c", "tie")]  # a never lost: no MLE
+    assert stats.style_controlled_ratings(one_way, [1, 2, 3], [3, 2, 1]) is None

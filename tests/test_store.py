@@ -815,3 +815,36 @@ def test_urls_are_printed_without_their_password():
     assert display_name("postgresql+psycopg://ak:s3cret@db.example:5432/labels") == \
         "postgresql+psycopg://ak:***@db.example:5432/labels"
     assert display_name("labels.db") == "labels.db"
+
+
+def test_label_stats_show_a_length_bias_in_the_labels_and_the_preference_without_it(tmp_path, capsys):
+    """Two equally good models, one writes longer; annotators prefer the longer response by construction."""
+    import numpy as np
+
+    from alignkit.cli import main as alignkit_main
+    from alignkit.store import next_item, open_store, submit_vote
+
+    rng = np.random.default_rng(2)
+    rows = [{"prompt": f"prompt {i}", "models": ["long-model", "short-model"],
+             "responses": ["l" * max(1, int(rng.normal(150, 40))) + str(i), "s" * max(1, int(rng.normal(100, 40))) + str(i)]}
+            for i in range(240)]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    db = str(tmp_path / "labels.db")
+    assert alignkit_main(["label", "import", "--db", db, str(path)]) == 0
+    store = open_store(db, overlap=1)
+    diffs = [len(r["responses"][0]) - len(r["responses"][1]) for r in rows]
+    sd = float(np.std(diffs))
+    while (item := next_item(store, "ann", overlap=1)) is not None:
+        d = len(item.left) - len(item.right)
+        left_wins = rng.random() < 1 / (1 + np.exp(-2.0 * np.tanh(d / sd)))
+        submit_vote(store, "ann", item.comparison_id, "a" if left_wins else "b", overlap=1)
+    store.close()
+    capsys.readouterr()
+    assert alignkit_main(["label", "stats", "--db", db]) == 0
+    length = json.loads(capsys.readouterr().out)["length"]
+    assert length["votes"] == 240 and length["longer_preferred_rate"] > 0.7 and length["ci_low"] > 0.6
+    assert length["length_coef"] > 1.0
+    (pair,) = length["model_pairs"]
+    assert (pair["model_a"], pair["model_b"]) == ("long-model", "short-model") and pair["win_rate"] > 0.7
+    assert pair["lc_ci_low"] < 0.5 < pair["lc_ci_high"]  # at equal length neither model is preferred

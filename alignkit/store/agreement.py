@@ -131,3 +131,60 @@ def agreement_report(store: Store) -> dict[str, Any]:
         "cohen": cohen_pairs(votes),
         "fleiss": fleiss(by_comparison),
     }
+
+
+def length_report(store: Store, *, rounds: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """How much the response's length sways this store's labels, before anyone trains on them.
+
+    Over the votes on ordinary comparisons that chose a side (not tie / both bad) between responses of
+    different lengths (characters):
+    - `longer_preferred_rate`: the share of votes for the longer response, with a bootstrap CI over
+      comparisons (several votes on one comparison are not independent); 0.5 is no length bias;
+    - `length_coef`: the logistic slope of a vote for response A on tanh((len A - len B) / SD), as in
+      alignkit.stats' length-controlled win rate (above 0: longer is preferred);
+    - `model_pairs`: where both responses name the model that made them, each pair of models' raw and
+      length-controlled preference (the first model's win rate at equal length, with its CI).
+    """
+    from alignkit import stats
+    from alignkit.store.arena import model_name
+
+    with store.read() as s:
+        comparisons = {c.id: (len(c.response_a.text), len(c.response_b.text), model_name(c.response_a),
+                              model_name(c.response_b), c.response_a.model_spec, c.response_b.model_spec)
+                       for c in s.scalars(select(Comparison).where(Comparison.arena.is_(False)))}
+    votes = [v for v in load_votes(store) if not v.arena and v.choice in ("a", "b")
+             and comparisons[v.comparison_id][0] != comparisons[v.comparison_id][1]]
+    if not votes:
+        return {"votes": 0, "longer_preferred_rate": None, "ci_low": None, "ci_high": None, "length_coef": None,
+                "model_pairs": []}
+    chose_a = [1.0 if v.choice == "a" else 0.0 for v in votes]
+    diff = [comparisons[v.comparison_id][0] - comparisons[v.comparison_id][1] for v in votes]
+    longer = [float((c == 1.0) == (d > 0)) for c, d in zip(chose_a, diff)]
+    clusters = [v.comparison_id for v in votes]
+    lo, hi = stats.bootstrap_mean_ci(longer, rounds=rounds, seed=seed, clusters=clusters)
+    fit = stats.length_controlled_win_rate(chose_a, diff, rounds=0, clusters=clusters)
+    return {"votes": len(votes), "longer_preferred_rate": sum(longer) / len(longer), "ci_low": lo, "ci_high": hi,
+            "length_coef": fit.length_coef,
+            "model_pairs": _model_pair_preferences(votes, comparisons, rounds=rounds, seed=seed)}
+
+
+def _model_pair_preferences(votes: list[VoteRow], comparisons: dict, *, rounds: int, seed: int) -> list[dict]:
+    from alignkit import stats
+
+    by_pair: dict[tuple[str, str], list[tuple[float, float, int]]] = defaultdict(list)
+    for v in votes:
+        len_a, len_b, name_a, name_b, spec_a, spec_b = comparisons[v.comparison_id]
+        if not (spec_a and spec_b) or name_a == name_b:
+            continue
+        first_is_a = name_a < name_b  # every pair oriented one way: the models in name order
+        won = (v.choice == "a") == first_is_a
+        d = len_a - len_b if first_is_a else len_b - len_a
+        by_pair[(name_a, name_b) if first_is_a else (name_b, name_a)].append((float(won), float(d), v.comparison_id))
+    out = []
+    for (x, y), rows in sorted(by_pair.items()):
+        lc = stats.length_controlled_win_rate([r[0] for r in rows], [r[1] for r in rows], rounds=rounds, seed=seed,
+                                              clusters=[r[2] for r in rows])
+        out.append({"model_a": x, "model_b": y, "votes": len(rows), "win_rate": lc.raw_win_rate,
+                    "lc_win_rate": lc.win_rate, "lc_ci_low": lc.ci_low, "lc_ci_high": lc.ci_high,
+                    "length_coef": lc.length_coef})
+    return out
