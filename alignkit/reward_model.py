@@ -227,3 +227,63 @@ class AttachedReward:
         finally:
             self.model.set_adapter(previous)
         return scores
+
+
+class RewardEnsemble:
+    """K reward stages as K adapters, each with its score head, on one base loaded once: K reward models for
+    the memory of one base plus K small adapters, as the PPO roles share theirs.
+
+    `scores(prompts, responses)` is a (K, N) array, one row per member, each scored exactly as that member's
+    stage trained (`reward_input_ids`); `conservative(...)` is mean - lam * std over members, the ensemble as
+    a reward that does not chase what one member alone likes (reward over-optimisation)."""
+
+    def __init__(self, model, tokenizer, members: list[AttachedReward], stage_dirs: list[Path]):
+        self.model, self.tokenizer, self.members, self.stage_dirs = model, tokenizer, members, stage_dirs
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def scores(self, prompts: Sequence[Any], responses: Sequence[Any]):
+        import numpy as np
+
+        return np.array([member(prompts, responses) for member in self.members])
+
+    def conservative(self, prompts: Sequence[Any], responses: Sequence[Any], lam: float = 1.0) -> list[float]:
+        s = self.scores(prompts, responses)
+        return (s.mean(axis=0) - lam * s.std(axis=0)).tolist()
+
+
+def load_reward_ensemble(stage_dirs: Sequence[str | Path], *, quantization: str | None = None,
+                         batch_size: int = 8) -> RewardEnsemble:
+    """Load reward stages that share a base (and quantization) onto one copy of it.
+
+    The base is wrapped as a PeftModel around a rank-1 host adapter (PEFT attaches adapters to a PeftModel),
+    each member is attached beside it as `member-K` with its head, and the host is deleted again."""
+    import peft
+    from peft import LoraConfig
+
+    from alignkit.modeling import ModelSettings, load_base_model, load_tokenizer, resolve_model_spec
+
+    stage_dirs = [Path(d) for d in stage_dirs]
+    if len(stage_dirs) < 2:
+        raise UserError(f"a reward ensemble needs 2 or more reward stages, got {len(stage_dirs)}")
+    for d in stage_dirs:
+        read_reward_stage(d)
+    resolved = [resolve_model_spec(str(d)) for d in stage_dirs]
+    loads = {(r.base, r.model_settings.get("quantization")) for r in resolved}
+    if len(loads) > 1:
+        raise UserError(f"reward ensemble: its stages must share one base and quantization, got {sorted(map(str, loads))}")
+    settings = {**resolved[0].model_settings, "base": resolved[0].base}
+    if quantization is not None:
+        settings["quantization"] = quantization
+    tokenizer = load_tokenizer(str(stage_dirs[0]), padding_side="right")
+    base = load_base_model(ModelSettings.from_dict(settings))
+    first = peft.PeftConfig.from_pretrained(str(stage_dirs[0]))
+    host = LoraConfig(r=1, target_modules=first.target_modules, task_type="CAUSAL_LM", inference_mode=True)
+    model = peft.get_peft_model(base, host, adapter_name="_host")
+    members = [AttachedReward(model, tokenizer, d, name=f"member-{k}", batch_size=batch_size)
+               for k, d in enumerate(stage_dirs)]
+    model.set_adapter("member-0")
+    model.delete_adapter("_host")
+    model.eval()
+    return RewardEnsemble(model, tokenizer, members, stage_dirs)
