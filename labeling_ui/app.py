@@ -9,7 +9,8 @@ in `build_app`.
   two anonymous responses; after the vote the buttons lock and the models behind A and B
   are named. Battles are never served in the Label tab, nor comparisons in the Arena.
 - Leaderboard: Bradley–Terry ratings with bootstrap CIs from every vote on a battle.
-- Admin (admins only): agreement statistics and the preference-dataset export.
+- Admin (admins only): agreement statistics, gold accuracy and flags per annotator (recomputed
+  whenever the tab is opened), leaving an annotator's votes out of exports, and the export.
 
 Named API endpoints (gradio_client: `Client(url, auth=(name, password))`), acting
 as the logged-in annotator:
@@ -22,6 +23,8 @@ as the logged-in annotator:
   /arena_vote(comparison_id, choice)           -> {"comparison_id", "choice", "model_a", "model_b"}
   /leaderboard                                 -> {"votes", "battles", "without_votes", "models": [...], "pairs": [...],
                                                   "bootstrap", "warning"}
+  /admin_exclude(annotator, excluded=True)     -> {"annotator", "excluded", "excluded_now"}   (admins only)
+  /admin_stats                                 -> the agreement report, flags per annotator    (admins only)
 `choice` is a | b | tie | both_bad as shown (a = the response returned first / shown on
 the left; model_a is the model behind it). The first five serve ordinary comparisons
 only, the arena ones battles only. Errors come back as gradio_client AppError with a
@@ -54,7 +57,9 @@ from starlette.middleware import Middleware
 from alignkit.errors import UserError
 from alignkit.store import Store, next_item as store_next_item, progress as store_progress
 from alignkit.store import skip as store_skip, submit_vote as store_submit_vote, undo_last_vote
+from alignkit.store.agreement import agreement_report
 from alignkit.store.arena import LeaderboardCache, reveal
+from alignkit.store.export import excluded_annotators, set_excluded
 from alignkit.store.queue import MAX_RATIONALE_CHARS
 from labeling_ui import handlers
 from labeling_ui.guard import DeviceCookies, Guard, GuardSettings, LoginThrottle, Sessions
@@ -218,6 +223,21 @@ def api_endpoints(ctx: AppContext) -> None:
                 "model_b": r.model_right}
 
     @_api
+    def admin_exclude(annotator: str, excluded: bool = True, request: gr.Request = None) -> dict:
+        """Admins only: leave an annotator's votes out of every export (excluded=False takes them in again)."""
+        if not ctx.is_admin(request):
+            raise refused("admins only")
+        set_excluded(ctx.store, annotator, bool(excluded))
+        return {"annotator": annotator, "excluded": bool(excluded), "excluded_now": excluded_annotators(ctx.store)}
+
+    @_api
+    def admin_stats(request: gr.Request) -> dict:
+        """Admins only: the agreement report with per-annotator gold accuracy, kappa against the others and flags."""
+        if not ctx.is_admin(request):
+            raise refused("admins only")
+        return agreement_report(ctx.store)
+
+    @_api
     def arena_leaderboard() -> dict:
         """Bradley–Terry ratings with bootstrap CIs, votes per model and win rates per pair, from all battles."""
         return asdict(handlers.leaderboard(ctx.store, cache=ctx.leaderboard_cache))
@@ -231,6 +251,8 @@ def api_endpoints(ctx: AppContext) -> None:
     gr.api(arena_next, api_name="arena_next", **group)
     gr.api(arena_vote, api_name="arena_vote", **group)
     gr.api(arena_leaderboard, api_name="leaderboard", **group)
+    gr.api(admin_exclude, api_name="admin_exclude", **group)
+    gr.api(admin_stats, api_name="admin_stats", **group)
 
 
 @dataclass
@@ -406,6 +428,11 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
         pairs = gr.Dataframe(headers=handlers.PAIR_COLUMNS, interactive=False, label="Annotator pairs")
         refresh = gr.Button("Refresh", size="sm")
         with gr.Row():
+            who = gr.Dropdown([], label="Annotator", elem_id="ak-admin-annotator", allow_custom_value=False)
+            leave_out = gr.Button("Leave their votes out of exports", size="sm", elem_id="ak-admin-exclude")
+            take_in = gr.Button("Take their votes in again", size="sm", elem_id="ak-admin-include")
+        exclude_status = gr.Markdown(elem_id="ak-admin-exclude-status")
+        with gr.Row():
             min_agreement = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Minimum agreement")
             ties = gr.Dropdown(["drop", "ignore"], value="drop", label="Ties")
             both_bad = gr.Dropdown(["drop", "ignore"], value="drop", label="Both bad")
@@ -424,7 +451,15 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
             return {tab: gr.Tab(visible=False)}
         view = handlers.admin_view(ctx.store)
         return {tab: gr.Tab(visible=True), summary: view.summary_markdown, annotators: view.annotators,
-                pairs: view.pairs}
+                pairs: view.pairs, who: gr.Dropdown(choices=[row[0] for row in view.annotators])}
+
+    def exclude(excluded: bool):
+        def fn(name, request: gr.Request):
+            require_admin(request)
+            status = handlers.admin_exclude(ctx.store, name, excluded)
+            return {**show(request), exclude_status: status}
+
+        return fn
 
     def do_export(x, t, b, v, request: gr.Request):
         require_admin(request)
@@ -432,8 +467,12 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
                                                      both_bad=b, min_votes=v)}
 
     ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
-    demo.load(show, outputs=[tab, summary, annotators, pairs], **ui)
-    refresh.click(show, outputs=[tab, summary, annotators, pairs], **ui)
+    shown = [tab, summary, annotators, pairs, who]
+    demo.load(show, outputs=shown, **ui)
+    tab.select(show, outputs=shown, **ui)  # recomputed when opened, not the page-load snapshot
+    refresh.click(show, outputs=shown, **ui)
+    leave_out.click(exclude(True), inputs=[who], outputs=[*shown, exclude_status], **ui)
+    take_in.click(exclude(False), inputs=[who], outputs=[*shown, exclude_status], **ui)
     export.click(do_export, inputs=[min_agreement, ties, both_bad, min_votes], outputs=[export_status], **ui)
 
 

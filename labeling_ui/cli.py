@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import", help="import prompts and responses (JSONL) into a label store")
     p.add_argument("--db", required=True, help="label store: a SQLite file path or a postgresql+psycopg:// URL")
-    p.add_argument("file", help="JSONL: {prompt | messages, responses: [...] (>= 2)}; prompts alone with --generate")
+    p.add_argument("file", nargs="?", help="JSONL: {prompt | messages, responses: [...] (>= 2)}; prompts alone with "
+                                           "--generate")
+    p.add_argument("--gold", metavar="FILE", help="gold items, JSONL: {prompt | messages, chosen, rejected}, chosen "
+                                                  "being the known answer: served to every annotator, never exported")
     p.add_argument("--generate", action="append", default=[], metavar="MODEL_SPEC",
                    help="sample a response per prompt with this model (repeat per model; given once: two samples)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -101,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", help="where the admin tab's export writes (default: DB.export next to the store)")
     p.add_argument("--concurrency-limit", type=_positive, default=None,
                    help="handler calls run at once (default: labeling_ui.app.DEFAULT_CONCURRENCY_LIMIT)")
+    p.add_argument("--gold-rate", type=_fraction, default=0.1,
+                   help="share of an annotator's new items that are gold items they have not seen (default 0.1)")
     p.add_argument("--min-display-seconds", type=_non_negative, default=None,
                    help="a vote on an item shown for less than this is refused (default 0.3; 0 for scripted "
                         "annotators)")
@@ -140,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds each item is on screen before the vote (default 0.35: above the server's default "
                         "minimum of 0.3; 0 against a server started with --min-display-seconds 0)")
 
+    p = sub.add_parser("exclude", help="leave an annotator's votes out of every export (nothing is deleted)")
+    p.add_argument("--db", required=True)
+    p.add_argument("name")
+    p.add_argument("--include", action="store_true", help="take their votes into exports again")
+
     p = sub.add_parser("stats", help="agreement, per-annotator statistics and length bias as JSON")
     p.add_argument("--db", required=True)
     sub.metavar = "{" + ",".join(sub.choices) + "}"  # a missing command names the choices, not `command`
@@ -150,22 +160,34 @@ def _import(args) -> int:
     from alignkit.generation import SamplingParams
     from alignkit.store import open_store
     from alignkit.store.db import check_store, display_name
-    from alignkit.store.importer import check_generate, parse_import_file, prepare_rows, write_rows
+    from alignkit.store.importer import check_generate, parse_gold_file, parse_import_file, prepare_rows, write_rows
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, batch_size=args.batch_size)
-    rows = parse_import_file(args.file, responses_required=not args.generate)  # before any store is created
+    if args.file is None and args.gold is None:
+        raise UserError("label import: give a prompts FILE, --gold FILE, or both")
+    if args.gold and args.generate and args.file is None:
+        raise UserError("label import: --generate samples for the prompts FILE; gold items bring their own answers")
+    gold = parse_gold_file(args.gold) if args.gold else []  # every file checked before any store is created
+    if args.file is None:
+        store = open_store(args.db)
+        try:
+            print(f"imported gold items into {display_name(args.db)}: {write_rows(store, gold)}")
+        finally:
+            store.close()
+        return 0
+    rows = parse_import_file(args.file, responses_required=not args.generate)
     if args.generate:
         check_generate(args.generate, params)
         check_store(args.db, create=True)  # an unusable --db fails before minutes of sampling, not after
     rows, skipped = prepare_rows(rows, generate=args.generate, params=params)  # a failure here leaves no store
     store = open_store(args.db)
     try:
-        summary = write_rows(store, rows)
+        summary = write_rows(store, rows + gold)  # one transaction: a refused gold row imports nothing
     finally:
         store.close()
     summary.skipped = skipped
-    print(f"imported into {display_name(args.db)}: {summary}")
+    print(f"imported into {display_name(args.db)}: {summary}" + (f" (with {len(gold)} gold items)" if gold else ""))
     return 0
 
 
@@ -189,7 +211,7 @@ def _serve(args) -> int:
     check_port(args.host, args.port)  # before the store is opened: a busy port leaves it untouched
     limit = args.concurrency_limit or DEFAULT_CONCURRENCY_LIMIT
     store = open_store(args.db, create=False, overlap=args.overlap, lease_seconds=args.lease_seconds,
-                       pool_size=limit + 4)
+                       pool_size=limit + 4, gold_rate=args.gold_rate)
     min_display = DEFAULT_MIN_DISPLAY_SECONDS if args.min_display_seconds is None else args.min_display_seconds
     demo = build_app(store, auth=auth, overlap=args.overlap, export_dir=args.export_dir, concurrency_limit=limit,
                      min_display_seconds=min_display, guard=GuardSettings(session_seconds=args.session_hours * 3600))
@@ -260,6 +282,21 @@ def _simulate(args) -> int:
     return 0
 
 
+def _exclude(args) -> int:
+    from alignkit.store import open_store
+    from alignkit.store.export import excluded_annotators, set_excluded
+
+    store = open_store(args.db, create=False)
+    try:
+        set_excluded(store, args.name, not args.include)
+        now = excluded_annotators(store)
+    finally:
+        store.close()
+    print(f"{args.name}: votes {'in exports again' if args.include else 'left out of exports'}; "
+          f"excluded now: {', '.join(now) or 'nobody'}")
+    return 0
+
+
 def _stats(args) -> int:
     from alignkit.store import open_store
     from alignkit.store.agreement import agreement_report, length_report
@@ -273,7 +310,7 @@ def _stats(args) -> int:
 
 
 COMMANDS = {"import": _import, "serve": _serve, "add-user": _add_user, "export": _export, "simulate": _simulate,
-            "stats": _stats}
+            "exclude": _exclude, "stats": _stats}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from alignkit.errors import UserError
 from alignkit.store import Item, Store, next_item, progress, skip, submit_vote, undo_last_vote
 from alignkit.store.agreement import agreement_report
 from alignkit.store.arena import LeaderboardCache, arena_battles, arena_vote_state, reveal, summarise_votes
-from alignkit.store.export import export_dataset
+from alignkit.store.export import excluded_annotators, export_dataset, set_excluded
 from alignkit.store.queue import prompt_as_markdown
 
 CHOICE_LABELS = {"a": "A better", "b": "B better", "tie": "tie", "both_bad": "both bad"}
@@ -58,7 +58,8 @@ class AdminView:
     pairs: list[list[Any]] = field(default_factory=list)
 
 
-ANNOTATOR_COLUMNS = ["annotator", "votes", "tie rate", "both-bad rate", "left-side rate", "median seconds"]
+ANNOTATOR_COLUMNS = ["annotator", "votes", "tie rate", "both-bad rate", "left-side rate", "median seconds",
+                     "gold accuracy", "kappa vs others", "in exports", "flags"]
 PAIR_COLUMNS = ["annotator 1", "annotator 2", "shared", "agreement", "Cohen's kappa"]
 
 
@@ -149,10 +150,26 @@ def admin_view(store: Store) -> AdminView:
         f"left-side rate: {_fmt(o['left_rate'])}",
     ])
     annotators = [[name, a["votes"], _fmt(a["tie_rate"]), _fmt(a["both_bad_rate"]), _fmt(a["left_rate"]),
-                   _fmt(a["median_seconds"], 1)] for name, a in r["annotators"].items()]
+                   _fmt(a["median_seconds"], 1),
+                   "–" if a["gold_accuracy"] is None else f"{a['gold_accuracy']:.2f} of {a['gold_votes']}",
+                   _fmt(a["kappa_vs_others"]), "no (excluded)" if a["excluded"] else "yes",
+                   "; ".join(a["flags"]) or "–"] for name, a in r["annotators"].items()]
     pairs = [[p["annotators"][0], p["annotators"][1], p["n"], _fmt(p["agreement"]), _fmt(p["kappa"])]
              for p in r["cohen"]]
     return AdminView(summary, annotators, pairs)
+
+
+def admin_exclude(store: Store, name: str | None, excluded: bool) -> str:
+    """Leave an annotator's votes out of exports (or take them in again): the admin tab's status line."""
+    if not name:
+        return "Choose an annotator first."
+    try:
+        set_excluded(store, name, excluded)
+    except UserError as err:
+        return f"Not changed: {err}"
+    now = excluded_annotators(store)
+    what = "left out of exports" if excluded else "in exports again"
+    return f"{html.escape(name)}: votes {what}. Excluded now: {html.escape(', '.join(now)) or 'nobody'}."
 
 
 def admin_export(store: Store, out_dir: str | Path, *, min_agreement: float, ties: str, both_bad: str,

@@ -187,9 +187,9 @@ def test_label_cli_import_add_user_export_stats(tmp_path, capsys):
     # `alignkit label --help` lists the subcommands (it was "unrecognized arguments: --help"); none given names them.
     with pytest.raises(SystemExit) as exit_:
         alignkit_main(["label", "--help"])
-    assert exit_.value.code == 0 and "{import,serve,add-user,export,simulate,stats}" in capsys.readouterr().out
+    assert exit_.value.code == 0 and "{import,serve,add-user,export,simulate,exclude,stats}" in capsys.readouterr().out
     assert alignkit_main(["label"]) == 2
-    assert "required: {import,serve,add-user,export,simulate,stats}" in capsys.readouterr().err
+    assert "required: {import,serve,add-user,export,simulate,exclude,stats}" in capsys.readouterr().err
     # Export, stats and serve never turn another database into a store.
     other = tmp_path / "app.sqlite"
     with sqlite3.connect(other) as conn:

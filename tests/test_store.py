@@ -315,6 +315,35 @@ def comparisons_schema(store):
     return columns, indexes
 
 
+def annotators_schema(store):
+    with store.read() as s:
+        return [(c["name"], type(c["type"]).__name__, c["nullable"]) for c in inspect(s.connection()).get_columns("annotators")]
+
+
+def test_schema_2_store_upgrades_to_gold_items_and_exclusion(store_url, tmp_path):
+    """A store written by schema 2 opens, gains `gold` (no gold items) and `excluded` (nobody), keeps its votes."""
+    store = open_store(store_url, overlap=2)
+    populate(store, tmp_path, n_prompts=2)
+    item = next_item(store, "ann")
+    submit_vote(store, "ann", item.comparison_id, "b")
+    fresh = comparisons_schema(store), annotators_schema(store)
+
+    def to_v2(s):
+        for sql in ("ALTER TABLE comparisons DROP COLUMN gold", "ALTER TABLE annotators DROP COLUMN excluded",
+                    "UPDATE schema_version SET version = 2"):
+            s.execute(text(sql))
+
+    store.write(to_v2)
+    store.close()
+    store = open_store(store_url, overlap=2)
+    assert store_db.schema_version(store) == 3 and (comparisons_schema(store), annotators_schema(store)) == fresh
+    with store.read() as s:
+        assert s.scalars(select(Comparison.gold)).all() == [None, None]
+    (vote,) = load_votes(store)
+    assert (vote.annotator, vote.choice, vote.excluded) == ("ann", "a" if vote.swapped else "b", False)
+    store.close()
+
+
 def test_schema_1_store_upgrades_to_arena_battles(store_url, tmp_path):
     """A store written by schema 1 (before arena battles) opens, gains the arena flag and the pool index, and
     keeps its comparisons, leases and votes in the Label pool."""
@@ -325,9 +354,11 @@ def test_schema_1_store_upgrades_to_arena_battles(store_url, tmp_path):
     held = next_item(store, "ann")
     fresh = comparisons_schema(store)
 
-    # Make it what schema 1 wrote: no `arena` column, the queue index without it, version 1.
+    # Make it what schema 1 wrote: no `arena` column, the queue index without it, version 1 (and none of
+    # schema 3's columns).
     def to_v1(s):
-        for sql in ("DROP INDEX ix_comparison_open", "ALTER TABLE comparisons DROP COLUMN arena",
+        for sql in ("ALTER TABLE comparisons DROP COLUMN gold", "ALTER TABLE annotators DROP COLUMN excluded",
+                    "DROP INDEX ix_comparison_open", "ALTER TABLE comparisons DROP COLUMN arena",
                     "CREATE INDEX ix_comparison_open ON comparisons (n_votes, id)",
                     "UPDATE schema_version SET version = 1"):
             s.execute(text(sql))
@@ -339,8 +370,8 @@ def test_schema_1_store_upgrades_to_arena_battles(store_url, tmp_path):
     store.close()
 
     store = open_store(store_url, overlap=2)
-    assert store_db.schema_version(store) == store_db.SCHEMA_VERSION == 2
-    assert comparisons_schema(store) == fresh  # the same schema as a store created at version 2
+    assert store_db.schema_version(store) == store_db.SCHEMA_VERSION == 3
+    assert comparisons_schema(store) == fresh  # the same schema as a store created at the current version
     with store.read() as s:
         assert s.scalars(select(Comparison.arena)).all() == [False] * 3
     assert [(v.annotator, v.comparison_id) for v in load_votes(store)] == [("ann", voted.comparison_id)]
@@ -835,7 +866,8 @@ def test_label_stats_show_a_length_bias_in_the_labels_and_the_preference_without
     store = open_store(db, overlap=1)
     diffs = [len(r["responses"][0]) - len(r["responses"][1]) for r in rows]
     sd = float(np.std(diffs))
-    while (item := next_item(store, "ann", overlap=1)) is not None:
+    sides = random.Random(0)
+    while (item := next_item(store, "ann", overlap=1, rng=sides)) is not None:
         d = len(item.left) - len(item.right)
         left_wins = rng.random() < 1 / (1 + np.exp(-2.0 * np.tanh(d / sd)))
         submit_vote(store, "ann", item.comparison_id, "a" if left_wins else "b", overlap=1)
@@ -843,8 +875,98 @@ def test_label_stats_show_a_length_bias_in_the_labels_and_the_preference_without
     capsys.readouterr()
     assert alignkit_main(["label", "stats", "--db", db]) == 0
     length = json.loads(capsys.readouterr().out)["length"]
-    assert length["votes"] == 240 and length["longer_preferred_rate"] > 0.7 and length["ci_low"] > 0.6
+    assert length["votes"] == 240 and length["longer_preferred_rate"] > 0.65 and length["ci_low"] > 0.58
     assert length["length_coef"] > 1.0
     (pair,) = length["model_pairs"]
-    assert (pair["model_a"], pair["model_b"]) == ("long-model", "short-model") and pair["win_rate"] > 0.7
+    assert (pair["model_a"], pair["model_b"]) == ("long-model", "short-model") and pair["win_rate"] > 0.6
     assert pair["lc_ci_low"] < 0.5 < pair["lc_ci_high"]  # at equal length neither model is preferred
+
+
+def gold_file(tmp_path, n=2):
+    return write_jsonl(tmp_path / "gold.jsonl", [{"prompt": f"gold question {i}", "chosen": f"right {i}",
+                                                  "rejected": f"wrong {i}"} for i in range(n)])
+
+
+def test_gold_items_reach_every_annotator_outside_the_overlap_and_never_an_export(store_url, tmp_path):
+    from alignkit.store.importer import parse_gold_file, write_rows
+
+    store = open_store(store_url, overlap=1, gold_rate=1.0)
+    populate(store, tmp_path, n_prompts=3)
+    write_rows(store, parse_gold_file(gold_file(tmp_path)))
+    served: dict[str, list] = {}
+    for name, right in (("u0", True), ("u1", False)):
+        for _ in range(2):  # gold first (rate 1), each annotator both gold items though overlap is 1
+            item = next_item(store, name)
+            served.setdefault(name, []).append(item.prompt)
+            shown_right = "a" if item.left.startswith("right") else "b"
+            submit_vote(store, name, item.comparison_id, shown_right if right else {"a": "b", "b": "a"}[shown_right])
+    assert served == {"u0": ["gold question 0", "gold question 1"], "u1": ["gold question 0", "gold question 1"]}
+    assert progress(store, "u0").remaining == 3  # gold items are not counted as work
+    # Ordinary work goes on at overlap 1; once it is done no gold item is served alone.
+    for name in ("u0", "u1", "u0", "u1"):
+        item = next_item(store, name)
+        if item is not None:
+            assert item.prompt.startswith("question")
+            submit_vote(store, name, item.comparison_id, "a")
+    assert next_item(store, "u2", gold_rate=1.0) is None  # nothing ordinary left: no gold for a newcomer either
+    report = agreement_report(store)
+    assert report["n_gold_votes"] == 4
+    assert report["annotators"]["u0"]["gold_accuracy"] == 1.0 and report["annotators"]["u1"]["gold_accuracy"] == 0.0
+    rows = preference_rows(store)
+    assert len(rows) == 3 and not [r for r in rows if r["prompt"].startswith("gold")]
+    store.close()
+
+
+def test_a_gold_row_on_a_pair_with_votes_is_refused_and_nothing_is_imported(store_url, tmp_path):
+    from alignkit.store.importer import ImportRow, parse_gold_file, write_rows
+
+    store = open_store(store_url, overlap=1)
+    write_rows(store, [ImportRow("gold question 1", "x:1", ["right 1", "wrong 1"], [None, None], [None, None])])
+    item = next_item(store, "ann")
+    submit_vote(store, "ann", item.comparison_id, "a")
+    before = count(store, Comparison)
+    with pytest.raises(UserError, match=r"gold.jsonl:2: this pair is already a comparison with 1 vote"):
+        write_rows(store, parse_gold_file(gold_file(tmp_path)))
+    assert count(store, Comparison) == before  # gold question 0 was not imported either
+    with pytest.raises(UserError, match="same text"):
+        parse_gold_file(write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "x", "rejected": "x"}]))
+    store.close()
+
+
+def test_an_excluded_annotators_votes_leave_the_export_and_come_back(store_url, tmp_path):
+    from alignkit.store.export import excluded_annotators, set_excluded
+
+    store = open_store(store_url, overlap=2)
+    populate(store, tmp_path, n_prompts=2)
+    for name, choice in (("good", "a"), ("spam", "b")):
+        for _ in range(2):
+            item = next_item(store, name)
+            submit_vote(store, name, item.comparison_id, choice if not item.swapped else {"a": "b", "b": "a"}[choice])
+    assert preference_rows(store) == []  # one a and one b on each: no majority
+    set_excluded(store, "spam", True)
+    rows = preference_rows(store)
+    assert len(rows) == 2 and all(r["n_annotators"] == 1 for r in rows) and excluded_annotators(store) == ["spam"]
+    summary = export_dataset(store, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "export.json").read_text())["policy"]["excluded_annotators"] == ["spam"]
+    assert summary["rows"] == 2 and agreement_report(store)["annotators"]["spam"]["excluded"] is True
+    assert len(load_votes(store)) == 4  # nothing deleted
+    set_excluded(store, "spam", False)
+    assert preference_rows(store) == []
+    with pytest.raises(UserError, match="no annotator 'nobody'"):
+        set_excluded(store, "nobody", True)
+    store.close()
+
+
+def test_flags_name_what_to_look_at_worked_by_hand():
+    from alignkit.store.agreement import flags
+
+    calm = {"votes": 40, "median_seconds": 25.0, "left": 21, "decided": 40, "left_rate": 21 / 40, "tie_rate": 0.1,
+            "both_bad_rate": 0.05, "kappa_vs_others": 0.6, "shared_with_others": 30, "gold_votes": 8,
+            "gold_accuracy": 0.875}
+    assert flags(calm) == []
+    hasty = {**calm, "median_seconds": 1.2, "left": 34, "left_rate": 0.85, "tie_rate": 0.4, "both_bad_rate": 0.2,
+             "kappa_vs_others": 0.05, "gold_accuracy": 0.5}
+    # 34 of 40 on the left: two-sided binomial p ~ 1e-5 < 0.01; 60% undecided > 50%; kappa 0.05 < 0.2.
+    assert [f.split(":")[0] for f in flags(hasty)] == ["fast", "side", "undecided", "disagrees", "gold"]
+    few = {**hasty, "votes": 5, "decided": 5, "left": 5, "shared_with_others": 3, "gold_votes": 2}
+    assert flags(few) == []  # too few votes to say anything

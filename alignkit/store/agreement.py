@@ -12,6 +12,14 @@ Labels are the canonical choices a, b, tie, both_bad. A kappa that is undefined
 Votes on arena battles count too: a battle is judged like any comparison (blind,
 sides randomised, the same overlap), so its votes say as much about an annotator's
 consistency and side bias; `n_arena_votes` says how many there are.
+
+Per annotator, beside the rates: accuracy on gold items (comparisons with a known
+answer), Cohen's kappa against the consensus of the *other* annotators on the items
+they shared (the plurality of the others' votes, where there is one), and `flags`,
+each a reason to look at their work (FLAG_RULES, thresholds named below): too fast,
+a side they favour beyond chance, mostly ties or both-bad, little agreement with the
+others, low gold accuracy. A flag is a prompt for a person to look, never a verdict;
+an admin excludes an annotator's votes from export (`excluded`) by hand.
 """
 
 from __future__ import annotations
@@ -29,6 +37,14 @@ from alignkit.store.db import Store
 from alignkit.store.models import CHOICES, Annotator, Comparison, Vote
 
 
+# Flags: each needs enough votes to mean something, then a threshold.
+FAST_MEDIAN_SECONDS, FAST_MIN_VOTES = 3.0, 10  # nobody reads two responses in under 3 s
+SIDE_P_VALUE, SIDE_MIN_DECIDED = 0.01, 20  # left-side rate vs 1/2, two-sided binomial test
+UNDECIDED_RATE, UNDECIDED_MIN_VOTES = 0.5, 10  # ties and both-bad together
+KAPPA_VS_OTHERS, KAPPA_MIN_SHARED = 0.2, 10  # "slight" agreement or less (Landis & Koch)
+GOLD_ACCURACY, GOLD_MIN_VOTES = 0.7, 5
+
+
 @dataclass(frozen=True)
 class VoteRow:
     comparison_id: int
@@ -38,12 +54,15 @@ class VoteRow:
     seconds: float
     rationale: str | None
     arena: bool = False  # a vote on an arena battle
+    gold: str | None = None  # the comparison's known answer, for a gold item
+    excluded: bool = False  # the annotator's votes are left out of export
 
 
 def load_votes(store: Store) -> list[VoteRow]:
     with store.read() as s:
         rows = s.execute(select(Vote.comparison_id, Annotator.name, Vote.choice, Vote.swapped, Vote.seconds,
-                                Vote.rationale, Comparison.arena).join(Annotator, Annotator.id == Vote.annotator_id)
+                                Vote.rationale, Comparison.arena, Comparison.gold, Annotator.excluded)
+                         .join(Annotator, Annotator.id == Vote.annotator_id)
                          .join(Comparison, Comparison.id == Vote.comparison_id)
                          .order_by(Vote.comparison_id, Vote.id)).all()
     return [VoteRow(*r) for r in rows]
@@ -102,6 +121,50 @@ def fleiss(by_comparison: dict[int, list[str]]) -> dict[str, Any] | None:
     return {"kappa": kappa, "n_items": len(items), "raters_per_item": raters}
 
 
+def kappa_vs_others(votes: list[VoteRow]) -> dict[str, tuple[float | None, int]]:
+    """Per annotator: (Cohen's kappa of their labels against the other annotators' plurality, items counted)."""
+    from sklearn.metrics import cohen_kappa_score
+
+    by_comparison: dict[int, list[VoteRow]] = defaultdict(list)
+    for v in votes:
+        by_comparison[v.comparison_id].append(v)
+    pairs: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for vs in by_comparison.values():
+        for v in vs:
+            counts = Counter(o.choice for o in vs if o.annotator != v.annotator)
+            top = counts.most_common(2)
+            if top and (len(top) == 1 or top[0][1] > top[1][1]):  # a single plurality among the others
+                pairs[v.annotator].append((v.choice, top[0][0]))
+    out = {}
+    for name in {v.annotator for v in votes}:
+        own = pairs.get(name, [])
+        labels = {x for pair in own for x in pair}
+        kappa = None if len(own) < 2 or len(labels) < 2 else _nan_to_none(
+            cohen_kappa_score([p[0] for p in own], [p[1] for p in own], labels=list(CHOICES)))
+        out[name] = (kappa, len(own))
+    return out
+
+
+def flags(rates: dict[str, Any]) -> list[str]:
+    """The reasons to look at one annotator's work (see the module doc), from their row of the report."""
+    from scipy.stats import binomtest
+
+    out = []
+    if rates["votes"] >= FAST_MIN_VOTES and rates["median_seconds"] < FAST_MEDIAN_SECONDS:
+        out.append(f"fast: median {rates['median_seconds']:.1f} s a vote")
+    decided = rates["decided"]
+    if decided >= SIDE_MIN_DECIDED and binomtest(rates["left"], decided, 0.5).pvalue < SIDE_P_VALUE:
+        out.append(f"side: chose the left response {rates['left_rate']:.0%} of the time")
+    if rates["votes"] >= UNDECIDED_MIN_VOTES and rates["tie_rate"] + rates["both_bad_rate"] > UNDECIDED_RATE:
+        out.append(f"undecided: {rates['tie_rate'] + rates['both_bad_rate']:.0%} ties or both bad")
+    kappa, shared = rates["kappa_vs_others"], rates["shared_with_others"]
+    if kappa is not None and shared >= KAPPA_MIN_SHARED and kappa < KAPPA_VS_OTHERS:
+        out.append(f"disagrees: kappa {kappa:.2f} against the others on {shared} items")
+    if rates["gold_votes"] >= GOLD_MIN_VOTES and rates["gold_accuracy"] < GOLD_ACCURACY:
+        out.append(f"gold: {rates['gold_accuracy']:.0%} right on {rates['gold_votes']} gold items")
+    return out
+
+
 def agreement_report(store: Store) -> dict[str, Any]:
     """Counts per annotator, tie / both-bad / left-side rates, raw agreement, Cohen's and Fleiss' kappa."""
     votes = load_votes(store)
@@ -117,16 +180,27 @@ def agreement_report(store: Store) -> dict[str, Any]:
         # "left": the annotator preferred whatever was shown on the left (side-bias check).
         left = sum((v.choice == "a") != v.swapped for v in vs if v.choice in ("a", "b"))
         decided = c["a"] + c["b"]
+        gold = [v.choice == v.gold for v in vs if v.gold is not None]
         return {"votes": n, "tie_rate": c["tie"] / n if n else None, "both_bad_rate": c["both_bad"] / n if n else None,
-                "left_rate": left / decided if decided else None,
-                "median_seconds": statistics.median(v.seconds for v in vs) if vs else None}
+                "left_rate": left / decided if decided else None, "left": left, "decided": decided,
+                "median_seconds": statistics.median(v.seconds for v in vs) if vs else None,
+                "gold_votes": len(gold), "gold_accuracy": sum(gold) / len(gold) if gold else None}
 
+    vs_others = kappa_vs_others(votes)
+    annotators = {}
+    for name, vs in sorted(per.items()):
+        row = rates(vs)
+        row["kappa_vs_others"], row["shared_with_others"] = vs_others[name]
+        row["excluded"] = vs[0].excluded
+        row["flags"] = flags(row)
+        annotators[name] = row
     return {
         "n_votes": len(votes),
         "n_arena_votes": sum(v.arena for v in votes),
+        "n_gold_votes": sum(v.gold is not None for v in votes),
         "n_comparisons_voted": len(by_comparison),
         "overall": rates(votes),
-        "annotators": {name: rates(vs) for name, vs in sorted(per.items())},
+        "annotators": annotators,
         "raw_agreement": raw_agreement(by_comparison),
         "cohen": cohen_pairs(votes),
         "fleiss": fleiss(by_comparison),

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from alignkit.errors import UserError
 from alignkit.store.models import Base, SchemaVersion
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _add_arena(conn: Connection) -> None:
@@ -46,11 +46,17 @@ def _add_arena(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_comparison_open ON comparisons (arena, n_votes, id)"))
 
 
+def _add_gold_and_exclusion(conn: Connection) -> None:
+    """v2 -> v3: comparisons get `gold` (none is a gold item yet), annotators `excluded` (nobody is)."""
+    conn.execute(text("ALTER TABLE comparisons ADD COLUMN gold VARCHAR(8)"))
+    conn.execute(text("ALTER TABLE annotators ADD COLUMN excluded BOOLEAN NOT NULL DEFAULT FALSE"))
+
+
 # Forward migrations: MIGRATIONS[v] upgrades a store at version v to v + 1, inside
 # the transaction that then records the new version. A newer alignkit therefore
 # opens an older store; an older alignkit refuses a newer store. Each must leave
 # the same schema as a fresh store of the new version (tests/test_store.py checks).
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_arena}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_arena, 2: _add_gold_and_exclusion}
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 MAX_RETRIES = 12
@@ -155,16 +161,19 @@ def display_name(url_or_path: str | Path) -> str:
 class Store:
     """A label store: an engine plus transaction helpers that retry on lock contention.
 
-    `overlap` is how many distinct annotators each comparison goes to, and
-    `lease_seconds` how long an assignment is held before it is served again;
-    the queue functions take them from here unless told otherwise.
+    `overlap` is how many distinct annotators each comparison goes to,
+    `lease_seconds` how long an assignment is held before it is served again, and
+    `gold_rate` the share of new leases that are gold items; the queue functions take
+    them from here unless told otherwise.
     """
 
-    def __init__(self, engine: Engine, name: str, *, overlap: int = 3, lease_seconds: float = 600.0):
+    def __init__(self, engine: Engine, name: str, *, overlap: int = 3, lease_seconds: float = 600.0,
+                 gold_rate: float = 0.0):
         self.engine = engine
         self.name = name
         self.overlap = overlap
         self.lease_seconds = lease_seconds
+        self.gold_rate = gold_rate
         self.dialect = engine.dialect.name  # "sqlite" | "postgresql"
         self._read_engine = engine.execution_options(sqlite_begin="DEFERRED")
         # SQLite takes one writer at a time; threads of this process queue on a lock instead of
@@ -207,7 +216,7 @@ class Store:
 
 
 def open_store(url_or_path: str | Path, *, create: bool = True, overlap: int = 3, lease_seconds: float = 600.0,
-               pool_size: int = 20) -> Store:
+               pool_size: int = 20, gold_rate: float = 0.0) -> Store:
     """Open (and create or migrate) a label store: a file path means SQLite, or a postgresql+psycopg:// URL."""
     url, name = _resolve_url(url_or_path, create=create)
     if url.startswith("sqlite"):
@@ -216,7 +225,7 @@ def open_store(url_or_path: str | Path, *, create: bool = True, overlap: int = 3
         _install_sqlite_hooks(engine)
     else:
         engine = _postgres_engine(url, pool_size=pool_size)
-    store = Store(engine, name, overlap=overlap, lease_seconds=lease_seconds)
+    store = Store(engine, name, overlap=overlap, lease_seconds=lease_seconds, gold_rate=gold_rate)
     try:
         _ensure_schema(store, create=create)
     except UserError:

@@ -22,7 +22,10 @@ one or for both of a both-bad comparison), and the same bookkeeping.
 Arena battles (`alignkit compare --judge human:DB`) are left out: their prompts are
 evaluation prompts, and training on their votes would contaminate every later
 comparison on them. Their votes are read by `alignkit compare --collect` and the
-app's leaderboard instead.
+app's leaderboard instead. Gold items (`label import --gold`) are left out too: they
+measure annotators, and their answers were never anyone's vote. The votes of
+annotators an admin excluded (`label exclude`) are left out before aggregation;
+export.json names them.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from sqlalchemy import func, select
 from alignkit.data.formats import consistent_pairs, consistent_unpaired
 from alignkit.errors import UserError
 from alignkit.store.db import Store, open_store
-from alignkit.store.models import CHOICES, Comparison, Vote
+from alignkit.store.models import CHOICES, Annotator, Comparison, Vote
 
 POLICIES = ("drop", "ignore")
 BOTH_BAD_POLICIES = POLICIES + ("undesirable",)  # undesirable: unpaired rows only
@@ -100,7 +103,10 @@ def aggregate_store(store: Store, *, min_agreement: float = 0.0, ties: str = "dr
         labels: dict[int, list[str]] = defaultdict(list)
         for cid, choice in s.execute(select(Vote.comparison_id, Vote.choice)
                                      .join(Comparison, Comparison.id == Vote.comparison_id)
-                                     .where(Comparison.arena.is_(False)).order_by(Vote.comparison_id, Vote.id)):
+                                     .join(Annotator, Annotator.id == Vote.annotator_id)
+                                     .where(Comparison.arena.is_(False), Comparison.gold.is_(None),
+                                            Annotator.excluded.is_(False))
+                                     .order_by(Vote.comparison_id, Vote.id)):
             labels[cid].append(choice)
         comps = {c.id: c for c in s.scalars(select(Comparison).where(Comparison.id.in_(list(labels))))} if labels else {}
         rows, reasons = [], Counter()
@@ -123,6 +129,22 @@ def aggregate_store(store: Store, *, min_agreement: float = 0.0, ties: str = "dr
                 rows.append({"prompt": prompt, "chosen": chosen.text, "rejected": rejected.text,
                              "chosen_model": chosen.model_spec, "rejected_model": rejected.model_spec, **about})
     return rows, dict(reasons)
+
+
+def excluded_annotators(store: Store) -> list[str]:
+    with store.read() as s:
+        return list(s.scalars(select(Annotator.name).where(Annotator.excluded.is_(True)).order_by(Annotator.name)))
+
+
+def set_excluded(store: Store, name: str, excluded: bool) -> None:
+    """Leave an annotator's votes out of every export (or take them in again); nothing is deleted."""
+    def run(session) -> None:
+        annotator = session.scalars(select(Annotator).where(Annotator.name == name)).one_or_none()
+        if annotator is None:
+            raise UserError(f"no annotator {name!r} in {store.name} (annotators appear with their first request)")
+        annotator.excluded = excluded
+
+    store.write(run)
 
 
 def _arena_votes(store: Store) -> int:
@@ -195,7 +217,8 @@ def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         summary = {"store": store.name, "rows": len(rows), "per_reason": reasons,
                    "policy": {"aggregation": "plurality", "ties": ties, "both_bad": both_bad,
-                              "min_agreement": min_agreement, "min_votes": min_votes},
+                              "min_agreement": min_agreement, "min_votes": min_votes,
+                              "excluded_annotators": excluded_annotators(store), "gold_items": "left out"},
                    "format": "unpaired (prompt, completion, label)" if unpaired else "pairs (prompt, chosen, rejected)"}
         (tmp / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
         with _locked(out.parent):

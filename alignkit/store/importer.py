@@ -44,6 +44,7 @@ class ImportRow:
     responses: list[str] = field(default_factory=list)
     models: list[str | None] = field(default_factory=list)
     sampling: list[dict | None] = field(default_factory=list)
+    gold: bool = False  # a gold item (parse_gold_file): its first response is the known answer
 
 
 @dataclass
@@ -78,6 +79,11 @@ def storable_text(text: str) -> str:
     return text.replace("\x00", "\ufffd")
 
 
+def _refuse_nul(where: str, texts: Sequence[str]) -> None:
+    if any("\x00" in t for t in texts):
+        raise UserError(f"{where}: a response contains a NUL character (\\u0000), which a label store cannot hold")
+
+
 def parse_import_file(path: str | Path, *, responses_required: bool = True) -> list[ImportRow]:
     """Validate the whole file; the first bad line raises UserError("FILE:LINE: problem")."""
     rows: list[ImportRow] = []
@@ -91,8 +97,7 @@ def parse_import_file(path: str | Path, *, responses_required: bool = True) -> l
         responses = obj.get("responses", [])
         if not isinstance(responses, list) or not all(isinstance(r, str) and r.strip() for r in responses):
             raise UserError(f"{where}: `responses` must be a list of non-empty strings")
-        if any("\x00" in r for r in responses):
-            raise UserError(f"{where}: a response contains a NUL character (\\u0000), which a label store cannot hold")
+        _refuse_nul(where, responses)
         if len(set(responses)) != len(responses):
             raise UserError(f"{where}: `responses` has duplicates")
         if responses_required and len(responses) < 2:
@@ -104,6 +109,32 @@ def parse_import_file(path: str | Path, *, responses_required: bool = True) -> l
         rows.append(ImportRow(prompt, where, list(responses), list(models), [None] * len(responses)))
     if not rows:
         raise UserError(f"{path}: no prompts in file")
+    return rows
+
+
+GOLD_KEYS = {"prompt", "messages", "chosen", "rejected", "id", "meta"}
+
+
+def parse_gold_file(path: str | Path) -> list[ImportRow]:
+    """Gold items: JSONL rows of prompt (or messages) / chosen / rejected, chosen being the known answer. As
+    ImportRows whose first response is the chosen one; the first bad line raises UserError("FILE:LINE: ...")."""
+    rows: list[ImportRow] = []
+    for obj in read_jsonl(path, what="gold"):
+        where = f"{path}:{obj['_line']}"
+        unknown = sorted(set(obj) - GOLD_KEYS - {"_line"})
+        if unknown:
+            raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} (expected prompt or messages, chosen, "
+                            f"rejected, id, meta)")
+        prompt = prompt_from(obj, path, exclusive=True)
+        pair = [obj.get("chosen"), obj.get("rejected")]
+        if not all(isinstance(r, str) and r.strip() for r in pair):
+            raise UserError(f"{where}: `chosen` and `rejected` must be non-empty strings")
+        _refuse_nul(where, pair)
+        if pair[0] == pair[1]:
+            raise UserError(f"{where}: `chosen` and `rejected` are the same text")
+        rows.append(ImportRow(prompt, where, pair, [None, None], [None, None], gold=True))
+    if not rows:
+        raise UserError(f"{path}: no gold items in file")
     return rows
 
 
@@ -145,6 +176,9 @@ def write_rows(store: Store, rows: Sequence[ImportRow], *, arena: bool = False) 
     arena=True (`alignkit compare --judge human:DB`): the comparisons are arena battles, served
     only in the Arena tab; one that already exists becomes a battle too (votes it has stay and
     count as battle votes). arena=False never turns a battle back into an ordinary comparison.
+    A gold row (from parse_gold_file) makes its pair a gold item whose known answer is its first
+    response; an existing comparison with votes, or a battle, is refused rather than turned gold (its
+    votes would silently leave every export), and then nothing of the file is imported.
     """
 
     def run(session: Session) -> ImportSummary:
@@ -180,9 +214,13 @@ def write_rows(store: Store, rows: Sequence[ImportRow], *, arena: bool = False) 
                 pairs.add((x, y))
                 comp = session.scalars(select(Comparison).where(Comparison.response_a_id == x,
                                                                 Comparison.response_b_id == y)).first()
+                answer = ("a" if ids[0] == x else "b") if row.gold else None
+                if row.gold and comp is not None and comp.gold is None:
+                    _check_can_turn_gold(comp, row.source)
+                    comp.gold = answer
                 if comp is None:
                     session.add(Comparison(prompt_id=prompt.id, response_a_id=x, response_b_id=y, arena=arena,
-                                           created_at=now))
+                                           gold=answer, created_at=now))
                     new_comp += 1
                 elif arena and not comp.arena:
                     session.execute(update(Comparison).where(Comparison.id == comp.id).values(arena=True))
@@ -193,6 +231,14 @@ def write_rows(store: Store, rows: Sequence[ImportRow], *, arena: bool = False) 
                              converted=converted, converted_votes=converted_votes)
 
     return store.write(run)
+
+
+def _check_can_turn_gold(comp: Comparison, source: str) -> None:
+    if comp.arena:
+        raise UserError(f"{source}: this pair is an arena battle already; a gold item must be an ordinary comparison")
+    if comp.n_votes:
+        raise UserError(f"{source}: this pair is already a comparison with {comp.n_votes} vote(s); as a gold item "
+                        f"its votes would leave every export (use another pair)")
 
 
 def import_file(store: Store, path: str | Path, *, generate: Sequence[str] = (), params=None,

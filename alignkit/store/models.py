@@ -53,6 +53,8 @@ class Annotator(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
     created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    # Schema v3: an admin left this annotator's votes out of every export (nothing is deleted).
+    excluded: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
 
 
 class Prompt(Base):
@@ -92,6 +94,7 @@ class Comparison(Base):
     an index instead of counting the votes of every comparison on every request.
 
     `arena`: a battle between two models (schema v2), served only to the arena pool.
+    `gold`: a gold item (schema v3): its known answer, to measure annotators by.
     """
 
     __tablename__ = "comparisons"
@@ -110,6 +113,9 @@ class Comparison(Base):
     created_at: Mapped[float] = mapped_column(Float, nullable=False)
     # Last, where the v1 -> v2 migration's ALTER TABLE puts it: both stores have one schema.
     arena: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
+    # Schema v3: a gold item's known answer in canonical terms ("a": response_a is right), None for every other
+    # comparison. Gold items are served to every annotator (no overlap) and never exported.
+    gold: Mapped[str | None] = mapped_column(String(8))
 
     prompt: Mapped[Prompt] = relationship(lazy="joined")
     response_a: Mapped[Response] = relationship(foreign_keys=[response_a_id], lazy="joined")

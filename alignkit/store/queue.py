@@ -15,6 +15,9 @@ Rules, all enforced inside one database transaction each:
   someone else is refused;
 - a vote names its comparison (the one the annotator had on screen), and one sooner
   than `min_display_seconds` after that comparison was served to them is refused;
+- gold items (comparisons with a known answer, `label import --gold`) are served to
+  every annotator once, outside the overlap, at `gold_rate` of their requests while
+  ordinary work remains (never once it is done); they look like any other item;
 - arena battles: an annotator is served at most one battle per prompt. compare puts
   every pair of models on a prompt in the store, so a second battle of the same
   prompt repeats a response whose model the first reveal named. Battles are served
@@ -156,14 +159,17 @@ def _occupied(now: float, *, exclude_annotator: int | None = None):
     return select(func.count(Assignment.id)).where(*cond).correlate(Comparison).scalar_subquery()
 
 
-def _eligible(uid: int, overlap: int, now: float, arena: bool):
+def _eligible(uid: int, overlap: int, now: float, arena: bool, *, gold: bool = False):
     # Any assignment of theirs bars a comparison, except an expired lease: that one is theirs to be
     # served again while its slot is free (an unexpired one is returned as held before this is asked).
     mine = exists().where(Assignment.comparison_id == Comparison.id, Assignment.annotator_id == uid,
                           or_(Assignment.status != "active", Assignment.expires_at > now))
+    if gold:  # every annotator is measured on every gold item: no overlap, no slots
+        return and_(Comparison.arena.is_(False), Comparison.gold.is_not(None), ~mine)
     # pool and n_votes < overlap first: full comparisons drop out through an index, so the slot
     # count below runs only over comparisons that still take votes.
-    cond = [Comparison.arena == arena, Comparison.n_votes < overlap, ~mine, _occupied(now) < overlap]
+    cond = [Comparison.arena == arena, Comparison.gold.is_(None), Comparison.n_votes < overlap, ~mine,
+            _occupied(now) < overlap]
     if arena:
         cond.append(~_other_battle_of_prompt(uid))
     return and_(*cond)
@@ -177,21 +183,23 @@ def _other_battle_of_prompt(uid: int):
                           other.prompt_id == Comparison.prompt_id, other.arena.is_(True), other.id != Comparison.id)
 
 
-def _check_pool(store: Store, session: Session, comparison_id: int, arena: bool, *, lock: bool = False) -> None:
+def _check_pool(store: Store, session: Session, comparison_id: int, arena: bool, *, lock: bool = False) -> bool:
     """Refuse a comparison that does not exist or is of the other pool: the Arena reveals model names
-    after its own votes only, and must not reveal an ordinary comparison's models.
+    after its own votes only, and must not reveal an ordinary comparison's models. Returns whether it is
+    a gold item.
 
     lock: on PostgreSQL, lock the comparison row (serializes votes and leases on it)."""
-    q = select(Comparison.arena).where(Comparison.id == comparison_id)
+    q = select(Comparison.arena, Comparison.gold).where(Comparison.id == comparison_id)
     if lock and store.dialect == "postgresql":
         q = q.with_for_update()
-    found = session.scalar(q)
+    found = session.execute(q).first()
     if found is None:
         raise UserError(f"comparison {comparison_id} does not exist")
-    if found and not arena:
+    if found.arena and not arena:
         raise UserError(f"comparison {comparison_id} is an arena battle, served in the Arena tab")
-    if arena and not found:
+    if arena and not found.arena:
         raise UserError(f"comparison {comparison_id} is not an arena battle")
+    return found.gold is not None
 
 
 def _to_item(comp: Comparison, a: Assignment) -> Item:
@@ -200,14 +208,16 @@ def _to_item(comp: Comparison, a: Assignment) -> Item:
                 a.expires_at)
 
 
-def _pick(store: Store, session: Session, uid: int, overlap: int, t: float, arena: bool, *, only=None) -> int | None:
+def _pick(store: Store, session: Session, uid: int, overlap: int, t: float, arena: bool, *, only=None,
+          gold: bool = False) -> int | None:
     """The id of the next comparison the annotator may be served (locked on PostgreSQL), or None."""
     # Battles fewest votes first: annotators then spread over each prompt's pairs of models instead of
     # all judging its first pair (each sees one battle per prompt). Label comparisons in import order.
     order = (Comparison.n_votes, Comparison.id) if arena else (Comparison.id,)
+    eligible = _eligible(uid, overlap, t, arena, gold=gold)
     tried: list[int] = []
     while True:
-        q = select(Comparison.id).where(_eligible(uid, overlap, t, arena))
+        q = select(Comparison.id).where(eligible)
         if only is not None:
             q = q.where(only)
         if tried:
@@ -220,16 +230,20 @@ def _pick(store: Store, session: Session, uid: int, overlap: int, t: float, aren
             return cid
         # The row is locked now; re-check in a fresh snapshot (READ COMMITTED) that sees
         # every assignment committed before we got the lock.
-        if session.scalar(select(Comparison.id).where(Comparison.id == cid, _eligible(uid, overlap, t, arena))):
+        if session.scalar(select(Comparison.id).where(Comparison.id == cid, eligible)):
             return cid
         tried.append(cid)
 
 
 def next_item(store: Store, annotator: str, *, overlap: int | None = None, now: float | None = None,
-              rng: random.Random | None = None, arena: bool = False) -> Item | None:
-    """Lease the next comparison of the pool to `annotator` (or return the one they hold); None when none is left."""
+              rng: random.Random | None = None, arena: bool = False, gold_rate: float | None = None) -> Item | None:
+    """Lease the next comparison of the pool to `annotator` (or return the one they hold); None when none is left.
+
+    `gold_rate` (default: the store's) of new leases is a gold item they have not seen, while ordinary work remains."""
     overlap = store.overlap if overlap is None else overlap
+    gold_rate = store.gold_rate if gold_rate is None else gold_rate
     coin = (rng or random).random() < 0.5
+    gold_first = not arena and (rng or random).random() < gold_rate
 
     def run(session: Session) -> Item | None:
         t = time.time() if now is None else now
@@ -242,11 +256,14 @@ def next_item(store: Store, annotator: str, *, overlap: int | None = None, now: 
         ).first()
         if held is not None:
             return _to_item(session.get(Comparison, held.comparison_id), held)
-        expired = select(Assignment.comparison_id).where(Assignment.annotator_id == uid,
-                                                         Assignment.status == "active", Assignment.expires_at <= t)
-        cid = _pick(store, session, uid, overlap, t, arena, only=Comparison.id.in_(expired))
+        expired = Comparison.id.in_(select(Assignment.comparison_id).where(
+            Assignment.annotator_id == uid, Assignment.status == "active", Assignment.expires_at <= t))
+        cid = _pick(store, session, uid, overlap, t, arena, only=expired) \
+            or _pick(store, session, uid, overlap, t, arena, only=expired, gold=True)
         if cid is None:
-            cid = _pick(store, session, uid, overlap, t, arena)
+            ordinary = _pick(store, session, uid, overlap, t, arena)
+            gold = _pick(store, session, uid, overlap, t, arena, gold=True) if gold_first and ordinary else None
+            cid = gold or ordinary
         if cid is None:
             return None
         a = session.scalars(select(Assignment).where(Assignment.comparison_id == cid,
@@ -282,7 +299,7 @@ def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, r
     def run(session: Session) -> VoteReceipt:
         t = time.time() if now is None else now
         uid = annotator_id(store, session, annotator)
-        _check_pool(store, session, comparison_id, arena, lock=True)  # serializes votes (and leases) on it
+        gold = _check_pool(store, session, comparison_id, arena, lock=True)  # serializes votes (and leases) on it
         a = session.scalars(select(Assignment).where(Assignment.comparison_id == comparison_id,
                                                      Assignment.annotator_id == uid)).one_or_none()
         if a is None:
@@ -293,7 +310,7 @@ def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, r
             raise UserError(f"{annotator} skipped comparison {comparison_id}")
         others = session.scalar(select(_occupied(t, exclude_annotator=uid)).select_from(Comparison)
                                 .where(Comparison.id == comparison_id))
-        if others >= overlap:
+        if others >= overlap and not gold:
             raise UserError(f"the lease on comparison {comparison_id} expired and it went to other annotators")
         if _shown_too_briefly(t, a, min_display_seconds):
             raise UserError(f"comparison {comparison_id} was on screen for {max(0.0, t - a.served_at):.2f} s; "
@@ -368,7 +385,8 @@ def progress(store: Store, annotator: str, *, overlap: int | None = None, now: f
         uid = session.scalar(select(Annotator.id).where(Annotator.name == annotator))
         if uid is None:  # never seen: nothing done, everything not yet full is open to them
             return Progress(0, session.scalar(select(counted).where(
-                Comparison.arena == arena, Comparison.n_votes < overlap, _occupied(t) < overlap)), 0)
+                Comparison.arena == arena, Comparison.gold.is_(None), Comparison.n_votes < overlap,
+                _occupied(t) < overlap)), 0)
         pool = Comparison.arena == arena
         done = session.scalar(select(func.count(Vote.id)).join(Comparison, Comparison.id == Vote.comparison_id)
                               .where(Vote.annotator_id == uid, pool))
