@@ -12,8 +12,9 @@ A recipe is
       - {name: dpo, kind: dpo, after: sft, data: {...}, train: {...}}
 
 `train:` keys are the fields of the stage kind's TRL config (SFTConfig,
-DPOConfig, ...) and pass straight through; `data:` keys are the stage kind's
-DATA_KEYS. Errors name the file, the line and the dotted key (or the `--set`
+DPOConfig, ...) and pass straight through; `data:` keys, and which stages
+`after:` and `reward:` may name, are what the kind declares (alignkit.stage.StageKind),
+read from the recipes the runner passes in as `stage_kinds`. Errors name the file, the line and the dotted key (or the `--set`
 that gave the value), and suggest the key that was probably meant.
 """
 
@@ -25,23 +26,19 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
-from alignkit.data.sources import EXCLUSIVE_KEYS, PATH_KEYS, data_value_problem
+from alignkit.data.keys import EXCLUSIVE_KEYS, PATH_KEYS, data_value_problem
 from alignkit.errors import UserError
-from alignkit.training import MANAGED_TRAIN_KEYS, liger_available
-from alignkit.modeling import DTYPES, PEFT_METHODS, QUANTIZATIONS, TINY_SPEC, ModelSettings, PeftSettings
+from alignkit.modeling import DTYPES, PEFT_METHODS, QUANTIZATIONS, TINY_SPEC, ModelSettings, PeftSettings, liger_available
+from alignkit.stage import MANAGED_TRAIN_KEYS, StageKind, StageRecipe
 
 TOP_LEVEL_KEYS = {"description", "model", "peft", "run_dir", "seed", "stages"}
 STAGE_KEYS = {"name", "kind", "after", "reward", "data", "train"}
 # Stage fields that name another stage: the runner orders by them and passes them to the recipe as parents.
 STAGE_REFERENCES = ("after", "reward")
-# Kinds that score rollouts with a reward stage named by `reward:`.
-NEEDS_REWARD = {"ppo", "rloo", "grpo"}
-# Keys under `data:` whose values are paths (resolved against the YAML's directory, or the cwd for --set).
-PATH_DATA_KEYS = set(PATH_KEYS)
 
 
 @dataclass
@@ -325,9 +322,50 @@ def _resolve_model_base(base: Any, base_dir: Path) -> Any:
     return str(candidate.resolve()) if candidate.exists() else base
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_kinds: dict | None = None) -> RecipeConfig:
-    """Load, override and validate a recipe. `stage_kinds` maps kind -> recipe module (for train/data keys)."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *,
+                stage_kinds: Mapping[str, StageRecipe] | None = None) -> RecipeConfig:
+    """Load, override and validate a recipe. `stage_kinds` maps kind -> its recipe (the runner's table),
+    whose KIND declarations say which train and data keys, and which parents, each kind takes."""
     path = Path(path)
+    raw, lines = _read_yaml(path)
+    set_by: dict[str, str] = {}
+    for item in overrides or []:
+        set_by[apply_override(raw, item)] = item
+    where = _Where(path, lines, set_by)
+
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            raise UserError(f"{where(str(key))}: unknown key {key}{_suggest(key, TOP_LEVEL_KEYS)}")
+    for key in ("model", "stages"):
+        if key not in raw:
+            raise UserError(f"{path}: missing required key {key!r}")
+    description = raw.get("description") or ""
+    if not isinstance(description, str):
+        raise UserError(f"{where('description')}: description must be text")
+    model = _model_settings(raw, where)
+    peft = _peft_settings(raw, model, where)
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(f"{where('seed')}: seed={seed!r} is not an integer")
+    run_dir_raw = raw.get("run_dir") or f"runs/{path.stem}"
+    if not isinstance(run_dir_raw, str):
+        raise UserError(f"{where('run_dir')}: run_dir={run_dir_raw!r} is not a path")
+    run_dir = Path(_resolve_path(run_dir_raw, where.base_dir("run_dir")))
+
+    stages_raw = raw["stages"]
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise UserError(f"{where('stages')}: stages must be a non-empty list")
+    stages = [_stage_config(i, s, where, stage_kinds) for i, s in enumerate(stages_raw)]
+    _check_references(stages, where)
+    if stage_kinds is not None:
+        _check_stage_roles(stages, stage_kinds, where)
+    _check_peft_limits(peft, stages, where, stage_kinds)
+    return RecipeConfig(path=path, model=model, peft=peft, run_dir=run_dir, seed=seed, stages=stages,
+                        description=description, raw=raw, where=where)
+
+
+def _read_yaml(path: Path) -> tuple[dict, _Lines]:
+    """The recipe's mapping (with no shared nodes) and the line of every key; refuses duplicate keys."""
     if not path.exists():
         raise UserError(f"config file not found: {path}")
     if path.is_dir():
@@ -346,26 +384,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
         raise UserError(f"{at}: invalid YAML: {getattr(err, 'problem', err)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping with model, peft, run_dir and stages")
-    raw = _unshare(raw)
     lines = _Lines(text)
     if lines.duplicates:
         key, first, again = lines.duplicates[0]
         raise UserError(f"{path}:{again}: duplicate key {key} (first on line {first}); YAML would keep only the last")
-    set_by: dict[str, str] = {}
-    for item in overrides or []:
-        set_by[apply_override(raw, item)] = item
-    where = _Where(path, lines, set_by)
+    return _unshare(raw), lines
 
-    for key in raw:
-        if key not in TOP_LEVEL_KEYS:
-            raise UserError(f"{where(str(key))}: unknown key {key}{_suggest(key, TOP_LEVEL_KEYS)}")
-    for key in ("model", "stages"):
-        if key not in raw:
-            raise UserError(f"{path}: missing required key {key!r}")
-    description = raw.get("description") or ""
-    if not isinstance(description, str):
-        raise UserError(f"{where('description')}: description must be text")
 
+def _model_settings(raw: dict, where: _Where) -> ModelSettings:
     model_raw = _mapping(raw.get("model"), "model", where)
     if "base" not in model_raw:
         raise UserError(f"{where('model')}: model.base is required (hub id, local dir or alignkit-tiny)")
@@ -378,7 +404,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
     ):
         if value not in allowed:
             raise UserError(f"{where(key)}: {key}={value!r}; one of {', '.join(allowed)}{_suggest(value, allowed)}")
+    return model
 
+
+def _peft_settings(raw: dict, model: ModelSettings, where: _Where) -> PeftSettings:
     peft = _build_dataclass(PeftSettings, _mapping(raw.get("peft"), "peft", where), section="peft", where=where)
     if peft.method not in PEFT_METHODS:
         raise UserError(f"{where('peft.method')}: peft.method={peft.method!r}; one of {', '.join(PEFT_METHODS)}{_suggest(peft.method, PEFT_METHODS)}")
@@ -389,62 +418,63 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
                           ("num_virtual_tokens", peft.num_virtual_tokens >= 1, ">= 1")):
         if not ok:  # PEFT / torch would refuse it only once the model is loaded, after earlier stages trained
             raise UserError(f"{where(f'peft.{key}')}: peft.{key}={getattr(peft, key)!r} must be {rule}")
+    return peft
 
-    seed = raw.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise UserError(f"{where('seed')}: seed={seed!r} is not an integer")
-    run_dir_raw = raw.get("run_dir") or f"runs/{path.stem}"
-    if not isinstance(run_dir_raw, str):
-        raise UserError(f"{where('run_dir')}: run_dir={run_dir_raw!r} is not a path")
-    run_dir = Path(_resolve_path(run_dir_raw, where.base_dir("run_dir")))
 
-    stages_raw = raw["stages"]
-    if not isinstance(stages_raw, list) or not stages_raw:
-        raise UserError(f"{where('stages')}: stages must be a non-empty list")
-    stages: list[StageConfig] = []
-    for i, s in enumerate(stages_raw):
-        if not isinstance(s, dict):
-            raise UserError(f"{where(f'stages.{i}')}: each stage must be a mapping")
-        sname = s.get("name")
-        where_key = f"stages.{sname if sname is not None else i}"
-        if not isinstance(sname, str) or not sname or "/" in sname or sname.startswith("."):
-            raise UserError(f"{where(where_key)}: stage {i} needs a name (a plain directory name)")
-        for key in s:
-            if key not in STAGE_KEYS:
-                raise UserError(f"{where(f'{where_key}.{key}')}: unknown key {where_key}.{key}{_suggest(key, STAGE_KEYS)}")
-        kind = s.get("kind")
-        if stage_kinds is not None and (not isinstance(kind, str) or kind not in stage_kinds):
-            raise UserError(f"{where(f'{where_key}.kind')}: {where_key}.kind={kind!r}; one of {', '.join(stage_kinds)}{_suggest(kind, stage_kinds)}")
-        for role in STAGE_REFERENCES:
-            if s.get(role) is not None and not isinstance(s[role], str):
-                raise UserError(f"{where(f'{where_key}.{role}')}: {where_key}.{role}={s[role]!r} must be a stage name")
-        # A data key set to null counts as absent, so `--set stages.dpo.data.train=null` removes one.
-        data = {k: v for k, v in _mapping(s.get("data"), f"{where_key}.data", where).items() if v is not None}
-        train = _mapping(s.get("train"), f"{where_key}.train", where)
-        if stage_kinds is not None:
-            module = stage_kinds[kind]
-            for key in data:
-                if key not in module.DATA_KEYS:
-                    raise UserError(f"{where(f'{where_key}.data.{key}')}: unknown key {where_key}.data.{key}{_suggest(key, module.DATA_KEYS)}")
-            train_fields = {f.name for f in dataclasses.fields(module.TRAIN_CONFIG)}
-            hints = typing.get_type_hints(module.TRAIN_CONFIG)
-            train = {k: _coerce(v, hints.get(k, Any)) for k, v in train.items()}
-            for key, value in train.items():
-                if key in MANAGED_TRAIN_KEYS:
-                    raise UserError(f"{where(f'{where_key}.train.{key}')}: {where_key}.train.{key} is set by alignkit "
-                                    "(checkpoints and TensorBoard logs go into the stage directory)")
-                if key not in train_fields:
-                    raise UserError(f"{where(f'{where_key}.train.{key}')}: unknown key {where_key}.train.{key}{_suggest(key, train_fields)}")
-                if not _check_type(value, hints.get(key, Any)):
-                    raise UserError(f"{where(f'{where_key}.train.{key}')}: {where_key}.train.{key}={value!r} is not a valid {_type_name(hints.get(key))}")
-            if train.get("use_liger_kernel") and not liger_available():
-                raise UserError(f"{where(f'{where_key}.train.use_liger_kernel')}: {where_key}.train.use_liger_kernel "
-                                f"needs the liger-kernel package (pip install 'alignkit[gpu]'), or set it to false")
-        data = _check_data(data, where_key, where, stage_kinds[kind] if stage_kinds is not None else None)
-        data = {k: (_resolve_path(v, where.base_dir(f"{where_key}.data.{k}")) if k in PATH_DATA_KEYS else v)
-                for k, v in data.items()}
-        stages.append(StageConfig(name=sname, kind=kind, data=data, train=train, after=s.get("after"), reward=s.get("reward")))
+def _stage_config(i: int, s: Any, where: _Where, stage_kinds: Mapping[str, StageRecipe] | None) -> StageConfig:
+    """One entry of `stages:`, its keys checked against its kind's declaration and its paths resolved."""
+    if not isinstance(s, dict):
+        raise UserError(f"{where(f'stages.{i}')}: each stage must be a mapping")
+    sname = s.get("name")
+    where_key = f"stages.{sname if sname is not None else i}"
+    if not isinstance(sname, str) or not sname or "/" in sname or sname.startswith("."):
+        raise UserError(f"{where(where_key)}: stage {i} needs a name (a plain directory name)")
+    for key in s:
+        if key not in STAGE_KEYS:
+            raise UserError(f"{where(f'{where_key}.{key}')}: unknown key {where_key}.{key}{_suggest(key, STAGE_KEYS)}")
+    kind_name = s.get("kind")
+    if stage_kinds is not None and (not isinstance(kind_name, str) or kind_name not in stage_kinds):
+        raise UserError(f"{where(f'{where_key}.kind')}: {where_key}.kind={kind_name!r}; one of {', '.join(stage_kinds)}{_suggest(kind_name, stage_kinds)}")
+    for role in STAGE_REFERENCES:
+        if s.get(role) is not None and not isinstance(s[role], str):
+            raise UserError(f"{where(f'{where_key}.{role}')}: {where_key}.{role}={s[role]!r} must be a stage name")
+    # A data key set to null counts as absent, so `--set stages.dpo.data.train=null` removes one.
+    data = {k: v for k, v in _mapping(s.get("data"), f"{where_key}.data", where).items() if v is not None}
+    train = _mapping(s.get("train"), f"{where_key}.train", where)
+    kind = stage_kinds[kind_name].KIND if stage_kinds is not None else None
+    if kind is not None:
+        for key in data:
+            if key not in kind.data_keys:
+                raise UserError(f"{where(f'{where_key}.data.{key}')}: unknown key {where_key}.data.{key}{_suggest(key, kind.data_keys)}")
+        train = _train_settings(train, kind, where_key, where)
+    data = _check_data(data, where_key, where, kind)
+    data = {k: (_resolve_path(v, where.base_dir(f"{where_key}.data.{k}")) if k in PATH_KEYS else v)
+            for k, v in data.items()}
+    return StageConfig(name=sname, kind=kind_name, data=data, train=train, after=s.get("after"), reward=s.get("reward"))
 
+
+def _train_settings(train: dict, kind: StageKind, where_key: str, where: _Where) -> dict:
+    """`train:` keys checked against the fields (and types) of the kind's config class."""
+    train_fields = {f.name for f in dataclasses.fields(kind.config_class)}
+    hints = typing.get_type_hints(kind.config_class)
+    train = {k: _coerce(v, hints.get(k, Any)) for k, v in train.items()}
+    for key, value in train.items():
+        at = where(f"{where_key}.train.{key}")
+        if key in MANAGED_TRAIN_KEYS:
+            raise UserError(f"{at}: {where_key}.train.{key} is set by alignkit "
+                            "(checkpoints and TensorBoard logs go into the stage directory)")
+        if key not in train_fields:
+            raise UserError(f"{at}: unknown key {where_key}.train.{key}{_suggest(key, train_fields)}")
+        if not _check_type(value, hints.get(key, Any)):
+            raise UserError(f"{at}: {where_key}.train.{key}={value!r} is not a valid {_type_name(hints.get(key))}")
+    if train.get("use_liger_kernel") and not liger_available():
+        raise UserError(f"{where(f'{where_key}.train.use_liger_kernel')}: {where_key}.train.use_liger_kernel "
+                        f"needs the liger-kernel package (pip install 'alignkit[gpu]'), or set it to false")
+    return train
+
+
+def _check_references(stages: list[StageConfig], where: _Where) -> None:
+    """Unique names; `after:` and `reward:` name another stage of the recipe; no cycles."""
     names = [s.name for s in stages]
     for s in stages:
         if names.count(s.name) > 1:
@@ -455,7 +485,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
             if ref == s.name:
                 raise UserError(f"{where(f'stages.{s.name}.{role}')}: stage {s.name!r} cannot depend on itself")
     order_stages(stages, where=where)  # raises on cycles
-    _check_stage_roles(stages, where)
+
+
+def _check_peft_limits(peft: PeftSettings, stages: list[StageConfig], where: _Where,
+                       stage_kinds: Mapping[str, StageRecipe] | None) -> None:
+    """What a PEFT method cannot do, known from the YAML: refused before any stage trains."""
     if peft.method in ("prompt_tuning", "prefix_tuning"):
         child = next((s for s in stages if s.after), None)
         if child is not None:
@@ -471,37 +505,37 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, stage_k
             if s.train.get("gradient_checkpointing") is not False:
                 raise UserError(f"{where(f'stages.{s.name}.train')}: peft.method=prefix_tuning does not work with "
                                 f"gradient checkpointing: set stages.{s.name}.train.gradient_checkpointing: false")
-    if peft.method == "ia3":
-        # TRL 1.16 builds the reference adapter by copying parameters named `.default.`; IA3's are named
-        # `ia3_l.default`, so the reference would silently be the base, not the parent policy.
-        child = next((s for s in stages if s.after and s.kind in ("dpo", "kto", "grpo", "rloo")), None)
+    if peft.method == "ia3" and stage_kinds is not None:
+        child = next((s for s in stages if s.after and stage_kinds[s.kind].KIND.copies_parent_as_reference), None)
         if child is not None:
             raise UserError(f"{where(f'stages.{child.name}.after')}: a {child.kind} stage cannot continue an ia3 adapter "
                             f"(TRL would take the base, not stage {child.after}, as its reference); use lora or dora")
-    return RecipeConfig(path=path, model=model, peft=peft, run_dir=run_dir, seed=seed, stages=stages,
-                        description=description, raw=raw, where=where)
 
 
-def _check_stage_roles(stages: list[StageConfig], where: "_Where") -> None:
-    """What each reference may name, known from the YAML alone: checked here rather than when the stage
-    starts, after its parents trained. The recipes check the stage.json they load again."""
-    kinds = {s.name: s.kind for s in stages}
+def _check_stage_roles(stages: list[StageConfig], stage_kinds: Mapping[str, StageRecipe], where: _Where) -> None:
+    """What each reference may name, from the kinds' declarations and the YAML alone: checked here rather than
+    when the stage starts, after its parents trained. alignkit.stage.check_parents checks the stage.json again."""
+    by_name = {s.name: s for s in stages}
+    kinds = {s.kind: stage_kinds[s.kind].KIND for s in stages}
     for s in stages:
-        if s.kind in NEEDS_REWARD and not s.reward:
+        kind = kinds[s.kind]
+        if kind.takes_reward and not s.reward:
             raise UserError(f"{where(f'stages.{s.name}')}: a {s.kind} stage needs `reward:` naming a stage of kind reward")
-        if s.reward and s.kind not in NEEDS_REWARD:
-            raise UserError(f"{where(f'stages.{s.name}.reward')}: only {', '.join(sorted(NEEDS_REWARD))} stages take "
+        if s.reward and not kind.takes_reward:
+            raise UserError(f"{where(f'stages.{s.name}.reward')}: only {', '.join(k for k in sorted(stage_kinds) if stage_kinds[k].KIND.takes_reward)} stages take "
                             f"`reward:` (a {s.kind} stage would ignore it)")
-        if s.reward and kinds[s.reward] != "reward":
+        if s.reward and kinds[by_name[s.reward].kind].output != "reward":
             raise UserError(f"{where(f'stages.{s.name}.reward')}: stages.{s.name}.reward names {s.reward!r}, "
-                            f"a {kinds[s.reward]} stage, not a reward stage")
-        if s.after and kinds[s.after] == "reward" and s.kind != "reward":  # a reward model may continue one
-            raise UserError(f"{where(f'stages.{s.name}.after')}: stages.{s.name}.after names {s.after!r}, a reward "
-                            f"stage: a {s.kind} stage starts from a policy (sft, dpo, kto, ...); a reward stage goes "
-                            "under `reward:`")
+                            f"a {by_name[s.reward].kind} stage, not a reward stage")
+        parent = kinds[by_name[s.after].kind] if s.after else None
+        if parent is not None and not kind.accepts_after(parent):
+            allowed = "a policy (sft, dpo, kto, ...)" if kind.after == "policy" else "a " + " or ".join(kind.after) + " stage"
+            hint = "; a reward stage goes under `reward:`" if parent.output == "reward" else ""
+            raise UserError(f"{where(f'stages.{s.name}.after')}: stages.{s.name}.after names {s.after!r}, a "
+                            f"{parent.name} stage: a {s.kind} stage starts from {allowed}{hint}")
 
 
-def _check_data(data: dict, where_key: str, where: _Where, module) -> dict:
+def _check_data(data: dict, where_key: str, where: _Where, kind: StageKind | None) -> dict:
     """A stage's data values, checked at their YAML line or --set; returns data with overridden alternatives dropped."""
     for key, value in data.items():
         problem = data_value_problem(key, value)
@@ -516,9 +550,8 @@ def _check_data(data: dict, where_key: str, where: _Where, module) -> dict:
             # One of them came from --set: the command line replaces the YAML's choice, as the recipes'
             # headers show (`--set stages.dpo.data.labels_db=labels.db` over a YAML `train:`).
             del data[second if given[first] else first]
-    if module is not None:
-        # What a kind reads follows from its DATA_KEYS: train rows (or a label store), or prompts.
-        needs = [k for k in ("train", "labels_db") if k in module.DATA_KEYS] or [k for k in ("prompts",) if k in module.DATA_KEYS]
+    if kind is not None:
+        needs = kind.required_data()
         if needs and not any(k in data for k in needs):
             either = f" (or {needs[1]})" if len(needs) > 1 else ""
             raise UserError(f"{where(f'{where_key}.data')}: {where_key}.data.{needs[0]}{either} is required")

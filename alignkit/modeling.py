@@ -170,6 +170,18 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
+def liger_available() -> bool:
+    """TRL's own check (installed and recent enough), so we never turn on what TRL would refuse;
+    find_spec first, so a bad-input check without Liger does not import TRL (and bitsandbytes' noise)."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False
+    from trl.import_utils import is_liger_kernel_available
+
+    return is_liger_kernel_available()
+
+
 def load_tokenizer(name_or_path: str, *, padding_side: str = "right"):
     """Tokenizer with a pad token and a chat template (the default one if it ships none)."""
     from transformers import AutoTokenizer

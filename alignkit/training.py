@@ -7,7 +7,7 @@ Defaults that differ from TRL's (a recipe's `train:` overrides any of them):
   save_steps     50       (TRL: 500) so --resume has something to continue from
   save_total_limit 2      (TRL: unlimited) checkpoints of adapters are small, but not free
   seed           the recipe's seed
-Set by alignkit and not settable (MANAGED_TRAIN_KEYS): output_dir, report_to, logging_dir.
+Set by alignkit and not settable (alignkit.stage.MANAGED_TRAIN_KEYS): output_dir, report_to, logging_dir.
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alignkit.artifacts import kept_checkpoint_note
 from alignkit.errors import TrainingDiverged, UserError
+from alignkit.modeling import liger_available
 
-MANAGED_TRAIN_KEYS = ("output_dir", "report_to", "logging_dir", "resume_from_checkpoint", "push_to_hub", "hub_model_id")
+if TYPE_CHECKING:
+    from alignkit.stage import StageRun
 
 
 def alignkit_defaults(seed: int) -> dict:
@@ -38,18 +41,6 @@ def alignkit_defaults(seed: int) -> dict:
     }
 
 
-def liger_available() -> bool:
-    """TRL's own check (installed and recent enough), so we never turn on what TRL would refuse;
-    find_spec first, so a bad-input check without Liger does not import TRL (and bitsandbytes' noise)."""
-    import importlib.util
-
-    if importlib.util.find_spec("liger_kernel") is None:
-        return False
-    from trl.import_utils import is_liger_kernel_available
-
-    return is_liger_kernel_available()
-
-
 def fused_kernel_defaults() -> dict:
     """Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) for the SFT and DPO stages, on a CUDA GPU with liger-kernel installed.
 
@@ -66,7 +57,7 @@ POSITIVE_TRAIN_KEYS = ("per_device_train_batch_size", "gradient_accumulation_ste
                        "max_completion_length", "num_generations")
 
 
-def train_settings_error(stage, message: str, *, key: str | None = None) -> UserError:
+def train_settings_error(stage: StageRun, message: str, *, key: str | None = None) -> UserError:
     """A UserError for a train value the trainer's config refused, carrying the key (`err.key`) when it is
     known or can be told from the message, so the runner can name its YAML line or --set."""
     if key is None:
@@ -78,7 +69,7 @@ def train_settings_error(stage, message: str, *, key: str | None = None) -> User
     return err
 
 
-def trl_args(config_cls, stage, extra_defaults: dict | None = None, choices: dict | None = None):
+def trl_args(config_cls, stage: StageRun, extra_defaults: dict | None = None, choices: dict | None = None):
     """The stage's TRL config: alignkit defaults < recipe-kind defaults < the recipe's `train:`.
 
     Values are checked against the choices TRL's fields list (and `choices`, field -> allowed values, for those
@@ -212,6 +203,36 @@ def final_metrics(trainer, train_output=None) -> dict:
     return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
 
 
+def stage_tokenizer(stage: StageRun, *, padding_side: str = "right"):
+    """The parent stage's tokenizer (it carries the chat template the parent trained with), else the base's —
+    also for a parent this run trains first, which saves the base's tokenizer."""
+    from alignkit.modeling import load_tokenizer, resolve_base, tokenizer_source
+
+    return load_tokenizer(tokenizer_source(stage.parents.get("after"), resolve_base(stage.model.base)),
+                          padding_side=padding_side)
+
+
+def build_trainer(trainer_cls, stage: StageRun, *, model, tokenizer, train, eval=None, **extra):
+    """A TRL trainer on the stage's config (`stage.args`, built once by the runner) with every callback a
+    stage attaches. `train` / `eval` are rows or datasets; `extra` is what only this kind passes
+    (peft_config, reward_funcs)."""
+    from datasets import Dataset
+
+    def dataset(rows):
+        return rows if rows is None or isinstance(rows, Dataset) else Dataset.from_list(rows)
+
+    return trainer_cls(model=model, args=stage.args, train_dataset=dataset(train), eval_dataset=dataset(eval or None),
+                       processing_class=tokenizer, callbacks=stage_callbacks(stage.stage_dir), **extra)
+
+
+def fit(stage: StageRun, trainer, tokenizer) -> dict:
+    """The trainer-stage body every TRL kind ends with: train (continuing the checkpoint the runner chose),
+    save the policy and tokenizer at the stage directory's top level, and return the final metrics."""
+    output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
+    save_policy(trainer.model, tokenizer, stage.stage_dir)
+    return final_metrics(trainer, output)
+
+
 def save_policy(model, tokenizer, stage_dir: Path, adapter_name: str = "default") -> None:
     """The trained adapter (only the policy's, not TRL's frozen `ref` copy) + tokenizer at the stage dir top level."""
     from accelerate import PartialState
@@ -231,7 +252,7 @@ def save_policy(model, tokenizer, stage_dir: Path, adapter_name: str = "default"
     tokenizer.save_pretrained(str(stage_dir))
 
 
-def load_policy(stage, gradient_checkpointing: bool):
+def load_policy(stage: StageRun, gradient_checkpointing: bool):
     """(model, new_adapter_config, info): the base with the parent's policy, or ready for a fresh adapter.
 
     - parent with an adapter: the base (quantized as configured) + that adapter, trainable;
@@ -258,7 +279,7 @@ def load_policy(stage, gradient_checkpointing: bool):
     return model, peft_config(stage.peft), info
 
 
-def reference_info(stage) -> dict:
+def reference_info(stage: StageRun) -> dict:
     """What a DPO / KTO stage's reference is (and the parent adapter it starts from), for stage.json."""
     from alignkit.artifacts import file_fingerprint
 
@@ -336,7 +357,7 @@ def _longest_sequence(args) -> int:
     return int(getattr(args, "max_prompt_length", None) or 512) + int(getattr(args, "max_completion_length", None) or 256)
 
 
-def memory_preflight(stage, args, *, sequences_per_example: int = 1, lm_head: str = "fused", log=print) -> dict:
+def memory_preflight(stage: StageRun, args, *, sequences_per_example: int = 1, lm_head: str = "fused", log=print) -> dict:
     """Print the estimate command's numbers for this stage against the memory free now; warn when it will not fit.
 
     `sequences_per_example` is 2 for pairwise stages (DPO, reward), whose chosen and rejected
@@ -354,7 +375,7 @@ def memory_preflight(stage, args, *, sequences_per_example: int = 1, lm_head: st
                              "in 4-bit.")
 
 
-def ppo_memory_preflight(stage, config, prompts: list, tokenizer, *, log=print) -> dict:
+def ppo_memory_preflight(stage: StageRun, config, prompts: list, tokenizer, *, log=print) -> dict:
     """The same report for a PPO stage: four role adapters on one base, two of them (policy, value) trained
     with fp32 AdamW, a minibatch of the longest prompt plus max_new_tokens, no gradient checkpointing."""
     longest = max(len(ids) for ids in tokenizer([_render(tokenizer, p, prompt=True) for p in prompts],
@@ -366,7 +387,7 @@ def ppo_memory_preflight(stage, config, prompts: list, tokenizer, *, log=print) 
                              "max_new_tokens, or load the base in 4-bit.")
 
 
-def _preflight(stage, *, batch_size: int, seq_len: int, gradient_checkpointing: bool, half: bool, optimizer: str,
+def _preflight(stage: StageRun, *, batch_size: int, seq_len: int, gradient_checkpointing: bool, half: bool, optimizer: str,
                advice: str, lm_head: str, roles: int = 1, trained_roles: int = 1, log=print) -> dict:
     import os
 

@@ -1,7 +1,7 @@
 """KTO stage: Kahneman-Tversky optimisation of the parent's adapter with TRL's KTOTrainer.
 
-Reads top to bottom: config and data here, then the body it shares with DPO (recipes/dpo.py:
-run_against_parent: tokenizer -> model (+ parent adapter) -> trainer -> stage directory).
+Reads top to bottom: config and data here, then the body it shares with DPO (alignkit.stage_bodies.
+against_parent: tokenizer -> model (+ parent adapter) -> trainer -> stage directory).
 KTO learns from responses labeled desirable or undesirable on their own, so it
 takes what DPO cannot: a label store's both-bad votes (`both_bad: undesirable`:
 both responses count as undesirable), thumbs-up / thumbs-down data, and sets with
@@ -24,21 +24,22 @@ from __future__ import annotations
 
 from trl import KTOConfig, KTOTrainer
 
+from alignkit.data.keys import PREFERENCE_DATA_KEYS
 from alignkit.data.sources import UNPAIRED_COLUMNS, load_unpaired_split
 from alignkit.errors import UserError
+from alignkit.stage import RowSplit, StageKind, StageResult, StageRun
+from alignkit.stage_bodies import against_parent
 from alignkit.training import trl_args
-from recipes.dpo import run_against_parent
 
-TRAIN_CONFIG = KTOConfig
-DATA_KEYS = {"train", "eval", "eval_fraction", "labels_db", "min_agreement", "ties", "both_bad"}
+KIND = StageKind("kto", config_class=KTOConfig, data_keys=PREFERENCE_DATA_KEYS, copies_parent_as_reference=True)
 DEFAULTS = {"learning_rate": 5e-5}
 
 
-def load_data(stage):
-    return load_unpaired_split(stage.data, stage.seed, stage.name)
+def load_data(stage: StageRun) -> RowSplit:
+    return RowSplit(*load_unpaired_split(stage.data, stage.seed, stage.name))
 
 
-def train_config(stage) -> KTOConfig:
+def train_config(stage: StageRun) -> KTOConfig:
     args = trl_args(KTOConfig, stage, DEFAULTS)
     # TRL checks these only when building the trainer, after the model is loaded: the KL term pairs each
     # completion with its neighbour's prompt in a fixed-order batch.
@@ -52,7 +53,6 @@ def train_config(stage) -> KTOConfig:
     return args
 
 
-def run(stage) -> dict:
+def run(stage: StageRun) -> StageResult:
     # The KL estimate's forward over mismatched completions runs without gradients: one sequence per example.
-    return run_against_parent(stage, train_config(stage), KTOTrainer, UNPAIRED_COLUMNS, "prompt_completion",
-                              sequences_per_example=1)
+    return against_parent(stage, KTOTrainer, UNPAIRED_COLUMNS, "prompt_completion", sequences_per_example=1)

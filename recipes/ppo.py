@@ -9,35 +9,29 @@ logs/, every step's metrics and sample responses in ppo_log.jsonl, and
 checkpoints/checkpoint-N for --resume.
 
 `train:` keys are the fields of alignkit.ppo.config.PPOConfig.
+The parents are checked by alignkit.stage.check_parents, like GRPO's and RLOO's; PPO also needs the
+policy parent to be an adapter, since its roles are adapters on one base.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from alignkit.artifacts import file_fingerprint, read_stage
+from alignkit.artifacts import file_fingerprint
 from alignkit.data.formats import prompt_of
 from alignkit.data.sources import load_prompt_rows
 from alignkit.errors import UserError
-from alignkit.training import train_settings_error
 from alignkit.ppo.config import PPOConfig
+from alignkit.stage import Parents, PromptSet, StageKind, StageResult, StageRun, check_parents
+from alignkit.training import train_settings_error
 
-TRAIN_CONFIG = PPOConfig
-DATA_KEYS = {"prompts"}
-POLICY_KINDS = ("sft", "dpo", "kto")
-
-
-def load_data(stage):
-    rows = load_prompt_rows(stage.data, stage.name)
-    # Parents already complete (a re-run): check them now, before the runner touches this stage's directory.
-    from alignkit.artifacts import is_complete
-
-    if stage.parents and all(is_complete(p) for p in stage.parents.values()):
-        check_parents(stage, train_config(stage))
-    return rows
+KIND = StageKind("ppo", config_class=PPOConfig, data_keys=frozenset({"prompts"}), after=("sft", "dpo", "kto"),
+                 takes_reward=True)
 
 
-def train_config(stage) -> PPOConfig:
+def load_data(stage: StageRun) -> PromptSet:
+    return PromptSet(*load_prompt_rows(stage.data, stage.name))
+
+
+def train_config(stage: StageRun) -> PPOConfig:
     values = {"seed": stage.seed, **stage.train}
     try:
         return PPOConfig(**values)
@@ -45,58 +39,35 @@ def train_config(stage) -> PPOConfig:
         raise train_settings_error(stage, str(err)) from None
 
 
-def check_parents(stage, config: PPOConfig) -> tuple[Path | None, Path, dict]:
-    """(policy parent or None, reward stage dir, info); UserError for a wrong kind or a reward model below the gate."""
-    from alignkit.reward_model import heldout_accuracy, read_reward_stage
-
-    info: dict = {}
-    policy = stage.parents.get("after")
-    if policy is not None:
-        parent = read_stage(policy) or {}
-        if parent.get("kind") not in POLICY_KINDS:
-            raise UserError(f"stage {stage.name}: after: {policy.name} is a {parent.get('kind')!r} stage; "
-                            f"PPO starts from a policy stage ({' or '.join(POLICY_KINDS)})")
-        if not (policy / "adapter_config.json").exists():
-            raise UserError(f"stage {stage.name}: after: {policy.name} has no adapter; PPO's roles need an adapter parent")
-        info["policy_from"] = str(policy)
-        info["initialized_from_sha256"] = file_fingerprint(policy / "adapter_model.safetensors")
-        info["reference"] = f"{policy} (frozen copy of the parent adapter, on the same base)"
-    else:
-        info["reference"] = "base model (adapters disabled)"
-    reward = stage.parents.get("reward")
-    if reward is None:
-        raise UserError(f"stage {stage.name}: a ppo stage needs `reward:` naming a stage of kind reward")
-    reward_stage = read_reward_stage(reward)  # UserError unless kind == reward and complete
-    accuracy = heldout_accuracy(reward_stage)
-    info["reward_from"] = str(reward)
-    info["reward_heldout_accuracy"] = accuracy
-    if config.min_reward_accuracy > 0:
-        if accuracy is None:
-            raise UserError(f"stage {stage.name}: reward stage {reward.name} reports no held-out accuracy; "
-                            f"set train.min_reward_accuracy: 0 to run PPO against it anyway")
-        if accuracy < config.min_reward_accuracy:
-            raise UserError(f"stage {stage.name}: reward stage {reward.name} held-out accuracy {accuracy:.3f} is below "
-                            f"min_reward_accuracy {config.min_reward_accuracy}; PPO against it would be wasted compute "
-                            f"(train a better reward model, or lower train.min_reward_accuracy)")
-    return policy, reward, info
+def ppo_parents(stage: StageRun) -> Parents:
+    """The shared parents check, plus what PPO's roles need of the policy parent: an adapter to copy."""
+    parents = check_parents(stage, KIND, min_reward_accuracy=stage.args.min_reward_accuracy)
+    policy = parents.policy
+    if policy is None:
+        parents.info["reference"] = "base model (adapters disabled)"
+        return parents
+    if not (policy / "adapter_config.json").exists():
+        raise UserError(f"stage {stage.name}: after: {policy.name} has no adapter; PPO's roles need an adapter parent")
+    parents.info["initialized_from_sha256"] = file_fingerprint(policy / "adapter_model.safetensors")
+    parents.info["reference"] = f"{policy} (frozen copy of the parent adapter, on the same base)"
+    return parents
 
 
-def run(stage) -> dict:
-    from alignkit.modeling import load_tokenizer, resolve_base, tokenizer_source
+def run(stage: StageRun) -> StageResult:
     from alignkit.ppo.trainer import PPOTrainer
-    from alignkit.training import ppo_memory_preflight
+    from alignkit.training import ppo_memory_preflight, stage_tokenizer
 
-    rows, info = stage.prepared
-    config = train_config(stage)
-    policy, reward, parents_info = check_parents(stage, config)
-    info.update(parents_info)
+    data: PromptSet = stage.prepared
+    info, config = data.info, stage.args
+    parents = ppo_parents(stage)
+    info.update(parents.info)
 
-    prompts = [prompt_of(r) for r in rows]
-    tokenizer = load_tokenizer(tokenizer_source(policy, resolve_base(stage.model.base)), padding_side="left")
+    prompts = [prompt_of(r) for r in data.rows]
+    tokenizer = stage_tokenizer(stage, padding_side="left")
     memory = ppo_memory_preflight(stage, config, prompts, tokenizer)
     trainer = PPOTrainer(config, stage.model, stage.peft, prompts=prompts, stage_dir=stage.stage_dir,
-                         reward=reward, policy_adapter=policy, tokenizer=tokenizer, seed=stage.seed)
+                         reward=parents.reward, policy_adapter=parents.policy, tokenizer=tokenizer, seed=stage.seed)
     metrics = trainer.train(resume_from=stage.resume_from)
     trainer.save()
     info["roles"] = "policy, reference, reward, value: LoRA adapters on one base"
-    return {"metrics": metrics, "data": info, "memory": memory}
+    return StageResult(metrics=metrics, data=info, memory=memory)

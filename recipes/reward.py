@@ -31,35 +31,34 @@ Defaults that differ from TRL's RewardConfig (besides alignkit.training's):
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 from pathlib import Path
 
-from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
+from alignkit.data.keys import PREFERENCE_DATA_KEYS
 from alignkit.data.sources import load_preference_split
-from alignkit.modeling import load_tokenizer, resolve_base
 from alignkit.reward_model import NEAR_CHANCE_ACCURACY, RewardScorer
-from alignkit.training import (final_metrics, memory_preflight, save_policy, stage_callbacks,
-                               trl_args, truncation_report)
+from alignkit.stage import RowSplit, StageKind, StageResult, StageRun
+from alignkit.stats import wilson_interval
+from alignkit.training import build_trainer, fit, memory_preflight, stage_tokenizer, trl_args, truncation_report
 
-TRAIN_CONFIG = RewardConfig
-DATA_KEYS = {"train", "eval", "eval_fraction", "labels_db", "min_agreement", "ties", "both_bad"}
+# A reward model may continue a policy or another reward model; its output is a scorer, not a policy.
+KIND = StageKind("reward", config_class=RewardConfig, data_keys=PREFERENCE_DATA_KEYS, output="reward", after="any")
 DEFAULTS = {"learning_rate": 1e-4, "max_length": 512}
 DEFAULT_EVAL_FRACTION = 0.1
 
 log = logging.getLogger("alignkit")
 
 
-def load_data(stage):
+def load_data(stage: StageRun) -> RowSplit:
     data = dict(stage.data)
     if "eval" not in data and "eval_fraction" not in data:
         data["eval_fraction"] = DEFAULT_EVAL_FRACTION
-    return load_preference_split(data, stage.seed, stage.name)
+    return RowSplit(*load_preference_split(data, stage.seed, stage.name))
 
 
-def _reward_model(stage, args):
+def _reward_model(stage: StageRun, args):
     """(model, info): the base as a 1-label sequence classifier with a SEQ_CLS adapter started from the parent."""
     import dataclasses
 
@@ -128,13 +127,11 @@ def pair_metrics(chosen: list[float], rejected: list[float]) -> dict:
     n = len(chosen)
     wins = sum((c > r) + 0.5 * (c == r) for c, r in zip(chosen, rejected))
     acc = wins / n
-    z = 1.96
-    centre = (acc + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low, high = wilson_interval(acc, n)
     rewards = chosen + rejected
     return {
         "accuracy": acc,
-        "accuracy_ci95": [round(centre - half, 4), round(centre + half, 4)],
+        "accuracy_ci95": [round(low, 4), round(high, 4)],
         "margin": statistics.fmean(c - r for c, r in zip(chosen, rejected)),
         "reward_mean": statistics.fmean(rewards),
         "reward_std": statistics.pstdev(rewards),
@@ -152,19 +149,18 @@ def near_chance_warning(pm: dict, heldout: bool) -> str | None:
             f"more steps, or a stronger base")
 
 
-def train_config(stage) -> RewardConfig:
+def train_config(stage: StageRun) -> RewardConfig:
     return trl_args(RewardConfig, stage, DEFAULTS)
 
 
-def run(stage) -> dict:
-    train_rows, eval_rows, info = stage.prepared  # one shape per dataset (alignkit.data.formats.consistent_pairs)
-    columns = ("prompt", "chosen", "rejected") + (("margin",) if train_rows and "margin" in train_rows[0] else ())
-    train_rows = [{k: r[k] for k in columns} for r in train_rows]
-    eval_rows = [{k: r[k] for k in columns if k in r} for r in eval_rows]
+def run(stage: StageRun) -> StageResult:
+    data: RowSplit = stage.prepared  # one shape per dataset (alignkit.data.formats.consistent_pairs)
+    columns = ("prompt", "chosen", "rejected") + (("margin",) if data.train and "margin" in data.train[0] else ())
+    train_rows = [{k: r[k] for k in columns} for r in data.train]
+    eval_rows = [{k: r[k] for k in columns if k in r} for r in data.eval]
+    info, args = data.info, stage.args
 
-    parent = stage.parents.get("after")
-    tokenizer = load_tokenizer(str(parent) if parent else resolve_base(stage.model.base))
-    args = train_config(stage)
+    tokenizer = stage_tokenizer(stage)
     info.update(truncation_report(tokenizer, train_rows, args.max_length, "preference"))
     memory = memory_preflight(stage, args, sequences_per_example=2, lm_head="score")  # chosen and rejected in one batch
 
@@ -172,35 +168,29 @@ def run(stage) -> dict:
     info.update(started)
     model.config.pad_token_id = tokenizer.pad_token_id
 
-    trainer = RewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        processing_class=tokenizer,
-        callbacks=stage_callbacks(stage.stage_dir),
-    )
+    trainer = build_trainer(RewardTrainer, stage, model=model, tokenizer=tokenizer, train=train_rows, eval=eval_rows)
     _match_compute_dtype(trainer.model, stage.model.compute_dtype)
-    output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
-    save_policy(trainer.model, tokenizer, stage.stage_dir)
+    metrics = fit(stage, trainer, tokenizer)
+    metrics.update(_heldout_metrics(stage, trainer.model, tokenizer, eval_rows or train_rows, heldout=bool(eval_rows)))
+    return StageResult(metrics=metrics, data=info, memory=memory)
 
-    metrics = final_metrics(trainer, output)
-    # Our own held-out evaluation: every pair, scored exactly as load_reward_scorer will score it.
-    trainer.model.eval()
-    heldout = bool(eval_rows)
-    rows = eval_rows if heldout else train_rows
-    chosen, rejected = _score_pairs(trainer.model, tokenizer, rows, args.per_device_eval_batch_size)
+
+def _heldout_metrics(stage: StageRun, model, tokenizer, rows: list[dict], *, heldout: bool) -> dict:
+    """Our own evaluation: every pair, scored exactly as load_reward_scorer will score it (held-out pairs, or
+    the training pairs when none are held out, named so)."""
+    model.eval()
+    chosen, rejected = _score_pairs(model, tokenizer, rows, stage.args.per_device_eval_batch_size)
     pm = pair_metrics(chosen, rejected)
     prefix = "heldout" if heldout else "train"
-    metrics.update({
+    metrics = {
         f"{prefix}_accuracy": pm["accuracy"], f"{prefix}_accuracy_ci95": pm["accuracy_ci95"],
         f"{prefix}_margin": pm["margin"], f"{prefix}_pairs": pm["pairs"],
         "reward_mean": pm["reward_mean"], "reward_std": pm["reward_std"],
-    })
+    }
     if heldout:
         metrics["eval_accuracy"] = pm["accuracy"]
     warning = near_chance_warning(pm, heldout)
     if warning:
         log.warning("stage %s: %s", stage.name, warning)
         metrics["warning"] = warning
-    return {"metrics": metrics, "data": info, "memory": memory}
+    return metrics

@@ -1,6 +1,6 @@
 """RLOO stage: REINFORCE Leave-One-Out with TRL's RLOOTrainer, the reward stage as reward function, on one base.
 
-Reads top to bottom like recipes/grpo.py, whose `run_online` it shares: config
+Reads top to bottom like recipes/grpo.py, whose body (alignkit.stage_bodies.online) it shares: config
 -> parents (policy, reward; accuracy gate) -> prompts -> model (+ parent adapter,
 + reward adapter) -> trainer -> stage directory.
 
@@ -18,29 +18,33 @@ Defaults that differ from TRL's RLOOConfig (besides alignkit.training's):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from trl import RLOOConfig, RLOOTrainer
 
-from recipes.grpo import load_data, run_online  # noqa: F401  (load_data: the runner calls it for every stage)
+from alignkit.data.sources import load_prompt_rows
+from alignkit.stage import PromptSet, StageKind, StageResult, StageRun, min_reward_accuracy_field
+from alignkit.stage_bodies import online
+from alignkit.training import trl_args
 
 
 @dataclass
 class AlignkitRLOOConfig(RLOOConfig):
-    min_reward_accuracy: float = field(default=0.6, metadata={
-        "help": "refuse to start unless the reward stage's held-out accuracy is at least this (0 disables the gate)"})
+    min_reward_accuracy: float = min_reward_accuracy_field()
 
 
-TRAIN_CONFIG = AlignkitRLOOConfig
-DATA_KEYS = {"prompts"}
+KIND = StageKind("rloo", config_class=AlignkitRLOOConfig, data_keys=frozenset({"prompts"}),
+                 after=("sft", "dpo", "kto"), takes_reward=True, copies_parent_as_reference=True)
 DEFAULTS = {"learning_rate": 1e-5, "num_generations": 4, "max_completion_length": 128}
 
 
-def train_config(stage) -> AlignkitRLOOConfig:
-    from alignkit.training import trl_args
+def load_data(stage: StageRun) -> PromptSet:
+    return PromptSet(*load_prompt_rows(stage.data, stage.name))
 
+
+def train_config(stage: StageRun) -> AlignkitRLOOConfig:
     return trl_args(AlignkitRLOOConfig, stage, DEFAULTS)
 
 
-def run(stage) -> dict:
-    return run_online(stage, train_config(stage), RLOOTrainer)
+def run(stage: StageRun) -> StageResult:
+    return online(stage, KIND, RLOOTrainer)

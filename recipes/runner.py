@@ -2,12 +2,18 @@
 
     alignkit run recipes/configs/tiny_sft_dpo.yaml [--set stages.dpo.train.beta=0.2] [--resume]
 
-For each stage, in order: hash its resolved config, its data and its parents'
-hashes; if `<run_dir>/<name>/stage.json` is complete with that hash, skip it;
-otherwise train it and write stage.json last. Changing one stage's config
-changes its hash and so its descendants' — they re-run, nothing else does.
-All stages' configs and data are checked before any stage trains, so bad input
-leaves every stage directory as it was.
+From flag to checkpoint, top to bottom in this file:
+
+    run_recipe   load_recipe (alignkit.config: YAML + --set, validated against each kind's KIND)
+    plan         pure: each stage's hash (alignkit.hashing), why it is stale, which stages train under
+                 --only, what checkpoints a run would drop and what --resume continues; --dry-run prints it
+    preflight    everything checkable before a directory is touched: the model, the parents' weights and
+                 kinds, each stage's TRL config (recipe.train_config, built once and kept on the
+                 StageRun) and its data (recipe.load_data)
+    execute      per stage: lock, begin the directory (alignkit.artifacts), recipe.run, stage.json last
+
+A stage whose stage.json is complete under its hash is skipped; changing one stage's config changes its
+hash and so its descendants' — they re-run, nothing else does. Only a stage's own directory is touched.
 """
 
 from __future__ import annotations
@@ -20,18 +26,17 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from alignkit import artifacts
 from alignkit.config import RecipeConfig, StageConfig, load_recipe, order_stages
 from alignkit.errors import UserError
-from alignkit.modeling import TINY_SPEC, ModelSettings, PeftSettings, check_model
+from alignkit.hashing import HASH_FORMULA, config_hashes, fingerprints, recorded_under_old_formula
+from alignkit.modeling import TINY_SPEC, check_model
+from alignkit.stage import StageRecipe, StageResult, StageRun, check_parents
 
-# kind -> the recipe file that trains it. Each module defines TRAIN_CONFIG, DATA_KEYS, train_config(stage)
-# and run(stage), and optionally load_data(stage); the runner calls train_config and load_data for every
-# stage it will train before any trains, so a bad value anywhere stops the run with nothing touched.
+# kind -> the recipe file that trains it (alignkit.stage.StageRecipe: KIND, load_data, train_config, run).
 STAGE_RECIPES = {
     "sft": "recipes.sft",
     "dpo": "recipes.dpo",
@@ -52,7 +57,7 @@ class _RecipeModules(dict):
     def __iter__(self):
         return iter(STAGE_RECIPES)
 
-    def __getitem__(self, kind):
+    def __getitem__(self, kind) -> StageRecipe:
         if kind not in STAGE_RECIPES:
             raise KeyError(kind)
         try:
@@ -67,127 +72,28 @@ RECIPES = _RecipeModules()
 
 
 @dataclass
-class StageRun:
-    """Everything a recipe's run() needs; built by the runner, never by the recipe."""
+class StagePlan:
+    """One stage as the plan sees it, before anything is touched."""
 
-    name: str
-    kind: str
-    stage_dir: Path
-    model: ModelSettings
-    peft: PeftSettings
-    data: dict
-    train: dict
-    parents: dict[str, Path]  # role ("after", "reward") -> complete stage directory
-    seed: int
-    config_hash: str = ""
-    resume_from: Path | None = None
-    prepared: Any = None  # what the recipe's load_data returned
-    extra: dict = field(default_factory=dict)
+    stage: StageConfig
+    run: StageRun
+    tag: str  # "[2/3] dpo (dpo)", how the log names it
+    stale: str | None  # why it must be trained; None when its stage.json still describes it
+    selected: bool  # trains in this run (stale, and chosen by --only if given)
+    upgrade: bool = False  # complete under an older hash formula: its stage.json is upgraded, not retrained
+    resumes_from: Path | None = None  # the checkpoint --resume continues
+    drops: str = ""  # the checkpoints training it removes, in words
+    could_resume: bool = False  # what it drops, --resume would have continued
 
 
-# Settings that change what is logged, saved or evaluated, never the trained weights: changing them
-# must not retrain a stage (unless the best checkpoint is loaded at the end, when eval and save pick it).
-BOOKKEEPING_TRAIN_KEYS = frozenset({
-    "logging_steps", "logging_strategy", "logging_first_step", "logging_nan_inf_filter", "save_steps",
-    "save_strategy", "save_total_limit", "save_only_model", "eval_steps", "eval_strategy", "eval_on_start",
-    "per_device_eval_batch_size", "eval_accumulation_steps", "dataloader_num_workers", "dataloader_pin_memory",
-    "dataloader_persistent_workers", "dataloader_prefetch_factor", "disable_tqdm", "sample_log_count",
-})
+@dataclass
+class Plan:
+    cfg: RecipeConfig
+    hashes: dict[str, str]  # stage -> config hash (alignkit.hashing)
+    stages: list[StagePlan]  # dependency order
 
-
-def hashed_train_settings(train: dict) -> dict:
-    if train.get("load_best_model_at_end"):
-        return dict(train)
-    return {k: v for k, v in train.items() if k not in BOOKKEEPING_TRAIN_KEYS}
-
-
-def stage_hashes(cfg: RecipeConfig, stage: StageConfig, parents: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
-    """The stage's config hash under each formula, given its parents' (same formula, same position); the first
-    is the one a completed stage records. The data is fingerprinted once.
-
-    Earlier formulas are kept so that a stage completed under one is still complete, not retrained by an upgrade:
-    [1] (2026-11-28 to 12-04) held a local `model.base` as an absolute path, so a moved project retrained;
-    [2] (before 2026-11-28) also took data paths and every train key.
-    """
-    from alignkit.data.sources import FINGERPRINTED_KEYS, data_fingerprint
-
-    model = dataclasses.asdict(cfg.model)
-    common = {"kind": stage.kind, "peft": dataclasses.asdict(cfg.peft), "seed": cfg.seed,
-              "data_fingerprint": data_fingerprint(stage.data, stage.name)}
-    # Paths whose contents the fingerprint holds are left out: a moved project is not retrained.
-    data = {k: v for k, v in stage.data.items() if k not in FINGERPRINTED_KEYS or str(v).startswith("hf:")}
-
-    def parent_hashes(i: int) -> dict:
-        return {role: parents[ref][i] for role, ref in stage.references().items()}
-
-    return (
-        artifacts.stable_hash({**common, "model": {**model, "base": _portable_base(cfg)}, "data": data,
-                               "train": hashed_train_settings(stage.train), "parents": parent_hashes(0)}),
-        artifacts.stable_hash({**common, "model": model, "data": data, "train": hashed_train_settings(stage.train),
-                               "parents": parent_hashes(1)}),
-        artifacts.stable_hash({**common, "model": model, "data": stage.data, "train": stage.train,
-                               "parents": parent_hashes(2)}),
-    )
-
-
-def _portable_base(cfg: RecipeConfig) -> str:
-    """model.base as hashed: a local directory inside the recipe's directory relative to it (the project moves
-    with it; its weights are not hashed, like compare's identity it would take minutes), one outside as its
-    absolute path (it stays where it is when the project moves), a hub id or alignkit-tiny as given."""
-    base = Path(cfg.model.base)
-    if base.is_absolute() and base.exists():
-        relative = os.path.relpath(base, cfg.path.resolve().parent)
-        if not relative.startswith(".."):
-            return relative
-    return cfg.model.base
-
-
-def make_stage_run(cfg: RecipeConfig, stage: StageConfig, config_hash: str) -> StageRun:
-    return StageRun(
-        name=stage.name,
-        kind=stage.kind,
-        stage_dir=cfg.run_dir / stage.name,
-        model=cfg.model,
-        peft=cfg.peft,
-        data=stage.data,
-        train=stage.train,
-        parents={role: cfg.run_dir / ref for role, ref in stage.references().items()},
-        seed=cfg.seed,
-        config_hash=config_hash,
-    )
-
-
-def _lineage(cfg: RecipeConfig, stage: StageConfig) -> list[str]:
-    chain, current = [], stage
-    while current.after:
-        chain.append(current.after)
-        current = cfg.stage(current.after)
-    return chain
-
-
-def _record(cfg: RecipeConfig, stage: StageConfig, run: StageRun, result: dict, hashes: dict, wall: float) -> dict:
-    from alignkit.modeling import resolve_base
-
-    return {
-        "name": stage.name,
-        "kind": stage.kind,
-        "base": cfg.model.base,
-        "base_resolved": resolve_base(cfg.model.base),
-        "model": dataclasses.asdict(cfg.model),
-        "peft": dataclasses.asdict(cfg.peft),
-        "parents": {role: {"name": ref, "path": str(cfg.run_dir / ref), "config_hash": hashes[ref][0],
-                           "run_id": (artifacts.read_stage(cfg.run_dir / ref) or {}).get("run_id")}
-                    for role, ref in stage.references().items()},
-        "lineage": _lineage(cfg, stage),
-        "recipe": str(cfg.path.resolve()),
-        "config": {"kind": stage.kind, "after": stage.after, "reward": stage.reward, "data": stage.data,
-                   "train": stage.train, "seed": cfg.seed},
-        "config_hash": run.config_hash,
-        "data": result.get("data", {}),
-        "metrics": result.get("metrics", {}),
-        "memory": result.get("memory", {}),
-        "wall_seconds": round(wall, 2),
-    }
+    def todo(self) -> list[StagePlan]:
+        return [p for p in self.stages if p.selected]
 
 
 def run_recipe(
@@ -202,114 +108,246 @@ def run_recipe(
     num_processes: int | None = None,
     log=print,
 ) -> dict[str, dict]:
-    """Run (or skip) every stage; returns {stage name: stage.json record}."""
+    """Run (or skip) every stage; returns {stage name: stage.json record} (in a dry run, the skipped ones')."""
     cfg = load_recipe(config, overrides, stage_kinds=RECIPES)
+    the_plan = plan(cfg, only=only or [], resume=resume)
+    preflight(the_plan)
+    if dry_run:
+        for line in describe(the_plan):
+            log(line)
+        return {p.stage.name: artifacts.read_stage(p.run.stage_dir) for p in the_plan.stages if p.stale is None}
+    launch = _launch(cfg, overrides or [], accelerate_config, num_processes) if launcher == "accelerate" else None
+    return execute(the_plan, launch=launch, resume=resume, log=log)
+
+
+def plan(cfg: RecipeConfig, *, only: list[str], resume: bool) -> Plan:
+    """Which stages train and why, reading stage directories but writing nothing."""
+    for name in only:
+        cfg.stage(name)  # unknown names are errors
     ordered = order_stages(cfg.stages)
-    if only:
-        for name in only:
-            cfg.stage(name)  # unknown names are errors
-    # Hash and check everything up front: bad data anywhere stops us before any stage is touched.
-    hashes: dict[str, tuple[str, ...]] = {}  # stage -> its hash under each formula (stage_hashes)
-    runs: dict[str, StageRun] = {}
-    for stage in ordered:
-        hashes[stage.name] = stage_hashes(cfg, stage, hashes)
-        runs[stage.name] = make_stage_run(cfg, stage, hashes[stage.name][0])
-    stale: dict[str, str] = {}  # stage -> why it must be trained
-    for stage in ordered:
-        reason = _staleness(cfg, stage, hashes[stage.name], stale)
+    fingerprint = fingerprints(ordered)
+    hashes = config_hashes(cfg, ordered, fingerprint)
+    records = {s.name: artifacts.read_stage(cfg.run_dir / s.name) for s in ordered}
+    upgrades = recorded_under_old_formula(cfg, ordered, fingerprint, records)
+    stale: dict[str, str] = {}
+    plans = []
+    for i, stage in enumerate(ordered, 1):
+        reason = _staleness(cfg, stage, hashes[stage.name], records, stale, upgraded=stage.name in upgrades)
         if reason:
             stale[stage.name] = reason
-    todo = [s for s in ordered if s.name in stale and (not only or s.name in only)]
+        run = _stage_run(cfg, stage, hashes[stage.name])
+        p = StagePlan(stage, run, f"[{i}/{len(ordered)}] {stage.name} ({stage.kind})", reason,
+                      selected=reason is not None and (not only or stage.name in only),
+                      upgrade=reason is None and stage.name in upgrades)
+        if p.selected:
+            _checkpoints(p, resume)
+        plans.append(p)
+    return Plan(cfg, hashes, plans)
+
+
+def _staleness(cfg: RecipeConfig, stage: StageConfig, config_hash: str, records: dict[str, dict | None],
+               stale: dict[str, str], *, upgraded: bool) -> str | None:
+    """Why a stage must be trained, or None when its stage.json is complete and still describes it (under the
+    current hash, or an older formula's that `upgraded` says it was completed under)."""
+    record = records[stage.name]
+    if not record or not record.get("complete"):
+        return "it is not complete"
+    if record.get("config_hash") != config_hash and not upgraded:
+        return "its config, data or a parent's config changed"
+    for role, ref in stage.references().items():
+        if ref in stale:
+            return f"its {role} stage {ref} is trained again"
+        # Same config, new weights (the parent was interrupted and retrained): the child started from other weights.
+        if record.get("parents", {}).get(role, {}).get("run_id") != (records[ref] or {}).get("run_id"):
+            return f"its {role} stage {ref} was retrained since"
+    return None
+
+
+def _checkpoints(p: StagePlan, resume: bool) -> None:
+    """What training this stage does to checkpoints an earlier run left: continue them (--resume, same
+    config) or drop them, said before (in a dry run) and after, so hours of training are not lost silently."""
+    last = artifacts.last_complete_checkpoint(p.run.stage_dir)
+    if last is None:
+        return
+    started = artifacts.started_config_hash(p.run.stage_dir)  # None once a run completed
+    same_config = started == p.run.config_hash
+    if resume and same_config:
+        p.resumes_from = last
+    elif started is None:
+        p.drops = f"the checkpoints of its earlier, completed run (up to {last.name})"
+    else:
+        p.could_resume = same_config
+        p.drops = f"the checkpoints of its unfinished earlier run (up to {last.name})" + (
+            "" if same_config else ", made under another config")
+
+
+def describe(the_plan: Plan) -> list[str]:
+    """The plan in words: what --dry-run prints, and what a real run logs for stages it does not train."""
+    return [_plan_line(p) for p in the_plan.stages if _plan_line(p)]
+
+
+def _plan_line(p: StagePlan) -> str:
+    if p.stale is None:
+        return f"{p.tag}: complete, skipped ({p.run.stage_dir})"
+    if not p.selected:
+        left = artifacts.is_complete(p.run.stage_dir)
+        return f"{p.tag}: not selected by --only, left as it is although {p.stale}" if left else ""
+    resuming = f", resuming from {p.resumes_from.name}" if p.resumes_from else ""
+    dropping = (f", removing {p.drops}" + (", which --resume continues" if p.could_resume else "")) if p.drops else ""
+    return f"{p.tag}: would train into {p.run.stage_dir}{resuming}{dropping}"
+
+
+def _stage_run(cfg: RecipeConfig, stage: StageConfig, config_hash: str) -> StageRun:
+    return StageRun(
+        name=stage.name,
+        kind=stage.kind,
+        stage_dir=cfg.run_dir / stage.name,
+        model=cfg.model,
+        peft=cfg.peft,
+        data=stage.data,
+        train=stage.train,
+        parents={role: cfg.run_dir / ref for role, ref in stage.references().items()},
+        seed=cfg.seed,
+        config_hash=config_hash,
+    )
+
+
+def preflight(the_plan: Plan) -> None:
+    """Everything checkable before a stage directory is touched, so bad input anywhere leaves them all as
+    they were. Order: the model (cheapest, and a mistyped path must not cost a complete stage its
+    stage.json), the parents' weights, then each stage's config and data, then its complete parents."""
+    cfg, todo = the_plan.cfg, the_plan.todo()
     if todo and (cfg.model.base != TINY_SPEC or isinstance(cfg.peft.target_modules, list)):
-        # A mistyped model path, an unreachable hub id or a target module the model lacks must not cost a
-        # complete stage its stage.json: checked on the config alone, before any stage directory is touched.
         try:
             check_model(cfg.model, cfg.peft)
         except UserError as err:
             at = cfg.where("peft.target_modules" if str(err).startswith("peft.") else "model.base")
             raise UserError(f"{at}: {err}") from None
-    for stage in todo:
-        for role, parent_dir in runs[stage.name].parents.items():
-            parent = parent_dir.name
-            if parent in stale:
-                continue  # trained again in this run before its child
-            problem = artifacts.weights_problem(parent_dir) if artifacts.is_complete(parent_dir) else None
-            if problem:
-                raise UserError(f"stage {stage.name}: its {role} stage {parent_dir} is marked complete but {problem}; "
-                                f"remove {parent_dir / artifacts.STAGE_JSON} to train it again")
-    for stage in todo:
-        module = RECIPES[stage.kind]
-        try:
-            module.train_config(runs[stage.name])  # TRL validates its settings when the config is built
-        except UserError as err:
-            key = getattr(err, "key", None)
-            at = cfg.where(f"stages.{stage.name}.train.{key}") if key else str(cfg.path)
-            raise UserError(f"{at}: {err}") from None
-        if hasattr(module, "load_data"):
-            try:
-                runs[stage.name].prepared = module.load_data(runs[stage.name])
-            except UserError as err:
-                # "stages.dpo.data.eval_fraction=0.99 leaves no training rows": name where it was set, too
-                # (errors about a data file already start with FILE:LINE).
-                key = str(err).split("=", 1)[0].split(":", 1)[0].split(" ", 1)[0]
-                if key.startswith(f"stages.{stage.name}."):
-                    raise UserError(f"{cfg.where(key)}: {err}") from None
-                raise
-    for stage in todo:
-        for role, parent_dir in runs[stage.name].parents.items():
-            parent = next(s for s in ordered if cfg.run_dir / s.name == parent_dir)
-            if parent not in todo and parent.name in stale:
-                raise UserError(f"stage {stage.name} needs {role} stage {parent.name} complete first (run without --only)")
+    retrained = {p.stage.name for p in the_plan.stages if p.stale}
+    for p in todo:
+        _check_parent_weights(p, retrained)
+    for p in todo:
+        _prepare(cfg, p.stage, p.run)
+    selected = {p.stage.name for p in todo}
+    for p in todo:
+        for role, ref in p.stage.references().items():
+            if ref in retrained and ref not in selected:
+                raise UserError(f"stage {p.stage.name} needs {role} stage {ref} complete first (run without --only)")
+        if not retrained & set(p.stage.references().values()):
+            # Parents complete already (a re-run): their kinds and the reward gate, checked now.
+            check_parents(p.run, RECIPES[p.stage.kind].KIND,
+                          min_reward_accuracy=getattr(p.run.args, "min_reward_accuracy", 0.0))
 
-    records: dict[str, dict] = {}
+
+def _check_parent_weights(p: StagePlan, retrained: set[str]) -> None:
+    for role, parent_dir in p.run.parents.items():
+        if parent_dir.name in retrained:
+            continue  # trained again in this run before its child
+        problem = artifacts.weights_problem(parent_dir) if artifacts.is_complete(parent_dir) else None
+        if problem:
+            raise UserError(f"stage {p.stage.name}: its {role} stage {parent_dir} is marked complete but {problem}; "
+                            f"remove {parent_dir / artifacts.STAGE_JSON} to train it again")
+
+
+def _prepare(cfg: RecipeConfig, stage: StageConfig, run: StageRun) -> None:
+    """The stage's TRL config, then its data (a mistyped setting is reported before any data is read), both
+    kept on the StageRun; errors name the YAML line or --set that gave the value."""
+    recipe = RECIPES[stage.kind]
+    try:
+        run.args = recipe.train_config(run)  # TRL validates its settings when the config is built
+    except UserError as err:
+        key = getattr(err, "key", None)
+        at = cfg.where(f"stages.{stage.name}.train.{key}") if key else str(cfg.path)
+        raise UserError(f"{at}: {err}") from None
+    try:
+        run.prepared = recipe.load_data(run)
+    except UserError as err:
+        # "stages.dpo.data.eval_fraction=0.99 leaves no training rows": name where it was set, too
+        # (errors about a data file already start with FILE:LINE).
+        key = str(err).split("=", 1)[0].split(":", 1)[0].split(" ", 1)[0]
+        if key.startswith(f"stages.{stage.name}."):
+            raise UserError(f"{cfg.where(key)}: {err}") from None
+        raise
+
+
+def execute(the_plan: Plan, *, launch=None, resume: bool, log=print) -> dict[str, dict]:
+    """Train the plan's stages in order, each under its lock, stage.json written last."""
+    cfg, records = the_plan.cfg, {}
     # One runner per stage on this machine: a second one would remove the first one's logs and checkpoints as
     # it begins the same stage. Runners of disjoint `--only` sets may share a run_dir (the demo's lanes do);
     # nodes of one multi-node run each hold their own lock. Held until this run ends.
     with contextlib.ExitStack() as locks:
-        for i, stage in enumerate(ordered, 1):
-            run = runs[stage.name]
-            tag = f"[{i}/{len(ordered)}] {stage.name} ({stage.kind})"
-            if stage not in todo:
-                if stage.name not in stale:
-                    log(f"{tag}: complete, skipped ({run.stage_dir})")
-                    records[stage.name] = artifacts.read_stage(run.stage_dir)
-                elif artifacts.is_complete(run.stage_dir):
-                    log(f"{tag}: not selected by --only, left as it is although {stale[stage.name]}")
+        for p in the_plan.stages:
+            if not p.selected:
+                line = _plan_line(p)
+                if line:
+                    log(line)
+                if p.stale is None:
+                    records[p.stage.name] = _upgraded(p, the_plan.hashes) if p.upgrade else artifacts.read_stage(p.run.stage_dir)
                 continue
-            # Checkpoints of an unfinished earlier run go unless --resume continues them: say so before, in a
-            # dry run, and after, naming the last one, so hours of training are not lost without a word.
-            last = artifacts.last_complete_checkpoint(run.stage_dir)
-            started = artifacts.started_config_hash(run.stage_dir)  # None once a run completed
-            same_config = last is not None and started in hashes[stage.name]
-            dropped, could_resume = "", False
-            if last is not None and not (resume and same_config):
-                if started is None:
-                    dropped = f"the checkpoints of its earlier, completed run (up to {last.name})"
-                else:
-                    could_resume = same_config
-                    dropped = f"the checkpoints of its unfinished earlier run (up to {last.name})" + (
-                        "" if same_config else ", made under another config")
-            if dry_run:
-                log(f"{tag}: would train into {run.stage_dir}" + (f", resuming from {last.name}" if resume and same_config else "")
-                    + (f", removing {dropped}" + (", which --resume continues" if could_resume else "") if dropped else ""))
-                continue
-            locks.enter_context(_stage_lock(cfg.run_dir, stage.name))
-            can_resume = artifacts.begin_stage(run.stage_dir, run.config_hash, resume=resume,
-                                               same_config=hashes[stage.name])
-            run.resume_from = artifacts.last_complete_checkpoint(run.stage_dir) if can_resume else None
-            if dropped:
-                log(f"{tag}: removed {dropped}" + (", which --resume would have continued" if could_resume else ""))
-            why = "" if stale[stage.name] == "it is not complete" else f" ({stale[stage.name]})"
-            log(f"{tag}: training into {run.stage_dir}{why}" + (f", resuming from {run.resume_from.name}" if run.resume_from else ""))
-            start = time.time()
-            if launcher == "accelerate":
-                result = _launch_with_accelerate(cfg, stage, run, overrides or [], accelerate_config, num_processes)
-            else:
-                result = RECIPES[stage.kind].run(run)
-            record = _record(cfg, stage, run, result, hashes, time.time() - start)
-            records[stage.name] = artifacts.complete_stage(run.stage_dir, record)
-            log(f"{tag}: complete in {record['wall_seconds']:.0f}s; " + _summary(record["metrics"]))
+            locks.enter_context(_stage_lock(cfg.run_dir, p.stage.name))
+            records[p.stage.name] = _train(the_plan, p, launch=launch, resume=resume, log=log)
     return records
+
+
+def _train(the_plan: Plan, p: StagePlan, *, launch, resume: bool, log) -> dict:
+    run = p.run
+    can_resume = artifacts.begin_stage(run.stage_dir, run.config_hash, resume=resume)
+    run.resume_from = artifacts.last_complete_checkpoint(run.stage_dir) if can_resume else None
+    if p.drops:
+        log(f"{p.tag}: removed {p.drops}" + (", which --resume would have continued" if p.could_resume else ""))
+    why = "" if p.stale == "it is not complete" else f" ({p.stale})"
+    log(f"{p.tag}: training into {run.stage_dir}{why}" + (f", resuming from {run.resume_from.name}" if run.resume_from else ""))
+    start = time.time()
+    result = launch(p.stage, run) if launch else RECIPES[p.stage.kind].run(run)
+    record = artifacts.complete_stage(run.stage_dir, _record(the_plan, p, result, time.time() - start))
+    log(f"{p.tag}: complete in {record['wall_seconds']:.0f}s; " + _summary(record["metrics"]))
+    return record
+
+
+def _upgraded(p: StagePlan, hashes: dict[str, str]) -> dict:
+    """A stage completed under an older hash formula, its stage.json rewritten once under the current one."""
+    record = artifacts.read_stage(p.run.stage_dir)
+    for role, ref in p.stage.references().items():
+        record.get("parents", {}).get(role, {})["config_hash"] = hashes[ref]
+    record.update(config_hash=p.run.config_hash, hash_formula=HASH_FORMULA)
+    artifacts.write_json_atomic(p.run.stage_dir / artifacts.STAGE_JSON, record)
+    return record
+
+
+def _lineage(cfg: RecipeConfig, stage: StageConfig) -> list[str]:
+    chain, current = [], stage
+    while current.after:
+        chain.append(current.after)
+        current = cfg.stage(current.after)
+    return chain
+
+
+def _record(the_plan: Plan, p: StagePlan, result: StageResult, wall: float) -> dict:
+    from alignkit.modeling import resolve_base
+
+    cfg, stage = the_plan.cfg, p.stage
+    return {
+        "name": stage.name,
+        "kind": stage.kind,
+        "base": cfg.model.base,
+        "base_resolved": resolve_base(cfg.model.base),
+        "model": dataclasses.asdict(cfg.model),
+        "peft": dataclasses.asdict(cfg.peft),
+        "parents": {role: {"name": ref, "path": str(cfg.run_dir / ref), "config_hash": the_plan.hashes[ref],
+                           "run_id": (artifacts.read_stage(cfg.run_dir / ref) or {}).get("run_id")}
+                    for role, ref in stage.references().items()},
+        "lineage": _lineage(cfg, stage),
+        "recipe": str(cfg.path.resolve()),
+        "config": {"kind": stage.kind, "after": stage.after, "reward": stage.reward, "data": stage.data,
+                   "train": stage.train, "seed": cfg.seed},
+        "config_hash": p.run.config_hash,
+        "hash_formula": HASH_FORMULA,
+        "data": result.data,
+        "metrics": result.metrics,
+        "memory": result.memory,
+        "wall_seconds": round(wall, 2),
+    }
 
 
 @contextlib.contextmanager
@@ -335,55 +373,41 @@ def _stage_lock(run_dir: Path, stage: str):
         os.close(fd)
 
 
-def _staleness(cfg: RecipeConfig, stage: StageConfig, config_hashes: tuple[str, ...], stale: dict[str, str]) -> str | None:
-    """Why a stage must be trained, or None when its stage.json is complete and still describes it
-    (under the current hash, or the legacy one a stage completed before the hash changed carries)."""
-    record = artifacts.read_stage(cfg.run_dir / stage.name)
-    if not record or not record.get("complete"):
-        return "it is not complete"
-    if record.get("config_hash") not in config_hashes:
-        return "its config, data or a parent's config changed"
-    for role, ref in stage.references().items():
-        if ref in stale:
-            return f"its {role} stage {ref} is trained again"
-        # Same config, new weights (the parent was interrupted and retrained): the child started from other weights.
-        recorded = record.get("parents", {}).get(role, {}).get("run_id")
-        if recorded != (artifacts.read_stage(cfg.run_dir / ref) or {}).get("run_id"):
-            return f"its {role} stage {ref} was retrained since"
-    return None
-
-
 def _summary(metrics: dict) -> str:
     keys = [k for k in ("train_loss", "eval_loss", "rewards/accuracies", "eval_accuracy", "rewards/margins", "mean_reward", "kl") if k in metrics]
     return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics[k], (int, float))) or "done"
 
 
-def _launch_with_accelerate(cfg, stage, run: StageRun, overrides, accelerate_config, num_processes) -> dict:
-    """Run one stage under `accelerate launch`; the runner (hashing, stage.json) stays in this process."""
-    plan = {"config": str(cfg.path.resolve()), "overrides": overrides, "stage": stage.name,
-            "config_hash": run.config_hash, "resume_from": str(run.resume_from) if run.resume_from else None}
-    plan_path = run.stage_dir / "plan.json"
-    artifacts.write_json_atomic(plan_path, plan)
-    result_path = run.stage_dir / "result.json"
-    result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if accelerate_config:
-        cmd += ["--config_file", accelerate_config]
-    if num_processes:
-        cmd += ["--num_processes", str(num_processes)]
-    cmd += ["-m", "alignkit.cli", "_stage", str(plan_path)]
-    # Its own process group: when this runner is stopped (Ctrl-C, or SIGTERM from a scheduler, which the CLI
-    # turns into KeyboardInterrupt), the launcher and every worker stop too, instead of writing into a stage
-    # the runner has abandoned.
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    try:
-        proc.wait()
-    except BaseException:
-        _stop_group(proc)
-        raise
-    if proc.returncode != 0 or not result_path.exists():
-        raise UserError(f"stage {stage.name} failed under accelerate launch (exit {proc.returncode}); see the output above")
-    return json.loads(result_path.read_text())
+def _launch(cfg: RecipeConfig, overrides: list[str], accelerate_config: str | None, num_processes: int | None):
+    """How execute runs a stage under `accelerate launch`; the runner (hashing, stage.json) stays in this process."""
+
+    def launch(stage: StageConfig, run: StageRun) -> StageResult:
+        plan_path = run.stage_dir / "plan.json"
+        artifacts.write_json_atomic(plan_path, {
+            "config": str(cfg.path.resolve()), "overrides": overrides, "stage": stage.name,
+            "config_hash": run.config_hash, "resume_from": str(run.resume_from) if run.resume_from else None})
+        result_path = run.stage_dir / "result.json"
+        result_path.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+        if accelerate_config:
+            cmd += ["--config_file", accelerate_config]
+        if num_processes:
+            cmd += ["--num_processes", str(num_processes)]
+        cmd += ["-m", "alignkit.cli", "_stage", str(plan_path)]
+        # Its own process group: when this runner is stopped (Ctrl-C, or SIGTERM from a scheduler, which the CLI
+        # turns into KeyboardInterrupt), the launcher and every worker stop too, instead of writing into a stage
+        # the runner has abandoned.
+        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        try:
+            proc.wait()
+        except BaseException:
+            _stop_group(proc)
+            raise
+        if proc.returncode != 0 or not result_path.exists():
+            raise UserError(f"stage {stage.name} failed under accelerate launch (exit {proc.returncode}); see the output above")
+        return StageResult(**json.loads(result_path.read_text()))
+
+    return launch
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
@@ -404,18 +428,17 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 def run_stage_from_plan(plan_path: str) -> int:
     """Entry point of one accelerate-launched process: train the stage; rank 0 writes result.json."""
-    plan = json.loads(Path(plan_path).read_text())
-    cfg = load_recipe(plan["config"], plan["overrides"], stage_kinds=RECIPES)
-    stage = cfg.stage(plan["stage"])
-    run = make_stage_run(cfg, stage, plan["config_hash"])  # hashed by the runner: every process re-hashing the data would be waste
-    run.resume_from = Path(plan["resume_from"]) if plan["resume_from"] else None
-    module = RECIPES[stage.kind]
-    if hasattr(module, "load_data"):
-        run.prepared = module.load_data(run)
-    result = module.run(run)
-    result.setdefault("data", {})["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = json.loads(Path(plan_path).read_text())
+    cfg = load_recipe(launched["config"], launched["overrides"], stage_kinds=RECIPES)
+    stage = cfg.stage(launched["stage"])
+    # Hashed by the runner: every process re-hashing the data would be waste.
+    run = _stage_run(cfg, stage, launched["config_hash"])
+    run.resume_from = Path(launched["resume_from"]) if launched["resume_from"] else None
+    _prepare(cfg, stage, run)
+    result = RECIPES[stage.kind].run(run)
+    result.data["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
     if int(os.environ.get("RANK", "0")) == 0:
-        artifacts.write_json_atomic(run.stage_dir / "result.json", result)
+        artifacts.write_json_atomic(run.stage_dir / "result.json", dataclasses.asdict(result))
     return 0
 
 

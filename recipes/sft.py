@@ -18,7 +18,7 @@ Defaults that differ from TRL's SFTConfig (besides alignkit.training's):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
@@ -26,12 +26,11 @@ from trl import SFTConfig, SFTTrainer
 from alignkit.data.chat_mask import MaskPlan, mask_plan, masked_rows
 from alignkit.data.io import without_location
 from alignkit.data.sources import load_sft_split
-from alignkit.modeling import load_tokenizer, resolve_base
-from alignkit.training import (final_metrics, fused_kernel_defaults, load_policy, memory_preflight, save_policy,
-                               stage_callbacks, trl_args, truncation_report)
+from alignkit.stage import StageKind, StageResult, StageRun
+from alignkit.training import (build_trainer, fit, fused_kernel_defaults, load_policy, memory_preflight,
+                               stage_tokenizer, trl_args, truncation_report)
 
-TRAIN_CONFIG = SFTConfig
-DATA_KEYS = {"train", "eval", "eval_fraction"}
+KIND = StageKind("sft", config_class=SFTConfig, data_keys=frozenset({"train", "eval", "eval_fraction"}))
 DEFAULTS = {"learning_rate": 2e-4}
 LOSS_ON = {"messages": "every assistant turn", "prompt_completion": "completion tokens", "text": "all tokens"}
 
@@ -54,21 +53,18 @@ class SftData:
     train_tokens: list[dict] | None = None
     eval_tokens: list[dict] | None = None
 
+    @property
+    def marks_generations(self) -> bool:
+        """TRL masks the assistant turns itself (assistant_only_loss) when the template marks generations."""
+        return self.mask is not None and self.mask.uses_markers
+
     def datasets(self) -> tuple[Dataset, Dataset | None]:
         train = self.train_tokens if self.train_tokens is not None else self.train
         evals = self.eval_tokens if self.eval_tokens is not None else self.eval
         return Dataset.from_list(train), (Dataset.from_list(evals) if evals else None)
 
 
-def stage_tokenizer(stage):
-    """The parent stage's tokenizer (it carries the chat template the parent trained with), else the base's —
-    also for a parent this run trains first, which saves the base's tokenizer."""
-    parent = stage.parents.get("after")
-    has_tokenizer = parent is not None and (parent / "tokenizer_config.json").exists()
-    return load_tokenizer(str(parent) if has_tokenizer else resolve_base(stage.model.base))
-
-
-def prepare(stage, train: list[dict], evals: list[dict], fmt: str, info: dict, tokenizer) -> SftData:
+def prepare(stage: StageRun, train: list[dict], evals: list[dict], fmt: str, info: dict, tokenizer) -> SftData:
     """The rows as the trainer takes them; for `messages` rows, how assistant tokens are found (a row the
     chat template cannot mask stops the stage here, before anything trains)."""
     data = SftData(train, evals, fmt, info, chat_template=tokenizer.chat_template)
@@ -84,14 +80,23 @@ def prepare(stage, train: list[dict], evals: list[dict], fmt: str, info: dict, t
     return data
 
 
-def load_data(stage) -> SftData:
+def load_data(stage: StageRun) -> SftData:
     train, evals, fmt, info = load_sft_split(stage.data, stage.seed, stage.name)
     return prepare(stage, train, evals, fmt, info, stage_tokenizer(stage))
 
 
-def train_config(stage, **derived) -> SFTConfig:
-    """TRL's SFTConfig: alignkit's defaults < this recipe's < settings derived from the data < the recipe's train:."""
-    return trl_args(SFTConfig, stage, {**DEFAULTS, **fused_kernel_defaults(), **derived})
+def train_config(stage: StageRun) -> SFTConfig:
+    """TRL's SFTConfig: alignkit's defaults < this recipe's < the recipe's train:. assistant_only_loss is
+    the data's to decide (fit_to_data), unless train: sets it."""
+    return trl_args(SFTConfig, stage, {**DEFAULTS, **fused_kernel_defaults()})
+
+
+def fit_to_data(stage: StageRun, data: SftData) -> SFTConfig:
+    """The config with TRL's own masking on when the chat template marks generations; the config is
+    built before the data is read (a mistyped setting costs no data read), so this is its one adjustment."""
+    if "assistant_only_loss" in stage.train or stage.args.assistant_only_loss == data.marks_generations:
+        return stage.args
+    return replace(stage.args, assistant_only_loss=data.marks_generations)
 
 
 def loss_tokens(dataset) -> int:
@@ -99,15 +104,15 @@ def loss_tokens(dataset) -> int:
     return sum(sum(label != -100 for label in labels) for labels in dataset["labels"])
 
 
-def run(stage) -> dict:
+def run(stage: StageRun) -> StageResult:
     data: SftData = stage.prepared
     tokenizer = stage_tokenizer(stage)
     if tokenizer.chat_template != data.chat_template:  # a parent trained since load_data, with another template
         data = prepare(stage, data.train, data.eval, data.fmt, data.info, tokenizer)
-    info = data.info
+    stage.args = fit_to_data(stage, data)
+    info, args = data.info, stage.args
     if data.mask is not None:
         print(f"{stage.name}: loss on every assistant turn, masked by {data.mask.method}")
-    args = train_config(stage, assistant_only_loss=data.mask is not None and data.mask.uses_markers)
     if not args.packing:  # packed sequences are cut to max_length by design
         info.update(truncation_report(tokenizer, data.train, args.max_length, data.fmt))
 
@@ -118,17 +123,7 @@ def run(stage) -> dict:
     info.update(started)
 
     train_dataset, eval_dataset = data.datasets()
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=new_adapter,
-        callbacks=stage_callbacks(stage.stage_dir),
-    )
+    trainer = build_trainer(SFTTrainer, stage, model=model, tokenizer=tokenizer, train=train_dataset,
+                            eval=eval_dataset, peft_config=new_adapter)
     info["loss_tokens"] = loss_tokens(trainer.train_dataset)
-    output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
-
-    save_policy(trainer.model, tokenizer, stage.stage_dir)
-    return {"metrics": final_metrics(trainer, output), "data": info, "memory": memory}
+    return StageResult(metrics=fit(stage, trainer, tokenizer), data=info, memory=memory)

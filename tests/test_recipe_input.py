@@ -470,3 +470,11 @@ def test_kto_settings_and_policies_are_checked_before_anything_runs(capsys, tmp_
         load_preference_split({"labels_db": str(tmp_path / "labels.db"), "both_bad": "undesirable"}, 0, "dpo")
     err = run_cli(capsys, write(tmp_path, kto), "stages.dpo.data.both_bad=sometimes")
     assert "stages.dpo.data.both_bad='sometimes' must be one of drop, ignore, undesirable" in err, err
+
+
+def test_the_data_keys_name_the_export_policies_the_store_takes():
+    """alignkit.data.keys checks `ties:` / `both_bad:` without importing the store; the names must agree."""
+    from alignkit.data import keys
+    from alignkit.store import export
+
+    assert keys.POLICIES == export.POLICIES and keys.BOTH_BAD_POLICIES == export.BOTH_BAD_POLICIES

@@ -216,7 +216,7 @@ def test_rlhf_recipes_validate_every_stage(name):
     ppo, reward = cfg.stage("ppo"), cfg.stage("reward")
     assert ppo.after == "sft" and ppo.reward == "reward" and reward.after == "sft"
     PPOConfig(**ppo.train)
-    assert set(reward.data) <= RECIPES["reward"].DATA_KEYS
+    assert set(reward.data) <= RECIPES["reward"].KIND.data_keys
 
 
 def test_loading_a_scorer_hides_only_the_load_report_it_must_cause(tiny_model_dir, capfd):

@@ -173,27 +173,37 @@ def test_mistakes_and_bookkeeping_leave_complete_stages_alone(tiny_recipe, tmp_p
                       f"stages.dpo.data.train={moved / prefs.name}"], dry_run=True, log=lines.append)
     assert sum("complete, skipped" in line for line in lines) == 2, lines
 
-    # Stages completed before the hash changed (data paths and every train key in it) are still complete.
+    # Stages completed under the oldest hash formula (data paths and every train key in it) are still complete,
+    # and a run upgrades their stage.json to the current formula once.
     from alignkit.artifacts import write_json_atomic
     from alignkit.config import load_recipe, order_stages
-    from recipes.runner import RECIPES, stage_hashes
+    from alignkit.hashing import HASH_FORMULA, config_hashes, fingerprints
+    from recipes.runner import RECIPES
 
     cfg = load_recipe(path, stage_kinds=RECIPES)
-    hashes, legacy = {}, {}
-    for stage in order_stages(cfg.stages):
-        hashes[stage.name] = stage_hashes(cfg, stage, hashes)
-        legacy[stage.name] = hashes[stage.name][2]
+    ordered = order_stages(cfg.stages)
+    legacy = config_hashes(cfg, ordered, fingerprints(ordered), formula=1)
+
+    def unversioned(name, config_hash):
+        record = {k: v for k, v in read_stage(run / name).items() if k != "hash_formula"}
+        write_json_atomic(run / name / "stage.json", {**record, "config_hash": config_hash})
+
+    for stage in ordered:
         record = read_stage(run / stage.name)
-        assert record["config_hash"] != legacy[stage.name]
-        write_json_atomic(run / stage.name / "stage.json", {**record, "config_hash": legacy[stage.name]})
+        assert record["config_hash"] != legacy[stage.name] and record["hash_formula"] == HASH_FORMULA
+        unversioned(stage.name, legacy[stage.name])
     lines = []
     run_recipe(path, dry_run=True, log=lines.append)
     assert sum("complete, skipped" in line for line in lines) == 2, lines
-    write_json_atomic(run / "dpo" / "stage.json", {**read_stage(run / "dpo"), "config_hash": "0" * 64})
+    unversioned("dpo", "0" * 64)
     lines = []
     run_recipe(path, dry_run=True, log=lines.append)
     assert sum("would train" in line for line in lines) == 1, lines
-    write_json_atomic(run / "dpo" / "stage.json", {**read_stage(run / "dpo"), "config_hash": legacy["dpo"]})
+    unversioned("dpo", legacy["dpo"])
+    current = {name: read_stage(run / name)["run_id"] for name in ("sft", "dpo")}
+    run_recipe(path, log=lambda *_: None)  # the upgrade: nothing trains, both records carry the current formula
+    for name in ("sft", "dpo"):
+        assert read_stage(run / name)["hash_formula"] == HASH_FORMULA and read_stage(run / name)["run_id"] == current[name]
 
     # A parent retrained under the same config (it was interrupted) makes its child stale.
     (run / "sft" / "stage.json").unlink()
@@ -230,7 +240,8 @@ def test_a_moved_project_with_a_local_base_model_is_not_retrained(tmp_path, tiny
     import shutil
 
     from alignkit.config import load_recipe
-    from recipes.runner import RECIPES, _portable_base
+    from alignkit.hashing import portable_base
+    from recipes.runner import RECIPES
 
     project = tmp_path / "project"
     shutil.copytree(tiny_model_dir, project / "models" / "tiny")
@@ -242,7 +253,7 @@ def test_a_moved_project_with_a_local_base_model_is_not_retrained(tmp_path, tiny
     run_recipe(project / "recipe.yaml", log=lambda *_: None)
     moved = shutil.copytree(project, tmp_path / "elsewhere" / "project")
     shutil.rmtree(project)  # nothing of the old location is left to find
-    assert _portable_base(load_recipe(moved / "recipe.yaml", stage_kinds=RECIPES)) == "models/tiny"
+    assert portable_base(load_recipe(moved / "recipe.yaml", stage_kinds=RECIPES)) == "models/tiny"
     lines = []
     run_recipe(moved / "recipe.yaml", dry_run=True, log=lines.append)
     assert lines and all("complete, skipped" in line for line in lines), lines

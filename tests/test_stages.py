@@ -131,7 +131,7 @@ def test_memory_preflight_warns_when_the_stage_will_not_fit(tmp_path, tiny_model
 
     from alignkit.modeling import PeftSettings
     from alignkit.training import memory_preflight
-    from recipes.runner import StageRun
+    from alignkit.stage import StageRun
 
     stage = StageRun("sft", "sft", tmp_path, ModelSettings(base=str(tiny_model_dir)), PeftSettings(), {}, {}, {}, 0)
     lines = []
@@ -154,7 +154,7 @@ def test_ppo_memory_preflight_counts_four_roles_and_warns_with_ppo_advice(tmp_pa
     from alignkit.modeling import PeftSettings, load_tokenizer
     from alignkit.ppo.config import PPOConfig
     from alignkit.training import ppo_memory_preflight
-    from recipes.runner import StageRun
+    from alignkit.stage import StageRun
 
     stage = StageRun("ppo", "ppo", tmp_path, ModelSettings(base=str(tiny_model_dir)), PeftSettings(), {}, {}, {}, 0)
     tokenizer = load_tokenizer(str(tiny_model_dir))

@@ -6,6 +6,7 @@ import json
 import random
 
 from alignkit.data.io import without_location
+from alignkit.data.keys import data_value_problem
 from alignkit.errors import UserError
 
 
@@ -47,8 +48,6 @@ def filter_rows(rows: list[dict], columns: tuple[str, ...], *, keep_location: bo
 
 def split_rows(rows: list[dict], eval_fraction: float, seed: int, *, key: str = "data.eval_fraction") -> tuple[list[dict], list[dict]]:
     """(train, eval): `eval_fraction` of the rows held out, seeded. `key` names the setting in errors."""
-    from alignkit.data.sources import data_value_problem  # the one check of data: values
-
     problem = data_value_problem("eval_fraction", eval_fraction)
     if problem:
         raise UserError(f"{key}={eval_fraction!r} {problem}")

@@ -15,7 +15,6 @@ time with the YAML line (data_value_problem), so these checks matter for callers
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 
@@ -23,46 +22,12 @@ from alignkit.artifacts import file_fingerprint, stable_hash
 from alignkit.data.clean import filter_rows, split_rows
 from alignkit.data.formats import check_prompt_rows, consistent_pairs, consistent_unpaired, sft_format, standard_sft_rows
 from alignkit.data.io import load_rows, without_location
+from alignkit.data.keys import EXCLUSIVE_KEYS, POLICY_KEYS, data_value_problem
 from alignkit.errors import UserError
 
 SFT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 UNPAIRED_COLUMNS = ("prompt", "completion", "label")
-# Keys whose values are paths, dataset dirs, hf:NAME or store URLs.
-PATH_KEYS = ("train", "eval", "prompts", "eval_prompts", "labels_db")
-# The path keys whose contents data_fingerprint hashes (labels_db: the rows its export policy keeps).
-FINGERPRINTED_KEYS = ("train", "eval", "prompts", "labels_db")
-# Each pair names two ways to say one thing; with both set the loaders would silently use the first.
-EXCLUSIVE_KEYS = (("labels_db", "train"), ("eval", "eval_fraction"))
-POLICY_KEYS = ("min_agreement", "ties", "both_bad")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def data_value_problem(key: str, value) -> str | None:
-    """What is wrong with one `data:` value ("must be ..."), or None when it is fine (or not ours to judge)."""
-    if key in PATH_KEYS:
-        if not isinstance(value, str) or not value.strip():
-            return "must be a path (a file, a dataset directory or hf:NAME)"
-    elif key == "eval_fraction":
-        if not (_is_number(value) and 0 <= value < 1):
-            return "must be a number in [0, 1)"
-    elif key == "min_agreement":
-        if not (_is_number(value) and 0 <= value <= 1):
-            return "must be a number in [0, 1]"
-    elif key in ("ties", "both_bad"):
-        try:
-            from alignkit.store.export import BOTH_BAD_POLICIES, POLICIES
-        except ImportError:  # no store installed: labels_db itself will say so
-            return None
-        allowed = BOTH_BAD_POLICIES if key == "both_bad" else POLICIES
-        if not isinstance(value, str) or value not in allowed:
-            return f"must be one of {', '.join(allowed)}"
-    return None
-
-
 def _name(stage: str | None, key: str = "") -> str:
     """The dotted name of a data key as the recipe spells it."""
     return (f"stages.{stage}.data" if stage else "data") + (f".{key}" if key else "")

@@ -1,8 +1,10 @@
-"""PPOConfig: the `train:` section of a `kind: ppo` stage (recipes/ppo.py's TRAIN_CONFIG)."""
+"""PPOConfig: the `train:` section of a `kind: ppo` stage (the config class recipes/ppo.py declares)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+
+from alignkit.stage import min_reward_accuracy_field
 
 
 def _f(default, help: str):
@@ -42,8 +44,7 @@ class PPOConfig:
     whiten_rewards: bool = _f(False, "whiten per-token rewards (rescale, keep mean) before GAE")
     # guard rails
     ratio_threshold: float = _f(10.0, "skip (and log) a minibatch whose mean probability ratio exceeds this")
-    min_reward_accuracy: float = _f(0.6, "refuse to start unless the reward stage's held-out accuracy is at least "
-                                         "this (0 disables the gate)")
+    min_reward_accuracy: float = min_reward_accuracy_field()
     # bookkeeping
     save_steps: int = _f(50, "checkpoint every this many PPO iterations (for --resume)")
     save_total_limit: int | None = _f(2, "keep at most this many checkpoints (None: all)")
