@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from alignkit.data.keys import EXCLUSIVE_KEYS, PATH_KEYS, data_value_problem
+from alignkit.data.keys import PATH_KEYS, both_set, value_problems
 from alignkit.errors import UserError
 from alignkit.modeling import DTYPES, PEFT_METHODS, QUANTIZATIONS, TINY_SPEC, ModelSettings, PeftSettings, liger_available
 from alignkit.stage import MANAGED_TRAIN_KEYS, StageKind, StageRecipe
@@ -537,19 +537,16 @@ def _check_stage_roles(stages: list[StageConfig], stage_kinds: Mapping[str, Stag
 
 def _check_data(data: dict, where_key: str, where: _Where, kind: StageKind | None) -> dict:
     """A stage's data values, checked at their YAML line or --set; returns data with overridden alternatives dropped."""
-    for key, value in data.items():
-        problem = data_value_problem(key, value)
-        if problem:
-            raise UserError(f"{where(f'{where_key}.data.{key}')}: {where_key}.data.{key}={value!r} {problem}")
-    for first, second in EXCLUSIVE_KEYS:
-        if first in data and second in data:
-            given = {k: where.override(f"{where_key}.data.{k}") is not None for k in (first, second)}
-            if given[first] == given[second]:
-                raise UserError(f"{where(f'{where_key}.data.{second}')}: {where_key}.data sets both {first} and {second}; "
-                                f"{second} would be ignored, remove one")
-            # One of them came from --set: the command line replaces the YAML's choice, as the recipes'
-            # headers show (`--set stages.dpo.data.labels_db=labels.db` over a YAML `train:`).
-            del data[second if given[first] else first]
+    for key, problem in value_problems(data):
+        raise UserError(f"{where(f'{where_key}.data.{key}')}: {where_key}.data.{key}{problem}")
+    for first, second in both_set(data):
+        given = {k: where.override(f"{where_key}.data.{k}") is not None for k in (first, second)}
+        if given[first] == given[second]:
+            raise UserError(f"{where(f'{where_key}.data.{second}')}: {where_key}.data sets both {first} and {second}; "
+                            f"{second} would be ignored, remove one")
+        # One of them came from --set: the command line replaces the YAML's choice, as the recipes'
+        # headers show (`--set stages.dpo.data.labels_db=labels.db` over a YAML `train:`).
+        del data[second if given[first] else first]
     if kind is not None:
         needs = kind.required_data()
         if needs and not any(k in data for k in needs):

@@ -42,3 +42,14 @@ def data_value_problem(key: str, value) -> str | None:
         if not isinstance(value, str) or value not in allowed:
             return f"must be one of {', '.join(allowed)}"
     return None
+
+
+def value_problems(data: dict) -> list[tuple[str, str]]:
+    """(key, "=VALUE must be ...") for each wrong value of a `data:` section, in the section's order."""
+    return [(key, f"={value!r} {problem}") for key, value in data.items()
+            for problem in [data_value_problem(key, value)] if problem]
+
+
+def both_set(data: dict) -> list[tuple[str, str]]:
+    """The pairs of EXCLUSIVE_KEYS a `data:` section sets both of."""
+    return [(first, second) for first, second in EXCLUSIVE_KEYS if first in data and second in data]

@@ -22,7 +22,7 @@ from alignkit.artifacts import file_fingerprint, stable_hash
 from alignkit.data.clean import filter_rows, split_rows
 from alignkit.data.formats import check_prompt_rows, consistent_pairs, consistent_unpaired, sft_format, standard_sft_rows
 from alignkit.data.io import load_rows, without_location
-from alignkit.data.keys import EXCLUSIVE_KEYS, POLICY_KEYS, data_value_problem
+from alignkit.data.keys import POLICY_KEYS, both_set, value_problems
 from alignkit.errors import UserError
 
 SFT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
@@ -35,13 +35,10 @@ def _name(stage: str | None, key: str = "") -> str:
 
 def check_data(data: dict, stage: str | None) -> None:
     """Every value of a stage's `data:` section, before anything is read."""
-    for key, value in data.items():
-        problem = data_value_problem(key, value)
-        if problem:
-            raise UserError(f"{_name(stage, key)}={value!r} {problem}")
-    for first, second in EXCLUSIVE_KEYS:
-        if first in data and second in data:
-            raise UserError(f"{_name(stage)} sets both {first} and {second}; {second} would be ignored, remove one")
+    for key, problem in value_problems(data):
+        raise UserError(f"{_name(stage, key)}{problem}")
+    for first, second in both_set(data):
+        raise UserError(f"{_name(stage)} sets both {first} and {second}; {second} would be ignored, remove one")
 
 
 def _require(data: dict, key: str, stage: str, alternative: str = "") -> str:
