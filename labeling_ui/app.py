@@ -74,11 +74,22 @@ LOCAL_USER = "local"  # the annotator's name with --no-auth (loopback only)
 
 # Keyboard shortcuts, the guard against votes on an item not yet seen, the session-ended notice and the
 # rationale counter live in page.js, which guard.py serves and adds to every page with its nonce.
+# The two responses sit in boxes of one fixed height that scroll together (page.js), so a long response
+# never pushes the vote buttons below the fold; on a narrow screen they stack instead of two thin columns.
 CSS = """
-#ak-prompt, #ak-arena-prompt { max-height: 22em; overflow-y: auto; }
-.ak-response { max-height: 30em; overflow-y: auto; padding: 0.5em 0.7em; border: 1px solid var(--border-color-primary);
-               border-radius: 6px; min-height: 8em; }
+#ak-prompt, #ak-arena-prompt { max-height: 16em; overflow-y: auto; }
+.ak-response { height: min(22em, 40vh); overflow-y: auto; padding: 0.5em 0.7em;
+               border: 1px solid var(--border-color-primary); border-radius: 6px; }
 .ak-side { font-weight: 600; font-size: 0.85em; margin-bottom: 0.3em; }
+.ak-len { font-weight: 400; opacity: 0.7; }
+.ak-progress { display: flex; gap: 0.8em; align-items: center; flex-wrap: wrap; }
+.ak-progress progress { flex: 1; min-width: 8em; height: 0.7em; }
+@media (max-width: 640px) {
+  .ak-pair, #ak-header { flex-direction: column !important; }
+  #ak-header > * { width: 100% !important; min-width: 0 !important; }
+  .ak-pair > * { width: 100% !important; min-width: 0 !important; }
+  .ak-response { height: 14em; }
+}
 """ + PAGE_CSS
 
 # System fonts: the default theme fetches Google Fonts, a third-party connection the page's policy refuses.
@@ -276,7 +287,7 @@ def _html(elem_id: str) -> gr.HTML:
 
 def pair_widgets(elem_prefix: str, vote_prefix: str, side_labels: tuple[str, str], vote_labels: dict[str, str]) -> PairWidgets:
     prompt = _html(f"{elem_prefix}-prompt")
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=True, elem_classes=["ak-pair"]):
         left, right = _html(f"{elem_prefix}-left"), _html(f"{elem_prefix}-right")
     shown = gr.Textbox(visible="hidden", elem_id=f"{elem_prefix}-shown")
     with gr.Row():
@@ -297,8 +308,9 @@ def pair_update(ctx: AppContext, pair: PairWidgets, view: handlers.ItemView, mar
         prompt = (f'<div {marks} data-ak-item="{view.comparison_id}"><div class="ak-side">Prompt</div>'
                   f'{prompt_html(view.prompt, markdown=markdown)}</div>')
         left, right = (_response_html(side, text, markdown) for side, text in zip(pair.sides, (view.left, view.right)))
-    return {pair.prompt: prompt, pair.left: left, pair.right: right,
-            pair.shown: "" if view.done else str(view.comparison_id)}
+    # With nothing left the two response boxes go (empty boxes would look like a page still loading).
+    return {pair.prompt: prompt, pair.left: gr.HTML(left, visible=not view.done),
+            pair.right: gr.HTML(right, visible=not view.done), pair.shown: "" if view.done else str(view.comparison_id)}
 
 
 def _response_html(side: str, text: str, markdown: bool) -> str:
@@ -308,7 +320,7 @@ def _response_html(side: str, text: str, markdown: bool) -> str:
 
 def labeling_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> None:
     with gr.Tab("Label", id="label"):
-        progress = gr.Markdown(elem_id="ak-progress")
+        progress = gr.HTML(elem_id="ak-progress", js_on_load=None)
         pair = pair_widgets("ak", "ak-vote", ("A", "B"),
                             {"a": "A better", "b": "B better", "tie": "Tie", "both_bad": "Both bad"})
         rationale = gr.Textbox(label="Rationale (optional)", lines=2, max_lines=6, elem_id="ak-rationale",
@@ -317,16 +329,25 @@ def labeling_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> Non
             btn_skip = gr.Button("Skip  [s]", size="sm", elem_id="ak-skip")
             btn_undo = gr.Button("Undo last vote  [u]", size="sm", elem_id="ak-undo")
         status = gr.Markdown(elem_id="ak-status")
+        with gr.Accordion("Skipped items", open=False, elem_id="ak-skipped"):
+            with gr.Row():
+                skipped = gr.Dropdown([], label="Skipped", elem_id="ak-skipped-pick", scale=3)
+                btn_unskip = gr.Button("Bring it back", size="sm", elem_id="ak-unskip", scale=1)
 
-    outputs = [pair.prompt, pair.left, pair.right, pair.shown, progress, status, rationale]
+    item_buttons = [*pair.votes.values(), btn_skip]
+    outputs = [pair.prompt, pair.left, pair.right, pair.shown, progress, status, rationale, skipped, *item_buttons]
 
-    def render(view: handlers.ItemView, as_markdown: bool) -> dict:
-        # A refused action keeps what the annotator typed; a vote that went through clears it.
+    def render(view: handlers.ItemView, as_markdown: bool, user: str) -> dict:
+        # A refused action keeps what the annotator typed; a vote that went through clears it. With nothing
+        # left, the buttons that act on an item are disabled.
         return {**pair_update(ctx, pair, view, as_markdown), progress: view.progress, status: view.status,
-                rationale: gr.skip() if view.refused else ""}
+                rationale: gr.skip() if view.refused else "",
+                skipped: gr.Dropdown(choices=handlers.skipped_choices(ctx.store, user), value=None),
+                **{b: gr.Button(interactive=not view.done) for b in item_buttons}}
 
     def show(as_markdown, request: gr.Request):
-        return render(handlers.current_view(ctx.store, ctx.user(request), overlap=ctx.overlap), as_markdown)
+        user = ctx.user(request)
+        return render(handlers.current_view(ctx.store, user, overlap=ctx.overlap), as_markdown, user)
 
     def redisplay(as_markdown, request: gr.Request):
         view = handlers.current_view(ctx.store, ctx.user(request), overlap=ctx.overlap)
@@ -334,21 +355,30 @@ def labeling_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> Non
 
     def on_vote(choice: str):
         def fn(shown, why, as_markdown, request: gr.Request):
-            return render(handlers.vote(ctx.store, ctx.user(request), handlers.shown_id(shown), choice, why,
+            user = ctx.user(request)
+            return render(handlers.vote(ctx.store, user, handlers.shown_id(shown), choice, why,
                                         overlap=ctx.overlap, min_display_seconds=ctx.min_display_seconds),
-                          as_markdown)
+                          as_markdown, user)
 
         return fn
 
     def on_skip(shown, as_markdown, request: gr.Request):
-        return render(handlers.skip_item(ctx.store, ctx.user(request), handlers.shown_id(shown), overlap=ctx.overlap),
-                      as_markdown)
+        user = ctx.user(request)
+        return render(handlers.skip_item(ctx.store, user, handlers.shown_id(shown), overlap=ctx.overlap),
+                      as_markdown, user)
 
     def on_undo(as_markdown, request: gr.Request):
-        return render(handlers.undo(ctx.store, ctx.user(request), overlap=ctx.overlap), as_markdown)
+        user = ctx.user(request)
+        return render(handlers.undo(ctx.store, user, overlap=ctx.overlap), as_markdown, user)
+
+    def on_unskip(pick, as_markdown, request: gr.Request):
+        user = ctx.user(request)
+        return render(handlers.unskip_item(ctx.store, user, handlers.shown_id(pick), overlap=ctx.overlap),
+                      as_markdown, user)
 
     ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
     demo.load(show, inputs=[markdown], outputs=outputs, **ui)
+    btn_unskip.click(on_unskip, inputs=[skipped, markdown], outputs=outputs, **ui)
     markdown.change(redisplay, inputs=[markdown], outputs=[pair.prompt, pair.left, pair.right, pair.shown, progress],
                     **ui)
     for choice, button in pair.votes.items():
@@ -361,18 +391,20 @@ def arena_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> None:
     with gr.Tab("Arena", id="arena") as tab:
         gr.Markdown("Two anonymous models answer the same prompt. Vote for the better answer; "
                     "you see which models they were after your vote.")
-        progress = gr.Markdown(elem_id="ak-arena-progress")
+        progress = gr.HTML(elem_id="ak-arena-progress", js_on_load=None)
         pair = pair_widgets("ak-arena", "ak-arena", ("Model A", "Model B"),
                             {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"})
         reveal_md = gr.Markdown(elem_id="ak-arena-reveal")
-        btn_next = gr.Button("Next battle  [n]", visible=False, elem_id="ak-arena-next")
+        with gr.Row():
+            btn_skip = gr.Button("Skip battle  [s]", size="sm", elem_id="ak-arena-skip")
+            btn_next = gr.Button("Next battle  [n]", visible=False, elem_id="ak-arena-next")
         status = gr.Markdown(elem_id="ak-arena-status")
 
-    vote_buttons = list(pair.votes.values())
+    vote_buttons = [*pair.votes.values(), btn_skip]
     outputs = [pair.prompt, pair.left, pair.right, pair.shown, progress, status, reveal_md, btn_next, *vote_buttons]
 
     def render(view: handlers.ArenaView, as_markdown: bool) -> dict:
-        # Vote buttons: hidden when nothing is left, locked once this battle is voted and revealed.
+        # Vote and skip buttons: hidden when nothing is left, locked once this battle is voted and revealed.
         buttons = {b: gr.Button(visible=not view.done, interactive=not view.revealed) for b in vote_buttons}
         return {**pair_update(ctx, pair, view, as_markdown), progress: view.progress, status: view.status,
                 reveal_md: view.reveal_markdown, btn_next: gr.Button(visible=view.revealed), **buttons}
@@ -401,6 +433,12 @@ def arena_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> None:
     markdown.change(redisplay, inputs=[pair.shown, markdown], outputs=outputs, **ui)
     for choice, button in pair.votes.items():
         button.click(on_vote(choice), inputs=[pair.shown, markdown], outputs=outputs, **ui)
+
+    def on_skip(shown, as_markdown, request: gr.Request):
+        return render(handlers.arena_skip(ctx.store, ctx.user(request), handlers.shown_id(shown), overlap=ctx.overlap),
+                      as_markdown)
+
+    btn_skip.click(on_skip, inputs=[pair.shown, markdown], outputs=outputs, **ui)
 
 
 def leaderboard_tab(ctx: AppContext, demo: gr.Blocks) -> None:
@@ -478,7 +516,7 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
 
 def header(ctx: AppContext, demo: gr.Blocks) -> gr.Checkbox:
     """The title, the display toggle (each annotator's own, kept in their browser) and the logout button."""
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=True, elem_id="ak-header"):
         gr.Markdown("### alignkit labeling — which response is better?")
         markdown = gr.Checkbox(False, label="Render markdown (HTML is always shown as text)", elem_id="ak-markdown",
                                scale=0, min_width=300)

@@ -15,7 +15,7 @@ from typing import Any
 
 from alignkit import stats
 from alignkit.errors import UserError
-from alignkit.store import Item, Store, next_item, progress, skip, submit_vote, undo_last_vote
+from alignkit.store import Item, Store, next_item, progress, skip, skipped, submit_vote, undo_last_vote, unskip
 from alignkit.store.agreement import agreement_report
 from alignkit.store.arena import LeaderboardCache, arena_battles, arena_vote_state, reveal, summarise_votes
 from alignkit.store.export import excluded_annotators, export_dataset, set_excluded
@@ -63,10 +63,36 @@ ANNOTATOR_COLUMNS = ["annotator", "votes", "tie rate", "both-bad rate", "left-si
 PAIR_COLUMNS = ["annotator 1", "annotator 2", "shared", "agreement", "Cohen's kappa"]
 
 
+def progress_html(user: str, done: int, remaining: int, extra: str = "", *, unit: str = "done") -> str:
+    """A progress bar with its counts (escaped: the user name is the only text from outside)."""
+    total = done + remaining
+    return (f'<div class="ak-progress"><b>{html.escape(user)}</b> — {unit} {done}, remaining {remaining}{extra}'
+            f'<progress value="{done}" max="{max(total, 1)}" aria-label="progress"></progress></div>')
+
+
 def _progress_line(store: Store, user: str, overlap: int) -> str:
     p = progress(store, user, overlap=overlap)
-    extra = f", {p.skipped} skipped" if p.skipped else ""
-    return f"**{html.escape(user)}** — done {p.done}, remaining {p.remaining}{extra}"
+    return progress_html(user, p.done, p.remaining, f", {p.skipped} skipped" if p.skipped else "")
+
+
+def skipped_choices(store: Store, user: str) -> list[tuple[str, int]]:
+    """(label, comparison id) of the items this annotator skipped, for a picker: the prompt's first words."""
+    out = []
+    for item in skipped(store, user):
+        words = " ".join(item.prompt_text.split())
+        out.append((f"#{item.comparison_id}: {words[:60]}{'…' if len(words) > 60 else ''}", item.comparison_id))
+    return out
+
+
+def unskip_item(store: Store, user: str, comparison_id: int | None, *, overlap: int) -> ItemView:
+    """Bring back a skipped item: it is the one on screen from now on."""
+    if comparison_id is None:
+        return current_view(store, user, overlap=overlap, status="Choose a skipped item first.", refused=True)
+    try:
+        item = unskip(store, user, int(comparison_id), overlap=overlap)
+    except UserError as err:
+        return current_view(store, user, overlap=overlap, status=f"Not brought back: {err}", refused=True)
+    return _view(store, user, overlap, item, f"Brought back #{item.comparison_id}.")
 
 
 NOTHING_LEFT = "Nothing left to label for you. Thank you!"
@@ -217,7 +243,18 @@ class ArenaView(ItemView):
 
 def _arena_progress(store: Store, user: str, overlap: int) -> str:
     p = progress(store, user, overlap=overlap, arena=True)
-    return f"**{html.escape(user)}** — battles judged {p.done}, remaining {p.remaining}"
+    return progress_html(user, p.done, p.remaining, unit="battles judged")
+
+
+def arena_skip(store: Store, user: str, comparison_id: int | None, *, overlap: int) -> ArenaView:
+    """Pass on the battle on screen (never served to this annotator again), then show the next."""
+    if comparison_id is None:
+        return arena_view(store, user, overlap=overlap)
+    try:
+        skip(store, user, int(comparison_id), arena=True)
+    except UserError as err:
+        return arena_view(store, user, overlap=overlap, status=f"Not skipped: {err}", refused=True)
+    return arena_view(store, user, overlap=overlap, status=f"Skipped #{comparison_id}.")
 
 
 def arena_view(store: Store, user: str, *, overlap: int, status: str = "", refused: bool = False) -> ArenaView:

@@ -5,7 +5,9 @@
 //   are ignored until the server's answer has rendered, and an item shown for less than its minimum
 //   (data-ak-min-ms on the prompt) takes no vote;
 // - keys: 1 = A better, 2 = B better, 3 = tie, 4 = both bad (Label and Arena tab); s = skip, u = undo
-//   (Label); n = next battle (Arena); ignored while typing in a text field;
+//   (Label); s = skip, n = next battle (Arena); ignored while typing in a text field; on a touch screen the
+//   buttons lose their key hints;
+// - the two responses scroll together, so the same part of each is in view;
 // - a session that ended (logout, password change, expiry, server restart) is said on the page at once;
 // - a login refused for too many attempts says until when (Gradio's login form shows nothing for it);
 // - the rationale box shows its length against its limit.
@@ -13,12 +15,13 @@
   "use strict";
   var KEYS = {"1": ["ak-vote-a", "ak-arena-a"], "2": ["ak-vote-b", "ak-arena-b"],
               "3": ["ak-vote-tie", "ak-arena-tie"], "4": ["ak-vote-both-bad", "ak-arena-both-bad"],
-              "s": ["ak-skip"], "u": ["ak-undo"], "n": ["ak-arena-next"]};
+              "s": ["ak-skip", "ak-arena-skip"], "u": ["ak-undo"], "n": ["ak-arena-next"]};
   // Buttons that act on the item on screen, and the prompt block that names it.
   var ITEM_BUTTONS = {"ak-vote-a": "ak-prompt", "ak-vote-b": "ak-prompt", "ak-vote-tie": "ak-prompt",
                       "ak-vote-both-bad": "ak-prompt", "ak-skip": "ak-prompt",
                       "ak-arena-a": "ak-arena-prompt", "ak-arena-b": "ak-arena-prompt",
-                      "ak-arena-tie": "ak-arena-prompt", "ak-arena-both-bad": "ak-arena-prompt"};
+                      "ak-arena-tie": "ak-arena-prompt", "ak-arena-both-bad": "ak-arena-prompt",
+                      "ak-arena-skip": "ak-arena-prompt"};
   var OTHER_BUTTONS = {"ak-undo": "ak-prompt", "ak-arena-next": "ak-arena-prompt"};
   var STUCK_MS = 10000;  // no answer rendered by then: let the annotator try again
   var views = {};  // prompt element id -> {item, render, shownAt, busySince}
@@ -52,6 +55,34 @@
       }
     });
     decorateRationale();
+    linkScrolling();
+    dropKeyHints();
+  }
+
+  // Scrolling one response scrolls the other to the same fraction of its length.
+  function linkScrolling() {
+    [["ak-left", "ak-right"], ["ak-arena-left", "ak-arena-right"]].forEach(function (ids) {
+      var boxes = ids.map(function (id) { return document.querySelector("#" + id + " .ak-response"); });
+      if (!boxes[0] || !boxes[1] || boxes[0].getAttribute("data-ak-linked")) return;
+      var syncing = false;
+      boxes.forEach(function (box, i) {
+        box.setAttribute("data-ak-linked", "1");
+        box.addEventListener("scroll", function () {
+          if (syncing) { syncing = false; return; }
+          var other = boxes[1 - i], range = box.scrollHeight - box.clientHeight;
+          syncing = true;
+          other.scrollTop = range > 0 ? (box.scrollTop / range) * (other.scrollHeight - other.clientHeight) : 0;
+        });
+      });
+    });
+  }
+
+  var touch = window.matchMedia && window.matchMedia("(hover: none) and (pointer: coarse)").matches;
+  function dropKeyHints() {
+    if (!touch) return;
+    document.querySelectorAll("button[id^=ak-]").forEach(function (b) {
+      if (/\s*\[[^\]]+\]\s*$/.test(b.textContent)) b.textContent = b.textContent.replace(/\s*\[[^\]]+\]\s*$/, "");
+    });
   }
 
   function allowed(buttonId) {

@@ -970,3 +970,28 @@ def test_flags_name_what_to_look_at_worked_by_hand():
     assert [f.split(":")[0] for f in flags(hasty)] == ["fast", "side", "undecided", "disagrees", "gold"]
     few = {**hasty, "votes": 5, "decided": 5, "left": 5, "shared_with_others": 3, "gold_votes": 2}
     assert flags(few) == []  # too few votes to say anything
+
+
+def test_a_skipped_item_comes_back_when_asked_while_it_has_a_slot(store_url, tmp_path):
+    from alignkit.store import skipped, unskip
+
+    store = open_store(store_url, overlap=1)
+    populate(store, tmp_path, n_prompts=3)
+    first = next_item(store, "ann")
+    skip(store, "ann", first.comparison_id)
+    second = next_item(store, "ann")
+    assert [i.comparison_id for i in skipped(store, "ann")] == [first.comparison_id] and skipped(store, "bob") == []
+    back = unskip(store, "ann", first.comparison_id)
+    assert (back.comparison_id, back.left, back.swapped) == (first.comparison_id, first.left, first.swapped)
+    assert next_item(store, "ann").comparison_id == first.comparison_id  # the one on screen now
+    submit_vote(store, "ann", first.comparison_id, "a")
+    assert skipped(store, "ann") == [] and progress(store, "ann").skipped == 0
+    with pytest.raises(UserError, match="is not one ann skipped"):
+        unskip(store, "ann", first.comparison_id)
+    # One that went to someone else since (overlap 1) cannot come back.
+    skip(store, "ann", second.comparison_id)
+    taken = next_item(store, "bob")
+    assert taken.comparison_id == second.comparison_id
+    with pytest.raises(UserError, match="gone to other annotators"):
+        unskip(store, "ann", second.comparison_id)
+    store.close()

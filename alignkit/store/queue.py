@@ -6,7 +6,8 @@ Rules, all enforced inside one database transaction each:
   abandoned item is served again once its lease runs out;
 - an annotator gets at most one assignment per comparison (one row per
   (comparison, annotator), a unique constraint) and votes on it at most once
-  (a unique constraint on votes); a skipped or voted comparison never comes back;
+  (a unique constraint on votes); a skipped or voted comparison never comes back
+  unless they ask for it (`unskip`, while it has a free slot; `undo_last_vote`);
 - an annotator's own lease that ran out is not lost to them: while its slot is
   still free it is renewed and served to them again (before anything new), so a
   reload after a long break brings back the item they were reading;
@@ -349,6 +350,43 @@ def skip(store: Store, annotator: str, comparison_id: int, *, arena: bool = Fals
         a.status = "skipped"
 
     store.write(run)
+
+
+def skipped(store: Store, annotator: str, *, arena: bool = False) -> list[Item]:
+    """The comparisons of the pool this annotator skipped, most recent first (as they were shown)."""
+    with store.read() as session:
+        rows = session.execute(select(Assignment, Comparison).join(Comparison, Comparison.id == Assignment.comparison_id)
+                               .join(Annotator, Annotator.id == Assignment.annotator_id)
+                               .where(Annotator.name == annotator, Assignment.status == "skipped",
+                                      Comparison.arena == arena)
+                               .order_by(Assignment.served_at.desc(), Assignment.id.desc())).all()
+        return [_to_item(c, a) for a, c in rows]
+
+
+def unskip(store: Store, annotator: str, comparison_id: int, *, overlap: int | None = None, now: float | None = None,
+           arena: bool = False) -> Item:
+    """Lease a comparison this annotator skipped to them again, sides as they saw them, while it still has a free
+    slot (a gold item always has one); it is the item they hold from then on."""
+    overlap = store.overlap if overlap is None else overlap
+    check_id(comparison_id)
+
+    def run(session: Session) -> Item:
+        t = time.time() if now is None else now
+        uid = annotator_id(store, session, annotator)
+        _lock_annotator(store, session, uid)
+        gold = _check_pool(store, session, comparison_id, arena, lock=True)
+        a = session.scalars(select(Assignment).where(Assignment.comparison_id == comparison_id,
+                                                     Assignment.annotator_id == uid)).one_or_none()
+        if a is None or a.status != "skipped":
+            raise UserError(f"comparison {comparison_id} is not one {annotator} skipped")
+        taken = session.scalar(select(_occupied(t)).select_from(Comparison).where(Comparison.id == comparison_id))
+        if taken >= overlap and not gold:
+            raise UserError(f"comparison {comparison_id} has gone to other annotators since it was skipped")
+        a.status, a.served_at, a.expires_at = "active", t, t + store.lease_seconds
+        session.flush()
+        return _to_item(session.get(Comparison, comparison_id), a)
+
+    return store.write(run)
 
 
 def undo_last_vote(store: Store, annotator: str, *, now: float | None = None, arena: bool = False) -> Item | None:
