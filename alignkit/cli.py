@@ -168,7 +168,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from recipes.demo import demo_from_cli
+    from demo.main import demo_from_cli
 
     return demo_from_cli(args)
 

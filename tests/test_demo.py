@@ -1,4 +1,4 @@
-"""`alignkit demo`: the quick smoke run's outputs, and (slow) the real run's claims (issue 6)."""
+"""`alignkit demo`: the quick smoke run's outputs, and (slow) the real run's claims."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_demo_claims_hold_and_a_second_run_reuses_everything(tmp_path, capsys):
 def test_kl_estimate_has_an_interval_and_refuses_reshaped_samples():
     import numpy as np
 
-    from recipes.demo import kl_to_reference
+    from alignkit.policy_stats import kl_to_reference
 
     rng = np.random.default_rng(0)
     logp = rng.normal(-20, 3, 400)
@@ -88,22 +88,22 @@ def test_kl_estimate_has_an_interval_and_refuses_reshaped_samples():
 
 
 def test_sampling_seed_depends_on_the_model_name_not_its_position():
-    from recipes.demo import _sample_seed
+    from demo.evaluation import sample_seed
 
-    assert _sample_seed(0, "dpo") == _sample_seed(0, "dpo")
-    assert len({_sample_seed(0, n) for n in ("sft", "dpo", "ppo", "dpo_beta01")}) == 4
-    assert _sample_seed(1, "dpo") != _sample_seed(0, "dpo")
+    assert sample_seed(0, "dpo") == sample_seed(0, "dpo")
+    assert len({sample_seed(0, n) for n in ("sft", "dpo", "ppo", "dpo_beta01")}) == 4
+    assert sample_seed(1, "dpo") != sample_seed(0, "dpo")
 
 
 def test_a_reward_model_tie_is_not_correct():
-    from recipes.demo import rm_agrees
+    from demo.evaluation import rm_agrees
 
     # (oracle difference, reward-model difference): agree, disagree, RM tie with the oracle preferring a / b.
     assert rm_agrees([(2.0, 0.3), (1.0, -0.2), (1.0, 0.0), (-1.0, 0.0)]) == [True, False, False, False]
 
 
 def test_claims_fail_rather_than_raise_when_a_pair_has_no_battles():
-    from recipes.demo import claims_of
+    from demo.report import claims_of
 
     ev = {"rm_accuracy": 0.9, "kl": {"dpo": 1.0, "ppo": 1.0},
           "win_rate": {"dpo": {"win_rate": None, "ci_low": None}, "ppo": {"win_rate": 0.8, "ci_low": 0.6}}}
