@@ -3,7 +3,7 @@
     alignkit compare --model sft=runs/x/sft --model dpo=runs/x/dpo --prompts prompts.jsonl \
         --judge reward:runs/x/reward --out runs/x/compare
 
-1. Models are model specs (DESIGN.md: stage dir, adapter dir, model dir, hub id), each
+1. Models are model specs (`alignkit.modeling`: stage dir, adapter dir, model dir, hub id), each
    with an optional display name (`NAME=SPEC`).
 2. Responses are sampled with pinned SamplingParams (recorded in compare.json) and
    cached in OUT/cache/<key>.jsonl, one file per (model identity, sampling params),

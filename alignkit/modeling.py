@@ -1,6 +1,6 @@
 """Loading models: base (hub id or local dir), 4-bit NF4 / 8-bit / unquantized, LoRA / DoRA / other PEFT.
 
-The model spec contract (DESIGN.md): wherever a command needs a model it takes
+The model spec contract: wherever a command needs a model it takes
 one string, which is
   - `alignkit-tiny`: the offline tiny model, built on first use into the cache;
   - a local model directory or a hub id;

@@ -124,7 +124,7 @@ def test_every_assistant_turn_and_nothing_else_is_masked(base_tokenizer, path):
 
 
 def test_llama_3_1_and_3_2_are_masked_turn_by_turn(base_tokenizer):
-    """TRL has no training template for them: the case that used to train the last turn only."""
+    """TRL has no training template for them, so the mask comes turn by turn, not from the last turn only."""
     for name in ("llama3_1", "llama3_2"):
         path = next(p for p in TEMPLATES if p.stem == name)
         assert mask_plan(_tokenizer_for(base_tokenizer, path.read_text())).method == TURN_BY_TURN
