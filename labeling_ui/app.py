@@ -15,7 +15,7 @@ in `build_app`.
 Named API endpoints (gradio_client: `Client(url, auth=(name, password))`), acting
 as the logged-in annotator:
   /next_item                                   -> (comparison_id | None, prompt, response_a, response_b)
-  /submit_vote(comparison_id, choice, rationale="") -> {"vote_id", "comparison_id", "choice", "seconds"}
+  /submit_vote(comparison_id, choice, rationale="", strength=None) -> {"vote_id", "comparison_id", "choice", "seconds"}
   /skip(comparison_id)                         -> {"skipped": comparison_id}
   /undo_last_vote                              -> (comparison_id | None, prompt, response_a, response_b)
   /progress                                    -> {"done", "remaining", "skipped"}
@@ -63,7 +63,8 @@ from alignkit.store.export import excluded_annotators, set_excluded
 from alignkit.store.queue import MAX_RATIONALE_CHARS
 from labeling_ui import handlers
 from labeling_ui.guard import DeviceCookies, Guard, GuardSettings, LoginThrottle, Sessions
-from labeling_ui.render import PAGE_CSS, notice_html, prompt_html, text_html
+from alignkit.store import settings as store_settings
+from labeling_ui.render import PAGE_CSS, markdown_html, notice_html, prompt_html, text_html
 from labeling_ui.users import UsersFile
 
 DEFAULT_CONCURRENCY_LIMIT = 8
@@ -114,6 +115,7 @@ class AppContext:
     concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT
     min_display_seconds: float = DEFAULT_MIN_DISPLAY_SECONDS  # a vote sooner after serving is refused
     guard: GuardSettings = field(default_factory=GuardSettings)
+    scale: int = 1  # the store's strength levels per side (alignkit.store.settings), read when the app is built
     # Ratings are refit (with bootstrap) only when arena votes changed: every annotator may open the tab.
     leaderboard_cache: LeaderboardCache = field(default_factory=LeaderboardCache)
 
@@ -196,10 +198,12 @@ def api_endpoints(ctx: AppContext) -> None:
         return _item_tuple(store_next_item(ctx.store, ctx.user(request), overlap=ctx.overlap))
 
     @_api
-    def submit_vote(comparison_id: int, choice: str, rationale: str = "", request: gr.Request = None) -> dict:
-        """Vote on a leased comparison: choice a | b | tie | both_bad, as shown (a = first/left)."""
+    def submit_vote(comparison_id: int, choice: str, rationale: str = "", strength: int | None = None,
+                    request: gr.Request = None) -> dict:
+        """Vote on a leased comparison: choice a | b | tie | both_bad, as shown (a = first/left); on a store with a
+        strength scale, strength 1..scale for a or b."""
         r = store_submit_vote(ctx.store, ctx.user(request), comparison_id, choice, rationale or None,
-                              overlap=ctx.overlap, min_display_seconds=ctx.min_display_seconds)
+                              overlap=ctx.overlap, min_display_seconds=ctx.min_display_seconds, strength=strength)
         return {"vote_id": r.vote_id, "comparison_id": r.comparison_id, "choice": r.choice, "seconds": r.seconds}
 
     @_api
@@ -276,7 +280,7 @@ class PairWidgets:
     left: gr.HTML
     right: gr.HTML
     shown: gr.Textbox
-    votes: dict[str, gr.Button]
+    votes: dict[handlers.VoteOption, gr.Button]
     sides: tuple[str, str]
 
 
@@ -285,15 +289,18 @@ def _html(elem_id: str) -> gr.HTML:
     return gr.HTML(elem_id=elem_id, js_on_load=None, container=True, padding=True)
 
 
-def pair_widgets(elem_prefix: str, vote_prefix: str, side_labels: tuple[str, str], vote_labels: dict[str, str]) -> PairWidgets:
+def pair_widgets(elem_prefix: str, vote_prefix: str, side_labels: tuple[str, str],
+                 options: list[handlers.VoteOption]) -> PairWidgets:
     prompt = _html(f"{elem_prefix}-prompt")
     with gr.Row(equal_height=True, elem_classes=["ak-pair"]):
         left, right = _html(f"{elem_prefix}-left"), _html(f"{elem_prefix}-right")
     shown = gr.Textbox(visible="hidden", elem_id=f"{elem_prefix}-shown")
     with gr.Row():
-        votes = {choice: gr.Button(f"{text}  [{key}]", variant="primary" if choice in ("a", "b") else "secondary",
-                                   elem_id=f"{vote_prefix}-{choice.replace('_', '-')}")
-                 for key, (choice, text) in enumerate(vote_labels.items(), 1)}
+        # page.js presses the button whose label ends with the key's hint: the hints are the key map.
+        votes = {o: gr.Button(f"{o.label}  [{handlers.key_of(i)}]",
+                              variant="primary" if o.choice in ("a", "b") else "secondary",
+                              elem_id=f"{vote_prefix}-{o.elem_suffix}", min_width=90)
+                 for i, o in enumerate(options)}
     return PairWidgets(prompt, left, right, shown, votes, side_labels)
 
 
@@ -321,8 +328,12 @@ def _response_html(side: str, text: str, markdown: bool) -> str:
 def labeling_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> None:
     with gr.Tab("Label", id="label"):
         progress = gr.HTML(elem_id="ak-progress", js_on_load=None)
-        pair = pair_widgets("ak", "ak-vote", ("A", "B"),
-                            {"a": "A better", "b": "B better", "tie": "Tie", "both_bad": "Both bad"})
+        guide = gr.Accordion("Guidelines", open=False, visible=False, elem_id="ak-guidelines")
+        with guide:
+            guide_text = gr.HTML(js_on_load=None, elem_id="ak-guidelines-text")
+        # Inside the tab: a component made beside the tabs would become a tab of its own to Gradio's tab bar.
+        seen = gr.BrowserState(False, storage_key="alignkit-guidelines-seen")
+        pair = pair_widgets("ak", "ak-vote", ("A", "B"), handlers.vote_options(ctx.scale))
         rationale = gr.Textbox(label="Rationale (optional)", lines=2, max_lines=6, elem_id="ak-rationale",
                                max_length=MAX_RATIONALE_CHARS)
         with gr.Row():
@@ -353,12 +364,12 @@ def labeling_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> Non
         view = handlers.current_view(ctx.store, ctx.user(request), overlap=ctx.overlap)
         return {**pair_update(ctx, pair, view, as_markdown), progress: view.progress}
 
-    def on_vote(choice: str):
+    def on_vote(option: handlers.VoteOption):
         def fn(shown, why, as_markdown, request: gr.Request):
             user = ctx.user(request)
-            return render(handlers.vote(ctx.store, user, handlers.shown_id(shown), choice, why,
-                                        overlap=ctx.overlap, min_display_seconds=ctx.min_display_seconds),
-                          as_markdown, user)
+            return render(handlers.vote(ctx.store, user, handlers.shown_id(shown), option.choice, why,
+                                        overlap=ctx.overlap, min_display_seconds=ctx.min_display_seconds,
+                                        strength=option.strength), as_markdown, user)
 
         return fn
 
@@ -381,8 +392,16 @@ def labeling_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> Non
     btn_unskip.click(on_unskip, inputs=[skipped, markdown], outputs=outputs, **ui)
     markdown.change(redisplay, inputs=[markdown], outputs=[pair.prompt, pair.left, pair.right, pair.shown, progress],
                     **ui)
-    for choice, button in pair.votes.items():
-        button.click(on_vote(choice), inputs=[pair.shown, rationale, markdown], outputs=outputs, **ui)
+    for option, button in pair.votes.items():
+        button.click(on_vote(option), inputs=[pair.shown, rationale, markdown], outputs=outputs, **ui)
+    # The guidelines (as the admin last saved them) open by themselves on an annotator's first visit,
+    # remembered in their browser.
+
+    def show_guidelines(was_seen):
+        text = store_settings.guidelines(ctx.store)
+        return gr.Accordion(visible=bool(text), open=bool(text) and not was_seen), markdown_html(text), bool(text)
+
+    demo.load(show_guidelines, inputs=[seen], outputs=[guide, guide_text, seen], **ui)
     btn_skip.click(on_skip, inputs=[pair.shown, markdown], outputs=outputs, **ui)
     btn_undo.click(on_undo, inputs=[markdown], outputs=outputs, **ui)
 
@@ -392,8 +411,9 @@ def arena_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> None:
         gr.Markdown("Two anonymous models answer the same prompt. Vote for the better answer; "
                     "you see which models they were after your vote.")
         progress = gr.HTML(elem_id="ak-arena-progress", js_on_load=None)
-        pair = pair_widgets("ak-arena", "ak-arena", ("Model A", "Model B"),
-                            {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"})
+        pair = pair_widgets("ak-arena", "ak-arena", ("Model A", "Model B"), [
+            handlers.VoteOption(c, None, text) for c, text in
+            (("a", "A is better"), ("b", "B is better"), ("tie", "Tie"), ("both_bad", "Both are bad"))])
         reveal_md = gr.Markdown(elem_id="ak-arena-reveal")
         with gr.Row():
             btn_skip = gr.Button("Skip battle  [s]", size="sm", elem_id="ak-arena-skip")
@@ -431,8 +451,8 @@ def arena_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> None:
     tab.select(show, inputs=[markdown], outputs=outputs, **ui)
     btn_next.click(show, inputs=[markdown], outputs=outputs, **ui)
     markdown.change(redisplay, inputs=[pair.shown, markdown], outputs=outputs, **ui)
-    for choice, button in pair.votes.items():
-        button.click(on_vote(choice), inputs=[pair.shown, markdown], outputs=outputs, **ui)
+    for option, button in pair.votes.items():
+        button.click(on_vote(option.choice), inputs=[pair.shown, markdown], outputs=outputs, **ui)
 
     def on_skip(shown, as_markdown, request: gr.Request):
         return render(handlers.arena_skip(ctx.store, ctx.user(request), handlers.shown_id(shown), overlap=ctx.overlap),
@@ -470,6 +490,10 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
             leave_out = gr.Button("Leave their votes out of exports", size="sm", elem_id="ak-admin-exclude")
             take_in = gr.Button("Take their votes in again", size="sm", elem_id="ak-admin-include")
         exclude_status = gr.Markdown(elem_id="ak-admin-exclude-status")
+        with gr.Accordion("Guidelines for annotators (markdown)", open=False):
+            guidelines_box = gr.Textbox(lines=8, max_lines=30, show_label=False, elem_id="ak-admin-guidelines")
+            save_guidelines = gr.Button("Save guidelines", size="sm", elem_id="ak-admin-save-guidelines")
+            guidelines_status = gr.Markdown()
         with gr.Row():
             min_agreement = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Minimum agreement")
             ties = gr.Dropdown(["drop", "ignore"], value="drop", label="Ties")
@@ -505,6 +529,14 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
                                                      both_bad=b, min_votes=v)}
 
     ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
+    def do_save_guidelines(text, request: gr.Request):
+        require_admin(request)
+        store_settings.set_guidelines(ctx.store, text or "")
+        return "Saved: annotators see them at their next page load."
+
+    save_guidelines.click(do_save_guidelines, inputs=[guidelines_box], outputs=[guidelines_status], **ui)
+    demo.load(lambda request: store_settings.guidelines(ctx.store) if ctx.is_admin(request) else "",
+              outputs=[guidelines_box], **ui)
     shown = [tab, summary, annotators, pairs, who]
     demo.load(show, outputs=shown, **ui)
     tab.select(show, outputs=shown, **ui)  # recomputed when opened, not the page-load snapshot
@@ -521,7 +553,7 @@ def header(ctx: AppContext, demo: gr.Blocks) -> gr.Checkbox:
         markdown = gr.Checkbox(False, label="Render markdown (HTML is always shown as text)", elem_id="ak-markdown",
                                scale=0, min_width=300)
         if ctx.auth is not None:
-            gr.Button("Log out", size="sm", elem_id="ak-logout", scale=0, min_width=90)
+            gr.Button("Log out", size="sm", elem_id="ak-logout", scale=0)
     saved = gr.BrowserState(False, storage_key="alignkit-render-markdown")
     ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
     markdown.change(lambda on: on, inputs=[markdown], outputs=[saved], **ui)
@@ -542,7 +574,7 @@ def build_app(store: Store, *, auth: UsersFile | None = None, overlap: int = 3, 
     export_dir = Path(export_dir) if export_dir else Path(store.name + ".export") if store.dialect == "sqlite" \
         else Path("labels.export")
     ctx = AppContext(store, overlap, auth, export_dir.resolve(), concurrency_limit, min_display_seconds,
-                     guard or GuardSettings())
+                     guard or GuardSettings(), store_settings.scale(store))
     with gr.Blocks(title="alignkit labeling") as demo:
         markdown = header(ctx, demo)
         with gr.Tabs():

@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", required=True, help="label store: a SQLite file path or a postgresql+psycopg:// URL")
     p.add_argument("file", nargs="?", help="JSONL: {prompt | messages, responses: [...] (>= 2)}; prompts alone with "
                                            "--generate")
+    p.add_argument("--scale", type=int, choices=(1, 2, 4), default=None,
+                   help="preference strength levels per side: 2 = much / slightly better, 4 = Llama 2's four; "
+                        "set before the first vote (default: none, A / B / tie / both bad)")
+    p.add_argument("--guidelines", metavar="FILE", help="markdown guidelines shown to annotators (an admin can edit them)")
     p.add_argument("--gold", metavar="FILE", help="gold items, JSONL: {prompt | messages, chosen, rejected}, chosen "
                                                   "being the known answer: served to every annotator, never exported")
     p.add_argument("--generate", action="append", default=[], metavar="MODEL_SPEC",
@@ -164,15 +168,18 @@ def _import(args) -> int:
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, batch_size=args.batch_size)
-    if args.file is None and args.gold is None:
-        raise UserError("label import: give a prompts FILE, --gold FILE, or both")
+    if args.file is None and args.gold is None and args.scale is None and args.guidelines is None:
+        raise UserError("label import: give a prompts FILE, --gold FILE, --scale or --guidelines")
+    guidelines = _read_text(args.guidelines) if args.guidelines else None
     if args.gold and args.generate and args.file is None:
         raise UserError("label import: --generate samples for the prompts FILE; gold items bring their own answers")
     gold = parse_gold_file(args.gold) if args.gold else []  # every file checked before any store is created
     if args.file is None:
         store = open_store(args.db)
         try:
-            print(f"imported gold items into {display_name(args.db)}: {write_rows(store, gold)}")
+            _store_settings(store, args.scale, guidelines)
+            if gold:
+                print(f"imported gold items into {display_name(args.db)}: {write_rows(store, gold)}")
         finally:
             store.close()
         return 0
@@ -183,12 +190,33 @@ def _import(args) -> int:
     rows, skipped = prepare_rows(rows, generate=args.generate, params=params)  # a failure here leaves no store
     store = open_store(args.db)
     try:
+        _store_settings(store, args.scale, guidelines)
         summary = write_rows(store, rows + gold)  # one transaction: a refused gold row imports nothing
     finally:
         store.close()
     summary.skipped = skipped
     print(f"imported into {display_name(args.db)}: {summary}" + (f" (with {len(gold)} gold items)" if gold else ""))
     return 0
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--guidelines {path}: no such file") from None
+    except (UnicodeDecodeError, IsADirectoryError) as err:
+        raise UserError(f"--guidelines {path}: not a UTF-8 text file ({err.__class__.__name__})") from None
+
+
+def _store_settings(store, scale: int | None, guidelines: str | None) -> None:
+    from alignkit.store import settings
+
+    if scale is not None:
+        settings.set_scale(store, scale)
+        print(f"{store.name}: preference strength scale {scale}")
+    if guidelines is not None:
+        settings.set_guidelines(store, guidelines)
+        print(f"{store.name}: guidelines set ({len(guidelines):,} characters)")
 
 
 def _serve(args) -> int:

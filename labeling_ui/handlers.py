@@ -22,6 +22,37 @@ from alignkit.store.export import excluded_annotators, export_dataset, set_exclu
 from alignkit.store.queue import prompt_as_markdown
 
 CHOICE_LABELS = {"a": "A better", "b": "B better", "tie": "tie", "both_bad": "both bad"}
+
+
+@dataclass(frozen=True)
+class VoteOption:
+    """One vote button: the choice as shown (a = left), its strength on a scaled store, its label."""
+
+    choice: str
+    strength: int | None
+    label: str
+
+    @property
+    def elem_suffix(self) -> str:
+        return self.choice.replace("_", "-") + (f"-{self.strength}" if self.strength else "")
+
+
+def vote_options(levels: int) -> list[VoteOption]:
+    """The Label tab's buttons, left to right: A strongest .. weakest, tie, B weakest .. strongest, both bad;
+    on an unscaled store (levels 1) A better, B better, tie, both bad."""
+    from alignkit.store.settings import strength_label
+
+    if levels == 1:
+        return [VoteOption(c, None, text) for c, text in
+                (("a", "A better"), ("b", "B better"), ("tie", "Tie"), ("both_bad", "Both bad"))]
+    a_side = [VoteOption("a", k, strength_label("A", k, levels)) for k in range(levels, 0, -1)]
+    b_side = [VoteOption("b", k, strength_label("B", k, levels)) for k in range(1, levels + 1)]
+    return [*a_side, VoteOption("tie", None, "Tie"), *b_side, VoteOption("both_bad", None, "Both bad")]
+
+
+def key_of(position: int) -> str:
+    """Keys 1..9, then 0, for the buttons in order."""
+    return str((position + 1) % 10)
 LEADERBOARD_BOOTSTRAP = 200  # rounds: a refit per round, so a click costs a fraction of a second
 
 
@@ -122,7 +153,7 @@ def shown_id(value: Any) -> int | None:
 
 
 def vote(store: Store, user: str, comparison_id: int | None, choice: str, rationale: str | None, *,
-         overlap: int, min_display_seconds: float = 0.0) -> ItemView:
+         overlap: int, min_display_seconds: float = 0.0, strength: int | None = None) -> ItemView:
     """Record a vote on the comparison that was on screen (choice as shown: a = left), then show the next.
 
     A refused vote (too soon, already voted, not leased) changes nothing and keeps the rationale."""
@@ -130,10 +161,10 @@ def vote(store: Store, user: str, comparison_id: int | None, choice: str, ration
         return current_view(store, user, overlap=overlap, status="Nothing to vote on.", refused=True)
     try:
         receipt = submit_vote(store, user, int(comparison_id), choice, rationale, overlap=overlap,
-                              min_display_seconds=min_display_seconds)
+                              min_display_seconds=min_display_seconds, strength=strength)
     except UserError as err:
         return current_view(store, user, overlap=overlap, status=f"Not saved: {err}", refused=True)
-    label = CHOICE_LABELS[choice]
+    label = CHOICE_LABELS[choice] + (f" (strength {strength})" if strength else "")
     return current_view(store, user, overlap=overlap,
                         status=f"Saved #{receipt.comparison_id}: {label} ({receipt.seconds:.0f} s).")
 

@@ -4,7 +4,8 @@
 // - a vote, skip or key press acts on the item that is rendered: while one is on its way, further presses
 //   are ignored until the server's answer has rendered, and an item shown for less than its minimum
 //   (data-ak-min-ms on the prompt) takes no vote;
-// - keys: 1 = A better, 2 = B better, 3 = tie, 4 = both bad (Label and Arena tab); s = skip, u = undo
+// - keys: the digit in a vote button's label (1 = A better, 2 = B better, 3 = tie, 4 = both bad, or 1-6 / 1-9, 0
+//   with a strength scale); s = skip, u = undo
 //   (Label); s = skip, n = next battle (Arena); ignored while typing in a text field; on a touch screen the
 //   buttons lose their key hints;
 // - the two responses scroll together, so the same part of each is in view;
@@ -13,16 +14,16 @@
 // - the rationale box shows its length against its limit.
 (function () {
   "use strict";
-  var KEYS = {"1": ["ak-vote-a", "ak-arena-a"], "2": ["ak-vote-b", "ak-arena-b"],
-              "3": ["ak-vote-tie", "ak-arena-tie"], "4": ["ak-vote-both-bad", "ak-arena-both-bad"],
-              "s": ["ak-skip", "ak-arena-skip"], "u": ["ak-undo"], "n": ["ak-arena-next"]};
-  // Buttons that act on the item on screen, and the prompt block that names it.
-  var ITEM_BUTTONS = {"ak-vote-a": "ak-prompt", "ak-vote-b": "ak-prompt", "ak-vote-tie": "ak-prompt",
-                      "ak-vote-both-bad": "ak-prompt", "ak-skip": "ak-prompt",
-                      "ak-arena-a": "ak-arena-prompt", "ak-arena-b": "ak-arena-prompt",
-                      "ak-arena-tie": "ak-arena-prompt", "ak-arena-both-bad": "ak-arena-prompt",
-                      "ak-arena-skip": "ak-arena-prompt"};
-  var OTHER_BUTTONS = {"ak-undo": "ak-prompt", "ak-arena-next": "ak-arena-prompt"};
+  // Digits press the button (of the tab in view) whose label ends with "[digit]": the vote buttons, however many a
+  // store's strength scale makes. Letters are fixed.
+  var LETTERS = {"s": ["ak-skip", "ak-arena-skip"], "u": ["ak-undo"], "n": ["ak-arena-next"]};
+  // The prompt block naming the item a button acts on; undo and next act on none, but wait like the others.
+  function promptFor(id) {
+    if (id === "ak-skip" || id.indexOf("ak-vote-") === 0 || id === "ak-undo") return "ak-prompt";
+    if (id.indexOf("ak-arena-") === 0) return "ak-arena-prompt";
+    return null;
+  }
+  function actsOnItem(id) { return id !== "ak-undo" && id !== "ak-arena-next"; }
   var STUCK_MS = 10000;  // no answer rendered by then: let the annotator try again
   var views = {};  // prompt element id -> {item, render, shownAt, busySince}
   var sessionEnded = false;
@@ -86,12 +87,12 @@
   }
 
   function allowed(buttonId) {
-    var promptId = ITEM_BUTTONS[buttonId] || OTHER_BUTTONS[buttonId];
+    var promptId = promptFor(buttonId);
     if (!promptId) return true;
     if (sessionEnded) return false;
     var v = view(promptId), m = marks(promptId), now = performance.now();
     if (v.busySince && now - v.busySince < STUCK_MS) return false;
-    if (ITEM_BUTTONS[buttonId]) {
+    if (actsOnItem(buttonId)) {
       if (!m || m.item === null || m.item === "") return false;  // nothing on screen to act on
       if (now - v.shownAt < m.minMs) return false;
     }
@@ -102,9 +103,16 @@
     var t = e.target;
     if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
     if (t && ((t.tagName === "TEXTAREA" || t.tagName === "INPUT") && !t.readOnly || t.isContentEditable)) return;
-    var list = KEYS[(e.key || "").toLowerCase()] || [];
-    for (var i = 0; i < list.length; i++) {
-      var el = document.getElementById(list[i]);
+    var key = (e.key || "").toLowerCase(), candidates;
+    if (/^[0-9]$/.test(key)) {
+      var hint = "[" + key + "]";
+      candidates = Array.prototype.filter.call(document.querySelectorAll("button[id^=ak-vote-], button[id^=ak-arena-]"),
+        function (b) { return b.textContent.trim().slice(-hint.length) === hint; });
+    } else {
+      candidates = (LETTERS[key] || []).map(function (id) { return document.getElementById(id); });
+    }
+    for (var i = 0; i < candidates.length; i++) {
+      var el = candidates[i];
       // A key clicks the button of the tab in view only (a hidden tab's buttons have no offsetParent).
       if (el && !el.disabled && el.offsetParent !== null) { e.preventDefault(); el.click(); return; }
     }
@@ -120,7 +128,7 @@
       logout();
       return;
     }
-    var promptId = ITEM_BUTTONS[button.id] || OTHER_BUTTONS[button.id];
+    var promptId = promptFor(button.id);
     if (!promptId) return;
     if (!allowed(button.id)) {
       e.stopPropagation(); e.preventDefault();

@@ -159,6 +159,8 @@ def run(stage: StageRun) -> StageResult:
     train_rows = [{k: r[k] for k in columns} for r in data.train]
     eval_rows = [{k: r[k] for k in columns if k in r} for r in data.eval]
     info, args = data.info, stage.args
+    if "margin" in columns:  # TRL subtracts it in the loss; stage.json says the trainer had it
+        info["margin_column"] = {"rows": len(train_rows), "mean": sum(r["margin"] for r in train_rows) / len(train_rows)}
 
     tokenizer = stage_tokenizer(stage)
     info.update(truncation_report(tokenizer, train_rows, args.max_length, "preference"))

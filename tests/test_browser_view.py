@@ -106,3 +106,52 @@ def test_on_a_phone_the_responses_stack_and_key_hints_go(browser, served):
         shot(page, "arena-390")
     finally:
         context.close()
+
+
+def test_strength_keys_and_guidelines_on_a_scaled_store(browser, tmp_path):
+    from _labeling_server import write_prompts
+    from alignkit.store import open_store
+    from alignkit.store.agreement import load_votes
+    from alignkit.store.models import Vote
+
+    db = str(tmp_path / "labels.db")
+    guide = tmp_path / "guide.md"
+    guide.write_text("# Judge correctness first\n\nThen **tone**. <img src=x onerror=\"window.__g = 1\">")
+    assert alignkit_main(["label", "import", "--db", db, str(write_prompts(tmp_path / "p.jsonl", 3)), "--scale", "2",
+                          "--guidelines", str(guide)]) == 0
+    creds = make_users(tmp_path / "users.json", ["ann"])
+    server = Server(db, users=tmp_path / "users.json", overlap=1, log=tmp_path / "server.log", min_display=0.3).start()
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    try:
+        log_in(page, server.url, "ann", creds["ann"])
+        shown_item(page)
+        guidelines = page.locator("#ak-guidelines-text")
+        guidelines.get_by_text("Judge correctness first").wait_for(timeout=15_000)  # open on a first visit
+        assert guidelines.locator("h1").count() == 1 and guidelines.locator("img").count() == 0
+        assert page.evaluate("window.__g") is None
+        labels = [page.locator(f"#ak-vote-{s}").inner_text() for s in ("a-2", "a-1", "tie", "b-1", "b-2", "both-bad")]
+        assert labels == ["A much better [1]", "A slightly better [2]", "Tie [3]", "B slightly better [4]",
+                          "B much better [5]", "Both bad [6]"]  # as the browser shows them
+        shot(page, "label-scale-1280")
+        for key in ("1", "4"):
+            page.wait_for_timeout(450)
+            focus_page(page)
+            page.keyboard.press(key)
+            page.locator("#ak-status").get_by_text("Saved #").wait_for(timeout=15_000)
+            page.wait_for_timeout(300)
+        page.reload(wait_until="domcontentloaded")
+        shown_item(page)
+        page.wait_for_timeout(800)
+        assert not guidelines.is_visible()  # seen: closed on later visits (still one click away)
+    finally:
+        page.close()
+        server.stop()
+    store = open_store(db, create=False)
+    with store.read() as s:
+        strengths = [v.strength for v in s.query(Vote).order_by(Vote.id)]
+    votes = load_votes(store)
+    store.close()
+    # "1" = A much better (strength 2), "4" = B slightly better (strength 1), mapped back through the sides shown.
+    assert strengths == [2, 1]
+    shown = [("b" if v.choice == "a" else "a") if v.swapped else v.choice for v in votes]
+    assert shown == ["a", "b"]

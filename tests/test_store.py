@@ -315,28 +315,42 @@ def comparisons_schema(store):
     return columns, indexes
 
 
-def annotators_schema(store):
+def table_columns(store, table):
     with store.read() as s:
-        return [(c["name"], type(c["type"]).__name__, c["nullable"]) for c in inspect(s.connection()).get_columns("annotators")]
+        return [(c["name"], type(c["type"]).__name__, c["nullable"]) for c in inspect(s.connection()).get_columns(table)]
+
+
+def annotators_schema(store):
+    return table_columns(store, "annotators")
+
+
+def votes_schema(store):
+    return table_columns(store, "votes")
 
 
 def test_schema_2_store_upgrades_to_gold_items_and_exclusion(store_url, tmp_path):
-    """A store written by schema 2 opens, gains `gold` (no gold items) and `excluded` (nobody), keeps its votes."""
+    """A store written by schema 2 opens, gains `gold` (no gold items), `excluded` (nobody), vote strengths (none)
+    and the settings table (empty), and keeps its votes."""
     store = open_store(store_url, overlap=2)
     populate(store, tmp_path, n_prompts=2)
     item = next_item(store, "ann")
     submit_vote(store, "ann", item.comparison_id, "b")
-    fresh = comparisons_schema(store), annotators_schema(store)
+    fresh = comparisons_schema(store), annotators_schema(store), votes_schema(store)
 
     def to_v2(s):
         for sql in ("ALTER TABLE comparisons DROP COLUMN gold", "ALTER TABLE annotators DROP COLUMN excluded",
+                    "ALTER TABLE votes DROP COLUMN strength", "DROP TABLE store_settings",
                     "UPDATE schema_version SET version = 2"):
             s.execute(text(sql))
 
     store.write(to_v2)
     store.close()
     store = open_store(store_url, overlap=2)
-    assert store_db.schema_version(store) == 3 and (comparisons_schema(store), annotators_schema(store)) == fresh
+    assert store_db.schema_version(store) == 3
+    assert (comparisons_schema(store), annotators_schema(store), votes_schema(store)) == fresh
+    from alignkit.store import settings
+
+    assert settings.scale(store) == 1 and settings.guidelines(store) == ""
     with store.read() as s:
         assert s.scalars(select(Comparison.gold)).all() == [None, None]
     (vote,) = load_votes(store)
@@ -358,6 +372,7 @@ def test_schema_1_store_upgrades_to_arena_battles(store_url, tmp_path):
     # schema 3's columns).
     def to_v1(s):
         for sql in ("ALTER TABLE comparisons DROP COLUMN gold", "ALTER TABLE annotators DROP COLUMN excluded",
+                    "ALTER TABLE votes DROP COLUMN strength", "DROP TABLE store_settings",
                     "DROP INDEX ix_comparison_open", "ALTER TABLE comparisons DROP COLUMN arena",
                     "CREATE INDEX ix_comparison_open ON comparisons (n_votes, id)",
                     "UPDATE schema_version SET version = 1"):

@@ -46,17 +46,20 @@ def _add_arena(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_comparison_open ON comparisons (arena, n_votes, id)"))
 
 
-def _add_gold_and_exclusion(conn: Connection) -> None:
-    """v2 -> v3: comparisons get `gold` (none is a gold item yet), annotators `excluded` (nobody is)."""
+def _add_gold_exclusion_and_strength(conn: Connection) -> None:
+    """v2 -> v3: comparisons get `gold` (none is a gold item yet), annotators `excluded` (nobody is), votes
+    `strength` (none has one), and the `store_settings` table (no scale, no guidelines)."""
     conn.execute(text("ALTER TABLE comparisons ADD COLUMN gold VARCHAR(8)"))
     conn.execute(text("ALTER TABLE annotators ADD COLUMN excluded BOOLEAN NOT NULL DEFAULT FALSE"))
+    conn.execute(text("ALTER TABLE votes ADD COLUMN strength INTEGER"))
+    Base.metadata.tables["store_settings"].create(conn)
 
 
 # Forward migrations: MIGRATIONS[v] upgrades a store at version v to v + 1, inside
 # the transaction that then records the new version. A newer alignkit therefore
 # opens an older store; an older alignkit refuses a newer store. Each must leave
 # the same schema as a fresh store of the new version (tests/test_store.py checks).
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_arena, 2: _add_gold_and_exclusion}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_arena, 2: _add_gold_exclusion_and_strength}
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 MAX_RETRIES = 12

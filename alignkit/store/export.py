@@ -15,7 +15,12 @@ Per comparison, the votes are aggregated by plurality:
     single vote considered (agreement 1.0 by itself) is dropped as `single_vote`.
 A kept row has prompt (str, or a messages list, as imported), chosen, rejected,
 n_annotators (all votes on the comparison), agreement, comparison_id and the
-vote counts. Unpaired rows (unpaired_rows, for KTO) are two per kept comparison:
+vote counts. On a store with a strength scale (alignkit.store.settings) it has a
+`margin` too, which the reward stage hands to TRL's RewardTrainer (the loss becomes
+-log sigmoid(r_chosen - r_rejected - margin), as Llama 2's reward model was trained):
+MARGIN_RULE, the mean over the votes for the chosen response of (strength - 1), so
+0 (slightly / negligibly better) .. scale - 1 (much / significantly better); votes
+for the other side and ties add nothing (they already lowered the agreement). Unpaired rows (unpaired_rows, for KTO) are two per kept comparison:
 prompt, completion, label (true for the chosen response, false for the rejected
 one or for both of a both-bad comparison), and the same bookkeeping.
 
@@ -46,8 +51,10 @@ from alignkit.data.formats import consistent_pairs, consistent_unpaired
 from alignkit.errors import UserError
 from alignkit.store.db import Store, open_store
 from alignkit.store.models import CHOICES, Annotator, Comparison, Vote
+from alignkit.store.settings import scale, scale_in
 
 POLICIES = ("drop", "ignore")
+MARGIN_RULE = "mean over the votes for the chosen response of (strength - 1)"
 BOTH_BAD_POLICIES = POLICIES + ("undesirable",)  # undesirable: unpaired rows only
 
 
@@ -100,14 +107,17 @@ def aggregate_store(store: Store, *, min_agreement: float = 0.0, ties: str = "dr
     preference rows, or with `unpaired` two prompt / completion / label rows per comparison."""
     _check_policy(min_agreement, ties, both_bad, min_votes, unpaired)
     with store.read() as s:
+        levels = scale_in(s)
         labels: dict[int, list[str]] = defaultdict(list)
-        for cid, choice in s.execute(select(Vote.comparison_id, Vote.choice)
+        strengths: dict[int, list[tuple[str, int | None]]] = defaultdict(list)
+        for cid, choice, strength in s.execute(select(Vote.comparison_id, Vote.choice, Vote.strength)
                                      .join(Comparison, Comparison.id == Vote.comparison_id)
                                      .join(Annotator, Annotator.id == Vote.annotator_id)
                                      .where(Comparison.arena.is_(False), Comparison.gold.is_(None),
                                             Annotator.excluded.is_(False))
                                      .order_by(Vote.comparison_id, Vote.id)):
             labels[cid].append(choice)
+            strengths[cid].append((choice, strength))
         comps = {c.id: c for c in s.scalars(select(Comparison).where(Comparison.id.in_(list(labels))))} if labels else {}
         rows, reasons = [], Counter()
         for cid in sorted(labels):
@@ -126,9 +136,17 @@ def aggregate_store(store: Store, *, min_agreement: float = 0.0, ties: str = "dr
                 rows += [{"prompt": prompt, "completion": response.text, "label": label, "model": response.model_spec,
                           **about} for response, label in ((chosen, winner != "both_bad"), (rejected, False))]
             else:
+                margin = {"margin": vote_margin(strengths[cid], winner)} if levels > 1 else {}
                 rows.append({"prompt": prompt, "chosen": chosen.text, "rejected": rejected.text,
-                             "chosen_model": chosen.model_spec, "rejected_model": rejected.model_spec, **about})
+                             "chosen_model": chosen.model_spec, "rejected_model": rejected.model_spec, **margin,
+                             **about})
     return rows, dict(reasons)
+
+
+def vote_margin(votes: list[tuple[str, int | None]], winner: str) -> float:
+    """MARGIN_RULE over one comparison's (canonical choice, strength) votes."""
+    levels = [strength - 1 for choice, strength in votes if choice == winner and strength is not None]
+    return sum(levels) / len(levels) if levels else 0.0
 
 
 def excluded_annotators(store: Store) -> list[str]:
@@ -218,7 +236,8 @@ def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 
         summary = {"store": store.name, "rows": len(rows), "per_reason": reasons,
                    "policy": {"aggregation": "plurality", "ties": ties, "both_bad": both_bad,
                               "min_agreement": min_agreement, "min_votes": min_votes,
-                              "excluded_annotators": excluded_annotators(store), "gold_items": "left out"},
+                              "excluded_annotators": excluded_annotators(store), "gold_items": "left out",
+                              **({"margin": MARGIN_RULE, "scale": scale(store)} if scale(store) > 1 else {})},
                    "format": "unpaired (prompt, completion, label)" if unpaired else "pairs (prompt, chosen, rejected)"}
         (tmp / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
         with _locked(out.parent):

@@ -165,3 +165,15 @@ class Vote(Base):
     rationale: Mapped[str | None] = mapped_column(Text)
     seconds: Mapped[float] = mapped_column(Float, nullable=False)  # from serving to the vote
     created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    # Schema v3: how much better the chosen side is, 1..scale, on a store with a preference-strength scale.
+    strength: Mapped[int | None] = mapped_column(Integer)
+
+
+class Setting(Base):
+    """Store-wide settings (schema v3): `scale` (preference-strength levels per side; absent: none),
+    `guidelines` (markdown for annotators)."""
+
+    __tablename__ = "store_settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, nullable=False)

@@ -59,6 +59,7 @@ from alignkit.errors import UserError
 from alignkit.store.db import Store
 from alignkit.store.importer import storable_text
 from alignkit.store.models import CHOICES, Annotator, Assignment, Comparison, Vote
+from alignkit.store.settings import scale_in
 
 MAX_RATIONALE_CHARS = 10_000
 _SWAP = {"a": "b", "b": "a", "tie": "tie", "both_bad": "both_bad"}
@@ -283,11 +284,13 @@ def next_item(store: Store, annotator: str, *, overlap: int | None = None, now: 
 
 def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, rationale: str | None = None, *,
                 overlap: int | None = None, now: float | None = None, arena: bool = False,
-                min_display_seconds: float = 0.0) -> VoteReceipt:
+                min_display_seconds: float = 0.0, strength: int | None = None) -> VoteReceipt:
     """Record `annotator`'s vote on a comparison of the pool assigned to them; `choice` is as shown (a = left).
 
     A vote sooner than `min_display_seconds` after the comparison was served to them is refused (nothing
-    changes): nobody judges two responses that fast, and a double key press lands there."""
+    changes): nobody judges two responses that fast, and a double key press lands there. On a store with a
+    strength scale (alignkit.store.settings) a vote for a side carries its `strength`, 1..scale; arena
+    votes, ties and both-bad carry none."""
     overlap = store.overlap if overlap is None else overlap
     check_choice(choice)
     check_id(comparison_id)
@@ -301,6 +304,7 @@ def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, r
         t = time.time() if now is None else now
         uid = annotator_id(store, session, annotator)
         gold = _check_pool(store, session, comparison_id, arena, lock=True)  # serializes votes (and leases) on it
+        _check_strength(strength, choice, 1 if arena else scale_in(session))
         a = session.scalars(select(Assignment).where(Assignment.comparison_id == comparison_id,
                                                      Assignment.annotator_id == uid)).one_or_none()
         if a is None:
@@ -318,7 +322,8 @@ def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, r
                             f"votes need at least {min_display_seconds:g} s")
         canonical = _SWAP[choice] if a.swapped else choice
         vote = Vote(comparison_id=comparison_id, annotator_id=uid, assignment_id=a.id, choice=canonical,
-                    swapped=a.swapped, rationale=rationale, seconds=max(0.0, t - a.served_at), created_at=t)
+                    swapped=a.swapped, rationale=rationale, seconds=max(0.0, t - a.served_at), created_at=t,
+                    strength=strength)
         session.add(vote)
         a.status = "done"
         session.execute(update(Comparison).where(Comparison.id == comparison_id)
@@ -330,6 +335,15 @@ def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, r
         return store.write(run)
     except IntegrityError:
         raise UserError(f"{annotator} already voted on comparison {comparison_id}") from None
+
+
+def _check_strength(strength: Any, choice: str, levels: int) -> None:
+    if levels == 1 or choice in ("tie", "both_bad"):
+        if strength is not None:
+            raise UserError(f"a {choice} vote on this store carries no strength, got {strength!r}")
+        return
+    if isinstance(strength, bool) or not isinstance(strength, int) or not 1 <= strength <= levels:
+        raise UserError(f"this store asks how much better (strength 1..{levels} with choice a or b), got {strength!r}")
 
 
 def _shown_too_briefly(now: float, a: Assignment, min_display_seconds: float) -> bool:
