@@ -80,7 +80,7 @@ async def _annotator(url, name, password, votes, think, rng, latencies, acked, e
             choice = "a" if len(a) >= len(b) else "b"
             t0 = time.perf_counter()
             try:
-                await _call(client, "submit_vote", [cid, choice, ""], session)
+                await _call(client, "submit_vote", [cid, choice, "", None], session)  # rationale, strength
             except RuntimeError as err:
                 errors.append(str(err))
                 continue

@@ -535,8 +535,10 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
         return "Saved: annotators see them at their next page load."
 
     save_guidelines.click(do_save_guidelines, inputs=[guidelines_box], outputs=[guidelines_status], **ui)
-    demo.load(lambda request: store_settings.guidelines(ctx.store) if ctx.is_admin(request) else "",
-              outputs=[guidelines_box], **ui)
+    def current_guidelines(request: gr.Request) -> str:
+        return store_settings.guidelines(ctx.store) if ctx.is_admin(request) else ""
+
+    demo.load(current_guidelines, outputs=[guidelines_box], **ui)
     shown = [tab, summary, annotators, pairs, who]
     demo.load(show, outputs=shown, **ui)
     tab.select(show, outputs=shown, **ui)  # recomputed when opened, not the page-load snapshot

@@ -310,8 +310,8 @@ def test_human_votes_weigh_one_comparison_once_in_collect_and_the_leaderboard(tm
 
 def test_collect_and_the_leaderboard_agree_when_models_repeat_each_others_text(tmp_path):
     """dpo gives sft's text on half the prompts: the store keeps that text once, credited to sft, so a vote on it
-    against ppo is one sft-vs-ppo vote in both views (collect used to count it for dpo too, and counted sft-vs-dpo
-    as ties nobody cast, so their ratings differed)."""
+    against ppo is one sft-vs-ppo vote in both views (not one for dpo too, nor sft-vs-dpo ties nobody cast, which
+    would make the two views' ratings differ)."""
     from alignkit.compare import collect_from_store
 
     db, out = str(tmp_path / "labels.db"), tmp_path / "out"
@@ -357,7 +357,7 @@ def test_collect_before_any_vote_says_so(tmp_path, capsys):
     db, out = str(tmp_path / "labels.db"), tmp_path / "out"
     out.mkdir()
     responses = fixed_responses(MODELS)
-    responses["beta-q7"][0] = responses["alpha-k3"][0]  # an identical pair, which used to be rated as a tie
+    responses["beta-q7"][0] = responses["alpha-k3"][0]  # an identical pair: nobody voted on it, so it is no tie
     send_to_store(out, db, MODELS, PROMPTS, responses, {m: {"spec": s} for m, s in MODELS.items()}, SamplingParams())
     argv = ["compare", "--judge", f"human:{db}", "--out", str(out), "--collect", "--bootstrap", "100"]
     assert main(argv) == 2

@@ -23,8 +23,9 @@ TARGET_CHAR = "e"
 
 
 def char_reward(prompts, responses):
-    """10 x the share of characters that are 'e': dense enough to learn from a random tiny model."""
-    return [10.0 * sum(c == TARGET_CHAR for c in r) / max(1, len(r)) for r in responses]
+    """10 x the share of characters that are 'e', over the response's text without its surrounding white space
+    (a sample keeps the space that continues its prompt): dense enough to learn from a random tiny model."""
+    return [10.0 * sum(c == TARGET_CHAR for c in r.strip()) / max(1, len(r.strip())) for r in responses]
 
 
 def peft_settings():

@@ -760,7 +760,7 @@ def test_export_cleans_up_after_a_failure_and_concurrent_exports_are_safe(tmp_pa
 
     real_replace = os.replace
 
-    def slow_replace(src, dst):  # widens the gap between the swap's two renames, where exports used to collide
+    def slow_replace(src, dst):  # widens the gap between the swap's two renames, where two exports could collide
         time.sleep(0.01)
         real_replace(src, dst)
 

@@ -84,16 +84,20 @@ def _refuse_nul(where: str, texts: Sequence[str]) -> None:
         raise UserError(f"{where}: a response contains a NUL character (\\u0000), which a label store cannot hold")
 
 
+def _checked_rows(path: str | Path, what: str, keys: set[str], expected: str):
+    """(file:line, row, its prompt) for every row of a JSONL file whose keys are all in `keys`."""
+    for obj in read_jsonl(path, what=what):
+        where = f"{path}:{obj['_line']}"
+        unknown = sorted(set(obj) - keys - {"_line"})
+        if unknown:
+            raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} (expected {expected})")
+        yield where, obj, prompt_from(obj, path, exclusive=True)
+
+
 def parse_import_file(path: str | Path, *, responses_required: bool = True) -> list[ImportRow]:
     """Validate the whole file; the first bad line raises UserError("FILE:LINE: problem")."""
     rows: list[ImportRow] = []
-    for obj in read_jsonl(path, what="import"):
-        where = f"{path}:{obj['_line']}"
-        unknown = sorted(set(obj) - KEYS - {"_line"})
-        if unknown:
-            raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} (expected prompt or messages, "
-                            f"responses, models, id, meta)")
-        prompt = prompt_from(obj, path, exclusive=True)
+    for where, obj, prompt in _checked_rows(path, "import", KEYS, "prompt or messages, responses, models, id, meta"):
         responses = obj.get("responses", [])
         if not isinstance(responses, list) or not all(isinstance(r, str) and r.strip() for r in responses):
             raise UserError(f"{where}: `responses` must be a list of non-empty strings")
@@ -119,13 +123,7 @@ def parse_gold_file(path: str | Path) -> list[ImportRow]:
     """Gold items: JSONL rows of prompt (or messages) / chosen / rejected, chosen being the known answer. As
     ImportRows whose first response is the chosen one; the first bad line raises UserError("FILE:LINE: ...")."""
     rows: list[ImportRow] = []
-    for obj in read_jsonl(path, what="gold"):
-        where = f"{path}:{obj['_line']}"
-        unknown = sorted(set(obj) - GOLD_KEYS - {"_line"})
-        if unknown:
-            raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} (expected prompt or messages, chosen, "
-                            f"rejected, id, meta)")
-        prompt = prompt_from(obj, path, exclusive=True)
+    for where, obj, prompt in _checked_rows(path, "gold", GOLD_KEYS, "prompt or messages, chosen, rejected, id, meta"):
         pair = [obj.get("chosen"), obj.get("rejected")]
         if not all(isinstance(r, str) and r.strip() for r in pair):
             raise UserError(f"{where}: `chosen` and `rejected` must be non-empty strings")
