@@ -17,54 +17,35 @@ from pathlib import Path
 from alignkit.errors import UserError
 
 
-def _fraction(s: str) -> float:
+def _checked(s: str, cast: type, ok, expected: str):
+    """`s` as an int or float that passes `ok`, else argparse's one-line refusal saying what was expected."""
     try:
-        x = float(s)
+        x = cast(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-    if not 0.0 <= x <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {s}")
+        raise argparse.ArgumentTypeError(f"not {'an integer' if cast is int else 'a number'}: {s!r}") from None
+    if not ok(x):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {s}")
     return x
+
+
+def _fraction(s: str) -> float:
+    return _checked(s, float, lambda x: 0.0 <= x <= 1.0, "between 0 and 1")
 
 
 def _positive(s: str) -> int:
-    try:
-        x = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-    if x < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {s}")
-    return x
+    return _checked(s, int, lambda x: x >= 1, "at least 1")
 
 
 def _seconds(s: str) -> float:
-    try:
-        x = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-    if not math.isfinite(x) or x <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {s}")
-    return x
+    return _checked(s, float, lambda x: math.isfinite(x) and x > 0, "a finite number of seconds above 0")
 
 
 def _non_negative(s: str) -> float:
-    try:
-        x = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-    if not math.isfinite(x) or x < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or more, got {s}")
-    return x
+    return _checked(s, float, lambda x: math.isfinite(x) and x >= 0, "a finite number of seconds, 0 or more")
 
 
 def _port(s: str) -> int:
-    try:
-        x = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-    if not 1 <= x <= 65535:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {s}")
-    return x
+    return _checked(s, int, lambda x: 1 <= x <= 65535, "between 1 and 65535")
 
 
 class _Parser(argparse.ArgumentParser):
