@@ -179,8 +179,9 @@ def _compare_vs_sft(workdir: Path, policies: list[str], prompts: list[str], samp
         battles = judge_all(load_judge(judge), prompts, responses, s.seed)
         result = cache.save({"judge": judge, "n_prompts": len(prompts), "seed": s.seed, "bootstrap": s.bootstrap,
                              **summarise(names, battles, responses, bootstrap=s.bootstrap, seed=s.seed)})
-    vs_sft = {p["model_a"]: {k: p.get(k) for k in ("win_rate", "ci_low", "ci_high", "ci_method", "wins", "losses", "ties", "n")}
-              for p in result["pairs"] if p["model_b"] == "sft"}
+    kept = ("win_rate", "ci_low", "ci_high", "ci_method", "wins", "losses", "ties", "n", "lc_win_rate", "lc_ci_low",
+            "lc_ci_high")
+    vs_sft = {p["model_a"]: {k: p.get(k) for k in kept} for p in result["pairs"] if p["model_b"] == "sft"}
     return {"vs_sft": vs_sft, "dir": str(cache.path), "ratings": result.get("ratings"),
             "ratings_warning": result.get("ratings_warning")}
 

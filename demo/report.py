@@ -94,6 +94,8 @@ def _rate_ci(w: dict) -> str:
     """Win rate and 95% CI as text, or a dash where the pair had no battles (win_rate None)."""
     if w.get("win_rate") is None:
         return "–"
+    if w.get("ci_low") is None:  # one prompt: nothing to resample
+        return f"{w['win_rate']:.3f}"
     return f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"
 
 
@@ -240,15 +242,23 @@ def _win_rate_section(result: dict, ev: dict) -> list[str]:
         "KL(policy ‖ SFT) is the mean over the policy's own samples of log π(y|x) − log π_sft(y|x) (the k1 estimate: "
         "unbiased but noisy), with a 95% percentile bootstrap CI over prompts.",
         "",
-        "| model | oracle win rate [95% CI] | reward-model win rate [95% CI] | KL to SFT (nats) [95% CI] | mean oracle score | tokens | ended |",
-        "|---|---|---|---|---|---|---|",
+        "The length-controlled win rate is AlpacaEval 2's: the oracle's verdicts modelled on the length difference "
+        "and read off at equal length (95% CI a bootstrap over prompts); a raw win far above it was bought with "
+        "length.",
+        "",
+        "| model | oracle win rate [95% CI] | oracle, length-controlled [95% CI] | reward-model win rate [95% CI] | "
+        "KL to SFT (nats) [95% CI] | mean oracle score | tokens | ended |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in ev["policies"]:
         if m == "sft":
-            lines.append(f"| sft | — | — | 0 | {ev['oracle_score'][m]:.3f} | {ev['mean_length'][m]:.1f} | {ev['eos_fraction'][m]:.2f} |")
+            lines.append(f"| sft | — | — | — | 0 | {ev['oracle_score'][m]:.3f} | {ev['mean_length'][m]:.1f} | "
+                         f"{ev['eos_fraction'][m]:.2f} |")
             continue
         o, r, k = ev["win_rate"][m], ev["win_rate_reward_model"][m], ev["kl_ci"][m]
-        lines.append(f"| {m} | {_rate_ci(o)} | {_rate_ci(r)} | {ev['kl'][m]:.2f} [{k['ci_low']:.2f}, {k['ci_high']:.2f}] | "
+        lc = {"win_rate": o.get("lc_win_rate"), "ci_low": o.get("lc_ci_low"), "ci_high": o.get("lc_ci_high")}
+        lines.append(f"| {m} | {_rate_ci(o)} | {_rate_ci(lc)} | {_rate_ci(r)} | "
+                     f"{ev['kl'][m]:.2f} [{k['ci_low']:.2f}, {k['ci_high']:.2f}] | "
                      f"{ev['oracle_score'][m]:.3f} | {ev['mean_length'][m]:.1f} | {ev['eos_fraction'][m]:.2f} |")
     ratings = result.get("ratings_oracle") or {}
     if ratings:

@@ -452,6 +452,7 @@ def _inject_page_script(send, nonce: str):
             chunks.append(message.get("body", b""))
             if message.get("more_body", False):
                 return
+            # Every "<script" here is a tag: Gradio writes its inline config as JSON with "<" escaped (\u003c).
             page = b"".join(chunks).replace(b"<script", f'<script nonce="{nonce}"'.encode())
             tag = f'<script nonce="{nonce}" src="{SCRIPT_PATH.lstrip("/")}" defer></script>'.encode()
             page = page.replace(b"</head>", tag + b"</head>", 1)
