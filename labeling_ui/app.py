@@ -348,12 +348,14 @@ def labeling_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> Non
     item_buttons = [*pair.votes.values(), btn_skip]
     outputs = [pair.prompt, pair.left, pair.right, pair.shown, progress, status, rationale, skipped, *item_buttons]
 
-    def render(view: handlers.ItemView, as_markdown: bool, user: str) -> dict:
+    def render(view: handlers.ItemView, as_markdown: bool, user: str, *, skips_changed: bool = True) -> dict:
         # A refused action keeps what the annotator typed; a vote that went through clears it. With nothing
-        # left, the buttons that act on an item are disabled.
+        # left, the buttons that act on an item are disabled. A vote leaves the skipped list as it was, so
+        # the list is read again only when it can have changed (not once per vote).
+        choices = gr.Dropdown(choices=handlers.skipped_choices(ctx.store, user), value=None) if skips_changed \
+            else gr.skip()
         return {**pair_update(ctx, pair, view, as_markdown), progress: view.progress, status: view.status,
-                rationale: gr.skip() if view.refused else "",
-                skipped: gr.Dropdown(choices=handlers.skipped_choices(ctx.store, user), value=None),
+                rationale: gr.skip() if view.refused else "", skipped: choices,
                 **{b: gr.Button(interactive=not view.done) for b in item_buttons}}
 
     def show(as_markdown, request: gr.Request):
@@ -369,7 +371,7 @@ def labeling_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> Non
             user = ctx.user(request)
             return render(handlers.vote(ctx.store, user, handlers.shown_id(shown), option.choice, why,
                                         overlap=ctx.overlap, min_display_seconds=ctx.min_display_seconds,
-                                        strength=option.strength), as_markdown, user)
+                                        strength=option.strength), as_markdown, user, skips_changed=False)
 
         return fn
 

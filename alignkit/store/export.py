@@ -214,6 +214,7 @@ def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 
                         "choose a new directory")
     rows, reasons = aggregate_store(store, min_agreement=min_agreement, ties=ties, both_bad=both_bad,
                                     min_votes=min_votes, unpaired=unpaired)
+    levels = scale(store)
     if not rows:
         why = f"comparisons per reason: {reasons}" if reasons else "no votes on labeling comparisons yet"
         arena_votes = _arena_votes(store)
@@ -237,7 +238,7 @@ def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 
                    "policy": {"aggregation": "plurality", "ties": ties, "both_bad": both_bad,
                               "min_agreement": min_agreement, "min_votes": min_votes,
                               "excluded_annotators": excluded_annotators(store), "gold_items": "left out",
-                              **({"margin": MARGIN_RULE, "scale": scale(store)} if scale(store) > 1 else {})},
+                              **({"margin": MARGIN_RULE, "scale": levels} if levels > 1 else {})},
                    "format": "unpaired (prompt, completion, label)" if unpaired else "pairs (prompt, chosen, rejected)"}
         (tmp / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
         with _locked(out.parent):
