@@ -110,18 +110,18 @@ def started_config_hash(stage_dir: Path) -> str | None:
         return None
 
 
-def begin_stage(stage_dir: Path, config_hash: str, *, resume: bool, same_config: tuple[str, ...] = ()) -> bool:
-    """Prepare a stage directory for training; returns True if checkpoints may be resumed.
+def begin_stage(stage_dir: Path, config_hash: str, *, resume: bool) -> bool:
+    """Prepare a stage directory for training; returns True if checkpoints may be resumed (they were made
+    under the same config hash).
 
     An old stage.json is removed first, so a crash from here on leaves the stage
-    incomplete. Only this stage's own directory is touched. `same_config`: earlier hash formulas of the same
-    config, under which an interrupted run may have started.
+    incomplete. Only this stage's own directory is touched.
     """
     stage_dir.mkdir(parents=True, exist_ok=True)
     pending = stage_dir / PENDING_JSON
     previous = started_config_hash(stage_dir)
     (stage_dir / STAGE_JSON).unlink(missing_ok=True)
-    can_resume = resume and previous is not None and previous in (config_hash, *same_config)
+    can_resume = resume and previous == config_hash
     if not can_resume:
         # Checkpoints made under another config must not be continued, and the TensorBoard logs of
         # the earlier attempt would plot its steps over the new run's.

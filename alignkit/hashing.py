@@ -1,7 +1,7 @@
 """A stage's config hash: what decides whether a complete stage still describes the recipe.
 
 The hash covers the stage's kind, the model and PEFT settings, the seed, its data (by content, through
-alignkit.data.sources.data_fingerprint), the train settings that change the weights, and its parents'
+alignkit.stage_data.data_fingerprint), the train settings that change the weights, and its parents'
 hashes, so changing one stage re-runs it and everything after it, nothing else.
 
 Invariants:
@@ -22,6 +22,7 @@ from pathlib import Path
 from alignkit.artifacts import stable_hash
 from alignkit.config import RecipeConfig, StageConfig
 from alignkit.data.keys import FINGERPRINTED_KEYS
+from alignkit.stage_data import data_fingerprint
 
 HASH_FORMULA = 3
 
@@ -55,8 +56,6 @@ def portable_base(cfg: RecipeConfig) -> str:
 
 def fingerprints(stages: list[StageConfig]) -> dict[str, str]:
     """Each stage's data fingerprint, read once per run (it hashes the data files' contents)."""
-    from alignkit.data.sources import data_fingerprint
-
     return {stage.name: data_fingerprint(stage.data, stage.name) for stage in stages}
 
 

@@ -20,7 +20,7 @@ import re
 from trl import DPOConfig, DPOTrainer
 
 from alignkit.data.keys import PREFERENCE_DATA_KEYS
-from alignkit.data.sources import load_preference_split
+from alignkit.stage_data import load_preference_split
 from alignkit.stage import RowSplit, StageKind, StageResult, StageRun
 from alignkit.stage_bodies import against_parent
 from alignkit.training import fused_kernel_defaults, train_settings_error, trl_args

@@ -25,7 +25,8 @@ from __future__ import annotations
 from trl import KTOConfig, KTOTrainer
 
 from alignkit.data.keys import PREFERENCE_DATA_KEYS
-from alignkit.data.sources import UNPAIRED_COLUMNS, load_unpaired_split
+from alignkit.data.sources import UNPAIRED_COLUMNS
+from alignkit.stage_data import load_unpaired_split
 from alignkit.errors import UserError
 from alignkit.stage import RowSplit, StageKind, StageResult, StageRun
 from alignkit.stage_bodies import against_parent

@@ -37,7 +37,7 @@ from pathlib import Path
 from trl import RewardConfig, RewardTrainer
 
 from alignkit.data.keys import PREFERENCE_DATA_KEYS
-from alignkit.data.sources import load_preference_split
+from alignkit.stage_data import load_preference_split
 from alignkit.reward_model import NEAR_CHANCE_ACCURACY, RewardScorer
 from alignkit.stage import RowSplit, StageKind, StageResult, StageRun
 from alignkit.stats import wilson_interval

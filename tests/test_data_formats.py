@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.data.sources import load_preference_split, load_sft_split, load_unpaired_split
+from alignkit.data.sources import load_sft_split
+from alignkit.stage_data import load_preference_split, load_unpaired_split
 from alignkit.errors import UserError
 
 SYSTEM = {"role": "system", "content": "be brief"}

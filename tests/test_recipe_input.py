@@ -13,7 +13,8 @@ import pytest
 
 from alignkit.cli import EXIT_BAD_INPUT, main
 from alignkit.config import load_recipe
-from alignkit.data.sources import data_fingerprint, load_preference_split, load_sft_split
+from alignkit.data.sources import load_sft_split
+from alignkit.stage_data import data_fingerprint, load_preference_split
 from alignkit.errors import UserError
 from recipes.runner import RECIPES
 
@@ -435,7 +436,7 @@ def test_preference_rows_take_one_shape_trl_can_train_on(tmp_path):
 
 
 def test_kto_rows_from_pairs_or_unpaired_and_eval_holds_out_whole_prompts(tmp_path):
-    from alignkit.data.sources import load_unpaired_split
+    from alignkit.stage_data import load_unpaired_split
 
     pairs = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(10)]
     train, evals, info = load_unpaired_split({"train": str(jsonl(tmp_path / "rows.jsonl", pairs)), "eval_fraction": 0.2}, 0, "kto")

@@ -4,7 +4,8 @@ Keys (a stage kind accepts a subset, its recipe's DATA_KEYS):
   train          JSONL file or saved HF dataset dir
   eval           JSONL file or dataset dir; otherwise eval_fraction of train is held out
   eval_fraction  share of train held out for evaluation (seeded)
-  labels_db      a label store (SQLite path or PostgreSQL URL): preference rows exported from votes
+  labels_db      a label store (SQLite path or PostgreSQL URL): preference rows exported from votes; the
+                 store sits above this package, so alignkit.stage_data exports them and passes them in
   min_agreement, ties, both_bad   the store's export policy (see alignkit.store.export); both_bad:
                  undesirable (KTO only) keeps both-bad comparisons as two undesirable examples
   prompts        prompt dataset (PPO / RLOO / GRPO)
@@ -22,7 +23,7 @@ from alignkit.artifacts import file_fingerprint, stable_hash
 from alignkit.data.clean import filter_rows, split_rows
 from alignkit.data.formats import check_prompt_rows, consistent_pairs, consistent_unpaired, sft_format, standard_sft_rows
 from alignkit.data.io import load_rows, without_location
-from alignkit.data.keys import POLICY_KEYS, both_set, value_problems
+from alignkit.data.keys import both_set, value_problems
 from alignkit.errors import UserError
 
 SFT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
@@ -82,33 +83,21 @@ def load_sft_split(data: dict, seed: int, stage: str) -> tuple[list[dict], list[
     return train, evals, fmt, info
 
 
-def _store_rows(data: dict, stage: str | None, *, unpaired: bool) -> list[dict]:
-    """Rows exported from the label store named by data.labels_db, under the stage's policy keys."""
-    try:
-        from alignkit.store.export import preference_rows, unpaired_rows
-    except ImportError:
-        raise UserError(f"{_name(stage, 'labels_db')} needs the label store (alignkit.store)") from None
-    policy = {k: data[k] for k in POLICY_KEYS if k in data}
-    if not unpaired and policy.get("both_bad") == "undesirable":
-        raise UserError(f"{_name(stage, 'both_bad')}=undesirable makes unpaired examples, which only a kto stage "
-                        f"trains on; use drop or ignore")
-    return (unpaired_rows if unpaired else preference_rows)(data["labels_db"], **policy)
-
-
-def _store_fingerprint(rows: list[dict], *, unpaired: bool) -> str:
+def store_fingerprint(rows: list[dict], *, unpaired: bool) -> str:
     """A label store's export, hashed by the columns training reads (not vote counts or timestamps)."""
     columns = UNPAIRED_COLUMNS if unpaired else PREFERENCE_COLUMNS
     return stable_hash([{k: r.get(k) for k in columns} for r in rows])
 
 
-def _preference_source(data: dict, stage: str, *, unpaired: bool) -> tuple[list[dict], str, str]:
-    """(rows, source, fingerprint) from data.train or the label store."""
+def _preference_source(data: dict, stage: str, store_rows: list[dict] | None, *,
+                       unpaired: bool) -> tuple[list[dict], str, str]:
+    """(rows, source, fingerprint) from data.train or the rows exported from the label store."""
     if "labels_db" in data:
-        rows = _store_rows(data, stage, unpaired=unpaired)
+        rows = store_rows or []
         if not rows:
             raise UserError(f"stages.{stage}.data.labels_db: the label store {data['labels_db']} has no "
                             f"{'labeled responses' if unpaired else 'preference pairs'} to export yet")
-        return rows, data["labels_db"], _store_fingerprint(rows, unpaired=unpaired)
+        return rows, data["labels_db"], store_fingerprint(rows, unpaired=unpaired)
     source = _require(data, "train", stage, " (or labels_db)")
     return load_rows(source, what=f"stages.{stage}.data.train"), source, _fingerprint(data, stage)
 
@@ -127,10 +116,12 @@ def _pairs(rows: list[dict], source) -> tuple[list[dict], dict]:
     return rows, counts
 
 
-def load_preference_split(data: dict, seed: int, stage: str) -> tuple[list[dict], list[dict], dict]:
-    """(train, eval, info) for DPO / reward stages, from a file, dataset dir or label store."""
+def load_preference_split(data: dict, seed: int, stage: str,
+                          store_rows: list[dict] | None = None) -> tuple[list[dict], list[dict], dict]:
+    """(train, eval, info) for DPO / reward stages, from a file, dataset dir or (data.labels_db) the rows
+    exported from the label store, which alignkit.stage_data reads."""
     check_data(data, stage)
-    rows, source, fingerprint = _preference_source(data, stage, unpaired=False)
+    rows, source, fingerprint = _preference_source(data, stage, store_rows, unpaired=False)
     rows, counts = _pairs(rows, source)
     train, evals = _eval_rows(data, rows, seed, stage, lambda r, s: _pairs(r, s)[0])
     info = {"train": str(source), "fingerprint": fingerprint, **counts, "train_rows": len(train), "eval_rows": len(evals)}
@@ -166,11 +157,12 @@ def _split_by_prompt(rows: list[dict], fraction: float, seed: int, key: str) -> 
     return [r for g in train for r in g], [r for g in evals for r in g]
 
 
-def load_unpaired_split(data: dict, seed: int, stage: str) -> tuple[list[dict], list[dict], dict]:
+def load_unpaired_split(data: dict, seed: int, stage: str,
+                        store_rows: list[dict] | None = None) -> tuple[list[dict], list[dict], dict]:
     """(train, eval, info) for a KTO stage: prompt / completion / label rows from unpaired rows, preference
     pairs, or a label store (with both_bad: undesirable, both-bad comparisons count as two undesirable rows)."""
     check_data(data, stage)
-    rows, source, fingerprint = _preference_source(data, stage, unpaired=True)
+    rows, source, fingerprint = _preference_source(data, stage, store_rows, unpaired=True)
     rows, counts = _unpaired(rows, source)
     if "eval" in data:
         train, evals = _eval_rows(data, rows, seed, stage, lambda r, s: _unpaired(r, s)[0])
@@ -212,13 +204,11 @@ def _fingerprint(data: dict, stage: str | None = None) -> str:
     return stable_hash(parts)
 
 
-def data_fingerprint(data: dict, stage: str | None = None) -> str:
-    """Fingerprint of a stage's inputs for the skip logic (cheap: file contents, not parsing).
+def data_fingerprint(data: dict, stage: str | None = None, store_rows: list[dict] | None = None) -> str:
+    """Fingerprint of a stage's inputs for the skip logic (cheap: file contents, not parsing); with
+    data.labels_db, of the rows exported from the store (`store_rows`, which change as people vote).
     Pass the stage name so that errors name `stages.<name>.data.<key>`."""
     check_data(data, stage)
     if "labels_db" in data:
-        # Store contents change as people vote; the export is hashed when the stage runs.
-        # Only a kto stage may say both_bad: undesirable (the other loaders refuse it).
-        unpaired = data.get("both_bad") == "undesirable"
-        return _store_fingerprint(_store_rows(data, stage, unpaired=unpaired), unpaired=unpaired)
+        return store_fingerprint(store_rows or [], unpaired=data.get("both_bad") == "undesirable")
     return _fingerprint(data, stage)
