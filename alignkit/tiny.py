@@ -51,6 +51,20 @@ def _settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _save_quietly(model, out: Path) -> None:
+    """save_pretrained without transformers' shard progress bar: a model built on the way to another command
+    (a dry run, an error message) must not print a bar into that command's output."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def build_tokenizer(corpus: list[str], vocab_size: int = 512):
     """Train a byte-level BPE tokenizer on `corpus`; returns a PreTrainedTokenizerFast."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -115,7 +129,7 @@ def build_tiny_model(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    _save_quietly(model, out)
     tokenizer.save_pretrained(out)
     # The marker goes last: a directory without it is rebuilt, never half-used.
     tmp = marker.with_suffix(".tmp")
@@ -265,7 +279,7 @@ def build_real_architecture(out_dir: str | os.PathLike, arch: RealArchitecture, 
     (out / "config.json").write_text(json.dumps(config, indent=2))
     torch.manual_seed(seed)
     model = LlamaForCausalLM._from_config(AutoConfig.from_pretrained(out), dtype=torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)
+    _save_quietly(model, out)
     del model
     # save_pretrained writes this transformers' own spelling of the config: put the hub's file back.
     (out / "config.json").write_text(json.dumps(config, indent=2))
