@@ -46,8 +46,11 @@ def _location(row: dict) -> dict:
     return {k: row[k] for k in LOCATION_KEYS if k in row}
 
 
-def _check_rows_are_objects(rows: list, source) -> None:
-    # A .json file or dataset may hold a list of anything; every check below indexes rows by column.
+def _check_rows(rows: list, source, what: str = "dataset") -> None:
+    """Some rows, each an object: a .json file or dataset may hold a list of anything, and every check below
+    indexes rows by column."""
+    if not rows:
+        raise UserError(f"{source}: the {what} is empty")
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise UserError(f"{source}: row {i} is {type(row).__name__}, expected an object with named columns")
@@ -157,9 +160,7 @@ def _sft_shape(row: dict) -> str | None:
 def standard_sft_rows(rows: list, source) -> tuple[list[dict], dict]:
     """(rows, formats_read): ShareGPT and Alpaca rows as `messages` rows (their location kept), the others as
     they are, and how many rows came in each shape. A row in no known shape is one error naming the shapes."""
-    if not rows:
-        raise UserError(f"{source}: the dataset is empty")
-    _check_rows_are_objects(rows, source)
+    _check_rows(rows, source)
     out, shapes = [], Counter()
     for row in rows:
         shape = _sft_shape(row)
@@ -179,9 +180,7 @@ def standard_sft_rows(rows: list, source) -> tuple[list[dict], dict]:
 
 def sft_format(rows: list[dict], source) -> str:
     """'messages', 'prompt_completion' or 'text' — the one format all rows share (after standard_sft_rows)."""
-    if not rows:
-        raise UserError(f"{source}: the dataset is empty")
-    _check_rows_are_objects(rows, source)
+    _check_rows(rows, source)
     first = rows[0]
     fmt = _sft_shape(first)
     if fmt not in SFT_FORMATS:
@@ -226,9 +225,7 @@ def _sharegpt_reply(row: dict, key: str, source) -> list[dict]:
 def standard_preference_rows(rows: list, source) -> tuple[list[dict], dict]:
     """(rows, formats_read): ShareGPT and Alpaca ranking rows as prompt / chosen / rejected rows (a message-list
     prompt; margin and location kept), the others as they are, and how many rows came in each shape."""
-    if not rows:
-        raise UserError(f"{source}: the preference dataset is empty")
-    _check_rows_are_objects(rows, source)
+    _check_rows(rows, source, "preference dataset")
     out, shapes = [], Counter()
     for row in rows:
         shape = _preference_shape(row)
@@ -246,9 +243,7 @@ def standard_preference_rows(rows: list, source) -> tuple[list[dict], dict]:
 def check_preference_rows(rows: list[dict], source) -> None:
     """Every row has prompt (unless no row has: HH-RLHF), chosen and rejected as text or messages, and a
     finite margin in every row or in none."""
-    if not rows:
-        raise UserError(f"{source}: the preference dataset is empty")
-    _check_rows_are_objects(rows, source)
+    _check_rows(rows, source, "preference dataset")
     # The loader keeps a margin column when the first row has one; a row without it would reach the trainer as None.
     has_margin = "margin" in rows[0]
     # A row without a prompt among rows with one is a malformed file, not an HH-RLHF transcript: splitting off
@@ -390,9 +385,7 @@ def consistent_unpaired(rows: list[dict], source) -> tuple[list[dict], dict]:
     """Checked KTO rows (prompt, completion, label) in one shape, as consistent_pairs does for pairs: a
     message-list prompt makes a text completion an assistant message; text rows among conversational ones
     become conversational."""
-    if not rows:
-        raise UserError(f"{source}: the dataset is empty")
-    _check_rows_are_objects(rows, source)
+    _check_rows(rows, source)
     out = []
     for row in rows:
         for key in ("prompt", "completion", "label"):
@@ -437,9 +430,7 @@ def prompt_from(row: dict, source, *, exclusive: bool = False):
 
 
 def check_prompt_rows(rows: list[dict], source) -> None:
-    if not rows:
-        raise UserError(f"{source}: the prompt dataset is empty")
-    _check_rows_are_objects(rows, source)
+    _check_rows(rows, source, "prompt dataset")
     for row in rows:
         prompt_from(row, source)
 
