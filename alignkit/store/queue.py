@@ -81,10 +81,6 @@ class Item:
     def prompt_text(self) -> str:
         return prompt_as_text(self.prompt)
 
-    @property
-    def prompt_markdown(self) -> str:
-        return prompt_as_markdown(self.prompt)
-
 
 @dataclass(frozen=True)
 class VoteReceipt:
