@@ -55,10 +55,6 @@ class ModelSettings:
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"
     trust_remote_code: bool = False
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelSettings":
-        return cls(**d)
-
 
 @dataclass
 class PeftSettings:
@@ -72,10 +68,6 @@ class PeftSettings:
     modules_to_save: list[str] | None = None
     num_virtual_tokens: int = 16  # prompt / prefix tuning
     use_rslora: bool = False
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PeftSettings":
-        return cls(**d)
 
 
 @dataclass
@@ -397,7 +389,7 @@ def load_model_for_inference(spec: str | ResolvedSpec, *, quantization: str | No
     settings.setdefault("quantization", "none")
     if quantization is not None:
         settings["quantization"] = quantization
-    model_settings = ModelSettings.from_dict(settings)
+    model_settings = ModelSettings(**settings)
     tok_source = str(resolved.stage_dir or resolved.adapter_dir or resolved.base)
     if resolved.adapter_dir is not None and not (Path(tok_source) / "tokenizer_config.json").exists():
         tok_source = resolved.base

@@ -116,8 +116,6 @@ class RewardScorer:
     stage: dict | None = None
 
     def score(self, prompts: Sequence[Any], responses: Sequence[Any]) -> list[float]:
-        import torch
-
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         encoded = [reward_input_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
@@ -155,7 +153,7 @@ def load_reward_scorer(stage_dir: str | Path, *, quantization: str | None = None
     if quantization is not None:
         settings["quantization"] = quantization
     tokenizer = load_tokenizer(str(stage_dir), padding_side="right")
-    model = load_base_model(ModelSettings.from_dict(settings), model_class=AutoModelForSequenceClassification,
+    model = load_base_model(ModelSettings(**settings), model_class=AutoModelForSequenceClassification,
                             num_labels=1, pad_token_id=tokenizer.pad_token_id)
     model.config.pad_token_id = tokenizer.pad_token_id
     if resolved.adapter_dir is not None:
@@ -277,7 +275,7 @@ def load_reward_ensemble(stage_dirs: Sequence[str | Path], *, quantization: str 
     if quantization is not None:
         settings["quantization"] = quantization
     tokenizer = load_tokenizer(str(stage_dirs[0]), padding_side="right")
-    base = load_base_model(ModelSettings.from_dict(settings))
+    base = load_base_model(ModelSettings(**settings))
     first = peft.PeftConfig.from_pretrained(str(stage_dirs[0]))
     host = LoraConfig(r=1, target_modules=first.target_modules, task_type="CAUSAL_LM", inference_mode=True)
     model = peft.get_peft_model(base, host, adapter_name="_host")
