@@ -328,6 +328,30 @@ def votes_schema(store):
     return table_columns(store, "votes")
 
 
+# What schema 4 added, dropped to make a store what an older schema wrote.
+V4_DROPS = ("ALTER TABLE comparisons DROP COLUMN loop_round", "ALTER TABLE comparisons DROP COLUMN source_stage",
+            "ALTER TABLE comparisons DROP COLUMN selection_score")
+
+
+def test_schema_3_store_upgrades_to_loop_tags(store_url, tmp_path):
+    """A store written by schema 3 opens, gains the loop's tags (no comparison has them) and keeps its votes."""
+    store = open_store(store_url, overlap=2)
+    populate(store, tmp_path, n_prompts=2)
+    item = next_item(store, "ann")
+    submit_vote(store, "ann", item.comparison_id, "a")
+    fresh = comparisons_schema(store)
+    store.write(lambda s: [s.execute(text(sql)) for sql in (*V4_DROPS, "UPDATE schema_version SET version = 3")])
+    store.close()
+    store = open_store(store_url, overlap=2)
+    assert store_db.schema_version(store) == 4
+    assert comparisons_schema(store) == fresh
+    with store.read() as s:
+        assert s.execute(select(Comparison.loop_round, Comparison.source_stage, Comparison.selection_score)).all() \
+            == [(None, None, None)] * 2
+    assert [v.comparison_id for v in load_votes(store)] == [item.comparison_id]
+    store.close()
+
+
 def test_schema_2_store_upgrades_to_gold_items_and_exclusion(store_url, tmp_path):
     """A store written by schema 2 opens, gains `gold` (no gold items), `excluded` (nobody), vote strengths (none)
     and the settings table (empty), and keeps its votes."""
@@ -338,7 +362,7 @@ def test_schema_2_store_upgrades_to_gold_items_and_exclusion(store_url, tmp_path
     fresh = comparisons_schema(store), annotators_schema(store), votes_schema(store)
 
     def to_v2(s):
-        for sql in ("ALTER TABLE comparisons DROP COLUMN gold", "ALTER TABLE annotators DROP COLUMN excluded",
+        for sql in (*V4_DROPS, "ALTER TABLE comparisons DROP COLUMN gold", "ALTER TABLE annotators DROP COLUMN excluded",
                     "ALTER TABLE votes DROP COLUMN strength", "DROP TABLE store_settings",
                     "UPDATE schema_version SET version = 2"):
             s.execute(text(sql))
@@ -346,7 +370,7 @@ def test_schema_2_store_upgrades_to_gold_items_and_exclusion(store_url, tmp_path
     store.write(to_v2)
     store.close()
     store = open_store(store_url, overlap=2)
-    assert store_db.schema_version(store) == 3
+    assert store_db.schema_version(store) == store_db.SCHEMA_VERSION
     assert (comparisons_schema(store), annotators_schema(store), votes_schema(store)) == fresh
     from alignkit.store import settings
 
@@ -371,7 +395,7 @@ def test_schema_1_store_upgrades_to_arena_battles(store_url, tmp_path):
     # Make it what schema 1 wrote: no `arena` column, the queue index without it, version 1 (and none of
     # schema 3's columns).
     def to_v1(s):
-        for sql in ("ALTER TABLE comparisons DROP COLUMN gold", "ALTER TABLE annotators DROP COLUMN excluded",
+        for sql in (*V4_DROPS, "ALTER TABLE comparisons DROP COLUMN gold", "ALTER TABLE annotators DROP COLUMN excluded",
                     "ALTER TABLE votes DROP COLUMN strength", "DROP TABLE store_settings",
                     "DROP INDEX ix_comparison_open", "ALTER TABLE comparisons DROP COLUMN arena",
                     "CREATE INDEX ix_comparison_open ON comparisons (n_votes, id)",
@@ -385,7 +409,7 @@ def test_schema_1_store_upgrades_to_arena_battles(store_url, tmp_path):
     store.close()
 
     store = open_store(store_url, overlap=2)
-    assert store_db.schema_version(store) == store_db.SCHEMA_VERSION == 3
+    assert store_db.schema_version(store) == store_db.SCHEMA_VERSION == 4
     assert comparisons_schema(store) == fresh  # the same schema as a store created at the current version
     with store.read() as s:
         assert s.scalars(select(Comparison.arena)).all() == [False] * 3

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from alignkit.errors import UserError
 from alignkit.store.models import Base, SchemaVersion
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _add_arena(conn: Connection) -> None:
@@ -55,11 +55,19 @@ def _add_gold_exclusion_and_strength(conn: Connection) -> None:
     Base.metadata.tables["store_settings"].create(conn)
 
 
+def _add_loop_tags(conn: Connection) -> None:
+    """v3 -> v4: comparisons get the loop's tags (round, generating stage, selection score); none has them."""
+    conn.execute(text("ALTER TABLE comparisons ADD COLUMN loop_round INTEGER"))
+    conn.execute(text("ALTER TABLE comparisons ADD COLUMN source_stage VARCHAR(500)"))
+    conn.execute(text("ALTER TABLE comparisons ADD COLUMN selection_score FLOAT"))
+
+
 # Forward migrations: MIGRATIONS[v] upgrades a store at version v to v + 1, inside
 # the transaction that then records the new version. A newer alignkit therefore
 # opens an older store; an older alignkit refuses a newer store. Each must leave
 # the same schema as a fresh store of the new version (tests/test_store.py checks).
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_arena, 2: _add_gold_exclusion_and_strength}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_arena, 2: _add_gold_exclusion_and_strength,
+                                                     3: _add_loop_tags}
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 MAX_RETRIES = 12

@@ -45,6 +45,10 @@ class ImportRow:
     models: list[str | None] = field(default_factory=list)
     sampling: list[dict | None] = field(default_factory=list)
     gold: bool = False  # a gold item (parse_gold_file): its first response is the known answer
+    # Where `alignkit loop` chose the row's pair (schema v4): stored on a new comparison, never re-tagged.
+    loop_round: int | None = None
+    source_stage: str | None = None
+    selection_score: float | None = None
 
 
 @dataclass
@@ -218,7 +222,8 @@ def write_rows(store: Store, rows: Sequence[ImportRow], *, arena: bool = False) 
                     comp.gold = answer
                 if comp is None:
                     session.add(Comparison(prompt_id=prompt.id, response_a_id=x, response_b_id=y, arena=arena,
-                                           gold=answer, created_at=now))
+                                           gold=answer, loop_round=row.loop_round, source_stage=row.source_stage,
+                                           selection_score=row.selection_score, created_at=now))
                     new_comp += 1
                 elif arena and not comp.arena:
                     session.execute(update(Comparison).where(Comparison.id == comp.id).values(arena=True))

@@ -95,6 +95,7 @@ class Comparison(Base):
 
     `arena`: a battle between two models (schema v2), served only to the arena pool.
     `gold`: a gold item (schema v3): its known answer, to measure annotators by.
+    `loop_round`, `source_stage`, `selection_score` (schema v4): where a round of `alignkit loop` put it.
     """
 
     __tablename__ = "comparisons"
@@ -116,6 +117,11 @@ class Comparison(Base):
     # Schema v3: a gold item's known answer in canonical terms ("a": response_a is right), None for every other
     # comparison. Gold items are served to every annotator (no overlap) and never exported.
     gold: Mapped[str | None] = mapped_column(String(8))
+    # Schema v4: a comparison `alignkit loop` chose for a round: the round, the stage whose samples it pairs, and
+    # the selection score it was chosen by (how unsure the reward ensemble was; None where chosen at random).
+    loop_round: Mapped[int | None] = mapped_column(Integer)
+    source_stage: Mapped[str | None] = mapped_column(String(500))
+    selection_score: Mapped[float | None] = mapped_column(Float)
 
     prompt: Mapped[Prompt] = relationship(lazy="joined")
     response_a: Mapped[Response] = relationship(foreign_keys=[response_a_id], lazy="joined")
