@@ -43,9 +43,9 @@ import tempfile
 from contextlib import contextmanager
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, true
 
 from alignkit.data.formats import consistent_pairs, consistent_unpaired
 from alignkit.errors import UserError
@@ -102,10 +102,13 @@ def aggregate(labels: list[str], *, ties: str = "drop", both_bad: str = "drop",
 
 
 def aggregate_store(store: Store, *, min_agreement: float = 0.0, ties: str = "drop", both_bad: str = "drop",
-                    min_votes: int = 1, unpaired: bool = False) -> tuple[list[dict[str, Any]], dict[str, int]]:
+                    min_votes: int = 1, unpaired: bool = False,
+                    rounds: Sequence[int] | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """(rows, counts of kept / dropped-by-reason) for every non-arena comparison with at least one vote:
-    preference rows, or with `unpaired` two prompt / completion / label rows per comparison."""
+    preference rows, or with `unpaired` two prompt / completion / label rows per comparison. `rounds`: only
+    the comparisons `alignkit loop` imported in those rounds."""
     _check_policy(min_agreement, ties, both_bad, min_votes, unpaired)
+    in_rounds = Comparison.loop_round.in_(list(rounds)) if rounds is not None else true()
     with store.read() as s:
         levels = scale_in(s)
         labels: dict[int, list[str]] = defaultdict(list)
@@ -114,7 +117,7 @@ def aggregate_store(store: Store, *, min_agreement: float = 0.0, ties: str = "dr
                                      .join(Comparison, Comparison.id == Vote.comparison_id)
                                      .join(Annotator, Annotator.id == Vote.annotator_id)
                                      .where(Comparison.arena.is_(False), Comparison.gold.is_(None),
-                                            Annotator.excluded.is_(False))
+                                            Annotator.excluded.is_(False), in_rounds)
                                      .order_by(Vote.comparison_id, Vote.id)):
             labels[cid].append(choice)
             strengths[cid].append((choice, strength))
@@ -182,20 +185,21 @@ def _aggregate(db: str | Store, **policy) -> list[dict[str, Any]]:
 
 
 def preference_rows(db: str | Store, *, min_agreement: float = 0.0, ties: str = "drop", both_bad: str = "drop",
-                    min_votes: int = 1) -> list[dict[str, Any]]:
+                    min_votes: int = 1, rounds: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Preference rows for the reward / DPO stages: prompt (str or messages), chosen, rejected, and more.
 
     `db` is a label store path or URL (or an open Store). See the module doc for the policy.
     """
-    return _aggregate(db, min_agreement=min_agreement, ties=ties, both_bad=both_bad, min_votes=min_votes)
+    return _aggregate(db, min_agreement=min_agreement, ties=ties, both_bad=both_bad, min_votes=min_votes,
+                      rounds=rounds)
 
 
 def unpaired_rows(db: str | Store, *, min_agreement: float = 0.0, ties: str = "drop", both_bad: str = "drop",
-                  min_votes: int = 1) -> list[dict[str, Any]]:
+                  min_votes: int = 1, rounds: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Unpaired rows for a KTO stage: prompt, completion, label (desirable or not), two per kept comparison;
     both_bad="undesirable" keeps both-bad comparisons as two undesirable rows. See the module doc."""
     return _aggregate(db, min_agreement=min_agreement, ties=ties, both_bad=both_bad, min_votes=min_votes,
-                      unpaired=True)
+                      unpaired=True, rounds=rounds)
 
 
 def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 0.0, ties: str = "drop",
