@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from alignkit.data.keys import PATH_KEYS, both_set, value_problems
+from alignkit.data.keys import PATH_KEYS, both_set, missing_companions, value_problems
 from alignkit.errors import UserError
 from alignkit.modeling import DTYPES, PEFT_METHODS, QUANTIZATIONS, TINY_SPEC, ModelSettings, PeftSettings, liger_available
 from alignkit.stage import MANAGED_TRAIN_KEYS, StageKind, StageRecipe
@@ -547,6 +547,8 @@ def _check_data(data: dict, where_key: str, where: _Where, kind: StageKind | Non
         # One of them came from --set: the command line replaces the YAML's choice, as the recipes'
         # headers show (`--set stages.dpo.data.labels_db=labels.db` over a YAML `train:`).
         del data[second if given[first] else first]
+    for key, problem in missing_companions(data):
+        raise UserError(f"{where(f'{where_key}.data.{key}')}: {where_key}.data.{key}{problem}")
     if kind is not None:
         needs = kind.required_data()
         if needs and not any(k in data for k in needs):
