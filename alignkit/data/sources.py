@@ -23,7 +23,7 @@ from alignkit.artifacts import file_fingerprint, stable_hash
 from alignkit.data.clean import filter_rows, split_rows
 from alignkit.data.formats import check_prompt_rows, consistent_pairs, consistent_unpaired, sft_format, standard_sft_rows
 from alignkit.data.io import load_rows, without_location
-from alignkit.data.keys import both_set, value_problems
+from alignkit.data.keys import both_set, missing_companions, value_problems
 from alignkit.errors import UserError
 
 SFT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
@@ -40,6 +40,18 @@ def check_data(data: dict, stage: str | None) -> None:
         raise UserError(f"{_name(stage, key)}{problem}")
     for first, second in both_set(data):
         raise UserError(f"{_name(stage)} sets both {first} and {second}; {second} would be ignored, remove one")
+    for key, problem in missing_companions(data):
+        raise UserError(f"{_name(stage, key)}{problem}")
+
+
+def resampled(rows: list[dict], data: dict, seed: int) -> list[dict]:
+    """With data.resample = k, the k-th seeded bootstrap resample of `rows` (as many rows, drawn with
+    replacement): ensemble members trained on different resamples of one set of votes disagree where the
+    votes leave the answer open, which is what uncertainty selection looks for."""
+    if "resample" not in data:
+        return rows
+    rng = random.Random(f"resample-{seed}-{data['resample']}")
+    return rng.choices(rows, k=len(rows))
 
 
 def _require(data: dict, key: str, stage: str, alternative: str = "") -> str:
@@ -124,6 +136,7 @@ def load_preference_split(data: dict, seed: int, stage: str,
     rows, source, fingerprint = _preference_source(data, stage, store_rows, unpaired=False)
     rows, counts = _pairs(rows, source)
     train, evals = _eval_rows(data, rows, seed, stage, lambda r, s: _pairs(r, s)[0])
+    train = resampled(train, data, seed)
     info = {"train": str(source), "fingerprint": fingerprint, **counts, "train_rows": len(train), "eval_rows": len(evals)}
     return train, evals, info
 
@@ -170,7 +183,7 @@ def load_unpaired_split(data: dict, seed: int, stage: str,
         train, evals = _split_by_prompt(rows, data.get("eval_fraction", 0.0), seed, f"stages.{stage}.data.eval_fraction")
     # TRL's KTO reads rows in order and pairs each with its neighbour for the KL estimate: a pair's two rows side
     # by side (or all desirable rows first) would make that a same-prompt pair, so the order is shuffled (seeded).
-    train, evals = train[:], evals[:]
+    train, evals = resampled(train, data, seed), evals[:]
     random.Random(seed).shuffle(train)
     random.Random(seed + 1).shuffle(evals)
     desirable = sum(r["label"] for r in train)
