@@ -240,8 +240,9 @@ def preflight(the_plan: Plan) -> None:
 
 
 def _check_parent_weights(p: StagePlan, retrained: set[str]) -> None:
-    for role, parent_dir in p.run.parents.items():
-        if parent_dir.name in retrained:
+    for role, ref in p.stage.references().items():
+        parent_dir = p.run.parents[role]
+        if ref in retrained:
             continue  # trained again in this run before its child
         problem = artifacts.weights_problem(parent_dir) if artifacts.is_complete(parent_dir) else None
         if problem:
@@ -357,7 +358,8 @@ def _stage_lock(run_dir: Path, stage: str):
     import socket
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / f".{stage}.lock-{socket.gethostname()}"
+    # A loop round's stages are named round-N/STAGE: their locks stay files of run_dir itself.
+    path = run_dir / f".{stage.replace('/', '--')}.lock-{socket.gethostname()}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
