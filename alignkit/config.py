@@ -26,7 +26,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 
@@ -34,9 +34,10 @@ from alignkit.data.keys import PATH_KEYS, both_set, missing_companions, value_pr
 from alignkit.errors import UserError
 from alignkit.modeling import DTYPES, PEFT_METHODS, QUANTIZATIONS, TINY_SPEC, ModelSettings, PeftSettings, liger_available
 from alignkit.stage import MANAGED_TRAIN_KEYS, StageKind, StageRecipe
+from alignkit.tracking import LogCompletions, parse_log_completions, parse_report_to, require_packages
 
-TOP_LEVEL_KEYS = {"description", "model", "peft", "run_dir", "seed", "stages"}
-STAGE_KEYS = {"name", "kind", "after", "reward", "data", "train"}
+TOP_LEVEL_KEYS = {"description", "model", "peft", "run_dir", "seed", "report_to", "stages", "loop"}
+STAGE_KEYS = {"name", "kind", "after", "reward", "data", "train", "report_to"}
 # Stage fields that name another stage: the runner orders by them and passes them to the recipe as parents.
 STAGE_REFERENCES = ("after", "reward")
 
@@ -49,9 +50,35 @@ class StageConfig:
     train: dict = field(default_factory=dict)
     after: str | None = None
     reward: str | None = None
+    report_to: tuple[str, ...] | None = None  # alignkit.tracking.TRACKERS; None: the recipe's top-level report_to
+    log_completions: LogCompletions | None = None  # train.log_completions, kept out of `train` (and the hash)
 
     def references(self) -> dict[str, str]:
         return {role: getattr(self, role) for role in STAGE_REFERENCES if getattr(self, role)}
+
+
+@dataclass
+class LoopSettings:
+    """The `loop:` section: rounds of labels from the latest policy (`alignkit loop`, recipes/loop.py)."""
+
+    prompts: str  # the prompt pool: JSONL of `prompt` (or `messages`) rows, sampled from every round
+    labels_db: str  # the label store the rounds' pairs go to and their votes come from
+    start: str  # the recipe stage round 0 samples from (e.g. sft)
+    stages: list[str]  # the recipe stages retrained each round: reward stages and one policy stage (dpo, ppo, ...)
+    rounds: int = 3
+    candidates: int = 4  # responses sampled per prompt; any two of them may become the prompt's pair
+    budget: int = 100  # pairs sent to people per round, at most one per prompt
+    overlap: int = 1  # votes a comparison needs (the labeling server's --overlap)
+    min_votes: float = 1.0  # share of a round's comparisons that must have their votes before it trains
+    select: Literal["uncertainty", "random"] = "uncertainty"  # round 0 is random: no reward model exists yet
+    rule: Literal["disagreement", "margin", "bald"] = "disagreement"  # alignkit.selection's uncertainty rules
+    ensemble: int = 3  # reward models per round, each on its own bootstrap resample of the votes
+    reward_votes: Literal["all", "round"] = "all"  # reward stages train on every round's votes, or the round's own
+    policy_votes: Literal["all", "round"] = "round"  # the policy stage (from the previous round's) likewise
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # sampling for candidates and comparisons (1: KL to the reference is measurable)
+    eval_prompts: str | None = None  # prompts each round's policy is compared on (default: the pool)
+    judge: str | None = None  # a compare judge (default: reward:<the round's first reward model>)
 
 
 @dataclass
@@ -65,6 +92,7 @@ class RecipeConfig:
     description: str = ""
     raw: dict = field(default_factory=dict)  # the resolved YAML, for stage.json
     where: Any = None  # _Where: a dotted key -> "FILE:LINE" or "--set ...", for errors found after loading
+    loop: LoopSettings | None = None
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:
@@ -236,6 +264,8 @@ def _check_type(value: Any, annotation: Any) -> bool:
         return any(_check_type(value, a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return value is None
+    if origin is Literal:
+        return value in typing.get_args(annotation)
     if annotation is bool:
         return isinstance(value, bool)
     if annotation is int:
@@ -356,12 +386,48 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *,
     if not isinstance(stages_raw, list) or not stages_raw:
         raise UserError(f"{where('stages')}: stages must be a non-empty list")
     stages = [_stage_config(i, s, where, stage_kinds) for i, s in enumerate(stages_raw)]
+    report_to = parse_report_to(raw.get("report_to", "tensorboard"), "report_to", where)
+    for s in stages:
+        require_packages(s.report_to or report_to, where("report_to" if s.report_to is None else f"stages.{s.name}.report_to"))
+        s.report_to = report_to if s.report_to is None else s.report_to
     _check_references(stages, where)
     if stage_kinds is not None:
         _check_stage_roles(stages, stage_kinds, where)
     _check_peft_limits(peft, stages, where, stage_kinds)
     return RecipeConfig(path=path, model=model, peft=peft, run_dir=run_dir, seed=seed, stages=stages,
-                        description=description, raw=raw, where=where)
+                        description=description, raw=raw, where=where, loop=_loop_settings(raw, stages, where))
+
+
+def _loop_settings(raw: dict, stages: list[StageConfig], where: _Where) -> LoopSettings | None:
+    """The loop: section, typed, with its paths resolved and the stages it names checked against the recipe."""
+    if "loop" not in raw:
+        return None
+    loop_raw = _mapping(raw["loop"], "loop", where)
+    for key in ("prompts", "labels_db", "start", "stages"):
+        if key not in loop_raw:
+            raise UserError(f"{where('loop')}: loop.{key} is required")
+    for key in ("prompts", "labels_db", "eval_prompts"):
+        if key in loop_raw:
+            loop_raw[key] = _resolve_path(loop_raw[key], where.base_dir(f"loop.{key}"))
+    loop = _build_dataclass(LoopSettings, loop_raw, section="loop", where=where)
+    names = [s.name for s in stages]
+    for key, value in (("start", loop.start), *(("stages", v) for v in loop.stages)):
+        if value not in names:
+            raise UserError(f"{where(f'loop.{key}')}: loop.{key} names {value!r}, which is not a stage of this "
+                            f"recipe{_suggest(str(value), names)}")
+    for key, value, ok, must in (
+        ("rounds", loop.rounds, loop.rounds >= 1, ">= 1"), ("candidates", loop.candidates, loop.candidates >= 2, ">= 2"),
+        ("budget", loop.budget, loop.budget >= 1, ">= 1"), ("overlap", loop.overlap, loop.overlap >= 1, ">= 1"),
+        ("min_votes", loop.min_votes, 0 < loop.min_votes <= 1, "in (0, 1]"),
+        ("ensemble", loop.ensemble, loop.ensemble >= (2 if loop.select == "uncertainty" else 1),
+         ">= 2 with select: uncertainty (one reward model cannot disagree with itself)" if loop.select == "uncertainty"
+         else ">= 1"),
+        ("max_new_tokens", loop.max_new_tokens, loop.max_new_tokens >= 1, ">= 1"),
+        ("temperature", loop.temperature, loop.temperature > 0, "> 0 (candidates must differ)"),
+    ):
+        if not ok:
+            raise UserError(f"{where(f'loop.{key}')}: loop.{key}={value!r} must be {must}")
+    return loop
 
 
 def _read_yaml(path: Path) -> tuple[dict, _Lines]:
@@ -442,6 +508,11 @@ def _stage_config(i: int, s: Any, where: _Where, stage_kinds: Mapping[str, Stage
     data = {k: v for k, v in _mapping(s.get("data"), f"{where_key}.data", where).items() if v is not None}
     train = _mapping(s.get("train"), f"{where_key}.train", where)
     kind = stage_kinds[kind_name].KIND if stage_kinds is not None else None
+    log_completions = parse_log_completions(train.pop("log_completions", None), f"{where_key}.train.log_completions", where)
+    if log_completions is not None and kind is not None and kind.output != "policy":
+        raise UserError(f"{where(f'{where_key}.train.log_completions')}: {where_key}.train.log_completions samples a "
+                        f"policy while it trains; a {kind_name} stage trains none")
+    report_to = parse_report_to(s["report_to"], f"{where_key}.report_to", where) if "report_to" in s else None
     if kind is not None:
         for key in data:
             if key not in kind.data_keys:
@@ -450,7 +521,8 @@ def _stage_config(i: int, s: Any, where: _Where, stage_kinds: Mapping[str, Stage
     data = _check_data(data, where_key, where, kind)
     data = {k: (_resolve_path(v, where.base_dir(f"{where_key}.data.{k}")) if k in PATH_KEYS else v)
             for k, v in data.items()}
-    return StageConfig(name=sname, kind=kind_name, data=data, train=train, after=s.get("after"), reward=s.get("reward"))
+    return StageConfig(name=sname, kind=kind_name, data=data, train=train, after=s.get("after"), reward=s.get("reward"),
+                       report_to=report_to, log_completions=log_completions)
 
 
 def _train_settings(train: dict, kind: StageKind, where_key: str, where: _Where) -> dict:
@@ -461,8 +533,9 @@ def _train_settings(train: dict, kind: StageKind, where_key: str, where: _Where)
     for key, value in train.items():
         at = where(f"{where_key}.train.{key}")
         if key in MANAGED_TRAIN_KEYS:
+            hint = "; name trackers with report_to: at the top level or the stage's" if key == "report_to" else ""
             raise UserError(f"{at}: {where_key}.train.{key} is set by alignkit "
-                            "(checkpoints and TensorBoard logs go into the stage directory)")
+                            f"(checkpoints and TensorBoard logs go into the stage directory){hint}")
         if key not in train_fields:
             raise UserError(f"{at}: unknown key {where_key}.train.{key}{_suggest(key, train_fields)}")
         if not _check_type(value, hints.get(key, Any)):
