@@ -52,6 +52,7 @@ class StageConfig:
     reward: str | None = None
     report_to: tuple[str, ...] | None = None  # alignkit.tracking.TRACKERS; None: the recipe's top-level report_to
     log_completions: LogCompletions | None = None  # train.log_completions, kept out of `train` (and the hash)
+    round: int | None = None  # the loop round of a stage the loop adds (round-N/...); never set from YAML
 
     def references(self) -> dict[str, str]:
         return {role: getattr(self, role) for role in STAGE_REFERENCES if getattr(self, role)}
