@@ -339,6 +339,9 @@ def _record(the_plan: Plan, p: StagePlan, result: StageResult, wall: float) -> d
                            "run_id": (artifacts.read_stage(cfg.run_dir / ref) or {}).get("run_id")}
                     for role, ref in stage.references().items()},
         "lineage": _lineage(cfg, stage),
+        # A loop round's stage: its round and its policy parent's (None for a stage outside the rounds).
+        **({"round": stage.round, "parent_round": cfg.stage(stage.after).round if stage.after else None}
+           if stage.round is not None else {}),
         "recipe": str(cfg.path.resolve()),
         "config": {"kind": stage.kind, "after": stage.after, "reward": stage.reward, "data": stage.data,
                    "train": stage.train, "seed": cfg.seed},
