@@ -19,15 +19,7 @@ EXIT_DIVERGED = 3
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a recipe's stages in dependency order (skipping complete ones)")
     p.add_argument("config", help="recipe YAML, e.g. recipes/configs/tiny_sft_dpo.yaml")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value by dotted path; stages are addressed by name, "
-        "e.g. --set stages.dpo.train.beta=0.2 (repeatable)",
-    )
+    _add_overrides(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last complete checkpoint")
     p.add_argument("--only", action="append", default=[], metavar="STAGE[,STAGE]",
                    help="run only these stages, repeated or comma-separated (their parents must be complete)")
@@ -38,10 +30,33 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run)
 
 
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by dotted path; stages are addressed by name, "
+                        "e.g. --set stages.dpo.train.beta=0.2 (repeatable)")
+
+
 def _run(args: argparse.Namespace) -> int:
     from recipes.runner import run_recipe_from_cli
 
     return run_recipe_from_cli(args)
+
+
+def _add_loop(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("loop", help="rounds of labels from the latest policy: sample, select, label, retrain, compare")
+    p.add_argument("config", help="recipe YAML with a loop: section, e.g. recipes/configs/tiny_loop.yaml")
+    _add_overrides(p)
+    p.add_argument("--wait", action="store_true",
+                   help="poll the label store until a round has its votes, instead of saying where it stands and exiting")
+    p.add_argument("--poll-seconds", type=float, default=10.0, help="with --wait, seconds between looks at the store")
+    p.add_argument("--status", action="store_true", help="print every round's state and change nothing")
+    p.set_defaults(handler=_loop)
+
+
+def _loop(args: argparse.Namespace) -> int:
+    from recipes.loop import loop_from_cli
+
+    return loop_from_cli(args)
 
 
 def _add_stage(sub: argparse._SubParsersAction) -> None:
@@ -191,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignkit", description="Preference alignment: label response pairs in a "
                                      "browser, train SFT / reward / DPO / KTO / PPO stages over QLoRA adapters, compare models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_stage, _add_label, _add_compare, _add_merge, _add_generate, _add_estimate, _add_demo, _add_tiny):
+    for add in (_add_run, _add_loop, _add_stage, _add_label, _add_compare, _add_merge, _add_generate, _add_estimate, _add_demo, _add_tiny):
         add(sub)
     return parser
 
