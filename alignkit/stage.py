@@ -26,9 +26,10 @@ from typing import Any, Literal, Protocol
 
 from alignkit.errors import UserError
 from alignkit.modeling import ModelSettings, PeftSettings
+from alignkit.tracking import Reporting
 
 # Train keys alignkit sets itself: checkpoints and TensorBoard logs go into the stage directory.
-MANAGED_TRAIN_KEYS = ("output_dir", "report_to", "logging_dir", "resume_from_checkpoint", "push_to_hub", "hub_model_id")
+MANAGED_TRAIN_KEYS = ("output_dir", "report_to", "run_name", "project", "logging_dir", "resume_from_checkpoint", "push_to_hub", "hub_model_id")
 
 # A policy is what a later stage can start from; a reward stage's output is a scorer.
 Output = Literal["policy", "reward"]
@@ -105,6 +106,7 @@ class StageRun:
     resume_from: Path | None = None
     prepared: Any = None  # what the recipe's load_data returned (SftData, RowSplit or PromptSet)
     args: Any = None  # what the recipe's train_config returned, built once in preflight
+    report: Reporting = field(default_factory=Reporting)  # trackers, identity on them, completion samples
 
 
 class StageRecipe(Protocol):

@@ -7,7 +7,8 @@ Defaults that differ from TRL's (a recipe's `train:` overrides any of them):
   save_steps     50       (TRL: 500) so --resume has something to continue from
   save_total_limit 2      (TRL: unlimited) checkpoints of adapters are small, but not free
   seed           the recipe's seed
-Set by alignkit and not settable (alignkit.stage.MANAGED_TRAIN_KEYS): output_dir, report_to, logging_dir.
+Set by alignkit and not settable (alignkit.stage.MANAGED_TRAIN_KEYS): output_dir, logging_dir, and report_to,
+run_name, project (from the recipe's `report_to:` and the stage's identity: alignkit.tracking).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 from alignkit.artifacts import kept_checkpoint_note
 from alignkit.errors import TrainingDiverged, UserError
 from alignkit.modeling import liger_available
+from alignkit.tracking import TrackerRuns, hf_report_to, stage_identity, tracking_callback
 
 if TYPE_CHECKING:
     from alignkit.stage import StageRun
@@ -77,7 +79,10 @@ def trl_args(config_cls, stage: StageRun, extra_defaults: dict | None = None, ch
     """
     values = {**alignkit_defaults(stage.seed), **(extra_defaults or {}), **stage.train}
     values["output_dir"] = str(Path(stage.stage_dir) / "checkpoints")
-    values["report_to"] = "none"  # TensorBoard is attached explicitly, writing to stage_dir/logs
+    # TensorBoard is attached explicitly, writing to stage_dir/logs; the HF integrations log to the others.
+    values["report_to"] = hf_report_to(stage.report.report_to)
+    identity = stage_identity(stage)
+    values.update(run_name=identity.run_name, project=identity.project)
     try:
         config = config_cls(**values)
     except (ValueError, TypeError) as err:
@@ -180,9 +185,19 @@ def throughput_meter():
     return ThroughputMeter()
 
 
-def stage_callbacks(stage_dir: Path) -> list:
-    """What every Trainer-based stage attaches: the divergence guard, TensorBoard logs, the throughput meter."""
-    return [divergence_guard(), tensorboard_callback(stage_dir), throughput_meter()]
+def stage_callbacks(stage: StageRun, tokenizer, score=None) -> list:
+    """What every Trainer-based stage attaches: the divergence guard, TensorBoard logs (when the stage reports
+    to it), the throughput meter, the stage's identity on its trackers, and completion samples if asked for."""
+    from alignkit.completions import completion_log, completions_callback
+
+    runs = TrackerRuns.for_stage(stage, hf_logs=True)
+    callbacks = [divergence_guard(), throughput_meter(), tracking_callback(runs)]
+    if "tensorboard" in stage.report.report_to:
+        callbacks.insert(1, tensorboard_callback(stage.stage_dir))
+    samples = completion_log(stage, runs, score)
+    if samples is not None:
+        callbacks.append(completions_callback(samples, tokenizer))
+    return callbacks
 
 
 def final_metrics(trainer, train_output=None) -> dict:
@@ -221,16 +236,24 @@ def build_trainer(trainer_cls, stage: StageRun, *, model, tokenizer, train, eval
     def dataset(rows):
         return rows if rows is None or isinstance(rows, Dataset) else Dataset.from_list(rows)
 
+    score = (extra.get("reward_funcs") or [None])[0]  # an online stage's reward also scores its samples
     return trainer_cls(model=model, args=stage.args, train_dataset=dataset(train), eval_dataset=dataset(eval or None),
-                       processing_class=tokenizer, callbacks=stage_callbacks(stage.stage_dir), **extra)
+                       processing_class=tokenizer, callbacks=stage_callbacks(stage, tokenizer, score), **extra)
 
 
 def fit(stage: StageRun, trainer, tokenizer) -> dict:
     """The trainer-stage body every TRL kind ends with: train (continuing the checkpoint the runner chose),
-    save the policy and tokenizer at the stage directory's top level, and return the final metrics."""
-    output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
-    save_policy(trainer.model, tokenizer, stage.stage_dir)
-    return final_metrics(trainer, output)
+    save the policy and tokenizer at the stage directory's top level, and return the final metrics; the
+    stage's tracker runs are open from before training to after the final evaluation."""
+    runs = next(cb.runs for cb in trainer.callback_handler.callbacks if hasattr(cb, "runs")).open()
+    metrics = None
+    try:
+        output = trainer.train(resume_from_checkpoint=str(stage.resume_from) if stage.resume_from else None)
+        save_policy(trainer.model, tokenizer, stage.stage_dir)
+        metrics = final_metrics(trainer, output)
+    finally:
+        runs.close(metrics)
+    return metrics
 
 
 def save_policy(model, tokenizer, stage_dir: Path, adapter_name: str = "default") -> None:

@@ -35,6 +35,7 @@ from alignkit.errors import UserError
 from alignkit.hashing import HASH_FORMULA, config_hashes, fingerprints, recorded_under_old_formula
 from alignkit.modeling import TINY_SPEC, check_model
 from alignkit.stage import StageRecipe, StageResult, StageRun, check_parents
+from alignkit.tracking import Reporting
 
 # kind -> the recipe file that trains it (alignkit.stage.StageRecipe: KIND, load_data, train_config, run).
 STAGE_RECIPES = {
@@ -212,6 +213,8 @@ def _stage_run(cfg: RecipeConfig, stage: StageConfig, config_hash: str) -> Stage
     )
 
 
+        report=Reporting(report_to=stage.report_to, project=cfg.run_dir.name, recipe=str(cfg.path.resolve()),
+                         lineage=tuple(_lineage(cfg, stage)), log_completions=stage.log_completions),
 def preflight(the_plan: Plan) -> None:
     """Everything checkable before a stage directory is touched, so bad input anywhere leaves them all as
     they were. Order: the model (cheapest, and a mistyped path must not cost a complete stage its

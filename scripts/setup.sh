@@ -30,5 +30,5 @@ pip_install() {
 }
 pip_install --upgrade pip
 pip_install "$TORCH_SPEC"
-pip_install ${constraints[@]+"${constraints[@]}"} -e ".[dev]"
+pip_install ${constraints[@]+"${constraints[@]}"} -e ".[dev,tracking]"  # tracking: the tracker tests run in CI
 echo "$mode $TORCH_SPEC" > "$stamp"
