@@ -5,8 +5,8 @@ The four roles (policy, reference, reward, value) are LoRA adapters on one
 4-bit base, switched with set_adapter (alignkit/ppo/trainer.py); the stage
 directory holds the policy adapter at its top level (a model spec like any
 other stage), the value adapter + head under value/, TensorBoard logs under
-logs/, every step's metrics and sample responses in ppo_log.jsonl, and
-checkpoints/checkpoint-N for --resume.
+logs/ (and the recipe's other `report_to` trackers), every step's metrics and
+sample responses in ppo_log.jsonl, and checkpoints/checkpoint-N for --resume.
 
 `train:` keys are the fields of alignkit.ppo.config.PPOConfig.
 The parents are checked by alignkit.stage.check_parents, like GRPO's and RLOO's; PPO also needs the
@@ -54,7 +54,9 @@ def ppo_parents(stage: StageRun) -> Parents:
 
 
 def run(stage: StageRun) -> StageResult:
+    from alignkit.completions import completion_log
     from alignkit.ppo.trainer import PPOTrainer
+    from alignkit.tracking import TrackerRuns
     from alignkit.training import ppo_memory_preflight, stage_tokenizer
 
     data: PromptSet = stage.prepared
@@ -65,8 +67,10 @@ def run(stage: StageRun) -> StageResult:
     prompts = [prompt_of(r) for r in data.rows]
     tokenizer = stage_tokenizer(stage, padding_side="left")
     memory = ppo_memory_preflight(stage, config, prompts, tokenizer)
+    trackers = TrackerRuns.for_stage(stage, hf_logs=False)  # the loop is alignkit's: it logs every metric itself
     trainer = PPOTrainer(config, stage.model, stage.peft, prompts=prompts, stage_dir=stage.stage_dir,
-                         reward=parents.reward, policy_adapter=parents.policy, tokenizer=tokenizer, seed=stage.seed)
+                         reward=parents.reward, policy_adapter=parents.policy, tokenizer=tokenizer, seed=stage.seed,
+                         trackers=trackers, completions=completion_log(stage, trackers))
     metrics = trainer.train(resume_from=stage.resume_from)
     trainer.save()
     info["roles"] = "policy, reference, reward, value: LoRA adapters on one base"

@@ -185,3 +185,74 @@ def test_a_bad_report_to_from_set_exits_2_naming_the_set(tiny_recipe, capsys):
     assert main(["run", str(tiny_recipe()), "--dry-run", "--set", "stages.sft.report_to=tensorbored"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--set stages.sft.report_to=tensorbored" in err
+
+
+@pytest.fixture(scope="module")
+def tracked_ppo(tmp_path_factory, tiny_model_dir):
+    """alignkit's own PPO loop (the fast tiny setup of test_ppo_stage, a programmatic reward) on every tracker."""
+    from alignkit.completions import completion_log
+    from alignkit.modeling import ModelSettings
+    from alignkit.ppo.trainer import PPOTrainer
+    from alignkit.stage import PromptSet, StageRun
+    from alignkit.tracking import LogCompletions, Reporting, TrackerRuns
+    from tests.test_ppo_stage import PROMPTS as PPO_PROMPTS, char_reward, config, peft_settings
+
+    root = tmp_path_factory.mktemp("ppo-trackers")
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in tracker_env(root).items():
+            mp.setenv(k, v)
+        if "mlflow" in TOOLS:
+            mlflow_experiment(root)
+        stage = StageRun(name="ppo", kind="ppo", stage_dir=root / "ppo-run" / "ppo", model=ModelSettings(
+            base=str(tiny_model_dir), quantization="none"), peft=peft_settings(), data={}, train={}, parents={},
+            seed=0, config_hash="0123abcd", prepared=PromptSet([{"prompt": p} for p in PPO_PROMPTS], {}),
+            report=Reporting(report_to=("tensorboard", *TOOLS), project="ppo-run", recipe="recipe.yaml",
+                             lineage=("sft",), log_completions=LogCompletions(every=EVERY, prompts=PROMPTS, max_new_tokens=6)))
+        trackers = TrackerRuns.for_stage(stage, hf_logs=False)
+        trainer = PPOTrainer(config(steps=STEPS, rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=6),
+                             stage.model, stage.peft, prompts=PPO_PROMPTS, stage_dir=stage.stage_dir, reward=char_reward,
+                             trackers=trackers, completions=completion_log(stage, trackers))
+        trainer.train()
+    return {"root": root, "stage_dir": stage.stage_dir, "char_reward": char_reward}
+
+
+def test_ppo_completions_are_scored_by_the_stage_reward(tracked_ppo):
+    rows = [json.loads(line) for line in (tracked_ppo["stage_dir"] / "completions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [s for s in range(EVERY, STEPS + 1, EVERY) for _ in range(PROMPTS)]
+    expected = tracked_ppo["char_reward"]([r["prompt"] for r in rows], [r["completion"] for r in rows])
+    assert [r["score"] for r in rows] == pytest.approx(expected)
+
+
+@pytest.mark.skipif("mlflow" not in TOOLS, reason="mlflow is not installed")
+def test_ppo_on_mlflow(tracked_ppo):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tracked_ppo['root']}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("alignkit-tests").experiment_id])
+    assert run.info.run_name == "ppo-run/ppo" and run.data.tags["alignkit.lineage"] == "ppo <- sft"
+    assert run.data.params["rollout_batch_size"] == "8" and run.data.params["alignkit.config_hash"] == "0123abcd"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "ppo/mean_reward")] == list(range(1, STEPS + 1))
+    assert len(client.list_artifacts(run.info.run_id, "completions")) == STEPS // EVERY
+    assert len(client.list_artifacts(run.info.run_id, "ppo/samples")) == STEPS
+
+
+@pytest.mark.skipif("wandb" not in TOOLS, reason="wandb is not installed")
+def test_ppo_on_wandb(tracked_ppo):
+    (run_dir,) = (tracked_ppo["root"] / "wandb" / "wandb").glob("offline-run-*")
+    records = wandb_records(run_dir)
+    run = next(r["run"] for r in records if r["type"] == "run")
+    assert run["display_name"] == "ppo-run/ppo" and run["config"]["update"]["rollout_batch_size"] == 8
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    assert [h["train/global_step"] for h in history if "ppo/mean_reward" in h] == list(range(1, STEPS + 1))
+    assert [h["train/global_step"] for h in history if h.get("completions._type") == "table-file"] == [2, 4]
+
+
+@pytest.mark.skipif("trackio" not in TOOLS, reason="trackio is not installed")
+def test_ppo_on_trackio(tracked_ppo):
+    from trackio.sqlite_storage import SQLiteStorage
+
+    logs = SQLiteStorage.get_logs("ppo-run", "ppo-run/ppo")
+    config = SQLiteStorage.get_run_config("ppo-run", "ppo-run/ppo")
+    assert [entry["step"] for entry in logs if "ppo/mean_reward" in entry] == list(range(1, STEPS + 1))
+    assert len([entry for entry in logs if "completions" in entry]) == STEPS // EVERY
+    assert config["alignkit.config_hash"] == "0123abcd" and config["rollout_batch_size"] == 8

@@ -14,8 +14,10 @@ fresh LoRA adapter and its head at zero.
 One iteration: sample rollout_batch_size responses from the policy; score them;
 per-token KL against the reference; rewards = -kl_coef * KL per token + score
 on the last token; values; GAE; whitened advantages; ppo_epochs passes over
-shuffled minibatches with the clipped policy and value losses. Logs go to
-TensorBoard (stage_dir/logs), stage_dir/ppo_log.jsonl and a tqdm bar;
+shuffled minibatches with the clipped policy and value losses. Metrics, settings
+and sample responses go to the stage's trackers (alignkit.tracking; TensorBoard in
+stage_dir/logs by default), stage_dir/ppo_log.jsonl and a tqdm bar; completions of
+fixed prompts every N steps (train.log_completions) to completions.jsonl;
 checkpoints to stage_dir/checkpoints/checkpoint-N (atomic, trainer_state.json last).
 """
 
@@ -30,7 +32,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -38,6 +40,10 @@ from alignkit.artifacts import kept_checkpoint_note
 from alignkit.errors import TrainingDiverged, UserError
 from alignkit.ppo import core
 from alignkit.ppo.config import PPOConfig
+from alignkit.tracking import RunIdentity, TrackerRuns
+
+if TYPE_CHECKING:
+    from alignkit.completions import CompletionLog
 
 log = logging.getLogger("alignkit")
 
@@ -111,6 +117,8 @@ class PPOTrainer:
         tokenizer=None,
         seed: int = 0,
         on_step: Callable[["PPOTrainer", int, dict], None] | None = None,
+        trackers: TrackerRuns | None = None,
+        completions: CompletionLog | None = None,
     ):
         from alignkit.modeling import (load_base_model, load_tokenizer, peft_config, prepare_for_training, resolve_base,
                                        tokenizer_source)
@@ -122,6 +130,12 @@ class PPOTrainer:
             raise UserError("PPO needs at least one prompt")
         self.seed = config.seed if config.seed is not None else seed
         self.on_step = on_step
+        # Without the stage's trackers (a PPOTrainer built outside a recipe), TensorBoard alone, as a stage's default.
+        self.trackers = trackers or TrackerRuns(("tensorboard",), RunIdentity("alignkit", self.stage_dir.name, {}),
+                                                self.stage_dir / "logs", hf_logs=False)
+        self.completions = completions
+        if completions is not None and completions.score is None:
+            completions.score = self.score
         if peft_settings.method not in ("lora", "dora"):
             raise UserError(f"PPO keeps its roles as LoRA adapters on one base: peft.method must be lora or dora, not {peft_settings.method}")
         torch.manual_seed(self.seed)
@@ -407,7 +421,8 @@ class PPOTrainer:
     # -- loop -----------------------------------------------------------------------------------
 
     def train(self, resume_from: str | Path | None = None) -> dict:
-        from torch.utils.tensorboard import SummaryWriter
+        import dataclasses
+
         from tqdm.auto import tqdm
 
         cfg = self.config
@@ -422,8 +437,13 @@ class PPOTrainer:
             tmp = log_path.with_name(log_path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, log_path)
-        writer = SummaryWriter(log_dir=str(self.stage_dir / "logs"), purge_step=self.step + 1)
+        runs = self.trackers
+        runs.purge_step = self.step + 1
+        runs.open(hyperparameters=dataclasses.asdict(cfg))
+        if self.completions is not None:
+            self.completions.restart(self.step)
         jsonl = open(log_path, "a")
+        final = None
         bar = tqdm(total=cfg.steps, initial=self.step, desc="ppo", disable=os.environ.get("TQDM_DISABLE") == "1")
         try:
             while self.step < cfg.steps:
@@ -454,26 +474,33 @@ class PPOTrainer:
                 self.step = step
                 self.history.append(metrics)
                 if step % cfg.logging_steps == 0 or step == cfg.steps:
-                    samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "response": r, "score": float(s)}
-                               for p, r, s in list(zip(ro["prompts"], ro["texts"], ro["scores"].tolist()))[: cfg.sample_log_count]]
-                    for k, v in metrics.items():
-                        if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                            writer.add_scalar(f"ppo/{k}", v, step)
-                    if samples:
-                        writer.add_text("ppo/samples", "\n\n".join(f"**{s['prompt']}** → {s['response']} ({s['score']:.3g})" for s in samples), step)
-                    jsonl.write(json.dumps({**metrics, "samples": samples}) + "\n")
-                    jsonl.flush()
+                    self._log_step(runs, jsonl, ro, metrics, step)
+                if self.completions is not None and self.completions.due(step):
+                    self._use("policy")
+                    self.completions.log(step, self.model, self.tokenizer)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['mean_reward']:.3g}", kl=f"{mean_kl:.3g}")
                 if self.on_step is not None:
                     self.on_step(self, step, metrics)
                 if step % cfg.save_steps == 0 and step < cfg.steps:
                     self.save_checkpoint()
+            final = self.final_metrics()
         finally:
             bar.close()
             jsonl.close()
-            writer.close()
-        return self.final_metrics()
+            runs.close(final)
+        return final
+
+    def _log_step(self, runs: TrackerRuns, jsonl, ro: dict, metrics: dict, step: int) -> None:
+        """A logged step's metrics and first sample_log_count rollouts: ppo_log.jsonl and the stage's trackers."""
+        samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "response": r, "score": float(s)}
+                   for p, r, s in list(zip(ro["prompts"], ro["texts"], ro["scores"].tolist()))[: self.config.sample_log_count]]
+        runs.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step, prefix="ppo/")
+        if samples:
+            runs.log_table("ppo/samples", ["prompt", "response", "score"],
+                           [[s["prompt"], s["response"], s["score"]] for s in samples], step)
+        jsonl.write(json.dumps({**metrics, "samples": samples}) + "\n")
+        jsonl.flush()
 
     def final_metrics(self) -> dict:
         if not self.history:
