@@ -110,6 +110,33 @@ def _compare(args: argparse.Namespace) -> int:
     return compare_from_cli(args)
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="task metrics (evaluate): each model answers a file's prompts, scored against references")
+    p.add_argument("models", nargs="+", metavar="[NAME=]SPEC", help="model spec(s): stage dir, adapter dir, model dir, hub id")
+    p.add_argument("--data", required=True, help="JSONL of prompt + reference (or answer) rows, or messages ending in the reference")
+    p.add_argument("--metric", dest="metrics", action="append", default=[], metavar="NAME",
+                   help="an evaluate metric by name (exact_match, rouge, bleu, chrf, accuracy) or a local metric "
+                        "script directory (repeatable)")
+    p.add_argument("--out", required=True, help="output directory (eval.json, eval.md, predictions.jsonl, eval.png)")
+    p.add_argument("--extract", choices=["none", "gsm8k", "last_number", "regex"], default="none",
+                   help="answer extraction before scoring: gsm8k takes the text after '####'")
+    p.add_argument("--answer-pattern", default=None, help="with --extract regex: the answer is its first group")
+    p.add_argument("--normalize", action="append", default=None, choices=["lowercase", "punctuation", "whitespace", "articles"],
+                   help="normalisation after extraction, in order (repeatable; default: whitespace)")
+    p.add_argument("--reward", default=None, metavar="STAGE_DIR", help="a reward stage: also report its mean score of the answers")
+    p.add_argument("--no-perplexity", dest="perplexity", action="store_false", help="skip the references' perplexity")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N rows")
+    p.set_defaults(handler=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from alignkit.evaluation import eval_from_cli
+
+    return eval_from_cli(args)
+
+
 def _add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge a stage's adapter into a full model for vLLM / TGI / transformers")
     p.add_argument("spec", help="stage directory or adapter directory")
@@ -206,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignkit", description="Preference alignment: label response pairs in a "
                                      "browser, train SFT / reward / DPO / KTO / PPO stages over QLoRA adapters, compare models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_loop, _add_stage, _add_label, _add_compare, _add_merge, _add_generate, _add_estimate, _add_demo, _add_tiny):
+    for add in (_add_run, _add_loop, _add_stage, _add_label, _add_compare, _add_eval, _add_merge, _add_generate, _add_estimate, _add_demo, _add_tiny):
         add(sub)
     return parser
 

@@ -67,3 +67,28 @@ def ratings_plot(ratings: dict[str, dict], path: str | Path, *, title: str = "Ra
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def eval_plot(scores: dict[str, dict[str, float]], path: str | Path, *, title: str = "Eval") -> Path:
+    """`alignkit eval` of several models: one panel per metric (their scales differ: perplexity, rates), a bar per model."""
+    import math
+
+    plt = _pyplot()
+    models = list(scores)
+    metrics = list(dict.fromkeys(k for m in models for k in scores[m]))
+    cols = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 0.35 * len(models) * rows + 1.6 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        values = [scores[m].get(metric, float("nan")) for m in models]
+        ax.barh(range(len(models)), values, color="#4c72b0", alpha=0.8)
+        ax.set_yticks(range(len(models)), models)
+        ax.invert_yaxis()
+        ax.set_title(metric, fontsize=9)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
