@@ -46,6 +46,9 @@ STAGE_RECIPES = {
     "ppo": "recipes.ppo",
     "rloo": "recipes.rloo",
     "grpo": "recipes.grpo",
+    "orpo": "recipes.orpo",
+    "simpo": "recipes.simpo",
+    "best_of_n": "recipes.best_of_n",
 }
 
 
