@@ -213,11 +213,11 @@ def _stage_run(cfg: RecipeConfig, stage: StageConfig, config_hash: str) -> Stage
         parents={role: cfg.run_dir / ref for role, ref in stage.references().items()},
         seed=cfg.seed,
         config_hash=config_hash,
+        report=Reporting(report_to=stage.report_to, project=cfg.run_dir.name, recipe=str(cfg.path.resolve()),
+                         lineage=tuple(_lineage(cfg, stage)), log_completions=stage.log_completions),
     )
 
 
-        report=Reporting(report_to=stage.report_to, project=cfg.run_dir.name, recipe=str(cfg.path.resolve()),
-                         lineage=tuple(_lineage(cfg, stage)), log_completions=stage.log_completions),
 def preflight(the_plan: Plan) -> None:
     """Everything checkable before a stage directory is touched, so bad input anywhere leaves them all as
     they were. Order: the model (cheapest, and a mistyped path must not cost a complete stage its
