@@ -206,6 +206,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the offline end-to-end demo on a synthetic task with a known oracle")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="fewer steps and samples (a smoke run, not the claims)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the data, labels, sampling and training (0: the numbers in benchmarks/results_demo.md)")
     p.set_defaults(handler=_demo)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -16,12 +17,20 @@ from demo.settings import DemoSettings, quiet_libraries
 
 
 def demo_from_cli(args) -> int:
-    settings = DemoSettings.quick() if args.quick else DemoSettings()
+    settings = with_seed(DemoSettings.quick() if args.quick else DemoSettings(), args.seed)
     result = run_demo(args.workdir, settings, quick=args.quick)
     print(f"\nalignkit demo: done in {result['wall_seconds']:.0f}s — {Path(args.workdir) / 'report.md'}")
     for line in claim_lines(result):
         print("  " + line)
     return 0
+
+
+def with_seed(settings: DemoSettings, seed: int) -> DemoSettings:
+    """The settings under another seed: the demo's own (data, labels, sampling, bootstrap) and the recipe's
+    (training). The pretrained base stays the one model. Seed 0 is the template's, so the plain demo is unchanged."""
+    if seed == 0:
+        return settings
+    return dataclasses.replace(settings, seed=seed, recipe_overrides=[*settings.recipe_overrides, f"seed={seed}"])
 
 
 def run_demo(workdir: str | Path, settings: DemoSettings | None = None, *, quick: bool = False, log=print) -> dict:
