@@ -9,8 +9,10 @@ in `build_app`.
   two anonymous responses; after the vote the buttons lock and the models behind A and B
   are named. Battles are never served in the Label tab, nor comparisons in the Arena.
 - Leaderboard: Bradley–Terry ratings with bootstrap CIs from every vote on a battle.
-- Admin (admins only): agreement statistics, gold accuracy and flags per annotator (recomputed
-  whenever the tab is opened), leaving an annotator's votes out of exports, and the export.
+- Admin (admins only): progress per annotator (and loop round), agreement statistics, gold accuracy and
+  flags per annotator (recomputed whenever the tab is opened or refreshed), leaving an annotator's votes out
+  of exports, user management (add, disable, new password, admin or not, through the users file), the
+  guidelines, and the export with its download (a zip, served by guard.py to admins only).
 
 Named API endpoints (gradio_client: `Client(url, auth=(name, password))`), acting
 as the logged-in annotator:
@@ -20,11 +22,20 @@ as the logged-in annotator:
   /undo_last_vote                              -> (comparison_id | None, prompt, response_a, response_b)
   /progress                                    -> {"done", "remaining", "skipped"}
   /arena_next                                  -> (comparison_id | None, prompt, response_a, response_b), no names
-  /arena_vote(comparison_id, choice)           -> {"comparison_id", "choice", "model_a", "model_b"}
+  /arena_vote(comparison_id, choice, reveal=True) -> {"comparison_id", "choice", "model_a", "model_b"}
+                                                  (reveal=False: model_a/b None, the vote can be undone)
+  /arena_reveal(comparison_id)                 -> the same, named; the vote stays from then on
+  /arena_undo                                  -> (comparison_id | None, prompt, response_a, response_b)
   /leaderboard                                 -> {"votes", "battles", "without_votes", "models": [...], "pairs": [...],
                                                   "bootstrap", "warning"}
   /admin_exclude(annotator, excluded=True)     -> {"annotator", "excluded", "excluded_now"}   (admins only)
   /admin_stats                                 -> the agreement report, flags per annotator    (admins only)
+  /admin_progress                              -> {"columns", "rows"}: work per annotator (and loop round)
+  /admin_users                                 -> [[name, admin, can log in], ...]              (admins only)
+  /admin_user(action, name, password="", admin=False) -> {"done", "users"}: add | reset_password | disable |
+                                                  enable | make_admin | remove_admin              (admins only)
+  /admin_export(min_agreement=0, ties="drop", both_bad="drop", min_votes=1) -> {"rows", "per_reason", "policy",
+                                                  "download"}: then GET /alignkit/export.zip     (admins only)
 `choice` is a | b | tie | both_bad as shown (a = the response returned first / shown on
 the left; model_a is the model behind it). The first five serve ordinary comparisons
 only, the arena ones battles only. Errors come back as gradio_client AppError with a
@@ -58,11 +69,12 @@ from alignkit.errors import UserError
 from alignkit.store import Store, next_item as store_next_item, progress as store_progress
 from alignkit.store import skip as store_skip, submit_vote as store_submit_vote, undo_last_vote
 from alignkit.store.agreement import agreement_report
-from alignkit.store.arena import LeaderboardCache, reveal
-from alignkit.store.export import excluded_annotators, set_excluded
+from alignkit.store.arena import LeaderboardCache, Reveal, battle_vote, reveal as reveal_battle
+from alignkit.store.export import excluded_annotators, export_zip, set_excluded
 from alignkit.store.queue import MAX_RATIONALE_CHARS
 from labeling_ui import handlers
-from labeling_ui.guard import DeviceCookies, Guard, GuardSettings, LoginThrottle, Sessions
+from labeling_ui.guard import (EXPORT_PATH, DeviceCookies, ExportDownload, ExportMissing, Guard, GuardSettings,
+                               LoginThrottle, Sessions)
 from alignkit.store import settings as store_settings
 from labeling_ui.render import PAGE_CSS, markdown_html, notice_html, prompt_html, text_html
 from labeling_ui.users import UsersFile
@@ -175,6 +187,10 @@ def _item_tuple(item) -> tuple[int | None, str, str, str]:
     return item.comparison_id, item.prompt_text, item.left, item.right
 
 
+def _battle_dict(r: Reveal) -> dict:
+    return {"comparison_id": r.comparison_id, "choice": r.choice, "model_a": r.model_left, "model_b": r.model_right}
+
+
 def _api(fn):
     """Turn UserError into a refusal (gr.Error) so the client sees a one-line message."""
     import functools
@@ -191,6 +207,10 @@ def _api(fn):
 
 def api_endpoints(ctx: AppContext) -> None:
     """The named endpoints scripts and simulated annotators use (see the module doc)."""
+
+    def require_admin(request: gr.Request) -> None:
+        if not ctx.is_admin(request):
+            raise refused("admins only")
 
     @_api
     def next_item(request: gr.Request) -> tuple[int | None, str, str, str]:
@@ -228,29 +248,69 @@ def api_endpoints(ctx: AppContext) -> None:
         return _item_tuple(store_next_item(ctx.store, ctx.user(request), overlap=ctx.overlap, arena=True))
 
     @_api
-    def arena_vote(comparison_id: int, choice: str, request: gr.Request = None) -> dict:
-        """Vote on a leased battle (a | b | tie | both_bad, a = first/left); returns the models behind A and B."""
+    def arena_vote(comparison_id: int, choice: str, reveal: bool = True, request: gr.Request = None) -> dict:
+        """Vote on a leased battle (a | b | tie | both_bad, a = first/left); with reveal (the default), returns the
+        models behind A and B, and the vote stays; reveal=False leaves them unnamed (None) and the vote can be
+        taken back with /arena_undo until /arena_reveal."""
         user = ctx.user(request)
         store_submit_vote(ctx.store, user, comparison_id, choice, overlap=ctx.overlap, arena=True,
                           min_display_seconds=ctx.min_display_seconds)
-        r = reveal(ctx.store, user, comparison_id)
-        return {"comparison_id": r.comparison_id, "choice": r.choice, "model_a": r.model_left,
-                "model_b": r.model_right}
+        return _battle_dict(reveal_battle(ctx.store, user, comparison_id) if reveal
+                            else battle_vote(ctx.store, user, comparison_id))
+
+    @_api
+    def arena_reveal(comparison_id: int, request: gr.Request = None) -> dict:
+        """The models behind the caller's vote on a battle; from now on that vote cannot be taken back."""
+        return _battle_dict(reveal_battle(ctx.store, ctx.user(request), comparison_id))
+
+    @_api
+    def arena_undo(request: gr.Request) -> tuple[int | None, str, str, str]:
+        """Take back the caller's latest battle vote before its models were revealed; the battle is leased again."""
+        return _item_tuple(undo_last_vote(ctx.store, ctx.user(request), arena=True))
 
     @_api
     def admin_exclude(annotator: str, excluded: bool = True, request: gr.Request = None) -> dict:
         """Admins only: leave an annotator's votes out of every export (excluded=False takes them in again)."""
-        if not ctx.is_admin(request):
-            raise refused("admins only")
+        require_admin(request)
         set_excluded(ctx.store, annotator, bool(excluded))
         return {"annotator": annotator, "excluded": bool(excluded), "excluded_now": excluded_annotators(ctx.store)}
 
     @_api
     def admin_stats(request: gr.Request) -> dict:
         """Admins only: the agreement report with per-annotator gold accuracy, kappa against the others and flags."""
-        if not ctx.is_admin(request):
-            raise refused("admins only")
+        require_admin(request)
         return agreement_report(ctx.store)
+
+    @_api
+    def admin_progress(request: gr.Request) -> dict:
+        """Admins only: work per annotator (with votes per loop round where comparisons carry one)."""
+        require_admin(request)
+        table = handlers.progress_table(ctx.store)
+        return {"columns": table.columns, "rows": table.rows}
+
+    @_api
+    def admin_users(request: gr.Request) -> list:
+        """Admins only: every user of the users file: [name, admin, can log in]."""
+        require_admin(request)
+        return handlers.user_rows(ctx.auth)
+
+    @_api
+    def admin_user(action: str, name: str, password: str = "", admin: bool = False,
+                   request: gr.Request = None) -> dict:
+        """Admins only: add | reset_password | disable | enable | make_admin | remove_admin a user."""
+        require_admin(request)
+        line = handlers.manage_user(ctx.auth, ctx.user(request), action, name, password, admin=bool(admin))
+        return {"done": line, "users": handlers.user_rows(ctx.auth)}
+
+    @_api
+    def admin_export(min_agreement: float = 0.0, ties: str = "drop", both_bad: str = "drop", min_votes: int = 1,
+                     request: gr.Request = None) -> dict:
+        """Admins only: export to the server's export directory; the zip is then at GET /alignkit/export.zip."""
+        require_admin(request)
+        summary = handlers.export_as_admin(ctx.store, ctx.export_dir, min_agreement=min_agreement, ties=ties,
+                                           both_bad=both_bad, min_votes=min_votes)
+        return {"rows": summary["rows"], "per_reason": summary["per_reason"], "policy": summary["policy"],
+                "download": EXPORT_PATH}
 
     @_api
     def arena_leaderboard() -> dict:
@@ -265,9 +325,15 @@ def api_endpoints(ctx: AppContext) -> None:
     gr.api(my_progress, api_name="progress", **group)
     gr.api(arena_next, api_name="arena_next", **group)
     gr.api(arena_vote, api_name="arena_vote", **group)
+    gr.api(arena_reveal, api_name="arena_reveal", **group)
+    gr.api(arena_undo, api_name="arena_undo", **group)
     gr.api(arena_leaderboard, api_name="leaderboard", **group)
     gr.api(admin_exclude, api_name="admin_exclude", **group)
     gr.api(admin_stats, api_name="admin_stats", **group)
+    gr.api(admin_progress, api_name="admin_progress", **group)
+    gr.api(admin_users, api_name="admin_users", **group)
+    gr.api(admin_user, api_name="admin_user", **group)
+    gr.api(admin_export, api_name="admin_export", **group)
 
 
 @dataclass
@@ -411,7 +477,7 @@ def labeling_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> Non
 def arena_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> None:
     with gr.Tab("Arena", id="arena") as tab:
         gr.Markdown("Two anonymous models answer the same prompt. Vote for the better answer; "
-                    "you see which models they were after your vote.")
+                    "you can take your vote back until you reveal which models they were.")
         progress = gr.HTML(elem_id="ak-arena-progress", js_on_load=None)
         pair = pair_widgets("ak-arena", "ak-arena", ("Model A", "Model B"), [
             handlers.VoteOption(c, None, text) for c, text in
@@ -419,17 +485,24 @@ def arena_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> None:
         reveal_md = gr.Markdown(elem_id="ak-arena-reveal")
         with gr.Row():
             btn_skip = gr.Button("Skip battle  [s]", size="sm", elem_id="ak-arena-skip")
+            btn_undo = gr.Button("Undo vote  [u]", size="sm", visible=False, elem_id="ak-arena-undo")
+            btn_reveal = gr.Button("Reveal models  [r]", visible=False, variant="primary",
+                                   elem_id="ak-arena-show-models")
             btn_next = gr.Button("Next battle  [n]", visible=False, elem_id="ak-arena-next")
         status = gr.Markdown(elem_id="ak-arena-status")
 
     vote_buttons = [*pair.votes.values(), btn_skip]
-    outputs = [pair.prompt, pair.left, pair.right, pair.shown, progress, status, reveal_md, btn_next, *vote_buttons]
+    outputs = [pair.prompt, pair.left, pair.right, pair.shown, progress, status, reveal_md, btn_undo, btn_reveal,
+               btn_next, *vote_buttons]
 
     def render(view: handlers.ArenaView, as_markdown: bool) -> dict:
-        # Vote and skip buttons: hidden when nothing is left, locked once this battle is voted and revealed.
-        buttons = {b: gr.Button(visible=not view.done, interactive=not view.revealed) for b in vote_buttons}
+        # Vote and skip buttons: hidden when nothing is left, locked once this battle is voted. A vote not yet
+        # revealed can be undone; after the reveal only the next battle is left to press.
+        buttons = {b: gr.Button(visible=not view.done, interactive=not view.voted) for b in vote_buttons}
+        pending = view.voted and not view.revealed
         return {**pair_update(ctx, pair, view, as_markdown), progress: view.progress, status: view.status,
-                reveal_md: view.reveal_markdown, btn_next: gr.Button(visible=view.revealed), **buttons}
+                reveal_md: view.reveal_markdown, btn_undo: gr.Button(visible=pending),
+                btn_reveal: gr.Button(visible=pending), btn_next: gr.Button(visible=view.revealed), **buttons}
 
     def show(as_markdown, request: gr.Request):
         return render(handlers.arena_view(ctx.store, ctx.user(request), overlap=ctx.overlap), as_markdown)
@@ -462,6 +535,16 @@ def arena_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> None:
 
     btn_skip.click(on_skip, inputs=[pair.shown, markdown], outputs=outputs, **ui)
 
+    def on_reveal(shown, as_markdown, request: gr.Request):
+        return render(handlers.arena_reveal(ctx.store, ctx.user(request), handlers.shown_id(shown),
+                                            overlap=ctx.overlap), as_markdown)
+
+    def on_undo(as_markdown, request: gr.Request):
+        return render(handlers.arena_undo(ctx.store, ctx.user(request), overlap=ctx.overlap), as_markdown)
+
+    btn_reveal.click(on_reveal, inputs=[pair.shown, markdown], outputs=outputs, **ui)
+    btn_undo.click(on_undo, inputs=[markdown], outputs=outputs, **ui)
+
 
 def leaderboard_tab(ctx: AppContext, demo: gr.Blocks) -> None:
     with gr.Tab("Leaderboard", id="leaderboard") as tab:
@@ -483,28 +566,35 @@ def leaderboard_tab(ctx: AppContext, demo: gr.Blocks) -> None:
 
 def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
     with gr.Tab("Admin", id="admin", visible=False) as tab:
-        summary = gr.Markdown()
-        annotators = gr.Dataframe(headers=handlers.ANNOTATOR_COLUMNS, interactive=False, label="Annotators")
+        with gr.Row():
+            summary = gr.Markdown()
+            refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100, elem_id="ak-admin-refresh")
+        progress = gr.Dataframe(headers=handlers.PROGRESS_COLUMNS, interactive=False, label="Progress per annotator",
+                                elem_id="ak-admin-progress")
+        annotators = gr.Dataframe(headers=handlers.ANNOTATOR_COLUMNS, interactive=False, label="Annotators",
+                                  elem_id="ak-admin-annotators")
         pairs = gr.Dataframe(headers=handlers.PAIR_COLUMNS, interactive=False, label="Annotator pairs")
-        refresh = gr.Button("Refresh", size="sm")
         with gr.Row():
             who = gr.Dropdown([], label="Annotator", elem_id="ak-admin-annotator", allow_custom_value=False)
             leave_out = gr.Button("Leave their votes out of exports", size="sm", elem_id="ak-admin-exclude")
             take_in = gr.Button("Take their votes in again", size="sm", elem_id="ak-admin-include")
         exclude_status = gr.Markdown(elem_id="ak-admin-exclude-status")
+        users = user_widgets(ctx)
         with gr.Accordion("Guidelines for annotators (markdown)", open=False):
             guidelines_box = gr.Textbox(lines=8, max_lines=30, show_label=False, elem_id="ak-admin-guidelines")
             save_guidelines = gr.Button("Save guidelines", size="sm", elem_id="ak-admin-save-guidelines")
             guidelines_status = gr.Markdown()
-        with gr.Row():
-            min_agreement = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Minimum agreement")
-            ties = gr.Dropdown(["drop", "ignore"], value="drop", label="Ties")
-            both_bad = gr.Dropdown(["drop", "ignore"], value="drop", label="Both bad")
-            min_votes = gr.Number(1, minimum=1, precision=0, label="Minimum votes")
-        gr.Markdown("With a minimum agreement above 0, comparisons with a single vote are dropped: "
-                    "one vote agrees with itself.")
-        export = gr.Button("Export preference dataset")
-        export_status = gr.Markdown()
+        with gr.Accordion("Export the preference dataset", open=True):
+            with gr.Row():
+                min_agreement = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Minimum agreement")
+                ties = gr.Dropdown(["drop", "ignore"], value="drop", label="Ties")
+                both_bad = gr.Dropdown(["drop", "ignore"], value="drop", label="Both bad")
+                min_votes = gr.Number(1, minimum=1, precision=0, label="Minimum votes")
+            gr.Markdown("With a minimum agreement above 0, comparisons with a single vote are dropped: "
+                        "one vote agrees with itself.")
+            export = gr.Button("Export preference dataset", elem_id="ak-admin-export")
+            export_status = gr.Markdown(elem_id="ak-admin-export-status")
+            download = gr.HTML(elem_id="ak-admin-download", js_on_load=None)
 
     def require_admin(request: gr.Request) -> None:
         if not ctx.is_admin(request):
@@ -514,8 +604,11 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
         if not ctx.is_admin(request):
             return {tab: gr.Tab(visible=False)}
         view = handlers.admin_view(ctx.store)
+        table = handlers.progress_table(ctx.store)
         return {tab: gr.Tab(visible=True), summary: view.summary_markdown, annotators: view.annotators,
-                pairs: view.pairs, who: gr.Dropdown(choices=[row[0] for row in view.annotators])}
+                pairs: view.pairs, who: gr.Dropdown(choices=[row[0] for row in view.annotators]),
+                progress: gr.Dataframe(value=table.rows, headers=table.columns),
+                users.table: handlers.user_rows(ctx.auth), download: handlers.download_html(ctx.export_dir)}
 
     def exclude(excluded: bool):
         def fn(name, request: gr.Request):
@@ -528,26 +621,84 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
     def do_export(x, t, b, v, request: gr.Request):
         require_admin(request)
         return {export_status: handlers.admin_export(ctx.store, ctx.export_dir, min_agreement=x, ties=t,
-                                                     both_bad=b, min_votes=v)}
+                                                     both_bad=b, min_votes=v),
+                download: handlers.download_html(ctx.export_dir)}
 
     ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
+
     def do_save_guidelines(text, request: gr.Request):
         require_admin(request)
         store_settings.set_guidelines(ctx.store, text or "")
         return "Saved: annotators see them at their next page load."
 
     save_guidelines.click(do_save_guidelines, inputs=[guidelines_box], outputs=[guidelines_status], **ui)
+
     def current_guidelines(request: gr.Request) -> str:
         return store_settings.guidelines(ctx.store) if ctx.is_admin(request) else ""
 
     demo.load(current_guidelines, outputs=[guidelines_box], **ui)
-    shown = [tab, summary, annotators, pairs, who]
+    shown = [tab, summary, annotators, pairs, who, progress, users.table, download]
     demo.load(show, outputs=shown, **ui)
     tab.select(show, outputs=shown, **ui)  # recomputed when opened, not the page-load snapshot
     refresh.click(show, outputs=shown, **ui)
     leave_out.click(exclude(True), inputs=[who], outputs=[*shown, exclude_status], **ui)
     take_in.click(exclude(False), inputs=[who], outputs=[*shown, exclude_status], **ui)
-    export.click(do_export, inputs=[min_agreement, ties, both_bad, min_votes], outputs=[export_status], **ui)
+    export.click(do_export, inputs=[min_agreement, ties, both_bad, min_votes], outputs=[export_status, download],
+                 **ui)
+    wire_users(ctx, users, require_admin)
+
+
+@dataclass
+class UserWidgets:
+    table: gr.Dataframe
+    name: gr.Textbox
+    password: gr.Textbox
+    admin: gr.Checkbox
+    actions: dict[str, gr.Button]
+    status: gr.Markdown
+
+
+USER_BUTTONS = {"add": "Add user", "reset_password": "Set this password", "disable": "Disable",
+                "enable": "Enable", "make_admin": "Make admin", "remove_admin": "Remove admin"}
+
+
+def user_widgets(ctx: AppContext) -> UserWidgets:
+    where = "the users file" if ctx.auth is None else f"`{ctx.auth.path.name}`"
+    with gr.Accordion("Users", open=False, elem_id="ak-admin-users"):
+        gr.Markdown(f"Changes are written to {where} as `alignkit label add-user` writes it. A disabled user "
+                    f"cannot log in; their open sessions end at once, as they do when their password is set.")
+        table = gr.Dataframe(headers=handlers.USER_COLUMNS, interactive=False, label="Users",
+                             elem_id="ak-admin-user-table")
+        with gr.Row():
+            name = gr.Textbox(label="User name", elem_id="ak-admin-user-name", max_length=64)
+            password = gr.Textbox(label="Password (8 characters or more)", type="password",
+                                  elem_id="ak-admin-user-password", max_length=200)
+            admin = gr.Checkbox(False, label="New user is an admin", elem_id="ak-admin-user-admin")
+        with gr.Row():
+            actions = {a: gr.Button(label, size="sm", elem_id=f"ak-admin-user-{a.replace('_', '-')}")
+                       for a, label in USER_BUTTONS.items()}
+        status = gr.Markdown(elem_id="ak-admin-user-status")
+    return UserWidgets(table, name, password, admin, actions, status)
+
+
+def wire_users(ctx: AppContext, w: UserWidgets, require_admin) -> None:
+    ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
+
+    def act(action: str):
+        def fn(name, password, admin, request: gr.Request):
+            require_admin(request)
+            try:
+                line = handlers.manage_user(ctx.auth, ctx.user(request), action, name, password, admin=admin)
+            except UserError as err:
+                return {w.status: f"Not changed: {handlers.markdown_text(str(err))}", w.password: gr.skip(),
+                        w.table: handlers.user_rows(ctx.auth)}
+            return {w.status: handlers.markdown_text(line), w.password: "", w.table: handlers.user_rows(ctx.auth)}
+
+        return fn
+
+    for action, button in w.actions.items():
+        button.click(act(action), inputs=[w.name, w.password, w.admin], outputs=[w.status, w.password, w.table],
+                     **ui)
 
 
 def header(ctx: AppContext, demo: gr.Blocks) -> gr.Checkbox:
@@ -646,6 +797,20 @@ def _reread_users(auth: UsersFile | None) -> None:
         pass
 
 
+def export_download(ctx: AppContext) -> ExportDownload:
+    """The zip of the latest export, for an admin's session only (with --no-auth, on loopback, everyone is)."""
+    def is_admin(user: str | None) -> bool:
+        return ctx.auth is None or (user is not None and ctx.auth.is_admin(user))
+
+    def build() -> bytes:
+        try:
+            return export_zip(ctx.export_dir)
+        except UserError as err:
+            raise ExportMissing(str(err)) from None
+
+    return ExportDownload(is_admin, build, f"{ctx.export_dir.name}.zip")
+
+
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, blocked_paths: list[str | Path] = (),
            prevent_thread_lock: bool = False, quiet: bool = False) -> Any:
     """Start the server with login (unless the app was built without auth) and hardening settings.
@@ -684,7 +849,8 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, blocke
         app_kwargs={"middleware": [Middleware(Guard, settings=ctx.guard, throttle=LoginThrottle(ctx.guard.throttle),
                                               sessions=Sessions(ctx.guard.session_seconds),
                                               devices=DeviceCookies(),
-                                              refresh=lambda: _reread_users(ctx.auth))]},
+                                              refresh=lambda: _reread_users(ctx.auth),
+                                              export=export_download(ctx))]},
         footer_links=["api"],
         prevent_thread_lock=prevent_thread_lock,
         quiet=quiet,

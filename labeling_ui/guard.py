@@ -12,7 +12,9 @@ What it guarantees, request by request:
 - a login session lasts `session_seconds` from its login, then its token is dropped and the page says so
   (`GET /alignkit/session` tells the page's script whether its session is alive);
 - logins are throttled per client address, per user name and per known browser (`LoginThrottle`,
-  `DeviceCookies`), with a 429 and a message that says when to try again.
+  `DeviceCookies`), with a 429 and a message that says when to try again;
+- the export download (`GET /alignkit/export.zip`) is served here, to an admin's live session only (401
+  without one, 403 for anyone else): the export directory is blocked from Gradio's file routes.
 
 Gradio keeps logins as `app.tokens[token] = username`, the token in an `access-token-<cookie_id>` cookie;
 this module reads and drops entries of that table and never writes one: Gradio's own /login makes them.
@@ -20,6 +22,7 @@ this module reads and drops entries of that table and never writes one: Gradio's
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import http.cookies
@@ -40,6 +43,7 @@ from starlette.responses import JSONResponse, Response
 PAGE_JS = Path(__file__).with_name("page.js")
 SESSION_PATH = "/alignkit/session"
 SCRIPT_PATH = "/alignkit/page.js"
+EXPORT_PATH = "/alignkit/export.zip"  # the admin's download of the latest export (Gradio's file routes serve none)
 UPLOAD_PATHS = ("/gradio_api/upload", "/upload")
 MAX_LOGIN_BODY = 16 * 1024  # a user name and a password
 
@@ -248,15 +252,30 @@ class BodyTooLarge(Exception):
     pass
 
 
+class ExportMissing(Exception):
+    """There is no export to download yet (its message says so)."""
+
+
+@dataclass
+class ExportDownload:
+    """The export download: who may have it (`is_admin(user or None)`) and how it is built (the zip's bytes,
+    raising ExportMissing when there is none)."""
+
+    is_admin: Callable[[str | None], bool]
+    build: Callable[[], bytes]
+    filename: str = "labels-export.zip"
+
+
 class Guard:
     """The ASGI middleware (see the module doc). `throttle` and `sessions` are this server's own state."""
 
     def __init__(self, app, *, settings: GuardSettings, throttle: LoginThrottle, sessions: Sessions,
-                 devices: DeviceCookies, refresh: Callable[[], object] = lambda: None):
+                 devices: DeviceCookies, refresh: Callable[[], object] = lambda: None,
+                 export: ExportDownload | None = None):
         """`refresh` runs before each request's session is looked at: the users file's re-read, which ends the
         sessions of removed or re-passworded users, so the page learns of it at its next request."""
         self.app, self.settings, self.throttle, self.sessions, self.devices = app, settings, throttle, sessions, devices
-        self.refresh = refresh
+        self.refresh, self.export = refresh, export
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -282,12 +301,29 @@ class Guard:
             if user is None:
                 return await _refuse(401, "session ended", scope, replay, send, ended=True)
             return await JSONResponse({"user": user, "expires_at": expires_at})(scope, replay, send)
+        if path == EXPORT_PATH:
+            return await self._export(scope, replay, send, user)
         if path == SCRIPT_PATH and method == "GET":
             return await Response(PAGE_JS.read_bytes(), media_type="text/javascript",
                                   headers={"Cache-Control": "no-cache"})(scope, replay, send)
         if path.rstrip("/") == "/login" and method == "POST":
             return await self._login(scope, body, replay, send)
         return await self.app(scope, replay, _inject_page_script(send, nonce))
+
+    async def _export(self, scope, receive, send, user: str | None):
+        if self.export is None:
+            return await _refuse(404, "no export here", scope, receive, send)
+        if scope["method"] != "GET":
+            return await _refuse(405, "download the export with GET", scope, receive, send)
+        if not self.export.is_admin(user):
+            return await _refuse(401 if user is None else 403, "admins only", scope, receive, send)
+        try:
+            body = await asyncio.to_thread(self.export.build)
+        except ExportMissing as err:
+            return await _refuse(404, str(err), scope, receive, send)
+        headers = {"Content-Disposition": f'attachment; filename="{self.export.filename}"',
+                   "Cache-Control": "no-store"}
+        return await Response(body, media_type="application/zip", headers=headers)(scope, receive, send)
 
     async def _logout(self, scope, receive, send, token: str | None):
         if scope["method"] != "POST":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ from alignkit import stats
 from alignkit.errors import UserError
 from alignkit.store import Item, Store, next_item, progress, skip, skipped, submit_vote, undo_last_vote, unskip
 from alignkit.store.agreement import agreement_report
-from alignkit.store.arena import LeaderboardCache, arena_battles, arena_vote_state, reveal, summarise_votes
+from alignkit.store.arena import (LeaderboardCache, arena_battles, arena_vote_state, battle_vote, reveal,
+                                  summarise_votes)
 from alignkit.store.export import excluded_annotators, export_dataset, set_excluded
-from alignkit.store.queue import prompt_as_markdown
+from alignkit.store.queue import prompt_as_markdown, team_progress
+from labeling_ui.users import UsersFile, add_user, check_name, is_disabled, set_user
 
 CHOICE_LABELS = {"a": "A better", "b": "B better", "tie": "tie", "both_bad": "both bad"}
 
@@ -231,14 +234,108 @@ def admin_exclude(store: Store, name: str | None, excluded: bool) -> str:
 
 def admin_export(store: Store, out_dir: str | Path, *, min_agreement: float, ties: str, both_bad: str,
                  min_votes: Any = 1) -> str:
-    if isinstance(min_votes, float) and min_votes.is_integer():
-        min_votes = int(min_votes)  # a Number box sends floats
+    """Export (the admin tab's button): the status line, with the policy used; the zip is then downloadable."""
     try:
-        s = export_dataset(store, out_dir, min_agreement=min_agreement, ties=ties, both_bad=both_bad,
-                           min_votes=min_votes)
+        s = export_as_admin(store, out_dir, min_agreement=min_agreement, ties=ties, both_bad=both_bad,
+                            min_votes=min_votes)
     except UserError as err:
         return f"Export failed: {err}"
-    return f"Exported {s['rows']} preference rows to `{s['out']}` (comparisons per reason: {s['per_reason']})."
+    p = s["policy"]
+    return (f"Exported {s['rows']} preference rows (comparisons per reason: {s['per_reason']}). Policy: minimum "
+            f"agreement {p['min_agreement']}, ties {p['ties']}, both bad {p['both_bad']}, minimum votes "
+            f"{p['min_votes']}; excluded: {', '.join(p['excluded_annotators']) or 'nobody'}. "
+            f"Download it below (a zip of the dataset directory, preferences.jsonl and export.json).")
+
+
+def export_as_admin(store: Store, out_dir: str | Path, *, min_agreement: Any, ties: str, both_bad: str,
+                    min_votes: Any = 1) -> dict[str, Any]:
+    """export_dataset with the values an admin's form sends (a Number box sends floats)."""
+    if isinstance(min_votes, float) and min_votes.is_integer():
+        min_votes = int(min_votes)
+    return export_dataset(store, out_dir, min_agreement=min_agreement, ties=ties, both_bad=both_bad,
+                          min_votes=min_votes)
+
+
+DOWNLOAD_HTML = ('<a class="ak-download" href="alignkit/export.zip" download>'
+                 'Download the latest export (zip)</a>')
+
+
+def download_html(out_dir: str | Path) -> str:
+    """The download link, once there is an export to download (our own markup: nothing from outside)."""
+    return DOWNLOAD_HTML if (Path(out_dir) / "export.json").is_file() else ""
+
+
+# ---------------------------------------------------------------------------
+# Admin: progress per annotator, user management
+# ---------------------------------------------------------------------------
+
+
+PROGRESS_COLUMNS = ["annotator", "votes", "gold votes", "arena votes", "skipped", "on lease", "last vote"]
+
+
+@dataclass(frozen=True)
+class ProgressTable:
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+def progress_table(store: Store, *, now: float | None = None) -> ProgressTable:
+    """Work per annotator; with a column per loop round (votes in it) once any voted comparison carries one."""
+    team = team_progress(store, now=now)
+    rounds = sorted({r for p in team for r in p.per_round})
+    t = time.time() if now is None else now
+    rows = [[p.annotator, p.votes, p.gold_votes, p.arena_votes, p.skipped, p.on_lease, _ago(p.last_vote_at, t),
+             *(p.per_round.get(r, 0) for r in rounds)] for p in team]
+    return ProgressTable([*PROGRESS_COLUMNS, *(f"round {r}" for r in rounds)], rows)
+
+
+def _ago(at: float | None, now: float) -> str:
+    if at is None:
+        return "–"
+    s = max(0, int(now - at))
+    return f"{s} s ago" if s < 120 else f"{s // 60} min ago" if s < 7200 else f"{s // 3600} h ago"
+
+
+USER_COLUMNS = ["user", "admin", "can log in"]
+USER_ACTIONS = ("add", "reset_password", "disable", "enable", "make_admin", "remove_admin")
+
+
+def user_rows(auth: UsersFile | None) -> list[list[Any]]:
+    if auth is None:
+        return []
+    return [[name, "yes" if rec.get("admin") else "no", "no (disabled)" if is_disabled(rec) else "yes"]
+            for name, rec in sorted(auth.everyone().items())]
+
+
+def manage_user(auth: UsersFile | None, actor: str, action: str, name: str, password: str = "", *,
+                admin: bool = False) -> str:
+    """One change to the users file by an admin (`actor`); what was done, as a line. UserError when refused.
+
+    The file is written as `alignkit label add-user` writes it (locked, atomically); the server reads it again
+    at once, so a disabled or re-passworded user's sessions end now. An admin cannot disable or demote
+    themselves: another admin must, so a server never loses its last admin by a slip."""
+    if auth is None:
+        raise UserError("this server runs with --no-auth: there is no users file to change")
+    if action not in USER_ACTIONS:
+        raise UserError(f"unknown action {action!r}: expected one of {', '.join(USER_ACTIONS)}")
+    name = check_name((name or "").strip())
+    known = name in auth.everyone()
+    if action == "add" and known:
+        raise UserError(f"{name} already exists: reset their password instead")
+    if action != "add" and not known:
+        raise UserError(f"no user {name!r}")
+    if name == actor and action in ("disable", "remove_admin"):
+        raise UserError("you cannot disable yourself or remove your own admin role: another admin can")
+    if action in ("add", "reset_password"):
+        add_user(auth.path, name, password or "", admin=bool(admin) if action == "add" else None)
+    else:
+        set_user(auth.path, name, disabled={"disable": True, "enable": False}.get(action),
+                 admin={"make_admin": True, "remove_admin": False}.get(action))
+    auth.users()  # read the new file now: ends the sessions it revokes
+    done = {"add": "added" + (" (admin)" if admin else ""), "reset_password": "has a new password",
+            "disable": "disabled: cannot log in, sessions ended", "enable": "can log in again",
+            "make_admin": "is an admin", "remove_admin": "is no longer an admin"}[action]
+    return f"{name} {done}."
 
 
 # ---------------------------------------------------------------------------
@@ -254,10 +351,11 @@ def markdown_text(s: str) -> str:
 
 @dataclass(frozen=True)
 class ArenaView(ItemView):
-    """The Arena tab: one battle (or none left); after a vote, the models behind A and B."""
+    """The Arena tab: one battle (or none left); after a vote, the vote (which can be taken back until the reveal),
+    then the models behind A and B."""
 
-    choice: str | None = None  # this annotator's vote, as shown (a = left); set with the names
-    model_left: str | None = None  # None until this annotator has voted on this battle
+    choice: str | None = None  # this annotator's vote, as shown (a = left), once they voted on this battle
+    model_left: str | None = None  # None until the models were revealed to this annotator
     model_right: str | None = None
 
     @property
@@ -265,9 +363,16 @@ class ArenaView(ItemView):
         return self.model_left is not None
 
     @property
+    def voted(self) -> bool:
+        return self.choice is not None
+
+    @property
     def reveal_markdown(self) -> str:
-        if not self.revealed:
+        if not self.voted:
             return ""
+        if not self.revealed:
+            return (f"You voted: **{CHOICE_LABELS[self.choice]}**. You can take it back (**Undo vote**, `u`) "
+                    f"until you reveal the models (**Reveal models**, `r`).")
         return (f"A was **{markdown_text(self.model_left)}**, B was **{markdown_text(self.model_right)}** "
                 f"(you voted: {CHOICE_LABELS[self.choice]}).")
 
@@ -297,34 +402,62 @@ def arena_view(store: Store, user: str, *, overlap: int, status: str = "", refus
     return ArenaView(item.comparison_id, item.prompt, item.left, item.right, line, status, refused)
 
 
-def _revealed(store: Store, user: str, comparison_id: int, overlap: int, status: str) -> ArenaView | None:
-    """The battle with its models named, once `user` has voted on it; None before."""
+def _voted(store: Store, user: str, comparison_id: int, overlap: int, status: str) -> ArenaView | None:
+    """The battle with `user`'s vote (and its models, once revealed to them); None before they voted on it."""
     try:
-        r = reveal(store, user, comparison_id)
+        r = battle_vote(store, user, comparison_id)
     except UserError:
         return None
+    return _arena_vote_view(store, user, overlap, r, status)
+
+
+def _arena_vote_view(store: Store, user: str, overlap: int, r, status: str) -> ArenaView:
     return ArenaView(r.comparison_id, r.prompt, r.left, r.right, _arena_progress(store, user, overlap), status,
                      False, r.choice, r.model_left, r.model_right)
 
 
 def arena_vote(store: Store, user: str, comparison_id: int | None, choice: str, *, overlap: int,
                min_display_seconds: float = 0.0) -> ArenaView:
-    """Record a vote on the battle that was on screen (choice as shown: a = left), then show the same battle
-    with its models named. A refused vote on a battle already voted shows that battle's reveal again."""
+    """Record a vote on the battle that was on screen (choice as shown: a = left), then show the same battle with
+    the vote, not yet the models: it can be taken back until the annotator reveals them. A refused vote on a
+    battle already voted shows that battle's state again."""
     if comparison_id is None:
         return arena_view(store, user, overlap=overlap, status="Nothing to vote on.", refused=True)
     try:
         submit_vote(store, user, int(comparison_id), choice, overlap=overlap, arena=True,
                     min_display_seconds=min_display_seconds)
     except UserError as err:
-        return (_revealed(store, user, int(comparison_id), overlap, f"Not saved: {err}")
+        return (_voted(store, user, int(comparison_id), overlap, f"Not saved: {err}")
                 or arena_view(store, user, overlap=overlap, status=f"Not saved: {err}", refused=True))
-    return _revealed(store, user, int(comparison_id), overlap, f"Saved #{comparison_id}.")
+    return _voted(store, user, int(comparison_id), overlap, f"Saved #{comparison_id}.")
+
+
+def arena_reveal(store: Store, user: str, comparison_id: int | None, *, overlap: int) -> ArenaView:
+    """Name the models of the battle on screen, which this annotator voted on; from now on the vote stays."""
+    if comparison_id is None:
+        return arena_view(store, user, overlap=overlap, status="Vote first.", refused=True)
+    try:
+        r = reveal(store, user, int(comparison_id))
+    except UserError as err:
+        return arena_view(store, user, overlap=overlap, status=f"Not revealed: {err}", refused=True)
+    return _arena_vote_view(store, user, overlap, r, "")
+
+
+def arena_undo(store: Store, user: str, *, overlap: int) -> ArenaView:
+    """Take back this annotator's latest battle vote (before its reveal): the battle is theirs to vote on again."""
+    try:
+        item = undo_last_vote(store, user, arena=True)
+    except UserError as err:
+        return arena_view(store, user, overlap=overlap, status=f"Not undone: {err}", refused=True)
+    if item is None:
+        return arena_view(store, user, overlap=overlap, status="No battle vote to undo.")
+    return ArenaView(item.comparison_id, item.prompt, item.left, item.right, _arena_progress(store, user, overlap),
+                     f"Undid your vote on #{item.comparison_id}; vote again.")
 
 
 def arena_redisplay(store: Store, user: str, comparison_id: int | None, *, overlap: int) -> ArenaView:
-    """The battle on screen again (after the display mode changed): its reveal once voted, else the lease."""
-    shown = None if comparison_id is None else _revealed(store, user, comparison_id, overlap, "")
+    """The battle on screen again (after the display mode changed): its vote once voted, else the lease."""
+    shown = None if comparison_id is None else _voted(store, user, comparison_id, overlap, "")
     return shown or arena_view(store, user, overlap=overlap)
 
 

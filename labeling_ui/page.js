@@ -6,7 +6,7 @@
 //   (data-ak-min-ms on the prompt) takes no vote;
 // - keys: the digit in a vote button's label (1 = A better, 2 = B better, 3 = tie, 4 = both bad, or 1-6 / 1-9, 0
 //   with a strength scale); s = skip, u = undo
-//   (Label); s = skip, n = next battle (Arena); ignored while typing in a text field; on a touch screen the
+//   (Label); s = skip, u = undo the vote, r = reveal the models, n = next battle (Arena); ignored while typing in a text field; on a touch screen the
 //   buttons lose their key hints;
 // - the two responses scroll together, so the same part of each is in view;
 // - a session that ended (logout, password change, expiry, server restart) is said on the page at once;
@@ -16,14 +16,16 @@
   "use strict";
   // Digits press the button (of the tab in view) whose label ends with "[digit]": the vote buttons, however many a
   // store's strength scale makes. Letters are fixed.
-  var LETTERS = {"s": ["ak-skip", "ak-arena-skip"], "u": ["ak-undo"], "n": ["ak-arena-next"]};
+  var LETTERS = {"s": ["ak-skip", "ak-arena-skip"], "u": ["ak-undo", "ak-arena-undo"], "n": ["ak-arena-next"],
+                 "r": ["ak-arena-show-models"]};
   // The prompt block naming the item a button acts on; undo and next act on none, but wait like the others.
   function promptFor(id) {
     if (id === "ak-skip" || id.indexOf("ak-vote-") === 0 || id === "ak-undo") return "ak-prompt";
     if (id.indexOf("ak-arena-") === 0) return "ak-arena-prompt";
     return null;
   }
-  function actsOnItem(id) { return id !== "ak-undo" && id !== "ak-arena-next"; }
+  var ACTS_ON_NONE = ["ak-undo", "ak-arena-next", "ak-arena-undo", "ak-arena-show-models"];
+  function actsOnItem(id) { return ACTS_ON_NONE.indexOf(id) < 0; }
   var STUCK_MS = 10000;  // no answer rendered by then: let the annotator try again
   var views = {};  // prompt element id -> {item, render, shownAt, busySince}
   var sessionEnded = false;

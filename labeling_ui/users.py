@@ -4,8 +4,9 @@
      "users": {"alice": {"kdf": "scrypt", "n": 16384, "r": 8, "p": 1,
                          "salt": "<hex>", "hash": "<hex>", "admin": false}}}
 
-Written atomically with mode 0600. The server reads it again when it changes, so
-`alignkit label add-user` works while the server runs. Passwords are compared with
+Written atomically with mode 0600, under a lock (`.NAME.lock` beside it) that `add-user` and the
+admin tab's user management share. The server reads it again when it changes, so users can be
+added, disabled (`"disabled": true`: no login, sessions end) or re-passworded while it runs. Passwords are compared with
 `hmac.compare_digest`; the file never holds a password.
 
 Logins: Gradio awaits `UsersFile.check_async` on its event loop, which runs the scrypt
@@ -21,6 +22,7 @@ for new passwords later, but a higher cost makes every login (and the flood abov
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import hmac
 import json
@@ -29,16 +31,18 @@ import re
 import secrets
 import tempfile
 import threading
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, TypeVar
 
 from alignkit.errors import UserError
 
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 MIN_PASSWORD = 8
+T = TypeVar("T")
 LOGIN_WORKERS = 2  # scrypt checks at once; more logins wait their turn off the event loop
 
 
@@ -73,40 +77,102 @@ def _read(path: Path) -> dict:
     return data
 
 
-def add_user(path: str | Path, name: str, password: str, *, admin: bool | None = None) -> bool:
-    """Add or replace a user; returns True when the user is new. Creates the file (0600) if needed.
-    admin=None keeps an existing user's admin flag (a password reset does not demote an admin); new: not admin."""
-    path = Path(path)
-    if not NAME_RE.match(name or ""):
-        raise UserError(f"user name {name!r}: use 1-64 letters, digits, _ . @ - (starting with a letter or digit)")
-    if len(password) < MIN_PASSWORD:
-        raise UserError(f"password for {name} is too short (at least {MIN_PASSWORD} characters)")
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Exclusive lock on a users file's writers (flock on a side file `.NAME.lock`, across threads and
+    processes): `add-user` and the admin tab read, change and replace the file in turns, so neither
+    writes back a copy that lacks the other's change."""
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _check_path(path: Path) -> None:
     if path.is_dir():
         raise UserError(f"users file {path} is a directory")
     if not path.parent.is_dir():
         raise UserError(f"cannot write users file {path}: directory {path.parent} does not exist")
-    data = _read(path) if path.exists() else {"version": 1, "users": {}}
-    new = name not in data["users"]
-    if admin is None:
-        admin = bool(data["users"].get(name, {}).get("admin", False))
-    data["users"][name] = {**hash_password(password), "admin": bool(admin)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return new
+
+
+def _update(path: str | Path, change: Callable[[dict], T]) -> T:
+    """Read the users file (or an empty one), apply `change` to its `users` object, write it back atomically
+    (mode 0600, a temp file renamed over it), all under the writers' lock. A `change` that raises writes
+    nothing. The server sees the new file at its next request (UsersFile re-reads on a changed inode)."""
+    path = Path(path)
+    _check_path(path)
+    with _locked(path):
+        data = _read(path) if path.exists() else {"version": 1, "users": {}}
+        result = change(data["users"])
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=2)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return result
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UserError(f"user name {name!r}: use 1-64 letters, digits, _ . @ - (starting with a letter or digit)")
+    return name
+
+
+def check_password(name: str, password: str) -> str:
+    if not isinstance(password, str) or len(password) < MIN_PASSWORD:
+        raise UserError(f"password for {name} is too short (at least {MIN_PASSWORD} characters)")
+    return password
+
+
+def add_user(path: str | Path, name: str, password: str, *, admin: bool | None = None) -> bool:
+    """Add a user or set a new password; returns True when the user is new. Creates the file (0600) if needed.
+    admin=None keeps an existing user's admin flag (a password reset does not demote an admin); new: not admin.
+    A disabled user stays disabled (enable them with set_user)."""
+    check_name(name)
+    check_password(name, password)
+
+    def change(users: dict) -> bool:
+        old = users.get(name, {})
+        keep_admin = bool(old.get("admin", False)) if admin is None else bool(admin)
+        users[name] = {**old, **hash_password(password), "admin": keep_admin}
+        return not old
+
+    return _update(path, change)
+
+
+def set_user(path: str | Path, name: str, *, disabled: bool | None = None, admin: bool | None = None) -> dict:
+    """Disable or enable an existing user, make them an admin or not (None: left as it is); their record.
+    A disabled user cannot log in and their open sessions end at their next request; nothing else changes."""
+
+    def change(users: dict) -> dict:
+        if name not in users:
+            raise UserError(f"no user {name!r} in {path}")
+        record = users[name]
+        if disabled is not None:
+            record["disabled"] = bool(disabled)
+        if admin is not None:
+            record["admin"] = bool(admin)
+        return dict(record)
+
+    return _update(path, change)
+
+
+def is_disabled(record: dict) -> bool:
+    return bool(record.get("disabled", False))
 
 
 @dataclass
 class _Snapshot:
     key: tuple[int, int, int]  # (st_ino, st_mtime_ns, st_size): an atomic replace changes the inode
-    users: dict
+    everyone: dict  # every record, disabled ones too
+    users: dict  # the users who may log in
 
 
 def _credential(record: dict | None) -> tuple | None:
@@ -133,6 +199,8 @@ class UsersFile:
         self._revoke_hooks.append(fn)
 
     def users(self) -> dict:
+        """The users who may log in (disabled ones left out), re-read when the file changed; a user removed,
+        disabled or given a new password since the last read has their sessions ended (on_revoke) first."""
         st = self.path.stat() if self.path.exists() else None
         revoked: set[str] = set()
         with self._lock:
@@ -142,14 +210,21 @@ class UsersFile:
                 return self._snap.users
             key = (st.st_ino, st.st_mtime_ns, st.st_size)
             if self._snap is None or key != self._snap.key:
-                new = _read(self.path)["users"]
+                everyone = _read(self.path)["users"]
+                new = {n: rec for n, rec in everyone.items() if not is_disabled(rec)}
                 if self._snap is not None:
                     revoked = {n for n, rec in self._snap.users.items() if _credential(new.get(n)) != _credential(rec)}
-                self._snap = _Snapshot(key, new)
+                self._snap = _Snapshot(key, everyone, new)
             users = self._snap.users
         for fn in self._revoke_hooks if revoked else ():
             fn(revoked)
         return users
+
+    def everyone(self) -> dict:
+        """Every record in the file, disabled users too (the admin tab lists them)."""
+        self.users()
+        with self._lock:
+            return dict(self._snap.everyone)
 
     def check(self, username: str, password: str) -> bool:
         """True when the name exists and the password matches."""

@@ -119,3 +119,11 @@ def client(url: str, auth: tuple[str, str] | None):
     from gradio_client import Client
 
     return Client(url, auth=auth, verbose=False, download_files=False, ssl_verify=False)
+
+
+def http_login(url: str, name: str, password: str) -> "httpx.Client":
+    """A plain HTTP client logged in as `name` (Gradio's session cookie), for routes gradio_client does not call."""
+    c = httpx.Client(base_url=url, timeout=30)
+    r = c.post("/login", data={"username": name, "password": password})
+    assert r.status_code == 200, r.text
+    return c

@@ -90,10 +90,21 @@ def test_arena_handlers_blind_vote_reveal_and_leaderboard(tmp_path):
             else:
                 choice = "a" if left == "alpha-k3" else "b"
             voted = handlers.arena_vote(store, user, view.comparison_id, choice, overlap=3)
-            # The same battle, now with the names of the models behind each side as shown.
+            # The same battle with the vote, no names yet: the vote can still be taken back.
             assert (voted.comparison_id, voted.left, voted.right, voted.choice) == \
                 (view.comparison_id, view.left, view.right, choice)
+            assert voted.voted and not voted.revealed and "Undo vote" in voted.reveal_markdown
+            assert not any(x in json.dumps(asdict(voted)) for x in [*MODELS, *MODELS.values()])
+            if n == 1:  # the first battle: taken back, the same battle (sides as shown) to vote on again
+                undone = handlers.arena_undo(store, user, overlap=3)
+                assert (undone.comparison_id, undone.left, undone.voted) == (view.comparison_id, view.left, False)
+                handlers.arena_vote(store, user, view.comparison_id, choice, overlap=3)
+            voted = handlers.arena_reveal(store, user, view.comparison_id, overlap=3)
+            # Revealed: the names of the models behind each side as shown, and the vote stays.
             assert (voted.model_left, voted.model_right) == (left, right) == (names[view.left], names[view.right])
+            if n == 1:
+                refused = handlers.arena_undo(store, user, overlap=3)
+                assert refused.refused and "cannot be taken back after the reveal" in refused.status
             assert voted.reveal_markdown.startswith(f"A was **{handlers.markdown_text(left)}**, "
                                                     f"B was **{handlers.markdown_text(right)}**")
             again = handlers.arena_vote(store, user, view.comparison_id, "a", overlap=3)
@@ -168,6 +179,7 @@ def test_leaderboard_keeps_two_models_shown_under_one_name_apart(tmp_path):
         while not view.done:
             choice = "a" if strength[spec_of[view.left]] > strength[spec_of[view.right]] else "b"
             handlers.arena_vote(store, user, view.comparison_id, choice, overlap=2)
+            handlers.arena_reveal(store, user, view.comparison_id, overlap=2)
             view = handlers.arena_view(store, user, overlap=2)
     board = handlers.leaderboard(store, bootstrap=100)
     assert [m["model"] for m in board.models] == ["dpo (/exp/run2/dpo)", "sft", "dpo (/exp/run1/dpo)"]
@@ -270,6 +282,7 @@ def _vote_all(store, users, decide, overlap):
         view = handlers.arena_view(store, user, overlap=overlap)
         while not view.done:
             handlers.arena_vote(store, user, view.comparison_id, decide(user, view.left, view.right), overlap=overlap)
+            handlers.arena_reveal(store, user, view.comparison_id, overlap=overlap)
             view = handlers.arena_view(store, user, overlap=overlap)
 
 

@@ -328,9 +328,40 @@ def votes_schema(store):
     return table_columns(store, "votes")
 
 
-# What schema 4 added, dropped to make a store what an older schema wrote.
-V4_DROPS = ("ALTER TABLE comparisons DROP COLUMN loop_round", "ALTER TABLE comparisons DROP COLUMN source_stage",
-            "ALTER TABLE comparisons DROP COLUMN selection_score")
+# What schema 5 added, dropped to make a store what an older schema wrote.
+V5_DROPS = ("DROP TABLE adjudications", "ALTER TABLE comparisons DROP COLUMN ranking_json",
+            "ALTER TABLE votes DROP COLUMN revealed_at", "ALTER TABLE votes DROP COLUMN ranking_json",
+            "ALTER TABLE votes DROP COLUMN criteria_json")
+# What schema 4 added, and everything later.
+V4_DROPS = (*V5_DROPS, "ALTER TABLE comparisons DROP COLUMN loop_round",
+            "ALTER TABLE comparisons DROP COLUMN source_stage", "ALTER TABLE comparisons DROP COLUMN selection_score")
+
+
+def test_schema_4_store_upgrades_to_reveals_rankings_and_adjudication(store_url, tmp_path):
+    """A store written by schema 4 opens, gains the v5 columns (its arena votes count as revealed, as they were
+    shown at once; no ranking, no criteria) and the adjudications table (empty), and keeps its votes."""
+    from alignkit.store.importer import write_rows
+    from alignkit.store.models import Adjudication
+
+    store = open_store(store_url, overlap=2)
+    populate(store, tmp_path, n_prompts=2)
+    write_rows(store, arena_rows(1), arena=True)
+    submit_vote(store, "ann", next_item(store, "ann").comparison_id, "a")
+    submit_vote(store, "ann", next_item(store, "ann", arena=True).comparison_id, "b", arena=True)
+    fresh = comparisons_schema(store), votes_schema(store), table_columns(store, "adjudications")
+    store.write(lambda s: [s.execute(text(sql)) for sql in (*V5_DROPS, "UPDATE schema_version SET version = 4")])
+    store.close()
+    store = open_store(store_url, overlap=2)
+    assert store_db.schema_version(store) == 5
+    assert (comparisons_schema(store), votes_schema(store), table_columns(store, "adjudications")) == fresh
+    with store.read() as s:
+        rows = s.execute(select(Comparison.arena, Vote.revealed_at.is_not(None), Vote.ranking_json, Vote.criteria_json)
+                         .join(Comparison, Comparison.id == Vote.comparison_id).order_by(Vote.id)).all()
+        assert rows == [(False, False, None, None), (True, True, None, None)]
+        assert s.scalars(select(Comparison.ranking_json)).all() == [None] * 3 and count(store, Adjudication) == 0
+    with pytest.raises(UserError, match="cannot be taken back after the reveal"):
+        undo_last_vote(store, "ann", arena=True)
+    store.close()
 
 
 def test_schema_3_store_upgrades_to_loop_tags(store_url, tmp_path):
@@ -343,7 +374,7 @@ def test_schema_3_store_upgrades_to_loop_tags(store_url, tmp_path):
     store.write(lambda s: [s.execute(text(sql)) for sql in (*V4_DROPS, "UPDATE schema_version SET version = 3")])
     store.close()
     store = open_store(store_url, overlap=2)
-    assert store_db.schema_version(store) == 4
+    assert store_db.schema_version(store) == store_db.SCHEMA_VERSION
     assert comparisons_schema(store) == fresh
     with store.read() as s:
         assert s.execute(select(Comparison.loop_round, Comparison.source_stage, Comparison.selection_score)).all() \
@@ -409,7 +440,7 @@ def test_schema_1_store_upgrades_to_arena_battles(store_url, tmp_path):
     store.close()
 
     store = open_store(store_url, overlap=2)
-    assert store_db.schema_version(store) == store_db.SCHEMA_VERSION == 4
+    assert store_db.schema_version(store) == store_db.SCHEMA_VERSION == 5
     assert comparisons_schema(store) == fresh  # the same schema as a store created at the current version
     with store.read() as s:
         assert s.scalars(select(Comparison.arena)).all() == [False] * 3
@@ -675,6 +706,9 @@ def test_arena_battles_are_their_own_pool(store_url, tmp_path):
 
     submit_vote(store, "ann", 1, "a")
     submit_vote(store, "ann", 3, "b", arena=True)
+    # Until the models are revealed the battle vote can be taken back; after, never.
+    assert undo_last_vote(store, "ann", arena=True).comparison_id == 3
+    submit_vote(store, "ann", 3, "b", arena=True)
     r = reveal(store, "ann", 3)
     # "answer 0" is alpha's; the names follow the sides the annotator saw.
     shown = ("beta", "alpha") if battle.swapped else ("alpha", "beta")
@@ -683,11 +717,11 @@ def test_arena_battles_are_their_own_pool(store_url, tmp_path):
     with pytest.raises(UserError, match="not an arena battle"):
         reveal(store, "ann", 1)
     assert (progress(store, "ann").done, progress(store, "ann", arena=True).done) == (1, 1)
-    # Undo takes back the latest vote of its own pool (the battle vote came later).
+    # Undo takes back the latest vote of its own pool (the battle vote came later), not a revealed battle's.
     assert undo_last_vote(store, "ann").comparison_id == 1
-    assert undo_last_vote(store, "ann", arena=True).comparison_id == 3
+    with pytest.raises(UserError, match="models of battle 3 were shown to ann"):
+        undo_last_vote(store, "ann", arena=True)
     submit_vote(store, "ann", 1, "a")
-    submit_vote(store, "ann", 3, "b", arena=True)
 
     # Battles are kept out of the preference export; agreement counts every vote and says how many were battles.
     assert [r["comparison_id"] for r in preference_rows(store)] == [1]

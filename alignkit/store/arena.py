@@ -4,7 +4,9 @@ An arena comparison (`Comparison.arena`) pairs two models' responses to one prom
 written by `alignkit compare --judge human:DB` and served, leased and voted on by the queue's
 arena pool (`next_item(..., arena=True)` and friends) under the same rules as any comparison.
 The model names are never part of what the queue serves: `reveal` gives them to an annotator
-only for a battle they have already voted on.
+only for a battle they have already voted on, and records that it did: until then the vote can
+be taken back (`undo_last_vote(..., arena=True)`), after it never, since the vote could then
+follow the names.
 
 A response's model name is the display name compare sent it with (`model_name` in its
 sampling record, from `--model NAME=SPEC`), else its model spec; the leaderboard counts models
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Hashable, Mapping, Sequence
@@ -56,35 +59,59 @@ def model_key(response: Response) -> str:
 
 @dataclass(frozen=True)
 class Reveal:
-    """One annotator's vote on a battle, with the models behind the sides as they saw them."""
+    """One annotator's vote on a battle, with the models behind the sides as they saw them once revealed."""
 
     comparison_id: int
     prompt: Any  # str, or a list of chat messages
     left: str  # the text shown as A
     right: str
     choice: str  # as the annotator saw it (a = left)
-    model_left: str
-    model_right: str
+    model_left: str | None  # None until revealed: until then the vote can be taken back (undo_last_vote)
+    model_right: str | None
+
+    @property
+    def revealed(self) -> bool:
+        return self.model_left is not None
+
+
+def _battle_vote(session, annotator: str, comparison_id: int) -> tuple[Vote, Comparison]:
+    row = session.execute(select(Vote, Comparison).join(Comparison, Comparison.id == Vote.comparison_id)
+                          .join(Annotator, Annotator.id == Vote.annotator_id)
+                          .where(Vote.comparison_id == comparison_id, Annotator.name == annotator)).first()
+    if row is None:
+        if session.scalar(select(Comparison.arena).where(Comparison.id == comparison_id)) is None:
+            raise UserError(f"comparison {comparison_id} does not exist")
+        raise UserError(f"{annotator} has not voted on comparison {comparison_id}: its models are shown "
+                        f"only after the vote")
+    if not row[1].arena:
+        raise UserError(f"comparison {comparison_id} is not an arena battle")
+    return row[0], row[1]
+
+
+def _as_reveal(vote: Vote, comp: Comparison) -> Reveal:
+    left, right = (comp.response_b, comp.response_a) if vote.swapped else (comp.response_a, comp.response_b)
+    named = vote.revealed_at is not None
+    return Reveal(comp.id, json.loads(comp.prompt.content_json), left.text, right.text,
+                  _SWAP[vote.choice] if vote.swapped else vote.choice, model_name(left) if named else None,
+                  model_name(right) if named else None)
+
+
+def battle_vote(store: Store, annotator: str, comparison_id: int) -> Reveal:
+    """`annotator`'s vote on an arena battle, its models named only if they were revealed to them already."""
+    with store.read() as s:
+        return _as_reveal(*_battle_vote(s, annotator, comparison_id))
 
 
 def reveal(store: Store, annotator: str, comparison_id: int) -> Reveal:
-    """The models behind `annotator`'s vote on an arena battle; refused before they have voted on it."""
-    with store.read() as s:
-        row = s.execute(select(Vote, Comparison).join(Comparison, Comparison.id == Vote.comparison_id)
-                        .join(Annotator, Annotator.id == Vote.annotator_id)
-                        .where(Vote.comparison_id == comparison_id, Annotator.name == annotator)).first()
-        if row is None:
-            exists = s.scalar(select(Comparison.arena).where(Comparison.id == comparison_id))
-            if exists is None:
-                raise UserError(f"comparison {comparison_id} does not exist")
-            raise UserError(f"{annotator} has not voted on comparison {comparison_id}: its models are shown "
-                            f"only after the vote")
-        vote, comp = row
-        if not comp.arena:
-            raise UserError(f"comparison {comparison_id} is not an arena battle")
-        left, right = (comp.response_b, comp.response_a) if vote.swapped else (comp.response_a, comp.response_b)
-        return Reveal(comp.id, json.loads(comp.prompt.content_json), left.text, right.text,
-                      _SWAP[vote.choice] if vote.swapped else vote.choice, model_name(left), model_name(right))
+    """The models behind `annotator`'s vote on an arena battle, recorded as shown (from then on the vote cannot
+    be taken back); refused before they have voted on it."""
+    def run(session) -> Reveal:
+        vote, comp = _battle_vote(session, annotator, comparison_id)
+        if vote.revealed_at is None:
+            vote.revealed_at = time.time()
+        return _as_reveal(vote, comp)
+
+    return store.write(run)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from alignkit.errors import UserError
 from alignkit.store.models import Base, SchemaVersion
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def _add_arena(conn: Connection) -> None:
@@ -62,12 +62,24 @@ def _add_loop_tags(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE comparisons ADD COLUMN selection_score FLOAT"))
 
 
+def _add_reveal_rankings_criteria_adjudication(conn: Connection) -> None:
+    """v4 -> v5: comparisons get `ranking_json` (none is a ranking task), votes `revealed_at`, `ranking_json` and
+    `criteria_json` (none has them: an arena vote of an older store counts as revealed, as it was shown at once),
+    and the `adjudications` table (empty)."""
+    conn.execute(text("ALTER TABLE comparisons ADD COLUMN ranking_json TEXT"))
+    for column in ("revealed_at FLOAT", "ranking_json TEXT", "criteria_json TEXT"):
+        conn.execute(text(f"ALTER TABLE votes ADD COLUMN {column}"))
+    conn.execute(text("UPDATE votes SET revealed_at = created_at WHERE comparison_id IN "
+                      "(SELECT id FROM comparisons WHERE arena)"))
+    Base.metadata.tables["adjudications"].create(conn)
+
+
 # Forward migrations: MIGRATIONS[v] upgrades a store at version v to v + 1, inside
 # the transaction that then records the new version. A newer alignkit therefore
 # opens an older store; an older alignkit refuses a newer store. Each must leave
 # the same schema as a fresh store of the new version (tests/test_store.py checks).
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_arena, 2: _add_gold_exclusion_and_strength,
-                                                     3: _add_loop_tags}
+                                                     3: _add_loop_tags, 4: _add_reveal_rankings_criteria_adjudication}
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 MAX_RETRIES = 12

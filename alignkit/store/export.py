@@ -254,6 +254,27 @@ def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 
     return summary
 
 
+def export_zip(out_dir: str | Path) -> bytes:
+    """The export at `out_dir` as one zip: the `save_to_disk` dataset files, preferences.jsonl and export.json
+    (the policy it used), under a folder named after it. Read under the lock the swap takes, so a concurrent
+    export is either wholly in it or not at all."""
+    import io
+    import zipfile
+
+    out = Path(out_dir)
+    buffer = io.BytesIO()
+    if not out.parent.is_dir():
+        raise UserError(f"no export at {out} yet: export first")
+    with _locked(out.parent):
+        if not (out / "export.json").is_file():
+            raise UserError(f"no export at {out} yet: export first")
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
+            for f in sorted(out.rglob("*")):
+                if f.is_file():
+                    z.write(f, f"{out.name}/{f.relative_to(out)}")
+    return buffer.getvalue()
+
+
 @contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """Exclusive lock on a directory (flock on its descriptor, across threads and processes, no lock file

@@ -122,6 +122,9 @@ class Comparison(Base):
     loop_round: Mapped[int | None] = mapped_column(Integer)
     source_stage: Mapped[str | None] = mapped_column(String(500))
     selection_score: Mapped[float | None] = mapped_column(Float)
+    # Schema v5: a ranking task (`label import --rank`): the JSON list of its K >= 3 response ids, all to be ranked
+    # in one vote; response_a / response_b are its first two (the pair its votes' `choice` is about).
+    ranking_json: Mapped[str | None] = mapped_column(Text)
 
     prompt: Mapped[Prompt] = relationship(lazy="joined")
     response_a: Mapped[Response] = relationship(foreign_keys=[response_a_id], lazy="joined")
@@ -173,6 +176,27 @@ class Vote(Base):
     created_at: Mapped[float] = mapped_column(Float, nullable=False)
     # Schema v3: how much better the chosen side is, 1..scale, on a store with a preference-strength scale.
     strength: Mapped[int | None] = mapped_column(Integer)
+    # Schema v5: when an arena vote's models were shown to its annotator (None: not yet; until then it can be
+    # taken back); a ranking vote's order, JSON tie groups of response ids best first; per-criterion answers,
+    # JSON {criterion: canonical choice}.
+    revealed_at: Mapped[float | None] = mapped_column(Float)
+    ranking_json: Mapped[str | None] = mapped_column(Text)
+    criteria_json: Mapped[str | None] = mapped_column(Text)
+
+
+class Adjudication(Base):
+    """Schema v5: an admin's ruling on a comparison the annotators disagreed on; export takes it over the votes."""
+
+    __tablename__ = "adjudications"
+    __table_args__ = (CheckConstraint("choice IN ('a', 'b', 'tie', 'both_bad')", name="ck_adjudication_choice"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id"), nullable=False, unique=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), nullable=False)  # the admin
+    choice: Mapped[str] = mapped_column(String(16), nullable=False)  # canonical: a = comparison.response_a
+    strength: Mapped[int | None] = mapped_column(Integer)
+    rationale: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
 
 
 class Setting(Base):

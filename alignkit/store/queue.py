@@ -7,7 +7,8 @@ Rules, all enforced inside one database transaction each:
 - an annotator gets at most one assignment per comparison (one row per
   (comparison, annotator), a unique constraint) and votes on it at most once
   (a unique constraint on votes); a skipped or voted comparison never comes back
-  unless they ask for it (`unskip`, while it has a free slot; `undo_last_vote`);
+  unless they ask for it (`unskip`, while it has a free slot; `undo_last_vote`, for
+  a battle only until its models were revealed to them);
 - an annotator's own lease that ran out is not lost to them: while its slot is
   still free it is renewed and served to them again (before anything new), so a
   reload after a long break brings back the item they were reading;
@@ -400,7 +401,8 @@ def unskip(store: Store, annotator: str, comparison_id: int, *, overlap: int | N
 
 
 def undo_last_vote(store: Store, annotator: str, *, now: float | None = None, arena: bool = False) -> Item | None:
-    """Delete the annotator's latest vote in the pool and lease that comparison to them again; None if none."""
+    """Delete the annotator's latest vote in the pool and lease that comparison to them again; None if none.
+    A battle vote whose models were revealed to them (arena.reveal) is refused: it could follow the names."""
 
     def run(session: Session) -> Item | None:
         t = time.time() if now is None else now
@@ -411,6 +413,9 @@ def undo_last_vote(store: Store, annotator: str, *, now: float | None = None, ar
                                .order_by(Vote.created_at.desc(), Vote.id.desc()).limit(1)).first()
         if vote is None:
             return None
+        if vote.revealed_at is not None:
+            raise UserError(f"the models of battle {vote.comparison_id} were shown to {annotator}: "
+                            f"a vote cannot be taken back after the reveal")
         a = session.get(Assignment, vote.assignment_id)
         session.execute(delete(Vote).where(Vote.id == vote.id))
         session.execute(update(Comparison).where(Comparison.id == vote.comparison_id)
@@ -444,3 +449,46 @@ def progress(store: Store, annotator: str, *, overlap: int | None = None, now: f
         held = session.scalar(mine.where(Assignment.status == "active", Assignment.expires_at > t))
         open_ = session.scalar(select(counted).where(_eligible(uid, overlap, t, arena)))
         return Progress(done, held + open_, skipped)
+
+
+@dataclass(frozen=True)
+class AnnotatorProgress:
+    """One annotator's work so far, for the admin: votes per pool, skips, leases held now, the last vote."""
+
+    annotator: str
+    votes: int  # on ordinary comparisons, gold items not counted
+    gold_votes: int
+    arena_votes: int
+    skipped: int
+    on_lease: int  # unexpired leases now (at most one per pool)
+    last_vote_at: float | None
+    per_round: dict[int, int]  # votes on ordinary comparisons per loop round, where comparisons carry one
+
+
+def team_progress(store: Store, *, now: float | None = None) -> list[AnnotatorProgress]:
+    """Every annotator's progress (AnnotatorProgress), by name: one read of the votes and the assignments."""
+    t = time.time() if now is None else now
+    with store.read() as session:
+        names = dict(session.execute(select(Annotator.id, Annotator.name)).all())
+        votes = session.execute(select(Vote.annotator_id, Comparison.arena, Comparison.gold.is_not(None),
+                                       Comparison.loop_round, func.count(Vote.id), func.max(Vote.created_at))
+                                .join(Comparison, Comparison.id == Vote.comparison_id)
+                                .group_by(Vote.annotator_id, Comparison.arena, Comparison.gold.is_not(None),
+                                          Comparison.loop_round)).all()
+        held = session.execute(select(Assignment.annotator_id, Assignment.status, func.count(Assignment.id))
+                               .where(or_(Assignment.status == "skipped",
+                                          and_(Assignment.status == "active", Assignment.expires_at > t)))
+                               .group_by(Assignment.annotator_id, Assignment.status)).all()
+    counts: dict[int, dict[str, Any]] = {uid: {"votes": 0, "gold_votes": 0, "arena_votes": 0, "skipped": 0,
+                                              "on_lease": 0, "last_vote_at": None, "per_round": {}}
+                                        for uid in names}
+    for uid, arena, gold, round_, n, last in votes:
+        c = counts[uid]
+        pool = "arena_votes" if arena else "gold_votes" if gold else "votes"
+        c[pool] += n
+        c["last_vote_at"] = max(last, c["last_vote_at"] or last)
+        if pool == "votes" and round_ is not None:
+            c["per_round"][int(round_)] = c["per_round"].get(int(round_), 0) + n
+    for uid, status, n in held:
+        counts[uid]["skipped" if status == "skipped" else "on_lease"] += n
+    return sorted((AnnotatorProgress(names[uid], **c) for uid, c in counts.items()), key=lambda p: p.annotator)
