@@ -593,7 +593,7 @@ def _check_stage_roles(stages: list[StageConfig], stage_kinds: Mapping[str, Stag
     kinds = {s.kind: stage_kinds[s.kind].KIND for s in stages}
     for s in stages:
         kind = kinds[s.kind]
-        if kind.takes_reward and not s.reward:
+        if kind.takes_reward and kind.reward_required and not s.reward:
             raise UserError(f"{where(f'stages.{s.name}')}: a {s.kind} stage needs `reward:` naming a stage of kind reward")
         if s.reward and not kind.takes_reward:
             raise UserError(f"{where(f'stages.{s.name}.reward')}: only {', '.join(k for k in sorted(stage_kinds) if stage_kinds[k].KIND.takes_reward)} stages take "

@@ -242,9 +242,9 @@ def write_report(out: Path, results: list[ModelScores], rows: list[EvalRow], con
 
 
 def run_eval(models: list[tuple[str, str]], data: str, config: EvalConfig, out: Path, *,
-             reward: str | Path | None = None, log=print) -> dict:
-    """Evaluate every (name, spec) on `data`; returns what eval.json holds."""
-    rows = read_eval_rows(data, config.limit)
+             reward: str | Path | None = None, rows: list[EvalRow] | None = None, log=print) -> dict:
+    """Evaluate every (name, spec) on `data` (its `rows`, when already read); returns what eval.json holds."""
+    rows = rows if rows is not None else read_eval_rows(data, config.limit)
     modules = {Path(m).stem if Path(m).exists() else m: load_metric(m) for m in config.metrics}
     results = []
     for name, spec in models:

@@ -31,8 +31,8 @@ from alignkit.tracking import Reporting
 # Train keys alignkit sets itself: checkpoints and TensorBoard logs go into the stage directory.
 MANAGED_TRAIN_KEYS = ("output_dir", "report_to", "run_name", "project", "logging_dir", "resume_from_checkpoint", "push_to_hub", "hub_model_id")
 
-# A policy is what a later stage can start from; a reward stage's output is a scorer.
-Output = Literal["policy", "reward"]
+# A policy is what a later stage can start from; a reward stage's output is a scorer; an eval stage's a report.
+Output = Literal["policy", "reward", "report"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class StageKind:
     # The kinds `after:` may name: "policy" for any kind whose output is a policy, "any" for every kind.
     after: tuple[str, ...] | Literal["policy", "any"] = "policy"
     takes_reward: bool = False  # scores rollouts with the reward stage `reward:` names
+    reward_required: bool = True  # with takes_reward: False where `reward:` may be left out (eval)
     # TRL builds the reference by copying the parent adapter's `.default.` parameters; IA3 names its own
     # `ia3_l.default`, so under IA3 the reference would silently be the base, not the parent.
     copies_parent_as_reference: bool = False
@@ -146,7 +147,7 @@ def check_parents(stage: StageRun, kind: StageKind, *, min_reward_accuracy: floa
                             f"stage starts from a policy stage ({' or '.join(kind.after)})")
         info["policy_from"] = str(policy)
     reward = stage.parents.get("reward")
-    if kind.takes_reward:
+    if kind.takes_reward and (reward is not None or kind.reward_required):
         if reward is None:
             raise UserError(f"stage {stage.name}: a {kind.name} stage needs `reward:` naming a stage of kind reward")
         accuracy = heldout_accuracy(read_reward_stage(reward))  # UserError unless a complete reward stage

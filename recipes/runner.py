@@ -46,6 +46,7 @@ STAGE_RECIPES = {
     "ppo": "recipes.ppo",
     "rloo": "recipes.rloo",
     "grpo": "recipes.grpo",
+    "eval": "recipes.eval",
     "orpo": "recipes.orpo",
     "simpo": "recipes.simpo",
     "best_of_n": "recipes.best_of_n",

@@ -105,7 +105,7 @@ def test_a_duplicate_key_is_an_error_not_the_last_one_silently(tmp_path):
                                            "data": {"prompts": "x.jsonl"}}), "a ppo stage needs `reward:`"),
         (lambda raw: raw["stages"].append({"name": "ppo", "kind": "ppo", "after": "sft", "reward": "sft",
                                            "data": {"prompts": "x.jsonl"}}), "names 'sft', a sft stage, not a reward stage"),
-        (lambda raw: raw["stages"][1].update(reward="sft"), "only best_of_n, grpo, ppo, rloo stages take `reward:`"),
+        (lambda raw: raw["stages"][1].update(reward="sft"), "only best_of_n, eval, grpo, ppo, rloo stages take `reward:`"),
         (lambda raw: (raw["stages"].insert(1, {"name": "rm", "kind": "reward", "after": "sft",
                                                "data": {"train": "x.jsonl"}}), raw["stages"][2].update(after="rm")),
          "stages.dpo.after names 'rm', a reward stage"),
