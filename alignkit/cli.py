@@ -208,6 +208,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="fewer steps and samples (a smoke run, not the claims)")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the data, labels, sampling and training (0: the numbers in benchmarks/results_demo.md)")
+    p.add_argument("--loop", action="store_true",
+                   help="the loop's proof instead: rounds of labels from the latest policy against one-shot labeling")
     p.set_defaults(handler=_demo)
 
 
