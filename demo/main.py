@@ -18,6 +18,10 @@ from demo.settings import DemoSettings, quiet_libraries
 
 def demo_from_cli(args) -> int:
     settings = with_seed(DemoSettings.quick() if args.quick else DemoSettings(), args.seed)
+    if getattr(args, "loop", False):
+        from demo.loop import loop_demo_from_cli
+
+        return loop_demo_from_cli(args, settings)
     result = run_demo(args.workdir, settings, quick=args.quick)
     print(f"\nalignkit demo: done in {result['wall_seconds']:.0f}s — {Path(args.workdir) / 'report.md'}")
     for line in claim_lines(result):
