@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,11 +109,14 @@ def score_with_reward(reward_stage: Path, candidates: list[Candidates], *, batch
 
 
 def write_samples(path: Path, candidates: list[Candidates]) -> None:
-    """One line per prompt: its samples (text, score, finished) and `best`, the index trained on."""
-    with open(path, "w") as f:
+    """One line per prompt: its samples (text, score, finished) and `best`, the index trained on. Written
+    whole or not at all: under accelerate every rank writes the same file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
         for c in candidates:
             samples = [{"text": t, "score": s, "finished": e} for t, s, e in zip(c.texts, c.scores, c.finished)]
             f.write(json.dumps({"prompt": c.prompt, "samples": samples, "best": c.best}) + "\n")
+    os.replace(tmp, path)
 
 
 def read_samples(path: Path) -> list[Candidates]:
