@@ -44,6 +44,7 @@ def _loop_recipe(workdir: Path, recipe: Path, name: str, ls: LoopDemoSettings, s
     raw = yaml.safe_load(recipe.read_text())
     out = workdir / name
     labels = out / "labels" / "labels.db"
+    labels.parent.mkdir(parents=True, exist_ok=True)
     keep = {"sft", "reward", "dpo"}
     raw["stages"] = [st for st in raw["stages"] if st["name"] in keep]
     for st in raw["stages"]:
