@@ -136,12 +136,9 @@ def _versus_one_shot(workdir: Path, table: dict, one_shot: dict, s: DemoSettings
                             "oracle:sentiment", workdir / "loop" / "compare-one-shot",
                             SamplingParams(max_new_tokens=s.eval_max_new_tokens, temperature=s.temperature,
                                            seed=s.seed + 7, batch_size=64), bootstrap=s.bootstrap)
-    pair = result["pairs"][0]
-    flip = pair["model_a"] != "loop"
-    return {"win_rate": 1 - pair["win_rate"] if flip else pair["win_rate"],
-            "ci_low": 1 - pair["ci_high"] if flip else pair["ci_low"],
-            "ci_high": 1 - pair["ci_low"] if flip else pair["ci_high"],
-            "labels": one_shot["rounds"][0]["labels"], "loop_labels": last["labels"]}
+    from recipes.loop import win_rate_of
+
+    return {**win_rate_of(result, "loop"), "labels": one_shot["rounds"][0]["labels"], "loop_labels": last["labels"]}
 
 
 def loop_claims(table: dict) -> dict[str, bool]:

@@ -366,14 +366,19 @@ def _versus(lr: LoopRecipe, r: int, new: str, old: str, out: str, *, log=print) 
 
     result = compare_models({new: str(lr.run_dir / new), old: str(lr.run_dir / old)}, lr.eval_prompts,
                             _judge(lr, r), lr.round_dir(r) / out, _sampling(lr, r))
-    pair = result["pairs"][0]
-    flip = pair["model_a"] != new  # compare orders models as given; keep the new model's side either way
-    rate = pair["win_rate"]
-    entry = {"against": old, "win_rate": 1 - rate if flip else rate,
-             "ci_low": 1 - pair["ci_high"] if flip else pair["ci_low"],
-             "ci_high": 1 - pair["ci_low"] if flip else pair["ci_high"], "n": pair["n"]}
+    entry = {"against": old, **win_rate_of(result, new)}
     log(f"round {r}: {new} vs {old}: win rate {entry['win_rate']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]")
     return entry
+
+
+def win_rate_of(result: dict, name: str) -> dict:
+    """`name`'s win rate (ties half) and 95% CI over the other model of a two-model compare.json, whichever
+    side compare put it on."""
+    pair = result["pairs"][0]
+    if pair["model_a"] == name:
+        return {"win_rate": pair["win_rate"], "ci_low": pair["ci_low"], "ci_high": pair["ci_high"], "n": pair["n"]}
+    return {"win_rate": 1 - pair["win_rate"], "ci_low": 1 - pair["ci_high"], "ci_high": 1 - pair["ci_low"],
+            "n": pair["n"]}
 
 
 def policy_drift(lr: LoopRecipe, r: int) -> dict:
