@@ -36,6 +36,10 @@ as the logged-in annotator:
                                                   enable | make_admin | remove_admin              (admins only)
   /admin_export(min_agreement=0, ties="drop", both_bad="drop", min_votes=1) -> {"rows", "per_reason", "policy",
                                                   "download"}: then GET /alignkit/export.zip     (admins only)
+  /admin_disagreements(limit=20)               -> [{comparison_id, prompt, response_a, response_b, disagreement,
+                                                  votes: [{annotator, choice, strength, rationale, excluded}],
+                                                  adjudication}]                                  (admins only)
+  /admin_adjudicate(comparison_id, choice, strength=None, rationale="") -> {"comparison_id", "choice"}
 `choice` is a | b | tie | both_bad as shown (a = the response returned first / shown on
 the left; model_a is the model behind it). The first five serve ordinary comparisons
 only, the arena ones battles only. Errors come back as gradio_client AppError with a
@@ -68,7 +72,7 @@ from starlette.middleware import Middleware
 from alignkit.errors import UserError
 from alignkit.store import Store, next_item as store_next_item, progress as store_progress
 from alignkit.store import skip as store_skip, submit_vote as store_submit_vote, undo_last_vote
-from alignkit.store.agreement import agreement_report
+from alignkit.store.agreement import adjudicate, agreement_report, disagreements
 from alignkit.store.arena import LeaderboardCache, Reveal, battle_vote, reveal as reveal_battle
 from alignkit.store.export import excluded_annotators, export_zip, set_excluded
 from alignkit.store.queue import MAX_RATIONALE_CHARS
@@ -97,6 +101,10 @@ CSS = """
 .ak-len { font-weight: 400; opacity: 0.7; }
 .ak-progress { display: flex; gap: 0.8em; align-items: center; flex-wrap: wrap; }
 .ak-progress progress { flex: 1; min-width: 8em; height: 0.7em; }
+.ak-review-response { height: auto; max-height: 12em; margin-bottom: 0.5em; }
+.ak-votes { width: 100%; border-collapse: collapse; margin-top: 0.5em; }
+.ak-votes td, .ak-votes th { border-top: 1px solid var(--border-color-primary); padding: 0.3em 0.5em;
+                             text-align: left; vertical-align: top; }
 @media (max-width: 640px) {
   .ak-pair, #ak-header { flex-direction: column !important; }
   #ak-header > * { width: 100% !important; min-width: 0 !important; }
@@ -313,6 +321,20 @@ def api_endpoints(ctx: AppContext) -> None:
                 "download": EXPORT_PATH}
 
     @_api
+    def admin_disagreements(limit: int = 20, request: gr.Request = None) -> list:
+        """Admins only: the comparisons whose votes split most, each with every vote, rationale and ruling."""
+        require_admin(request)
+        return [asdict(d) for d in disagreements(ctx.store, limit=int(limit))]
+
+    @_api
+    def admin_adjudicate(comparison_id: int, choice: str, strength: int | None = None, rationale: str = "",
+                         request: gr.Request = None) -> dict:
+        """Admins only: rule on a comparison (choice a | b | tie | both_bad, a = its response_a); export follows."""
+        require_admin(request)
+        adjudicate(ctx.store, ctx.user(request), comparison_id, choice, strength=strength, rationale=rationale)
+        return {"comparison_id": comparison_id, "choice": choice}
+
+    @_api
     def arena_leaderboard() -> dict:
         """Bradley–Terry ratings with bootstrap CIs, votes per model and win rates per pair, from all battles."""
         return asdict(handlers.leaderboard(ctx.store, cache=ctx.leaderboard_cache))
@@ -334,6 +356,8 @@ def api_endpoints(ctx: AppContext) -> None:
     gr.api(admin_users, api_name="admin_users", **group)
     gr.api(admin_user, api_name="admin_user", **group)
     gr.api(admin_export, api_name="admin_export", **group)
+    gr.api(admin_disagreements, api_name="admin_disagreements", **group)
+    gr.api(admin_adjudicate, api_name="admin_adjudicate", **group)
 
 
 @dataclass
@@ -580,6 +604,7 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
             take_in = gr.Button("Take their votes in again", size="sm", elem_id="ak-admin-include")
         exclude_status = gr.Markdown(elem_id="ak-admin-exclude-status")
         users = user_widgets(ctx)
+        review = review_widgets(ctx)
         with gr.Accordion("Guidelines for annotators (markdown)", open=False):
             guidelines_box = gr.Textbox(lines=8, max_lines=30, show_label=False, elem_id="ak-admin-guidelines")
             save_guidelines = gr.Button("Save guidelines", size="sm", elem_id="ak-admin-save-guidelines")
@@ -608,7 +633,8 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
         return {tab: gr.Tab(visible=True), summary: view.summary_markdown, annotators: view.annotators,
                 pairs: view.pairs, who: gr.Dropdown(choices=[row[0] for row in view.annotators]),
                 progress: gr.Dataframe(value=table.rows, headers=table.columns),
-                users.table: handlers.user_rows(ctx.auth), download: handlers.download_html(ctx.export_dir)}
+                users.table: handlers.user_rows(ctx.auth), download: handlers.download_html(ctx.export_dir),
+                review.pick: gr.Dropdown(choices=handlers.disagreement_choices(ctx.store))}
 
     def exclude(excluded: bool):
         def fn(name, request: gr.Request):
@@ -637,7 +663,7 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
         return store_settings.guidelines(ctx.store) if ctx.is_admin(request) else ""
 
     demo.load(current_guidelines, outputs=[guidelines_box], **ui)
-    shown = [tab, summary, annotators, pairs, who, progress, users.table, download]
+    shown = [tab, summary, annotators, pairs, who, progress, users.table, download, review.pick]
     demo.load(show, outputs=shown, **ui)
     tab.select(show, outputs=shown, **ui)  # recomputed when opened, not the page-load snapshot
     refresh.click(show, outputs=shown, **ui)
@@ -646,6 +672,52 @@ def admin_tab(ctx: AppContext, demo: gr.Blocks) -> None:
     export.click(do_export, inputs=[min_agreement, ties, both_bad, min_votes], outputs=[export_status, download],
                  **ui)
     wire_users(ctx, users, require_admin)
+    wire_review(ctx, review, require_admin)
+
+
+@dataclass
+class ReviewWidgets:
+    pick: gr.Dropdown
+    shown: gr.HTML
+    rationale: gr.Textbox
+    rulings: dict[handlers.VoteOption, gr.Button]
+    status: gr.Markdown
+
+
+def review_widgets(ctx: AppContext) -> ReviewWidgets:
+    with gr.Accordion("Disagreements", open=False, elem_id="ak-admin-review"):
+        gr.Markdown("The comparisons whose votes split most, with every vote and rationale. A ruling replaces "
+                    "the votes in every export (A and B as shown here).")
+        pick = gr.Dropdown([], label="Comparison", elem_id="ak-admin-review-pick")
+        shown = gr.HTML(elem_id="ak-admin-review-item", js_on_load=None)
+        rationale = gr.Textbox(label="Why (optional)", lines=1, max_length=MAX_RATIONALE_CHARS,
+                               elem_id="ak-admin-review-why")
+        with gr.Row():
+            rulings = {o: gr.Button(f"Rule: {o.label}", size="sm", elem_id=f"ak-admin-rule-{o.elem_suffix}")
+                       for o in handlers.vote_options(ctx.scale)}
+        status = gr.Markdown(elem_id="ak-admin-review-status")
+    return ReviewWidgets(pick, shown, rationale, rulings, status)
+
+
+def wire_review(ctx: AppContext, w: ReviewWidgets, require_admin) -> None:
+    ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
+
+    def look(pick, request: gr.Request):
+        require_admin(request)
+        return handlers.review_html(ctx.store, handlers.shown_id(pick))
+
+    def rule(option: handlers.VoteOption):
+        def fn(pick, why, request: gr.Request):
+            require_admin(request)
+            line = handlers.admin_adjudicate(ctx.store, ctx.user(request), handlers.shown_id(pick), option, why)
+            return {w.status: line, w.shown: handlers.review_html(ctx.store, handlers.shown_id(pick)),
+                    w.pick: gr.Dropdown(choices=handlers.disagreement_choices(ctx.store), value=pick)}
+
+        return fn
+
+    w.pick.change(look, inputs=[w.pick], outputs=[w.shown], **ui)
+    for option, button in w.rulings.items():
+        button.click(rule(option), inputs=[w.pick, w.rationale], outputs=[w.status, w.shown, w.pick], **ui)
 
 
 @dataclass

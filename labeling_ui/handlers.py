@@ -17,7 +17,7 @@ from typing import Any
 from alignkit import stats
 from alignkit.errors import UserError
 from alignkit.store import Item, Store, next_item, progress, skip, skipped, submit_vote, undo_last_vote, unskip
-from alignkit.store.agreement import agreement_report
+from alignkit.store.agreement import adjudicate, agreement_report, disagreements
 from alignkit.store.arena import (LeaderboardCache, arena_battles, arena_vote_state, battle_vote, reveal,
                                   summarise_votes)
 from alignkit.store.export import excluded_annotators, export_dataset, set_excluded
@@ -523,3 +523,55 @@ def leaderboard(store: Store, *, bootstrap: int = LEADERBOARD_BOOTSTRAP, seed: i
     # Models nobody has voted on yet have no rating to rank; the warning names them.
     rated = [m for m in s.models if m["rating"] is not None]
     return Leaderboard(s.votes, s.battles, rated, s.pairs, bootstrap, s.warning, s.without_votes)
+
+
+# ---------------------------------------------------------------------------
+# Admin: disagreement review
+# ---------------------------------------------------------------------------
+
+
+def disagreement_choices(store: Store) -> list[tuple[str, int]]:
+    """(label, comparison id) of the comparisons that split most, for the review's picker."""
+    out = []
+    for d in disagreements(store):
+        words = " ".join(prompt_as_markdown(d.prompt).split())
+        ruled = f", ruled {CHOICE_LABELS[d.adjudication]}" if d.adjudication else ""
+        out.append((f"#{d.comparison_id}: {d.disagreement:.0%} split, {len(d.votes)} votes{ruled} — "
+                    f"{words[:50]}{'…' if len(words) > 50 else ''}", d.comparison_id))
+    return out
+
+
+def review_html(store: Store, comparison_id: int | None) -> str:
+    """One comparison under review: prompt, responses A and B (as stored, not as any annotator saw them) and every
+    vote with its rationale. Our markup around text from outside, which render.py shows as text."""
+    from labeling_ui.render import notice_html, prompt_html, verbatim_html
+
+    found = [d for d in disagreements(store) if d.comparison_id == comparison_id]
+    if not found:
+        return notice_html("Choose a comparison to review." if comparison_id is None
+                           else f"Comparison {comparison_id} is not among the most disputed now.")
+    d = found[0]
+    votes = "".join(
+        f"<tr><td>{html.escape(v.annotator)}{' (excluded)' if v.excluded else ''}</td>"
+        f"<td>{html.escape(CHOICE_LABELS[v.choice])}{f' ({v.strength})' if v.strength else ''}</td>"
+        f"<td>{verbatim_html(v.rationale) if v.rationale else '–'}</td></tr>" for v in d.votes)
+    ruled = (f'<p class="ak-ruled">Ruled: <b>{html.escape(CHOICE_LABELS[d.adjudication])}</b> '
+             f'(export follows it)</p>' if d.adjudication else "")
+    return (f'<div class="ak-review"><div class="ak-side">Prompt (#{d.comparison_id})</div>'
+            f'{prompt_html(d.prompt, markdown=False)}'
+            f'<div class="ak-side">A</div><div class="ak-response ak-review-response">{verbatim_html(d.response_a)}</div>'
+            f'<div class="ak-side">B</div><div class="ak-response ak-review-response">{verbatim_html(d.response_b)}</div>'
+            f'<table class="ak-votes"><tr><th>annotator</th><th>vote</th><th>rationale</th></tr>{votes}</table>'
+            f'{ruled}</div>')
+
+
+def admin_adjudicate(store: Store, admin: str, comparison_id: int | None, option: VoteOption,
+                     rationale: str | None) -> str:
+    """The admin's ruling on the comparison under review (A = its first response as shown there)."""
+    if comparison_id is None:
+        return "Choose a comparison first."
+    try:
+        adjudicate(store, admin, int(comparison_id), option.choice, strength=option.strength, rationale=rationale)
+    except UserError as err:
+        return f"Not ruled: {markdown_text(str(err))}"
+    return f"Ruled #{comparison_id}: {option.label}. Export follows the ruling from now on."

@@ -138,3 +138,41 @@ def test_arena_vote_is_undone_before_the_reveal(browser, served):
         shot(page, "arena-revealed-1280")
     finally:
         page.close()
+
+
+def test_admin_rules_on_a_disagreement_in_the_browser_and_the_export_has_it(browser, tmp_path):
+    from test_labeling_review import XSS, vote_canonical
+
+    db = str(tmp_path / "labels.db")
+    assert alignkit_main(["label", "import", "--db", db, str(write_prompts(tmp_path / "p.jsonl", 1))]) == 0
+    creds = make_users(tmp_path / "users.json", ["lead", "ann", "bob"], admins=("lead",))
+    server = Server(db, users=tmp_path / "users.json", overlap=2, log=tmp_path / "server.log").start()
+    page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    try:
+        vote_canonical(client(server.url, ("ann", creds["ann"])), {1: "a"}, XSS)
+        vote_canonical(client(server.url, ("bob", creds["bob"])), {1: "b"}, "longer is better")
+        log_in(page, server.url, "lead", creds["lead"])
+        shown_item(page)
+        page.get_by_role("tab", name="Admin").click()
+        page.locator("#ak-admin-review").get_by_text("Disagreements", exact=True).first.click()
+        page.locator("#ak-admin-review-pick input").click()
+        page.get_by_role("option").first.click()
+        shows(page, "#ak-admin-review-item", "longer is better")
+        assert XSS in page.locator("#ak-admin-review-item").inner_text()  # a rationale is text
+        assert page.locator("#ak-admin-review-item img").count() == 0 and page.evaluate("window.__r") is None
+        page.locator("#ak-admin-rule-a").click()
+        shows(page, "#ak-admin-review-status", "Ruled #1: A better")
+        page.locator("#ak-admin-review").scroll_into_view_if_needed()
+        shot(page, "admin-review-1280")
+        page.locator("#ak-admin-export").click()
+        page.locator("#ak-admin-export-status").get_by_text("Exported 1 preference rows").wait_for(timeout=30_000)
+        with page.expect_download() as info:
+            page.locator("#ak-admin-download a").click()
+        z = zipfile.ZipFile(io.BytesIO(open(info.value.path(), "rb").read()))
+        top = z.namelist()[0].split("/", 1)[0]
+        (row,) = [json.loads(line) for line in z.read(f"{top}/preferences.jsonl").decode().splitlines()]
+        assert (row["chosen"], row["adjudicated"]) == ("short 0", True)
+        assert json.loads(z.read(f"{top}/export.json"))["adjudicated"] == 1
+    finally:
+        page.close()
+        server.stop()

@@ -20,21 +20,30 @@ each a reason to look at their work (FLAG_RULES, thresholds named below): too fa
 a side they favour beyond chance, mostly ties or both-bad, little agreement with the
 others, low gold accuracy. A flag is a prompt for a person to look, never a verdict;
 an admin excludes an annotator's votes from export (`excluded`) by hand.
+
+Disagreement review: `disagreements` lists the ordinary comparisons whose votes split most (the share of
+votes outside the plurality), every vote with its rationale; `adjudicate` records an admin's ruling on one,
+which export takes over the votes.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import statistics
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
 
+from alignkit.errors import UserError
 from alignkit.store.db import Store
-from alignkit.store.models import CHOICES, Annotator, Comparison, Vote
+from alignkit.store.models import CHOICES, Adjudication, Annotator, Comparison, Vote
+from alignkit.store.queue import _check_strength, annotator_id, check_choice, check_id
+from alignkit.store.settings import scale_in
 
 
 # Flags: each needs enough votes to mean something, then a threshold.
@@ -262,3 +271,88 @@ def _model_pair_preferences(votes: list[VoteRow], comparisons: dict, *, rounds: 
                     "lc_win_rate": lc.win_rate, "lc_ci_low": lc.ci_low, "lc_ci_high": lc.ci_high,
                     "length_coef": lc.length_coef})
     return out
+
+
+# ---------------------------------------------------------------------------
+# Disagreement review and adjudication
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReviewVote:
+    annotator: str
+    choice: str  # canonical: a = the comparison's response_a
+    strength: int | None
+    rationale: str | None
+    excluded: bool  # the annotator's votes are left out of export
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    """One comparison the annotators split on, with every vote and rationale, for an admin to resolve.
+
+    `disagreement` is the share of its votes outside the plurality label (0: unanimous)."""
+
+    comparison_id: int
+    prompt: Any
+    response_a: str
+    response_b: str
+    disagreement: float
+    votes: list[ReviewVote]
+    adjudication: str | None  # the admin's ruling, canonical, if any
+
+
+def disagreement_share(labels: list[str]) -> float:
+    return 1.0 - max(Counter(labels).values()) / len(labels)
+
+
+def disagreements(store: Store, *, limit: int = 20) -> list[Disagreement]:
+    """The ordinary comparisons with two or more votes that split most (ties broken by more votes, then id), each
+    with its votes and any adjudication. Gold items and arena battles are not reviewed: gold has its answer, and
+    a battle rates models."""
+    with store.read() as s:
+        rows = s.execute(select(Vote.comparison_id, Annotator.name, Vote.choice, Vote.strength, Vote.rationale,
+                                Annotator.excluded)
+                         .join(Annotator, Annotator.id == Vote.annotator_id)
+                         .join(Comparison, Comparison.id == Vote.comparison_id)
+                         .where(Comparison.arena.is_(False), Comparison.gold.is_(None))
+                         .order_by(Vote.comparison_id, Vote.id)).all()
+        votes: dict[int, list[ReviewVote]] = defaultdict(list)
+        for cid, *rest in rows:
+            votes[cid].append(ReviewVote(*rest))
+        split = [(disagreement_share([v.choice for v in vs]), len(vs), cid) for cid, vs in votes.items()
+                 if len(vs) >= 2]
+        split = sorted((x for x in split if x[0] > 0), key=lambda x: (-x[0], -x[1], x[2]))[:limit]
+        ids = [cid for _, _, cid in split]
+        comps = {c.id: c for c in s.scalars(select(Comparison).where(Comparison.id.in_(ids)))} if ids else {}
+        ruled = dict(s.execute(select(Adjudication.comparison_id, Adjudication.choice)
+                               .where(Adjudication.comparison_id.in_(ids))).all()) if ids else {}
+        return [Disagreement(cid, json.loads(comps[cid].prompt.content_json), comps[cid].response_a.text,
+                             comps[cid].response_b.text, share, votes[cid], ruled.get(cid))
+                for share, _, cid in split]
+
+
+def adjudicate(store: Store, admin: str, comparison_id: int, choice: str, *, strength: int | None = None,
+               rationale: str | None = None) -> None:
+    """Record `admin`'s ruling on an ordinary comparison (canonical choice: a = its response_a), replacing an
+    earlier one; export takes it over the votes (alignkit.store.export). On a scaled store a ruling for a side
+    carries its strength, as a vote does."""
+    check_choice(choice)
+    check_id(comparison_id)
+
+    def run(session) -> None:
+        comp = session.get(Comparison, comparison_id)
+        if comp is None:
+            raise UserError(f"comparison {comparison_id} does not exist")
+        if comp.arena or comp.gold is not None:
+            raise UserError(f"comparison {comparison_id} is {'an arena battle' if comp.arena else 'a gold item'}: "
+                            f"nothing to adjudicate")
+        _check_strength(strength, choice, scale_in(session))
+        uid = annotator_id(store, session, admin)
+        found = session.scalars(select(Adjudication).where(Adjudication.comparison_id == comparison_id)).one_or_none()
+        ruling = found or Adjudication(comparison_id=comparison_id)
+        ruling.annotator_id, ruling.choice, ruling.strength = uid, choice, strength
+        ruling.rationale, ruling.created_at = (rationale or "").strip() or None, time.time()
+        session.add(ruling)
+
+    store.write(run)

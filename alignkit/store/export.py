@@ -30,7 +30,9 @@ comparison on them. Their votes are read by `alignkit compare --collect` and the
 app's leaderboard instead. Gold items (`label import --gold`) are left out too: they
 measure annotators, and their answers were never anyone's vote. The votes of
 annotators an admin excluded (`label exclude`) are left out before aggregation;
-export.json names them.
+export.json names them. A comparison an admin adjudicated (the admin tab's
+disagreement review) follows the ruling, ADJUDICATION_RULE, whatever its votes say;
+its rows say `adjudicated`, and export.json counts them.
 """
 
 from __future__ import annotations
@@ -50,10 +52,12 @@ from sqlalchemy import func, select, true
 from alignkit.data.formats import consistent_pairs, consistent_unpaired
 from alignkit.errors import UserError
 from alignkit.store.db import Store, open_store
-from alignkit.store.models import CHOICES, Annotator, Comparison, Vote
+from alignkit.store.models import CHOICES, Adjudication, Annotator, Comparison, Vote
 from alignkit.store.settings import scale, scale_in
 
 POLICIES = ("drop", "ignore")
+ADJUDICATION_RULE = ("an admin's ruling replaces the plurality and the agreement and vote minimums: a side is "
+                     "kept, a tie or both bad dropped (both bad kept under both_bad=undesirable)")
 MARGIN_RULE = "mean over the votes for the chosen response of (strength - 1)"
 BOTH_BAD_POLICIES = POLICIES + ("undesirable",)  # undesirable: unpaired rows only
 
@@ -122,10 +126,15 @@ def aggregate_store(store: Store, *, min_agreement: float = 0.0, ties: str = "dr
             labels[cid].append(choice)
             strengths[cid].append((choice, strength))
         comps = {c.id: c for c in s.scalars(select(Comparison).where(Comparison.id.in_(list(labels))))} if labels else {}
+        rulings = {a.comparison_id: a for a in s.scalars(select(Adjudication).where(
+            Adjudication.comparison_id.in_(list(labels))))} if labels else {}
         rows, reasons = [], Counter()
         for cid in sorted(labels):
             winner, agreement, reason = aggregate(labels[cid], ties=ties, both_bad=both_bad,
                                                   min_agreement=min_agreement, min_votes=min_votes)
+            ruling = rulings.get(cid)
+            if ruling is not None:
+                winner, reason = adjudicated(ruling.choice, both_bad)
             reasons[reason] += 1
             if winner is None:
                 continue
@@ -134,16 +143,24 @@ def aggregate_store(store: Store, *, min_agreement: float = 0.0, ties: str = "dr
             counts = Counter(labels[cid])
             prompt = json.loads(c.prompt.content_json)
             about = {"n_annotators": len(labels[cid]), "agreement": agreement, "comparison_id": cid,
-                     "votes": {k: counts.get(k, 0) for k in CHOICES}}
+                     "votes": {k: counts.get(k, 0) for k in CHOICES}, "adjudicated": ruling is not None}
             if unpaired:
                 rows += [{"prompt": prompt, "completion": response.text, "label": label, "model": response.model_spec,
                           **about} for response, label in ((chosen, winner != "both_bad"), (rejected, False))]
             else:
-                margin = {"margin": vote_margin(strengths[cid], winner)} if levels > 1 else {}
+                decided_by = [(ruling.choice, ruling.strength)] if ruling is not None else strengths[cid]
+                margin = {"margin": vote_margin(decided_by, winner)} if levels > 1 else {}
                 rows.append({"prompt": prompt, "chosen": chosen.text, "rejected": rejected.text,
                              "chosen_model": chosen.model_spec, "rejected_model": rejected.model_spec, **margin,
                              **about})
     return rows, dict(reasons)
+
+
+def adjudicated(choice: str, both_bad: str) -> tuple[str | None, str]:
+    """ADJUDICATION_RULE: (winner or None, reason) of a comparison an admin ruled on."""
+    if choice == "tie" or (choice == "both_bad" and both_bad != "undesirable"):
+        return None, f"adjudicated_{choice}"
+    return choice, "adjudicated"
 
 
 def vote_margin(votes: list[tuple[str, int | None]], winner: str) -> float:
@@ -239,7 +256,9 @@ def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         summary = {"store": store.name, "rows": len(rows), "per_reason": reasons,
-                   "policy": {"aggregation": "plurality", "ties": ties, "both_bad": both_bad,
+                   "adjudicated": sum(n for reason, n in reasons.items() if reason.startswith("adjudicated")),
+                   "policy": {"aggregation": "plurality", "adjudication": ADJUDICATION_RULE, "ties": ties,
+                              "both_bad": both_bad,
                               "min_agreement": min_agreement, "min_votes": min_votes,
                               "excluded_annotators": excluded_annotators(store), "gold_items": "left out",
                               **({"margin": MARGIN_RULE, "scale": levels} if levels > 1 else {})},
