@@ -147,7 +147,9 @@ class TrackerRuns:
         if "wandb" in self.report_to:
             import wandb
 
+            # dir: read now, not once per process by wandb's first setup, so each stage honours WANDB_DIR.
             wandb.init(project=os.environ.get("WANDB_PROJECT") or ident.project, name=ident.run_name,
+                       dir=os.environ.get("WANDB_DIR"),
                        group=ident.project, job_type=ident.params["alignkit.kind"], reinit="finish_previous",
                        tags=[ident.params["alignkit.stage"], ident.params["alignkit.kind"]],
                        config={**ident.params, **self.hyperparameters})

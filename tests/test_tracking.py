@@ -16,6 +16,8 @@ from recipes.runner import RECIPES, run_recipe
 
 TOOLS = [t for t in ("mlflow", "wandb", "trackio") if importlib.util.find_spec(t) is not None]
 STEPS, EVERY, PROMPTS = 4, 2, 3
+# Run directory names, so tracker projects: unique, since trackio keeps the store of its first import's TRACKIO_DIR.
+RUN, PPO_RUN = f"run{os.getpid()}", f"ppo{os.getpid()}"
 
 
 def tracker_env(root: Path) -> dict:
@@ -61,13 +63,13 @@ def tracked(tmp_path_factory, tiny_model_dir):
         from tests.conftest import TINY_RECIPE
 
         raw = yaml.safe_load(TINY_RECIPE.read_text())
-        raw["run_dir"] = str(root / "run")
+        raw["run_dir"] = str(root / RUN)
         raw["stages"][0]["data"]["train"] = str((TINY_RECIPE.parent / raw["stages"][0]["data"]["train"]).resolve())
         sft_only(["tensorboard", *TOOLS])(raw)
         path = root / "recipe.yaml"
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
         records = run_recipe(path, log=lambda line: None)
-    return {"root": root, "stage": records["sft"], "stage_dir": root / "run" / "sft"}
+    return {"root": root, "stage": records["sft"], "stage_dir": root / RUN / "sft"}
 
 
 def test_ci_has_every_tracker():
@@ -102,7 +104,7 @@ def test_mlflow_run_holds_metrics_identity_and_completions(tracked):
     client = mlflow.MlflowClient(f"sqlite:///{tracked['root']}/mlflow.db")
     experiment = client.get_experiment_by_name("alignkit-tests")
     (run,) = client.search_runs([experiment.experiment_id], "tags.`alignkit.stage` = 'sft'")
-    assert run.info.run_name == "run/sft" and run.info.status == "FINISHED"
+    assert run.info.run_name == f"{RUN}/sft" and run.info.status == "FINISHED"
     assert run.data.tags["alignkit.config_hash"] == tracked["stage"]["config_hash"]
     assert run.data.params["alignkit.recipe"].endswith("recipe.yaml")
     assert run.data.params["max_steps"] == str(STEPS)  # the HF integration's TRL settings, in the same run
@@ -126,7 +128,7 @@ def test_wandb_offline_run_holds_metrics_identity_and_completions(tracked):
     (run_dir,) = (tracked["root"] / "wandb" / "wandb").glob("offline-run-*")
     records = wandb_records(run_dir)
     run = next(r["run"] for r in records if r["type"] == "run")
-    assert run["display_name"] == "run/sft" and run["project"] == "run" and "sft" in run["tags"]
+    assert run["display_name"] == f"{RUN}/sft" and run["project"] == RUN and "sft" in run["tags"]
     config = {k: v for r in records if r["type"] == "config" for k, v in r["config"].get("update", {}).items()}
     config.update(run["config"]["update"])
     assert config["alignkit.config_hash"] == tracked["stage"]["config_hash"]
@@ -141,11 +143,9 @@ def test_wandb_offline_run_holds_metrics_identity_and_completions(tracked):
 def test_trackio_run_holds_metrics_identity_and_completions(tracked):
     from trackio.sqlite_storage import SQLiteStorage
 
-    # trackio reads TRACKIO_DIR once, when first imported: in this session, by the fixture's run.
-    assert str(SQLiteStorage.get_project_db_path("run")).startswith(str(tracked["root"]))
-    assert "run/sft" in SQLiteStorage.get_runs("run")
-    logs = SQLiteStorage.get_logs("run", "run/sft")
-    config = SQLiteStorage.get_run_config("run", "run/sft")
+    assert f"{RUN}/sft" in SQLiteStorage.get_runs(RUN)
+    logs = SQLiteStorage.get_logs(RUN, f"{RUN}/sft")
+    config = SQLiteStorage.get_run_config(RUN, f"{RUN}/sft")
     assert [entry["train/global_step"] for entry in logs if "train/loss" in entry] == [2, 4]
     tables = [entry["completions"] for entry in logs if "completions" in entry]
     assert len(tables) == 2 and all(len(t["_value"]) == PROMPTS for t in tables)
@@ -203,10 +203,10 @@ def tracked_ppo(tmp_path_factory, tiny_model_dir):
             mp.setenv(k, v)
         if "mlflow" in TOOLS:
             mlflow_experiment(root)
-        stage = StageRun(name="ppo", kind="ppo", stage_dir=root / "ppo-run" / "ppo", model=ModelSettings(
+        stage = StageRun(name="ppo", kind="ppo", stage_dir=root / PPO_RUN / "ppo", model=ModelSettings(
             base=str(tiny_model_dir), quantization="none"), peft=peft_settings(), data={}, train={}, parents={},
             seed=0, config_hash="0123abcd", prepared=PromptSet([{"prompt": p} for p in PPO_PROMPTS], {}),
-            report=Reporting(report_to=("tensorboard", *TOOLS), project="ppo-run", recipe="recipe.yaml",
+            report=Reporting(report_to=("tensorboard", *TOOLS), project=PPO_RUN, recipe="recipe.yaml",
                              lineage=("sft",), log_completions=LogCompletions(every=EVERY, prompts=PROMPTS, max_new_tokens=6)))
         trackers = TrackerRuns.for_stage(stage, hf_logs=False)
         trainer = PPOTrainer(config(steps=STEPS, rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=6),
@@ -229,7 +229,7 @@ def test_ppo_on_mlflow(tracked_ppo):
 
     client = mlflow.MlflowClient(f"sqlite:///{tracked_ppo['root']}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("alignkit-tests").experiment_id])
-    assert run.info.run_name == "ppo-run/ppo" and run.data.tags["alignkit.lineage"] == "ppo <- sft"
+    assert run.info.run_name == f"{PPO_RUN}/ppo" and run.data.tags["alignkit.lineage"] == "ppo <- sft"
     assert run.data.params["rollout_batch_size"] == "8" and run.data.params["alignkit.config_hash"] == "0123abcd"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "ppo/mean_reward")] == list(range(1, STEPS + 1))
     assert len(client.list_artifacts(run.info.run_id, "completions")) == STEPS // EVERY
@@ -241,7 +241,7 @@ def test_ppo_on_wandb(tracked_ppo):
     (run_dir,) = (tracked_ppo["root"] / "wandb" / "wandb").glob("offline-run-*")
     records = wandb_records(run_dir)
     run = next(r["run"] for r in records if r["type"] == "run")
-    assert run["display_name"] == "ppo-run/ppo" and run["config"]["update"]["rollout_batch_size"] == 8
+    assert run["display_name"] == f"{PPO_RUN}/ppo" and run["config"]["update"]["rollout_batch_size"] == 8
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     assert [h["train/global_step"] for h in history if "ppo/mean_reward" in h] == list(range(1, STEPS + 1))
     assert [h["train/global_step"] for h in history if h.get("completions._type") == "table-file"] == [2, 4]
@@ -251,8 +251,8 @@ def test_ppo_on_wandb(tracked_ppo):
 def test_ppo_on_trackio(tracked_ppo):
     from trackio.sqlite_storage import SQLiteStorage
 
-    logs = SQLiteStorage.get_logs("ppo-run", "ppo-run/ppo")
-    config = SQLiteStorage.get_run_config("ppo-run", "ppo-run/ppo")
+    logs = SQLiteStorage.get_logs(PPO_RUN, f"{PPO_RUN}/ppo")
+    config = SQLiteStorage.get_run_config(PPO_RUN, f"{PPO_RUN}/ppo")
     assert [entry["step"] for entry in logs if "ppo/mean_reward" in entry] == list(range(1, STEPS + 1))
     assert len([entry for entry in logs if "completions" in entry]) == STEPS // EVERY
     assert config["alignkit.config_hash"] == "0123abcd" and config["rollout_batch_size"] == 8
