@@ -83,6 +83,9 @@ def test_a_correction_or_double_tap_never_votes_on_an_unseen_item(browser, serve
         page.keyboard.press("1")
         page.wait_for_timeout(20)
         page.keyboard.press("2")
+        page.locator("#ak-arena-reveal").get_by_text("You voted").wait_for(timeout=15_000)
+        focus_page(page)
+        page.keyboard.press("r")  # the models, once the annotator asks (until then the vote can be undone)
         page.locator("#ak-arena-reveal").get_by_text("A was").wait_for(timeout=15_000)
         page.wait_for_timeout(700)
         assert shown_item(page, "ak-arena-prompt") == battle

@@ -87,6 +87,9 @@ def test_login_label_three_with_shortcuts_and_model_html_stays_text(browser, tmp
         assert "model" not in page.locator("#ak-arena-reveal").inner_text()
         focus_page(page)
         page.keyboard.press("1")  # A is better; the hidden Label tab's button must not take it
+        page.locator("#ak-arena-reveal").get_by_text("You voted").wait_for(timeout=15_000)
+        focus_page(page)
+        page.keyboard.press("r")  # the models, once the annotator asks (until then the vote can be undone)
         page.locator("#ak-arena-reveal").get_by_text("A was").wait_for(timeout=15_000)
         left_model = battle_models[0] if arena_left == "battle answer one" else battle_models[1]
         right_model = battle_models[1] if left_model == battle_models[0] else battle_models[0]
