@@ -101,6 +101,10 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--tie-margin", type=float, default=0.0, help="reward judge: score differences within this margin are ties")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for CIs (>= 100)")
+    p.add_argument("--battles", type=int, default=None, metavar="N",
+                   help="with a human judge: send N battles (each a pair on a prompt it has not met on), not every pair on every prompt")
+    p.add_argument("--select", default=None, metavar="uncertainty|uniform",
+                   help="how --battles are allocated: to the pairs whose rating difference is least certain (default), or evenly")
     p.set_defaults(handler=_compare)
 
 

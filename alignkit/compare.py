@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -51,9 +53,15 @@ from alignkit.data.formats import prompt_from
 from alignkit.data.io import read_jsonl
 from alignkit.errors import UserError
 from alignkit.generation import SamplingParams
+from alignkit.selection import PairSpread, allocate_battles, rating_spreads
+
+if TYPE_CHECKING:
+    from alignkit.store.arena import ArenaBattles
+    from alignkit.store.importer import ImportSummary
 
 CACHE_DIR = "cache"
 HUMAN_JSON = "human.json"
+SELECT_RULES = ("uncertainty", "uniform")
 
 
 # ---------------------------------------------------------------------------
@@ -288,7 +296,8 @@ def length_control(names: Sequence[str], battles: list[dict], responses: dict[st
     controlled win rate, bootstrap CI over prompts) and returns `ratings_length_controlled` /
     `length_coef` for three or more models (Bradley–Terry with Chatbot Arena's style term). Lengths are
     characters of the responses the judge saw; see alignkit.stats for the models."""
-    length = {(m, i): len(texts[i]) for m, texts in responses.items() for i in range(len(texts))}
+    # None: no response to that prompt (compare --battles samples a model only where it has a battle).
+    length = {(m, i): len(t) for m, texts in responses.items() for i, t in enumerate(texts) if t is not None}
     for pair in pairs:
         x, y = pair["model_a"], pair["model_b"]
         rows = [b for b in battles if {b["model_a"], b["model_b"]} == {x, y}]
@@ -317,9 +326,10 @@ def length_control(names: Sequence[str], battles: list[dict], responses: dict[st
             "ratings_length_coef": styled["length_coef"]}
 
 
-def _mean_length(names: Sequence[str], responses: dict[str, list[str]]) -> dict[str, dict[str, float]]:
-    return {m: {"chars": float(np.mean([len(t) for t in responses[m]])),
-                "words": float(np.mean([len(t.split()) for t in responses[m]]))} for m in names}
+def _mean_length(names: Sequence[str], responses: dict[str, list[str | None]]) -> dict[str, dict[str, float | None]]:
+    texts = {m: [t for t in responses[m] if t is not None] for m in names}  # None: not sampled (--battles)
+    return {m: {"chars": float(np.mean([len(t) for t in texts[m]])) if texts[m] else None,
+                "words": float(np.mean([len(t.split()) for t in texts[m]])) if texts[m] else None} for m in names}
 
 
 # ---------------------------------------------------------------------------
@@ -445,44 +455,59 @@ def _arena_identity(info: dict) -> str:
     return stable_hash(info.get("identity") or {"spec": info["spec"]})[:16]
 
 
-def send_to_store(out_dir: Path, db: str, models: dict[str, str], prompts: list[Any],
-                  responses: dict[str, list[str]], info: dict[str, dict], params: SamplingParams) -> dict:
-    """Human judge, step 1: put every pair into the label store for blind voting; record what was sent."""
-    from alignkit.store import open_store
-    from alignkit.store.importer import ImportRow, write_rows
-
+def _identities(models: dict[str, str], info: dict[str, dict]) -> dict[str, str]:
+    """name -> the model identity its responses carry in the store (names repeat across runs: `dpo`, `sft`)."""
     specs = [models[m] for m in models]
     if len(set(specs)) != len(specs):
         raise UserError("human judge: two --model arguments name the same spec; the store records responses by spec")
-    # model_identity: what the leaderboard counts the model by (names repeat across runs: `dpo`, `sft`).
-    identity = {m: _arena_identity({**info[m], "spec": models[m]}) for m in models}
-    rows = []
-    for i, prompt in enumerate(prompts):
-        texts = [responses[m][i] for m in models]
-        # Identical responses collapse into one in the store (no comparison): counted as ties at --collect.
-        # model_name: the display name the Arena reveals after a vote (alignkit.store.arena.model_name).
-        sampling = [{**params.to_dict(), "compare_out": str(out_dir), "model_name": m, "model_identity": identity[m]}
-                    for m in models]
-        rows.append(ImportRow(prompt=prompt, source=f"alignkit compare {out_dir} prompt {i}", responses=texts,
-                              models=specs, sampling=sampling))
+    return {m: _arena_identity({**info[m], "spec": models[m]}) for m in models}
+
+
+def _sampling_record(params: SamplingParams, out_dir: Path, name: str, identity: str) -> dict:
+    # model_name: the display name the Arena reveals after a vote (alignkit.store.arena.model_name).
+    return {**params.to_dict(), "compare_out": str(out_dir), "model_name": name, "model_identity": identity}
+
+
+def _write_battles(db: str, rows: list) -> ImportSummary:
+    from alignkit.store import open_store
+    from alignkit.store.importer import write_rows
+
     store = open_store(db, create=True)
     try:
-        summary = write_rows(store, rows, arena=True)
+        return write_rows(store, rows, arena=True)
     finally:
         store.close()
-    name = _store_name(db)
-    write_json_atomic(out_dir / HUMAN_JSON, {"db": name, "models": info, "prompts": prompts, "responses": responses,
-                                             "sampling": params.to_dict(), "comparisons": summary.comparisons,
-                                             "new_comparisons": summary.new_comparisons})
-    message = (f"human judge: {summary.comparisons} comparisons in {name} ({summary.new_comparisons} new); ")
+
+
+def _sent_message(summary: ImportSummary, name: str, out_dir: Path) -> str:
+    message = f"human judge: {summary.comparisons} comparisons in {name} ({summary.new_comparisons} new); "
     if summary.converted:
         # The same pair was already queued for labeling (imported from these models' responses): its votes now
         # count in the Arena, and `label export` no longer exports it as training data.
         message += (f"{summary.converted} of them were labeling comparisons ({summary.converted_votes} votes) and are "
                     "arena battles now, no longer exported by `alignkit label export`; ")
-    message += (f"annotators vote blind in the labeling app's Arena tab (alignkit label serve --db {name}); then run "
-                f"`alignkit compare --judge human:{name} --out {out_dir} --collect`")
-    return {"pending": True, "message": message, "comparisons": summary.comparisons,
+    return message + (f"annotators vote blind in the labeling app's Arena tab (alignkit label serve --db {name}); "
+                      f"then run `alignkit compare --judge human:{name} --out {out_dir} --collect`")
+
+
+def send_to_store(out_dir: Path, db: str, models: dict[str, str], prompts: list[Any],
+                  responses: dict[str, list[str]], info: dict[str, dict], params: SamplingParams) -> dict:
+    """Human judge, step 1: put every pair into the label store for blind voting; record what was sent."""
+    from alignkit.store.importer import ImportRow
+
+    identity = _identities(models, info)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        # Identical responses collapse into one in the store (no comparison): counted as ties at --collect.
+        rows.append(ImportRow(prompt=prompt, source=f"alignkit compare {out_dir} prompt {i}",
+                              responses=[responses[m][i] for m in models], models=[models[m] for m in models],
+                              sampling=[_sampling_record(params, out_dir, m, identity[m]) for m in models]))
+    summary = _write_battles(db, rows)
+    name = _store_name(db)
+    write_json_atomic(out_dir / HUMAN_JSON, {"db": name, "models": info, "prompts": prompts, "responses": responses,
+                                             "sampling": params.to_dict(), "comparisons": summary.comparisons,
+                                             "new_comparisons": summary.new_comparisons})
+    return {"pending": True, "message": _sent_message(summary, name, out_dir), "comparisons": summary.comparisons,
             "new_comparisons": summary.new_comparisons, "models": info}
 
 
@@ -524,6 +549,8 @@ def collect_from_store(out_dir: Path, db: str, bootstrap: int) -> dict:
                 prompt_index.setdefault(pid, i)
                 gave: dict[int, list[str]] = {}  # response id -> the models that gave that text
                 for m in names:
+                    if responses[m][i] is None:  # --battles: this model had no battle on this prompt
+                        continue
                     r = s.scalars(select(Response).where(Response.prompt_id == pid,
                                                          Response.key == store_key(storable_text(responses[m][i])))).first()
                     if r is None:
@@ -581,12 +608,236 @@ def collect_from_store(out_dir: Path, db: str, bootstrap: int) -> dict:
     return _write_outputs(result, out_dir)
 
 
+# ---------------------------------------------------------------------------
+# Human judge, N battles at a time (--battles): where the ratings are least certain
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreHistory:
+    """The arena battles between two of these models (counted by model identity) that the store already holds."""
+
+    met: dict[tuple[str, str], set[str]]  # pair (in --model order) -> store keys of the prompts it met on
+    votes: ArenaBattles  # the votes on them, named by this run's model names
+    # (prompt key, response key) -> the model the store credits that text to (a name here, else its model_key)
+    owners: dict[tuple[str, str], str]
+
+
+@dataclass(frozen=True)
+class Allocation:
+    rule: str  # uncertainty | uniform
+    battles: dict[tuple[str, str], int]  # pair -> battles sent now (pairs given none left out)
+    spreads: list[PairSpread]  # per pair, from the votes so far: what `uncertainty` allocates by
+
+    def as_dict(self) -> dict:
+        return {"rule": self.rule, "pairs": [
+            {"model_a": s.models[0], "model_b": s.models[1], "battles": self.battles.get(s.models, 0),
+             "voted_battles_before": s.battles,
+             "spread": s.spread if math.isfinite(s.spread) else None}  # None: never met (infinitely uncertain)
+            for s in self.spreads]}
+
+
+def store_history(db: str, identity: dict[str, str], prompts: list[Any]) -> StoreHistory:
+    """Every arena battle between two of these models (name -> `_arena_identity`) in the store, with its votes, and
+    whose the stored responses to these prompts are."""
+    from sqlalchemy import select
+
+    from alignkit.store import open_store
+    from alignkit.store.arena import arena_battles, model_key
+    from alignkit.store.importer import store_key
+    from alignkit.store.models import Comparison, Prompt, Response
+
+    name_of = {key: m for m, key in identity.items()}
+    rank = {m: k for k, m in enumerate(identity)}
+    met: dict[tuple[str, str], set[str]] = {pair: set() for pair in _pairs(list(identity))}
+    named: dict[int, str] = {}  # response id -> model name, as compare --collect names them
+    comparisons: set[int] = set()
+    store = open_store(db, create=True)
+    try:
+        with store.read() as s:
+            for comp in s.scalars(select(Comparison).where(Comparison.arena.is_(True))):
+                x, y = (name_of.get(model_key(r)) for r in (comp.response_a, comp.response_b))
+                if x is None or y is None or x == y:
+                    continue
+                met[tuple(sorted((x, y), key=rank.get))].add(comp.prompt.key)
+                named[comp.response_a_id], named[comp.response_b_id] = x, y
+                comparisons.add(comp.id)
+            keys = {store_key(p) for p in prompts}
+            owners = {(pk, r.key): name_of.get(model_key(r), model_key(r)) for r, pk in s.execute(
+                select(Response, Prompt.key).join(Prompt, Prompt.id == Response.prompt_id).where(Prompt.key.in_(keys)))}
+        votes = arena_battles(store, comparisons=comparisons, names=named)
+    finally:
+        store.close()
+    return StoreHistory(met, votes, owners)
+
+
+def pair_spreads(names: Sequence[str], votes: ArenaBattles, *, bootstrap: int, seed: int) -> list[PairSpread]:
+    """`selection.rating_spreads` from the bootstrap over the votes' prompts (stats.bootstrap_rating_samples, as
+    the leaderboard's CIs): before any vote every pair is "never met"."""
+    pair_of = {cid: (a, b) for (a, b, _), cid in zip(votes.battles, votes.comparisons)}
+    voted: dict[tuple[str, str], int] = {}
+    for pair in pair_of.values():
+        voted[pair] = voted.get(pair, 0) + 1
+    samples = np.full((bootstrap, len(names)), np.nan)
+    if votes.battles:
+        fit = stats.bootstrap_rating_samples(votes.battles, bootstrap, seed, clusters=votes.prompts,
+                                             weights=votes.weights)
+        if fit.units >= 2:  # a single vote has no spread to resample (its CI is None): it stays "never met"
+            for k, m in enumerate(fit.models):
+                samples[:, list(names).index(m)] = fit.samples[:, k]
+    return rating_spreads(samples, names, voted)
+
+
+def round_robin(met: dict[tuple[str, str], int], n: int) -> dict[tuple[str, str], int]:
+    """`uniform`: n // pairs battles to every pair, the rest one each to the pairs with the fewest battles in the
+    store (ties in pair order), so that repeated small rounds do not keep favouring the first pairs."""
+    base, rest = divmod(n, len(met))
+    extra = set(sorted(met, key=lambda p: met[p])[:rest])  # sorted is stable: ties stay in pair order
+    given = {p: base + (p in extra) for p in met}
+    return {p: k for p, k in given.items() if k}
+
+
+def allocate(rule: str, names: Sequence[str], history: StoreHistory, n: int, *, bootstrap: int,
+             seed: int) -> Allocation:
+    spreads = pair_spreads(names, history.votes, bootstrap=bootstrap, seed=seed)
+    if rule == "uncertainty":
+        battles = allocate_battles(spreads, n)
+    else:
+        battles = round_robin({pair: len(keys) for pair, keys in history.met.items()}, n)
+    return Allocation(rule, battles, spreads)
+
+
+def unmet_prompts(prompts: list[Any], allocation: Allocation, met: dict[tuple[str, str], set[str]],
+                  seed: int) -> dict[tuple[str, str], list[int]]:
+    """Per pair given battles: the prompts (indices) it has not met on in the store, in a seeded order.
+
+    Each pair's order depends on the seed and the pair only, not on which other pairs got battles."""
+    from alignkit.store.importer import store_key
+
+    keys = [store_key(p) for p in prompts]
+    order = {}
+    for k, pair in enumerate(met):
+        if pair not in allocation.battles:
+            continue
+        left = [i for i, key in enumerate(keys) if key not in met[pair]]
+        if len(left) < allocation.battles[pair]:
+            raise UserError(f"--battles: {pair[0]} vs {pair[1]} would get {allocation.battles[pair]} battles "
+                            f"({allocation.rule}) but has met on all but {len(left)} of the {len(prompts)} prompts; "
+                            "add prompts or ask for fewer battles")
+        rng = np.random.default_rng((seed % 2**32, k))
+        order[pair] = [left[j] for j in rng.permutation(len(left))]
+    return order
+
+
+def sample_battles(models: dict[str, str], prompts: list[Any], plan: dict[tuple[str, str], int],
+                   order: dict[tuple[str, str], list[int]], owners: dict[tuple[str, str], str], params: SamplingParams,
+                   out_dir: Path, *, progress: bool = False
+                   ) -> tuple[dict[tuple[str, str], list[int]], dict[str, dict[int, str]], dict]:
+    """(pair -> its battles' prompts, model -> {prompt: response}, generate_cached's info per model).
+
+    Each model samples (generate_cached) only the prompts of its battles. The store keeps a text once, credited to
+    the model that stored it first (`owners`, which this adds to): a prompt on which the pair gave one text, or
+    either gave a text credited to another model, is no battle of this pair, which takes the next in its order."""
+    from alignkit.store.importer import storable_text, store_key
+
+    def credited(m: str, i: int) -> bool:
+        key = (prompt_keys[i], store_key(storable_text(texts[m][i])))
+        return owners.setdefault(key, m) == m
+
+    prompt_keys = [store_key(p) for p in prompts]
+
+    info = generate_cached(models, [], params, out_dir)[1]  # identity and cache file, nothing sampled
+    chosen: dict[tuple[str, str], list[int]] = {pair: [] for pair in plan}
+    tried = dict.fromkeys(plan, 0)
+    texts: dict[str, dict[int, str]] = {m: {} for m in models}
+    while True:
+        want = {}
+        for pair, k in plan.items():
+            want[pair] = order[pair][tried[pair]:tried[pair] + k - len(chosen[pair])]
+            tried[pair] += len(want[pair])
+            if len(chosen[pair]) + len(want[pair]) < k:
+                raise UserError(f"--battles: {pair[0]} and {pair[1]} gave the same text on too many of the prompts "
+                                f"they have not met on: {len(chosen[pair])} battles possible, {k} asked for")
+        if not any(want.values()):
+            return chosen, texts, info
+        for m, spec in models.items():
+            need = sorted({i for pair, idx in want.items() if m in pair for i in idx} - set(texts[m]))
+            if need:
+                got, got_info = generate_cached({m: spec}, [prompts[i] for i in need], params, out_dir,
+                                                progress=progress)
+                texts[m].update(zip(need, got[m]))
+                for key in ("generated", "cached"):
+                    info[m][key] += got_info[m][key]
+        for (x, y), idx in want.items():
+            chosen[x, y] += [i for i in idx if storable_text(texts[x][i]) != storable_text(texts[y][i])
+                             and credited(x, i) and credited(y, i)]
+
+
+def _merge_sent(path: Path, name: str, info: dict[str, dict], prompts: list[Any],
+                sent: dict[str, dict[int, str]]) -> tuple[list[Any], dict[str, list[str | None]], list[dict]]:
+    """(prompts, responses per model aligned with them, None where not sent, earlier allocations): this round's
+    battles added to what earlier rounds of OUT sent to the same store, so --collect rates every round."""
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    if not earlier or _store_name(str(earlier["db"])) != name:
+        earlier = {"prompts": [], "responses": {}, "models": {}}
+    all_prompts = list(earlier["prompts"])
+    index = {_prompt_key(p): k for k, p in enumerate(all_prompts)}
+    for p in prompts:
+        if _prompt_key(p) not in index:
+            index[_prompt_key(p)] = len(all_prompts)
+            all_prompts.append(p)
+    responses: dict[str, list[str | None]] = {}
+    for m in info:
+        before = earlier["models"].get(m)
+        same = before is not None and _arena_identity(before) == _arena_identity(info[m])
+        responses[m] = list(earlier["responses"][m]) if same else [None] * len(earlier["prompts"])
+        responses[m] += [None] * (len(all_prompts) - len(responses[m]))
+        for i, text in sent[m].items():
+            responses[m][index[_prompt_key(prompts[i])]] = text
+    return all_prompts, responses, earlier.get("allocations", [])
+
+
+def send_battles(out_dir: Path, db: str, models: dict[str, str], prompts: list[Any], params: SamplingParams, *,
+                 n: int, rule: str, bootstrap: int, progress: bool = False) -> dict:
+    """Human judge, `--battles N`: N battles, each one pair of models on a prompt that pair has not met on in the
+    store, allocated by `rule` from the votes so far; human.json records the allocation and the spreads it used."""
+    from alignkit.store.importer import ImportRow
+
+    identity = _identities(models, {m: {"identity": model_identity(spec)} for m, spec in models.items()})
+    history = store_history(db, identity, prompts)
+    allocation = allocate(rule, list(models), history, n, bootstrap=bootstrap, seed=params.seed)
+    order = unmet_prompts(prompts, allocation, history.met, params.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chosen, texts, info = sample_battles(models, prompts, allocation.battles, order, history.owners, params, out_dir,
+                                         progress=progress)
+    rows, sent = [], {m: {} for m in models}
+    for (x, y), idx in chosen.items():
+        for i in idx:
+            rows.append(ImportRow(prompt=prompts[i], source=f"alignkit compare {out_dir} prompt {i}",
+                                  responses=[texts[x][i], texts[y][i]], models=[models[x], models[y]],
+                                  sampling=[_sampling_record(params, out_dir, m, identity[m]) for m in (x, y)]))
+            sent[x][i], sent[y][i] = texts[x][i], texts[y][i]
+    summary = _write_battles(db, rows)
+    name = _store_name(db)
+    all_prompts, responses, earlier = _merge_sent(out_dir / HUMAN_JSON, name, info, prompts, sent)
+    write_json_atomic(out_dir / HUMAN_JSON, {
+        "db": name, "models": info, "prompts": all_prompts, "responses": responses, "sampling": params.to_dict(),
+        "comparisons": summary.comparisons, "new_comparisons": summary.new_comparisons,
+        "allocation": allocation.as_dict(), "allocations": [*earlier, allocation.as_dict()]})
+    split = ", ".join(f"{x} vs {y}: {k}" for (x, y), k in allocation.battles.items())
+    return {"pending": True, "message": f"{rule} allocation of {n} battles ({split}); "
+            + _sent_message(summary, name, out_dir), "comparisons": summary.comparisons,
+            "new_comparisons": summary.new_comparisons, "models": info, "allocation": allocation.as_dict()}
+
+
 def compare_models(models: dict[str, str], prompts: list, judge: str, out_dir: str | Path, params: SamplingParams,
-                   tie_margin: float = 0.0, bootstrap: int = 1000, *, progress: bool = False) -> dict:
+                   tie_margin: float = 0.0, bootstrap: int = 1000, *, progress: bool = False,
+                   battles: int | None = None, select: str = "uncertainty") -> dict:
     """Generate (cached), judge every pair on every prompt, write compare.json / .md / plots; returns compare.json.
 
     With a `human:DB` judge the pairs go to the label store instead and the return value has
-    `pending: True` (collect the votes later with `collect_from_store`).
+    `pending: True` (collect the votes later with `collect_from_store`); with `battles` only that many,
+    allocated by `select` (`send_battles`).
     """
     from alignkit.judges import load_judge, parse_judge
 
@@ -595,6 +846,14 @@ def compare_models(models: dict[str, str], prompts: list, judge: str, out_dir: s
     if not prompts:
         raise UserError("compare needs at least one prompt")
     kind, arg = parse_judge(judge)
+    if battles is not None:
+        if kind != "human":
+            raise UserError("--battles needs a human judge (--judge human:DB); other judges judge every pair on "
+                            "every prompt")
+        if battles < 1:
+            raise UserError(f"--battles must be >= 1, got {battles}")
+        if select not in SELECT_RULES:
+            raise UserError(f"--select must be one of {', '.join(SELECT_RULES)}, got {select!r}")
     if bootstrap < stats.MIN_BOOTSTRAP:
         raise UserError(f"--bootstrap must be >= {stats.MIN_BOOTSTRAP}, got {bootstrap}")
     out_dir = Path(out_dir)
@@ -609,6 +868,12 @@ def compare_models(models: dict[str, str], prompts: list, judge: str, out_dir: s
     # A prompt listed twice would be counted as two independent prompts and narrow every CI.
     unique = list({stable_hash(p): p for p in prompts}.values())
     duplicates, prompts = len(prompts) - len(unique), unique
+    if battles is not None:
+        sent = send_battles(out_dir, arg, models, prompts, params, n=battles, rule=select, bootstrap=bootstrap,
+                            progress=progress)
+        if duplicates:
+            sent["message"] += f" ({duplicates} duplicate prompts dropped)"
+        return sent
     out_dir.mkdir(parents=True, exist_ok=True)
     responses, info = generate_cached(models, prompts, params, out_dir, progress=progress)
     if kind == "human":
@@ -649,10 +914,13 @@ def compare_from_cli(args) -> int:
             raise UserError(f"--bootstrap must be >= {stats.MIN_BOOTSTRAP}, got {args.bootstrap}")
         result = collect_from_store(Path(args.out), arg, args.bootstrap)
     else:
+        battles, select = args.battles, args.select
+        if select is not None and battles is None:
+            raise UserError("--select chooses how --battles N are allocated; give --battles N too")
         models = parse_model_args(args.models)
         prompts = read_prompts(args.prompts, args.limit)
         result = compare_models(models, prompts, args.judge, args.out, params, args.tie_margin, args.bootstrap,
-                                progress=True)
+                                progress=True, battles=battles, select=select or "uncertainty")
     if result.get("pending"):
         print(result["message"])
         return 0

@@ -274,15 +274,23 @@ def bradley_terry(battles: Iterable, *, weights: Sequence[float] | None = None) 
     return {m: float(ratings[index[m]]) for m in models}
 
 
-def bootstrap_ratings(battles: Iterable, rounds: int = 1000, seed: int = 0, *,
-                      clusters: Sequence[Hashable] | None = None,
-                      weights: Sequence[float] | None = None) -> dict[str, dict]:
-    """Ratings with 95% percentile-bootstrap CIs over clusters: {model: {rating, ci_low, ci_high, median}}.
+@dataclass(frozen=True)
+class RatingSamples:
+    """The Bradley–Terry fit on all battles and on each bootstrap round (`bootstrap_rating_samples`)."""
 
-    A round in which a model has no battle gives it no rating (it is left out of that model's percentiles).
+    models: list[str]  # column order of `point` and `samples`: first-seen order in the battles
+    point: np.ndarray  # the fit on every battle
+    samples: np.ndarray  # rounds x models; NaN where a round had no battle of that model
+    units: int  # clusters resampled (battles when there was only one cluster); < 2: no spread to estimate
+
+
+def bootstrap_rating_samples(battles: Iterable, rounds: int = 1000, seed: int = 0, *,
+                             clusters: Sequence[Hashable] | None = None,
+                             weights: Sequence[float] | None = None) -> RatingSamples:
+    """Ratings refitted on `rounds` resamples of the clusters (`bootstrap_ratings`' rounds, before percentiles).
+
     With a single cluster there is nothing to resample at that level, and every round would equal the
-    point estimate: then battles are resampled instead (their dependence ignored, but not a zero-width CI).
-    A single battle (one vote) has no spread to resample at all: its CI is None (not estimable), not a point.
+    point estimate: then battles are resampled instead (their dependence ignored, but not a zero spread).
     """
     if rounds < MIN_BOOTSTRAP:
         raise ValueError(f"bootstrap needs at least {MIN_BOOTSTRAP} rounds, got {rounds}")
@@ -303,11 +311,24 @@ def bootstrap_ratings(battles: Iterable, rounds: int = 1000, seed: int = 0, *,
         samples[r] = _fit_bt(ia, ib, w, p, base_w * mult)
         present = np.bincount(ia, mult, p) + np.bincount(ib, mult, p) > 0
         samples[r, ~present] = np.nan
-    lo, med, hi = np.nanquantile(samples, [0.025, 0.5, 0.975], axis=0)
-    if c < 2:
-        lo = hi = [None] * p
-    return {m: {"rating": float(point[index[m]]), "ci_low": _float_or_none(lo[index[m]]),
-                "ci_high": _float_or_none(hi[index[m]]), "median": float(med[index[m]])} for m in models}
+    return RatingSamples(models, point, samples, c)
+
+
+def bootstrap_ratings(battles: Iterable, rounds: int = 1000, seed: int = 0, *,
+                      clusters: Sequence[Hashable] | None = None,
+                      weights: Sequence[float] | None = None) -> dict[str, dict]:
+    """Ratings with 95% percentile-bootstrap CIs over clusters: {model: {rating, ci_low, ci_high, median}}.
+
+    A round in which a model has no battle gives it no rating (it is left out of that model's percentiles).
+    The rounds are `bootstrap_rating_samples`' (battles resampled when there is a single cluster).
+    A single battle (one vote) has no spread to resample at all: its CI is None (not estimable), not a point.
+    """
+    fit = bootstrap_rating_samples(battles, rounds, seed, clusters=clusters, weights=weights)
+    lo, med, hi = np.nanquantile(fit.samples, [0.025, 0.5, 0.975], axis=0)
+    if fit.units < 2:
+        lo = hi = [None] * len(fit.models)
+    return {m: {"rating": float(fit.point[i]), "ci_low": _float_or_none(lo[i]),
+                "ci_high": _float_or_none(hi[i]), "median": float(med[i])} for i, m in enumerate(fit.models)}
 
 
 def _float_or_none(x) -> float | None:
