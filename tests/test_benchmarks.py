@@ -23,6 +23,10 @@ QUICK = {
     "benchmarks.bench_ppo_roles": [r"peak memory ratio \d+\.\d{3}, step time ratio \d+\.\d{3}"],
     # The labeling load test's smallest cell: 5 annotators on SQLite, its latency columns and no lost votes.
     "benchmarks.bench_labeling": [r"\| sqlite \| 5 \| 0 \| 30 \| \d+ \| \d+ \| \d+ \| \d+ \| 0 \| 0 \| 0 \|"],
+    # Battles, not time: both allocations run to every adjacent pair separated on the same simulated models.
+    "benchmarks.bench_active_battles": [r"\| active \| 1 \| \d+ \[nan, nan\] \| \d+ \| 0 \|",
+                                        r"\| uniform \| 1 \| \d+ \[nan, nan\] \| \d+ \| 0 \|",
+                                        r"active/uniform battles ratio \d+\.\d{3}"],
 }
 EXTRA_ARGS = {"benchmarks.bench_labeling": ["--annotators", "5", "--backends", "sqlite", "--think", "0"]}
 
