@@ -33,6 +33,16 @@ pair) counts once: a vote weighs 1/(votes on its battle); wins/losses/ties still
 prompt on which two models gave the same text is no battle (the store keeps that text once, under
 the model that stored it, and nobody votes on it): it is counted in `human.identical_responses`,
 not rated. Before any vote there is nothing to rate, and --collect says so (exit status 2).
+
+`--battles N` (human judge only) sends N battles instead, each one pair on a prompt that pair has not met on in
+the store (seeded order; a prompt where the pair's texts coincide, or where one is credited to another model, is
+skipped for the next). `--select uncertainty` (default) allocates them with `selection.allocate_battles` on the
+spreads of the rating differences (`selection.rating_spreads` over `stats.bootstrap_rating_samples`) of the votes
+the store holds between these models, found by model identity whatever run sent them; before any vote every pair
+is "never met" and the battles spread over the pairs. `uniform` splits N evenly (`round_robin`). Each model samples
+only its battles' prompts. Votes not yet cast count for nothing, so a round is best allocated once the last one's
+votes are in. human.json adds each round's allocation (pair -> battles, and the spreads used) to the earlier
+rounds of OUT, whose battles --collect rates together.
 """
 
 from __future__ import annotations
@@ -343,9 +353,12 @@ def _fmt(x: float | None, nd: int = 3) -> str:
 
 def write_markdown(result: dict, path: Path) -> None:
     s = result["sampling"]
+    rounds = result.get("human", {}).get("rounds")
+    design = (f"{len(rounds)} round(s) of `--battles` ({', '.join(r['rule'] for r in rounds)}), each battle a pair on "
+              "a prompt it had not met on" if rounds else "every pair of models on every prompt")
     lines = [
         "# Model comparison", "",
-        f"Judge: `{result['judge']}`. {result['n_prompts']} prompts; every pair of models on every prompt, "
+        f"Judge: `{result['judge']}`. {result['n_prompts']} prompts; {design}, "
         f"sides randomised per pair (seed {s['seed']}). Sampling: max_new_tokens={s['max_new_tokens']}, "
         f"temperature={s['temperature']}, top_p={s['top_p']}, seed={s['seed']}. "
         f"Ties count half a win. CIs count prompts, not battles: a response to a prompt is in every battle its "
@@ -593,7 +606,8 @@ def collect_from_store(out_dir: Path, db: str, bootstrap: int) -> dict:
         "sampling": params.to_dict(), "seed": params.seed, "models": sent["models"],
         "human": {"votes": summary.votes, "battles": summary.battles, "battles_without_votes": summary.without_votes,
                   "identical_responses": identical, "shared_responses": shared,
-                  "weighting": "each vote 1/(votes on its battle); identical responses are not rated"},
+                  "weighting": "each vote 1/(votes on its battle); identical responses are not rated",
+                  **({"rounds": sent["allocations"]} if sent.get("allocations") else {})},
         "pairs": pairs, "win_matrix": summary.win_matrix,
     }
     if len(names) >= 3:
@@ -830,6 +844,15 @@ def send_battles(out_dir: Path, db: str, models: dict[str, str], prompts: list[A
             "new_comparisons": summary.new_comparisons, "models": info, "allocation": allocation.as_dict()}
 
 
+def _check_battles(kind: str, battles: int, select: str) -> None:
+    if kind != "human":
+        raise UserError("--battles needs a human judge (--judge human:DB); other judges judge every pair on every prompt")
+    if battles < 1:
+        raise UserError(f"--battles must be >= 1, got {battles}")
+    if select not in SELECT_RULES:
+        raise UserError(f"--select must be one of {', '.join(SELECT_RULES)}, got {select!r}")
+
+
 def compare_models(models: dict[str, str], prompts: list, judge: str, out_dir: str | Path, params: SamplingParams,
                    tie_margin: float = 0.0, bootstrap: int = 1000, *, progress: bool = False,
                    battles: int | None = None, select: str = "uncertainty") -> dict:
@@ -847,13 +870,7 @@ def compare_models(models: dict[str, str], prompts: list, judge: str, out_dir: s
         raise UserError("compare needs at least one prompt")
     kind, arg = parse_judge(judge)
     if battles is not None:
-        if kind != "human":
-            raise UserError("--battles needs a human judge (--judge human:DB); other judges judge every pair on "
-                            "every prompt")
-        if battles < 1:
-            raise UserError(f"--battles must be >= 1, got {battles}")
-        if select not in SELECT_RULES:
-            raise UserError(f"--select must be one of {', '.join(SELECT_RULES)}, got {select!r}")
+        _check_battles(kind, battles, select)
     if bootstrap < stats.MIN_BOOTSTRAP:
         raise UserError(f"--bootstrap must be >= {stats.MIN_BOOTSTRAP}, got {bootstrap}")
     out_dir = Path(out_dir)

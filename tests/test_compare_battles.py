@@ -128,6 +128,7 @@ def test_battles_land_in_the_store_on_unmet_prompts_and_rounds_add_up(models, pr
     assert main(["compare", "--judge", f"human:{db}", "--out", str(out), "--collect", "--bootstrap", "100"]) == 0
     result = json.loads((out / "compare.json").read_text())
     assert (result["human"]["votes"], result["human"]["battles"]) == (7, 7)
+    assert "2 round(s) of `--battles` (uncertainty, uncertainty)" in (out / "compare.md").read_text()
     assert {frozenset((p["model_a"], p["model_b"])): p["n"] for p in result["pairs"]} == {
         frozenset(("base", "ad1")): 3, frozenset(("base", "ad2")): 2, frozenset(("ad1", "ad2")): 2}
 
