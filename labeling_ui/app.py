@@ -21,6 +21,12 @@ as the logged-in annotator:
   /skip(comparison_id)                         -> {"skipped": comparison_id}
   /undo_last_vote                              -> (comparison_id | None, prompt, response_a, response_b)
   /progress                                    -> {"done", "remaining", "skipped"}
+  /item                                        -> {"comparison_id" (None when done), "kind": "pair" | "ranking",
+                                                  "prompt", "responses" (as shown), "criteria" (a pair's questions)}
+  /submit_ranking(comparison_id, ranks, rationale="") -> {"vote_id", "comparison_id", "seconds"}: ranks[i] is the
+                                                  rank of responses[i] (1 = best, equal ranks tie)
+  /submit_answers(comparison_id, answers, rationale="") -> the same: answers {criterion: a | b | tie | both_bad}
+                                                  on a store with criteria (then /submit_vote is refused)
   /arena_next                                  -> (comparison_id | None, prompt, response_a, response_b), no names
   /arena_vote(comparison_id, choice, reveal=True) -> {"comparison_id", "choice", "model_a", "model_b"}
                                                   (reveal=False: model_a/b None, the vote can be undone)
@@ -41,7 +47,8 @@ as the logged-in annotator:
                                                   adjudication}]                                  (admins only)
   /admin_adjudicate(comparison_id, choice, strength=None, rationale="") -> {"comparison_id", "choice"}
 `choice` is a | b | tie | both_bad as shown (a = the response returned first / shown on
-the left; model_a is the model behind it). The first five serve ordinary comparisons
+the left; model_a is the model behind it). /next_item and /undo_last_vote give a ranking task's first two
+responses as shown; /item gives all. The Label tab's endpoints serve ordinary comparisons (and ranking tasks)
 only, the arena ones battles only. Errors come back as gradio_client AppError with a
 one-line message.
 
@@ -71,7 +78,9 @@ from starlette.middleware import Middleware
 
 from alignkit.errors import UserError
 from alignkit.store import Store, next_item as store_next_item, progress as store_progress
-from alignkit.store import skip as store_skip, submit_vote as store_submit_vote, undo_last_vote
+from alignkit.store import skip as store_skip, submit_ranking as store_submit_ranking
+from alignkit.store import submit_vote as store_submit_vote, undo_last_vote
+from alignkit.store.importer import MAX_RANK
 from alignkit.store.agreement import adjudicate, agreement_report, disagreements
 from alignkit.store.arena import LeaderboardCache, Reveal, battle_vote, reveal as reveal_battle
 from alignkit.store.export import excluded_annotators, export_zip, set_excluded
@@ -102,6 +111,8 @@ CSS = """
 .ak-progress { display: flex; gap: 0.8em; align-items: center; flex-wrap: wrap; }
 .ak-progress progress { flex: 1; min-width: 8em; height: 0.7em; }
 .ak-review-response { height: auto; max-height: 12em; margin-bottom: 0.5em; }
+.ak-rank-row { flex-wrap: wrap !important; }
+.ak-rank-col .ak-response, .ak-short .ak-response { height: min(12em, 24vh); }
 .ak-votes { width: 100%; border-collapse: collapse; margin-top: 0.5em; }
 .ak-votes td, .ak-votes th { border-top: 1px solid var(--border-color-primary); padding: 0.3em 0.5em;
                              text-align: left; vertical-align: top; }
@@ -110,6 +121,7 @@ CSS = """
   #ak-header > * { width: 100% !important; min-width: 0 !important; }
   .ak-pair > * { width: 100% !important; min-width: 0 !important; }
   .ak-response { height: 14em; }
+  .ak-rank-col .ak-response, .ak-short .ak-response { height: 8em; }
 }
 """ + PAGE_CSS
 
@@ -136,6 +148,7 @@ class AppContext:
     min_display_seconds: float = DEFAULT_MIN_DISPLAY_SECONDS  # a vote sooner after serving is refused
     guard: GuardSettings = field(default_factory=GuardSettings)
     scale: int = 1  # the store's strength levels per side (alignkit.store.settings), read when the app is built
+    criteria: list[str] = field(default_factory=list)  # the store's per-criterion questions, read then too
     # Ratings are refit (with bootstrap) only when arena votes changed: every annotator may open the tab.
     leaderboard_cache: LeaderboardCache = field(default_factory=LeaderboardCache)
 
@@ -233,6 +246,30 @@ def api_endpoints(ctx: AppContext) -> None:
         r = store_submit_vote(ctx.store, ctx.user(request), comparison_id, choice, rationale or None,
                               overlap=ctx.overlap, min_display_seconds=ctx.min_display_seconds, strength=strength)
         return {"vote_id": r.vote_id, "comparison_id": r.comparison_id, "choice": r.choice, "seconds": r.seconds}
+
+    @_api
+    def item(request: gr.Request) -> dict:
+        """The leased item (leasing one if none is held): a pair or a ranking task, its responses as shown."""
+        it = store_next_item(ctx.store, ctx.user(request), overlap=ctx.overlap)
+        if it is None:
+            return {"comparison_id": None, "kind": None, "prompt": None, "responses": [], "criteria": []}
+        return {"comparison_id": it.comparison_id, "kind": "ranking" if it.is_ranking else "pair",
+                "prompt": it.prompt, "responses": list(it.ranking or (it.left, it.right)),
+                "criteria": [] if it.is_ranking else ctx.criteria}
+
+    @_api
+    def submit_ranking(comparison_id: int, ranks: list, rationale: str = "", request: gr.Request = None) -> dict:
+        """Rank a leased ranking task: ranks[i] is the rank of the i-th response as shown (1 = best; ties repeat)."""
+        r = store_submit_ranking(ctx.store, ctx.user(request), comparison_id, ranks, rationale or None,
+                                 overlap=ctx.overlap, min_display_seconds=ctx.min_display_seconds)
+        return {"vote_id": r.vote_id, "comparison_id": r.comparison_id, "seconds": r.seconds}
+
+    @_api
+    def submit_answers(comparison_id: int, answers: dict, rationale: str = "", request: gr.Request = None) -> dict:
+        """On a store with criteria: one choice per criterion (a | b | tie | both_bad as shown) on a leased pair."""
+        r = store_submit_vote(ctx.store, ctx.user(request), comparison_id, None, rationale or None,
+                              overlap=ctx.overlap, min_display_seconds=ctx.min_display_seconds, answers=answers)
+        return {"vote_id": r.vote_id, "comparison_id": r.comparison_id, "seconds": r.seconds}
 
     @_api
     def skip(comparison_id: int, request: gr.Request = None) -> dict:
@@ -342,6 +379,9 @@ def api_endpoints(ctx: AppContext) -> None:
     group = dict(concurrency_id=CONCURRENCY_ID)
     gr.api(next_item, api_name="next_item", **group)
     gr.api(submit_vote, api_name="submit_vote", **group)
+    gr.api(item, api_name="item", **group)
+    gr.api(submit_ranking, api_name="submit_ranking", **group)
+    gr.api(submit_answers, api_name="submit_answers", **group)
     gr.api(skip, api_name="skip", **group)
     gr.api(undo_last, api_name="undo_last_vote", **group)
     gr.api(my_progress, api_name="progress", **group)
@@ -380,9 +420,10 @@ def _html(elem_id: str) -> gr.HTML:
 
 
 def pair_widgets(elem_prefix: str, vote_prefix: str, side_labels: tuple[str, str],
-                 options: list[handlers.VoteOption]) -> PairWidgets:
+                 options: list[handlers.VoteOption], *, short: bool = False) -> PairWidgets:
+    """short: lower response boxes, so questions below them (criteria) stay in view with them."""
     prompt = _html(f"{elem_prefix}-prompt")
-    with gr.Row(equal_height=True, elem_classes=["ak-pair"]):
+    with gr.Row(equal_height=True, elem_classes=["ak-pair", "ak-short"] if short else ["ak-pair"]):
         left, right = _html(f"{elem_prefix}-left"), _html(f"{elem_prefix}-right")
     shown = gr.Textbox(visible="hidden", elem_id=f"{elem_prefix}-shown")
     with gr.Row():
@@ -415,6 +456,73 @@ def _response_html(side: str, text: str, markdown: bool) -> str:
             f'<div class="ak-response">{text_html(text, markdown=markdown)}</div>')
 
 
+@dataclass
+class AskWidgets:
+    """Questions answered by picking one option each, then one submit: a rank per response of a ranking task
+    (`responses` above each), or a choice per criterion of a pair. page.js gives the keys: a digit picks that
+    option of the first unanswered question, Backspace clears them all, Enter submits."""
+
+    box: gr.Column
+    questions: list[gr.Radio]
+    submit: gr.Button
+    clear: gr.Button
+    columns: list[gr.Column] = field(default_factory=list)  # a ranking: one per response, hidden beyond K
+    responses: list[gr.HTML] = field(default_factory=list)
+
+
+CHOICE_OPTIONS = [("A better", "a"), ("B better", "b"), ("Tie", "tie"), ("Both bad", "both_bad")]
+
+
+def ranking_widgets() -> AskWidgets:
+    with gr.Column(visible=False, elem_id="ak-ranking") as box:
+        gr.Markdown("**Rank the responses: 1 = best.** Give two responses the same rank for a tie. Keys: type a "
+                    "rank for each response in turn, Backspace clears, Enter submits.", elem_id="ak-ranking-help")
+        columns, responses, questions = [], [], []
+        with gr.Row(elem_classes=["ak-rank-row"]):
+            for i in range(MAX_RANK):
+                with gr.Column(visible=False, min_width=260, elem_classes=["ak-rank-col"]) as col:
+                    responses.append(_html(f"ak-rank-response-{i + 1}"))
+                    questions.append(gr.Radio([], label=f"Rank of response {i + 1}", elem_id=f"ak-rank-{i + 1}",
+                                              elem_classes=["ak-ask"]))
+                columns.append(col)
+        with gr.Row():
+            submit = gr.Button("Submit ranking  [Enter]", variant="primary", elem_id="ak-submit-ranking")
+            clear = gr.Button("Clear ranks  [Backspace]", size="sm", elem_id="ak-clear-ranks")
+    return AskWidgets(box, questions, submit, clear, columns, responses)
+
+
+def criteria_widgets(criteria: list[str]) -> AskWidgets:
+    with gr.Column(visible=bool(criteria), elem_id="ak-criteria") as box:
+        gr.Markdown("**Answer each question.** Keys: 1 A better, 2 B better, 3 tie, 4 both bad, for each question "
+                    "in turn; Backspace clears, Enter submits.", elem_id="ak-criteria-help")
+        with gr.Row(elem_classes=["ak-rank-row"]):
+            questions = [gr.Radio(CHOICE_OPTIONS, label=f"{name.replace('_', ' ').capitalize()}: which is better?",
+                                  elem_id=f"ak-criterion-{name}", elem_classes=["ak-ask"], min_width=300)
+                         for name in criteria]
+        with gr.Row():
+            submit = gr.Button("Submit answers  [Enter]", variant="primary", elem_id="ak-submit-answers")
+            clear = gr.Button("Clear answers  [Backspace]", size="sm", elem_id="ak-clear-answers")
+    return AskWidgets(box, questions, submit, clear)
+
+
+def ask_update(ctx: AppContext, rank: AskWidgets, ask: AskWidgets, view: handlers.ItemView, markdown: bool, *,
+               keep: bool) -> dict:
+    """The ranking and criteria blocks for `view`: which one shows, the ranking's responses, and the answers
+    cleared for a new item (kept as picked after a refusal)."""
+    k = len(view.ranking)
+    update = {rank.box: gr.Column(visible=view.is_ranking),
+              ask.box: gr.Column(visible=bool(ctx.criteria) and not view.is_ranking and not view.done),
+              **{col: gr.Column(visible=i < k) for i, col in enumerate(rank.columns)}}
+    for i, (box, radio) in enumerate(zip(rank.responses, rank.questions)):
+        text = view.ranking[i] if i < k else ""
+        update[box] = _response_html(f"Response {i + 1}", text, markdown) if i < k else ""
+        choices = [str(r) for r in range(1, k + 1)]
+        update[radio] = gr.skip() if keep else gr.Radio(choices=choices, value=None)
+    for radio in ask.questions:
+        update[radio] = gr.skip() if keep else gr.Radio(value=None)
+    return update
+
+
 def labeling_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> None:
     with gr.Tab("Label", id="label"):
         progress = gr.HTML(elem_id="ak-progress", js_on_load=None)
@@ -423,7 +531,9 @@ def labeling_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> Non
             guide_text = gr.HTML(js_on_load=None, elem_id="ak-guidelines-text")
         # Inside the tab: a component made beside the tabs would become a tab of its own to Gradio's tab bar.
         seen = gr.BrowserState(False, storage_key="alignkit-guidelines-seen")
-        pair = pair_widgets("ak", "ak-vote", ("A", "B"), handlers.vote_options(ctx.scale))
+        pair = pair_widgets("ak", "ak-vote", ("A", "B"), handlers.vote_options(ctx.scale), short=bool(ctx.criteria))
+        rank = ranking_widgets()
+        ask = criteria_widgets(ctx.criteria)
         rationale = gr.Textbox(label="Rationale (optional)", lines=2, max_lines=6, elem_id="ak-rationale",
                                max_length=MAX_RATIONALE_CHARS)
         with gr.Row():
@@ -435,8 +545,19 @@ def labeling_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> Non
                 skipped = gr.Dropdown([], label="Skipped", elem_id="ak-skipped-pick", scale=3)
                 btn_unskip = gr.Button("Bring it back", size="sm", elem_id="ak-unskip", scale=1)
 
-    item_buttons = [*pair.votes.values(), btn_skip]
-    outputs = [pair.prompt, pair.left, pair.right, pair.shown, progress, status, rationale, skipped, *item_buttons]
+    item_buttons = [*pair.votes.values(), btn_skip, rank.submit, ask.submit]
+    asked = [rank.box, ask.box, *rank.columns, *rank.responses, *rank.questions, *ask.questions]
+    shown_item = [pair.prompt, pair.left, pair.right, pair.shown, progress, *asked]
+    outputs = [*shown_item, status, rationale, skipped, *item_buttons]
+
+    def item_update(view: handlers.ItemView, as_markdown: bool, *, keep: bool) -> dict:
+        # A ranking task shows its K responses with a rank each instead of the pair and its buttons; on a store
+        # with criteria a pair asks its questions instead of the vote buttons.
+        update = {**pair_update(ctx, pair, view, as_markdown), progress: view.progress,
+                  **ask_update(ctx, rank, ask, view, as_markdown, keep=keep)}
+        if view.is_ranking:
+            update[pair.left], update[pair.right] = gr.HTML("", visible=False), gr.HTML("", visible=False)
+        return update
 
     def render(view: handlers.ItemView, as_markdown: bool, user: str, *, skips_changed: bool = True) -> dict:
         # A refused action keeps what the annotator typed; a vote that went through clears it. With nothing
@@ -444,9 +565,11 @@ def labeling_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> Non
         # the list is read again only when it can have changed (not once per vote).
         choices = gr.Dropdown(choices=handlers.skipped_choices(ctx.store, user), value=None) if skips_changed \
             else gr.skip()
-        return {**pair_update(ctx, pair, view, as_markdown), progress: view.progress, status: view.status,
-                rationale: gr.skip() if view.refused else "", skipped: choices,
-                **{b: gr.Button(interactive=not view.done) for b in item_buttons}}
+        buttons = {b: gr.Button(interactive=not view.done) for b in item_buttons}
+        for b in pair.votes.values():
+            buttons[b] = gr.Button(interactive=not view.done, visible=not view.is_ranking and not ctx.criteria)
+        return {**item_update(view, as_markdown, keep=view.refused), status: view.status,
+                rationale: gr.skip() if view.refused else "", skipped: choices, **buttons}
 
     def show(as_markdown, request: gr.Request):
         user = ctx.user(request)
@@ -454,7 +577,22 @@ def labeling_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> Non
 
     def redisplay(as_markdown, request: gr.Request):
         view = handlers.current_view(ctx.store, ctx.user(request), overlap=ctx.overlap)
-        return {**pair_update(ctx, pair, view, as_markdown), progress: view.progress}
+        return item_update(view, as_markdown, keep=True)
+
+    # The request first: Gradio puts it at its parameter's position, and the answers are a variable count.
+    def on_rank(request: gr.Request, shown, why, as_markdown, *ranks):
+        user = ctx.user(request)
+        held = store_next_item(ctx.store, user, overlap=ctx.overlap)  # its K: the radios beyond it are hidden
+        k = len(held.ranking) if held is not None else 0
+        return render(handlers.ranking_vote(ctx.store, user, handlers.shown_id(shown), list(ranks[:k]), why,
+                                            overlap=ctx.overlap, min_display_seconds=ctx.min_display_seconds),
+                      as_markdown, user, skips_changed=False)
+
+    def on_answers(request: gr.Request, shown, why, as_markdown, *answers):
+        user = ctx.user(request)
+        return render(handlers.answers_vote(ctx.store, user, handlers.shown_id(shown), ctx.criteria, list(answers),
+                                            why, overlap=ctx.overlap, min_display_seconds=ctx.min_display_seconds),
+                      as_markdown, user, skips_changed=False)
 
     def on_vote(option: handlers.VoteOption):
         def fn(shown, why, as_markdown, request: gr.Request):
@@ -482,8 +620,12 @@ def labeling_tab(ctx: AppContext, demo: gr.Blocks, markdown: gr.Checkbox) -> Non
     ui = dict(api_visibility="private", show_progress="hidden", concurrency_id=CONCURRENCY_ID)
     demo.load(show, inputs=[markdown], outputs=outputs, **ui)
     btn_unskip.click(on_unskip, inputs=[skipped, markdown], outputs=outputs, **ui)
-    markdown.change(redisplay, inputs=[markdown], outputs=[pair.prompt, pair.left, pair.right, pair.shown, progress],
-                    **ui)
+    markdown.change(redisplay, inputs=[markdown], outputs=shown_item, **ui)
+    rank.submit.click(on_rank, inputs=[pair.shown, rationale, markdown, *rank.questions], outputs=outputs, **ui)
+    ask.submit.click(on_answers, inputs=[pair.shown, rationale, markdown, *ask.questions], outputs=outputs, **ui)
+    rank.clear.click(lambda: [gr.Radio(value=None)] * len(rank.questions), outputs=rank.questions, **ui)
+    if ask.questions:
+        ask.clear.click(lambda: [gr.Radio(value=None)] * len(ask.questions), outputs=ask.questions, **ui)
     for option, button in pair.votes.items():
         button.click(on_vote(option), inputs=[pair.shown, rationale, markdown], outputs=outputs, **ui)
     # The guidelines (as the admin last saved them) open by themselves on an annotator's first visit,
@@ -801,7 +943,7 @@ def build_app(store: Store, *, auth: UsersFile | None = None, overlap: int = 3, 
     export_dir = Path(export_dir) if export_dir else Path(store.name + ".export") if store.dialect == "sqlite" \
         else Path("labels.export")
     ctx = AppContext(store, overlap, auth, export_dir.resolve(), concurrency_limit, min_display_seconds,
-                     guard or GuardSettings(), store_settings.scale(store))
+                     guard or GuardSettings(), store_settings.scale(store), store_settings.criteria(store))
     with gr.Blocks(title="alignkit labeling") as demo:
         markdown = header(ctx, demo)
         with gr.Tabs():

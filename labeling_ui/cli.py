@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preference strength levels per side: 2 = much / slightly better, 4 = Llama 2's four; "
                         "set before the first vote (default: none, A / B / tie / both bad)")
     p.add_argument("--guidelines", metavar="FILE", help="markdown guidelines shown to annotators (an admin can edit them)")
+    p.add_argument("--rank", action="store_true",
+                   help="each prompt's 3..9 responses become one ranking task (ranks 1..K, ties allowed) instead of "
+                        "every pair")
+    p.add_argument("--criteria", metavar="NAMES",
+                   help="comma-separated criteria (e.g. helpfulness,harmlessness,honesty): each pairwise item asks "
+                        "one choice per criterion; set before the first vote (default: one overall choice)")
     p.add_argument("--gold", metavar="FILE", help="gold items, JSONL: {prompt | messages, chosen, rejected}, chosen "
                                                   "being the known answer: served to every annotator, never exported")
     p.add_argument("--generate", action="append", default=[], metavar="MODEL_SPEC",
@@ -115,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-votes", type=_positive, default=1)
     p.add_argument("--unpaired", action="store_true",
                    help="prompt / completion / label rows (KTO's unpaired format), two per comparison")
+    p.add_argument("--criterion", metavar="NAME",
+                   help="on a store with criteria: that criterion's answers (default: all combined, the side more "
+                        "criteria chose; equal counts are ties)")
 
     p = sub.add_parser("simulate", help="simulated annotators labeling through a running server")
     p.add_argument("--url", required=True)
@@ -149,29 +158,35 @@ def _import(args) -> int:
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, batch_size=args.batch_size)
-    if args.file is None and args.gold is None and args.scale is None and args.guidelines is None:
-        raise UserError("label import: give a prompts FILE, --gold FILE, --scale or --guidelines")
+    from alignkit.store.settings import parse_criteria
+
+    if args.file is None and args.gold is None and args.scale is None and args.guidelines is None \
+            and args.criteria is None:
+        raise UserError("label import: give a prompts FILE, --gold FILE, --scale, --criteria or --guidelines")
+    if args.rank and (args.generate or args.file is None):
+        raise UserError("label import: --rank ranks the responses of the prompts FILE (not --generate samples)")
     guidelines = _read_text(args.guidelines) if args.guidelines else None
+    criteria = parse_criteria(args.criteria) if args.criteria is not None else None
     if args.gold and args.generate and args.file is None:
         raise UserError("label import: --generate samples for the prompts FILE; gold items bring their own answers")
     gold = parse_gold_file(args.gold) if args.gold else []  # every file checked before any store is created
     if args.file is None:
         store = open_store(args.db)
         try:
-            _store_settings(store, args.scale, guidelines)
+            _store_settings(store, args.scale, guidelines, criteria)
             if gold:
                 print(f"imported gold items into {display_name(args.db)}: {write_rows(store, gold)}")
         finally:
             store.close()
         return 0
-    rows = parse_import_file(args.file, responses_required=not args.generate)
+    rows = parse_import_file(args.file, responses_required=not args.generate, rank=args.rank)
     if args.generate:
         check_generate(args.generate, params)
         check_store(args.db, create=True)  # an unusable --db fails before minutes of sampling, not after
     rows, skipped = prepare_rows(rows, generate=args.generate, params=params)  # a failure here leaves no store
     store = open_store(args.db)
     try:
-        _store_settings(store, args.scale, guidelines)
+        _store_settings(store, args.scale, guidelines, criteria)
         summary = write_rows(store, rows + gold)  # one transaction: a refused gold row imports nothing
     finally:
         store.close()
@@ -189,9 +204,12 @@ def _read_text(path: str) -> str:
         raise UserError(f"--guidelines {path}: not a UTF-8 text file ({err.__class__.__name__})") from None
 
 
-def _store_settings(store, scale: int | None, guidelines: str | None) -> None:
+def _store_settings(store, scale: int | None, guidelines: str | None, criteria: list[str] | None = None) -> None:
     from alignkit.store import settings
 
+    if criteria is not None:
+        settings.set_criteria(store, criteria)
+        print(f"{store.name}: one choice per criterion: {', '.join(criteria)}")
     if scale is not None:
         settings.set_scale(store, scale)
         print(f"{store.name}: preference strength scale {scale}")
@@ -260,7 +278,8 @@ def _export(args) -> int:
     store = open_store(args.db, create=False)
     try:
         s = export_dataset(store, args.out, min_agreement=args.min_agreement, ties=args.ties,
-                           both_bad=args.both_bad, min_votes=args.min_votes, unpaired=args.unpaired)
+                           both_bad=args.both_bad, min_votes=args.min_votes, unpaired=args.unpaired,
+                           criterion=args.criterion)
     finally:
         store.close()
     rows = f"{s['rows']} rows (two per comparison)" if args.unpaired else f"{s['rows']} rows"

@@ -16,7 +16,8 @@ from typing import Any
 
 from alignkit import stats
 from alignkit.errors import UserError
-from alignkit.store import Item, Store, next_item, progress, skip, skipped, submit_vote, undo_last_vote, unskip
+from alignkit.store import (Item, Store, next_item, progress, skip, skipped, submit_ranking, submit_vote,
+                            undo_last_vote, unskip)
 from alignkit.store.agreement import adjudicate, agreement_report, disagreements
 from alignkit.store.arena import (LeaderboardCache, arena_battles, arena_vote_state, battle_vote, reveal,
                                   summarise_votes)
@@ -65,7 +66,8 @@ class ItemView:
 
     `prompt`, `left` and `right` are the texts as stored (the prompt a string or chat messages); the app
     renders them with labeling_ui.render, which never interprets them. `refused`: the action was not
-    carried out, so what the annotator typed (the rationale) stays in its box."""
+    carried out, so what the annotator typed (the rationale, ranks, answers) stays. `ranking`: a ranking
+    task's responses in the order shown (left and right are its first two)."""
 
     comparison_id: int | None
     prompt: Any
@@ -74,6 +76,11 @@ class ItemView:
     progress: str
     status: str = ""
     refused: bool = False
+    ranking: tuple[str, ...] = ()
+
+    @property
+    def is_ranking(self) -> bool:
+        return bool(self.ranking)
 
     @property
     def done(self) -> bool:
@@ -137,7 +144,7 @@ def _view(store: Store, user: str, overlap: int, item: Item | None, status: str,
     line = _progress_line(store, user, overlap)
     if item is None:
         return ItemView(None, NOTHING_LEFT, "", "", line, status, refused)
-    return ItemView(item.comparison_id, item.prompt, item.left, item.right, line, status, refused)
+    return ItemView(item.comparison_id, item.prompt, item.left, item.right, line, status, refused, item.ranking)
 
 
 def current_view(store: Store, user: str, *, overlap: int, status: str = "", refused: bool = False) -> ItemView:
@@ -170,6 +177,50 @@ def vote(store: Store, user: str, comparison_id: int | None, choice: str, ration
     label = CHOICE_LABELS[choice] + (f" (strength {strength})" if strength else "")
     return current_view(store, user, overlap=overlap,
                         status=f"Saved #{receipt.comparison_id}: {label} ({receipt.seconds:.0f} s).")
+
+
+def _unanswered(values: list[Any]) -> list[int]:
+    """The 1-based positions of the questions on screen with no answer picked."""
+    return [i + 1 for i, v in enumerate(values) if v is None or v == ""]
+
+
+def ranking_vote(store: Store, user: str, comparison_id: int | None, ranks: list[Any], rationale: str | None, *,
+                 overlap: int, min_display_seconds: float = 0.0) -> ItemView:
+    """Record the ranking on screen: the rank picked for each response as shown (1 = best, equal ranks tie), then
+    show the next item. A response with no rank, or a refused vote, changes nothing and keeps the ranks."""
+    if comparison_id is None:
+        return current_view(store, user, overlap=overlap, status="Nothing to rank.", refused=True)
+    missing = _unanswered(ranks)
+    if missing:
+        return current_view(store, user, overlap=overlap, refused=True,
+                            status=f"Not saved: give response {', '.join(map(str, missing))} a rank first.")
+    try:
+        receipt = submit_ranking(store, user, int(comparison_id), [int(r) for r in ranks], rationale,
+                                 overlap=overlap, min_display_seconds=min_display_seconds)
+    except (UserError, ValueError) as err:
+        return current_view(store, user, overlap=overlap, status=f"Not saved: {err}", refused=True)
+    shown = ", ".join(f"{i + 1}→{r}" for i, r in enumerate(ranks))
+    return current_view(store, user, overlap=overlap,
+                        status=f"Saved #{receipt.comparison_id}: ranks {shown} ({receipt.seconds:.0f} s).")
+
+
+def answers_vote(store: Store, user: str, comparison_id: int | None, criteria: list[str], answers: list[Any],
+                 rationale: str | None, *, overlap: int, min_display_seconds: float = 0.0) -> ItemView:
+    """Record one choice per criterion (as shown: a = left) on the pair on screen, then show the next."""
+    if comparison_id is None:
+        return current_view(store, user, overlap=overlap, status="Nothing to vote on.", refused=True)
+    missing = _unanswered(answers)
+    if missing:
+        names = ", ".join(criteria[i - 1] for i in missing)
+        return current_view(store, user, overlap=overlap, refused=True, status=f"Not saved: answer {names} first.")
+    try:
+        receipt = submit_vote(store, user, int(comparison_id), None, rationale, overlap=overlap,
+                              min_display_seconds=min_display_seconds, answers=dict(zip(criteria, answers)))
+    except UserError as err:
+        return current_view(store, user, overlap=overlap, status=f"Not saved: {err}", refused=True)
+    shown = ", ".join(f"{name} {CHOICE_LABELS[a]}" for name, a in zip(criteria, answers))
+    return current_view(store, user, overlap=overlap,
+                        status=f"Saved #{receipt.comparison_id}: {shown} ({receipt.seconds:.0f} s).")
 
 
 def skip_item(store: Store, user: str, comparison_id: int | None, *, overlap: int) -> ItemView:

@@ -7,7 +7,9 @@
 // - keys: the digit in a vote button's label (1 = A better, 2 = B better, 3 = tie, 4 = both bad, or 1-6 / 1-9, 0
 //   with a strength scale); s = skip, u = undo
 //   (Label); s = skip, u = undo the vote, r = reveal the models, n = next battle (Arena); ignored while typing in a text field; on a touch screen the
-//   buttons lose their key hints;
+//   buttons lose their key hints; a ranking task or a store's per-criterion questions (radio groups marked
+//   `ak-ask`): a digit picks that option (rank, or 1 A / 2 B / 3 tie / 4 both bad) of the first question with
+//   none picked, Backspace clears them, Enter submits;
 // - the two responses scroll together, so the same part of each is in view;
 // - a session that ended (logout, password change, expiry, server restart) is said on the page at once;
 // - a login refused for too many attempts says until when (Gradio's login form shows nothing for it);
@@ -19,8 +21,11 @@
   var LETTERS = {"s": ["ak-skip", "ak-arena-skip"], "u": ["ak-undo", "ak-arena-undo"], "n": ["ak-arena-next"],
                  "r": ["ak-arena-show-models"]};
   // The prompt block naming the item a button acts on; undo and next act on none, but wait like the others.
+  var ASK_KEYS = {"enter": ["ak-submit-ranking", "ak-submit-answers"],
+                  "backspace": ["ak-clear-ranks", "ak-clear-answers"]};
   function promptFor(id) {
-    if (id === "ak-skip" || id.indexOf("ak-vote-") === 0 || id === "ak-undo") return "ak-prompt";
+    if (id === "ak-skip" || id.indexOf("ak-vote-") === 0 || id === "ak-undo" || id === "ak-submit-ranking" ||
+        id === "ak-submit-answers") return "ak-prompt";
     if (id.indexOf("ak-arena-") === 0) return "ak-arena-prompt";
     return null;
   }
@@ -101,12 +106,43 @@
     return true;
   }
 
+  function visible(el) { return el && !el.disabled && el.offsetParent !== null; }
+
+  // The questions in view (a ranking's ranks, or a pair's criteria), in order.
+  function askGroups() {
+    return Array.prototype.filter.call(document.querySelectorAll(".ak-ask"), visible);
+  }
+
+  // A digit picks that option of the first question with none picked; true when it did.
+  function answerNext(digit) {
+    var groups = askGroups();
+    for (var i = 0; i < groups.length; i++) {
+      var options = groups[i].querySelectorAll("input[type=radio]");
+      if (Array.prototype.some.call(options, function (o) { return o.checked; })) continue;
+      var option = options[parseInt(digit, 10) - 1];
+      if (option) option.click();
+      return true;  // a digit beyond the options is taken too: it must not vote on anything else
+    }
+    return groups.length > 0;
+  }
+
   document.addEventListener("keydown", function (e) {
     var t = e.target;
     if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
-    if (t && ((t.tagName === "TEXTAREA" || t.tagName === "INPUT") && !t.readOnly || t.isContentEditable)) return;
+    // Radio buttons and check boxes take no typing: keys go on working after one was clicked.
+    var typing = t && (t.tagName === "TEXTAREA" || t.isContentEditable ||
+                       (t.tagName === "INPUT" && !t.readOnly && t.type !== "radio" && t.type !== "checkbox"));
+    if (typing) return;
     var key = (e.key || "").toLowerCase(), candidates;
-    if (/^[0-9]$/.test(key)) {
+    if (key === "enter" && t && t.tagName === "BUTTON") return;  // Enter presses the focused button itself
+    if (/^[1-9]$/.test(key) && askGroups().length) {
+      e.preventDefault();
+      answerNext(key);
+      return;
+    }
+    if (ASK_KEYS[key]) {
+      candidates = ASK_KEYS[key].map(function (id) { return document.getElementById(id); });
+    } else if (/^[0-9]$/.test(key)) {
       var hint = "[" + key + "]";
       candidates = Array.prototype.filter.call(document.querySelectorAll("button[id^=ak-vote-], button[id^=ak-arena-]"),
         function (b) { return b.textContent.trim().slice(-hint.length) === hint; });
@@ -116,7 +152,7 @@
     for (var i = 0; i < candidates.length; i++) {
       var el = candidates[i];
       // A key clicks the button of the tab in view only (a hidden tab's buttons have no offsetParent).
-      if (el && !el.disabled && el.offsetParent !== null) { e.preventDefault(); el.click(); return; }
+      if (visible(el)) { e.preventDefault(); el.click(); return; }
     }
   });
 

@@ -7,8 +7,8 @@
 """
 
 from alignkit.store.db import SCHEMA_VERSION, Store, open_store
-from alignkit.store.queue import (Item, Progress, VoteReceipt, next_item, progress, skip, skipped, submit_vote,
-                                  undo_last_vote, unskip)
+from alignkit.store.queue import (Item, Progress, VoteReceipt, next_item, progress, skip, skipped, submit_ranking,
+                                  submit_vote, undo_last_vote, unskip)
 
 __all__ = ["SCHEMA_VERSION", "Store", "open_store", "Item", "Progress", "VoteReceipt", "next_item", "progress",
-           "skip", "skipped", "submit_vote", "undo_last_vote", "unskip"]
+           "skip", "skipped", "submit_ranking", "submit_vote", "undo_last_vote", "unskip"]

@@ -7,7 +7,10 @@
 - Fleiss' kappa (statsmodels' `fleiss_kappa`) over the comparisons that share the
   most common number of raters (two or more), since Fleiss needs a fixed count.
 Labels are the canonical choices a, b, tie, both_bad. A kappa that is undefined
-(every label the same) is reported as None.
+(every label the same) is reported as None. A ranking task's vote counts once per annotator, as the pairwise
+vote its `choice` is (what the ranking says of the task's response_a against response_b, alignkit.store.queue),
+not as its C(K, 2) pairs, which would weigh one ranking as many votes; a vote answering criteria counts as its
+combined choice.
 
 Votes on arena battles count too: a battle is judged like any comparison (blind,
 sides randomised, the same overlap), so its votes say as much about an annotator's
@@ -23,7 +26,8 @@ an admin excludes an annotator's votes from export (`excluded`) by hand.
 
 Disagreement review: `disagreements` lists the ordinary comparisons whose votes split most (the share of
 votes outside the plurality), every vote with its rationale; `adjudicate` records an admin's ruling on one,
-which export takes over the votes.
+which export takes over the votes. Ranking tasks are not reviewed: a ruling decides one pair, and export turns
+a ranking into many.
 """
 
 from __future__ import annotations
@@ -315,7 +319,8 @@ def disagreements(store: Store, *, limit: int = 20) -> list[Disagreement]:
                                 Annotator.excluded)
                          .join(Annotator, Annotator.id == Vote.annotator_id)
                          .join(Comparison, Comparison.id == Vote.comparison_id)
-                         .where(Comparison.arena.is_(False), Comparison.gold.is_(None))
+                         .where(Comparison.arena.is_(False), Comparison.gold.is_(None),
+                                Comparison.ranking_json.is_(None))
                          .order_by(Vote.comparison_id, Vote.id)).all()
         votes: dict[int, list[ReviewVote]] = defaultdict(list)
         for cid, *rest in rows:
@@ -344,9 +349,9 @@ def adjudicate(store: Store, admin: str, comparison_id: int, choice: str, *, str
         comp = session.get(Comparison, comparison_id)
         if comp is None:
             raise UserError(f"comparison {comparison_id} does not exist")
-        if comp.arena or comp.gold is not None:
-            raise UserError(f"comparison {comparison_id} is {'an arena battle' if comp.arena else 'a gold item'}: "
-                            f"nothing to adjudicate")
+        if comp.arena or comp.gold is not None or comp.ranking_json is not None:
+            what = "an arena battle" if comp.arena else "a gold item" if comp.gold is not None else "a ranking task"
+            raise UserError(f"comparison {comparison_id} is {what}: nothing to adjudicate")
         _check_strength(strength, choice, scale_in(session))
         uid = annotator_id(store, session, admin)
         found = session.scalars(select(Adjudication).where(Adjudication.comparison_id == comparison_id)).one_or_none()

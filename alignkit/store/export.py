@@ -20,7 +20,14 @@ vote counts. On a store with a strength scale (alignkit.store.settings) it has a
 -log sigmoid(r_chosen - r_rejected - margin), as Llama 2's reward model was trained):
 MARGIN_RULE, the mean over the votes for the chosen response of (strength - 1), so
 0 (slightly / negligibly better) .. scale - 1 (much / significantly better); votes
-for the other side and ties add nothing (they already lowered the agreement). Unpaired rows (unpaired_rows, for KTO) are two per kept comparison:
+for the other side and ties add nothing (they already lowered the agreement).
+
+A ranking task (`label import --rank`) exports as its C(K, 2) pairs, each aggregated as a comparison of its
+own from what every ranking says of that pair (the better-ranked response wins it, equal ranks tie), with
+RANK_MARGIN_RULE for its `margin`: MARGIN_RULE with the rank distance as strength. Every row then has a
+`margin` (0 for ordinary comparisons of an unscaled store) and `ranking` (whether it is a ranking's pair).
+On a store with criteria (alignkit.store.settings), a vote's label is COMBINE_RULE over its answers, or with
+`criterion` that criterion's answer alone (ranking tasks, which ask no criteria, are then left out). Unpaired rows (unpaired_rows, for KTO) are two per kept comparison:
 prompt, completion, label (true for the chosen response, false for the rejected
 one or for both of a both-bad comparison), and the same bookkeeping.
 
@@ -38,12 +45,14 @@ its rows say `adjudicated`, and export.json counts them.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -52,13 +61,16 @@ from sqlalchemy import func, select, true
 from alignkit.data.formats import consistent_pairs, consistent_unpaired
 from alignkit.errors import UserError
 from alignkit.store.db import Store, open_store
-from alignkit.store.models import CHOICES, Adjudication, Annotator, Comparison, Vote
-from alignkit.store.settings import scale, scale_in
+from alignkit.store.models import CHOICES, Adjudication, Annotator, Comparison, Response, Vote
+from alignkit.store.queue import pair_choice
+from alignkit.store.settings import COMBINE_RULE, criteria, criteria_in, scale, scale_in
 
 POLICIES = ("drop", "ignore")
 ADJUDICATION_RULE = ("an admin's ruling replaces the plurality and the agreement and vote minimums: a side is "
                      "kept, a tie or both bad dropped (both bad kept under both_bad=undesirable)")
 MARGIN_RULE = "mean over the votes for the chosen response of (strength - 1)"
+RANK_MARGIN_RULE = ("a ranking task's pair: mean over the votes for the chosen response of (rank distance - 1), a tie "
+                    "group sharing one rank, so 0 (adjacent ranks) .. K - 2 (first against last)")
 BOTH_BAD_POLICIES = POLICIES + ("undesirable",)  # undesirable: unpaired rows only
 
 
@@ -105,51 +117,108 @@ def aggregate(labels: list[str], *, ties: str = "drop", both_bad: str = "drop",
     return winners[0], agreement, "kept"
 
 
+@dataclass
+class _Unit:
+    """One pair to aggregate: an ordinary comparison, or one pair of a ranking task's responses (RANK_MARGIN_RULE:
+    a ranking vote's strength for a pair is the rank distance, so vote_margin gives the margin of both)."""
+
+    comparison_id: int
+    prompt_json: str
+    first: Response  # the pair's "a"
+    second: Response
+    votes: list[tuple[str, int | None]]  # canonical (choice, strength) per vote
+    ruling: Adjudication | None = None
+    ranking: bool = False
+
+
+def _vote_label(choice: str, criteria_json: str | None, criterion: str | None) -> str | None:
+    """The label a vote gives under the export's criterion (None: all criteria combined, the vote's choice)."""
+    if criterion is None:
+        return choice
+    return json.loads(criteria_json)[criterion] if criteria_json else None
+
+
+def _ranking_units(c: Comparison, rankings: list[str], responses: dict[int, Response]) -> list[_Unit]:
+    """A ranking task's C(K, 2) pairs, each with every vote's choice for it and the rank distance as strength."""
+    ids = sorted(json.loads(c.ranking_json))
+    units = [_Unit(c.id, c.prompt.content_json, responses[x], responses[y], [], ranking=True) for x, y in itertools.combinations(ids, 2)]
+    for groups in map(json.loads, rankings):
+        place = {rid: i for i, group in enumerate(groups) for rid in group}
+        for unit in units:
+            choice = pair_choice(groups, unit.first.id, unit.second.id)
+            unit.votes.append((choice, abs(place[unit.first.id] - place[unit.second.id]) or None))
+    return units
+
+
+def _units(s, *, in_rounds, criterion: str | None) -> tuple[list[_Unit], Counter]:
+    """Every pair to aggregate from the votes on ordinary comparisons and ranking tasks (not arena, not gold, no
+    excluded annotator); with a criterion, ranking tasks (which ask none) are counted and left out."""
+    votes: dict[int, list[tuple[str, int | None]]] = defaultdict(list)
+    rankings: dict[int, list[str]] = defaultdict(list)
+    for cid, choice, strength, ranking, answers in s.execute(
+            select(Vote.comparison_id, Vote.choice, Vote.strength, Vote.ranking_json, Vote.criteria_json)
+            .join(Comparison, Comparison.id == Vote.comparison_id).join(Annotator, Annotator.id == Vote.annotator_id)
+            .where(Comparison.arena.is_(False), Comparison.gold.is_(None), Annotator.excluded.is_(False), in_rounds)
+            .order_by(Vote.comparison_id, Vote.id)):
+        if ranking is not None:
+            rankings[cid].append(ranking)
+        elif (label := _vote_label(choice, answers, criterion)) is not None:
+            votes[cid].append((label, strength))
+    skipped = Counter({"ranking_asks_no_criteria": len(rankings)}) if criterion and rankings else Counter()
+    if criterion:
+        rankings.clear()
+    ids = sorted({*votes, *rankings})
+    comps = {c.id: c for c in s.scalars(select(Comparison).where(Comparison.id.in_(ids)))} if ids else {}
+    rulings = {a.comparison_id: a for a in s.scalars(select(Adjudication).where(
+        Adjudication.comparison_id.in_(ids)))} if ids else {}
+    ranked = [rid for cid in rankings for rid in json.loads(comps[cid].ranking_json)]
+    responses = {r.id: r for r in s.scalars(select(Response).where(Response.id.in_(ranked)))} if ranked else {}
+    units = []
+    for cid in ids:
+        c = comps[cid]
+        if cid in rankings:
+            units += _ranking_units(c, rankings[cid], responses)
+        else:
+            units.append(_Unit(cid, c.prompt.content_json, c.response_a, c.response_b, votes[cid], rulings.get(cid)))
+    return units, skipped
+
+
 def aggregate_store(store: Store, *, min_agreement: float = 0.0, ties: str = "drop", both_bad: str = "drop",
-                    min_votes: int = 1, unpaired: bool = False,
-                    rounds: Sequence[int] | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """(rows, counts of kept / dropped-by-reason) for every non-arena comparison with at least one vote:
-    preference rows, or with `unpaired` two prompt / completion / label rows per comparison. `rounds`: only
-    the comparisons `alignkit loop` imported in those rounds."""
+                    min_votes: int = 1, unpaired: bool = False, rounds: Sequence[int] | None = None,
+                    criterion: str | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """(rows, counts of kept / dropped-by-reason) for every non-arena comparison with at least one vote (a ranking
+    task: each of its pairs): preference rows, or with `unpaired` two prompt / completion / label rows per pair.
+    `rounds`: only the comparisons `alignkit loop` imported in those rounds. `criterion`: on a store with criteria,
+    that criterion's answers instead of all combined (COMBINE_RULE)."""
     _check_policy(min_agreement, ties, both_bad, min_votes, unpaired)
     in_rounds = Comparison.loop_round.in_(list(rounds)) if rounds is not None else true()
     with store.read() as s:
         levels = scale_in(s)
-        labels: dict[int, list[str]] = defaultdict(list)
-        strengths: dict[int, list[tuple[str, int | None]]] = defaultdict(list)
-        for cid, choice, strength in s.execute(select(Vote.comparison_id, Vote.choice, Vote.strength)
-                                     .join(Comparison, Comparison.id == Vote.comparison_id)
-                                     .join(Annotator, Annotator.id == Vote.annotator_id)
-                                     .where(Comparison.arena.is_(False), Comparison.gold.is_(None),
-                                            Annotator.excluded.is_(False), in_rounds)
-                                     .order_by(Vote.comparison_id, Vote.id)):
-            labels[cid].append(choice)
-            strengths[cid].append((choice, strength))
-        comps = {c.id: c for c in s.scalars(select(Comparison).where(Comparison.id.in_(list(labels))))} if labels else {}
-        rulings = {a.comparison_id: a for a in s.scalars(select(Adjudication).where(
-            Adjudication.comparison_id.in_(list(labels))))} if labels else {}
-        rows, reasons = [], Counter()
-        for cid in sorted(labels):
-            winner, agreement, reason = aggregate(labels[cid], ties=ties, both_bad=both_bad,
+        check_criterion(criterion, criteria_in(s), store.name)
+        units, reasons = _units(s, in_rounds=in_rounds, criterion=criterion)
+        has_ranking = any(u.ranking for u in units)
+        rows = []
+        for u in units:
+            labels = [choice for choice, _ in u.votes]
+            winner, agreement, reason = aggregate(labels, ties=ties, both_bad=both_bad,
                                                   min_agreement=min_agreement, min_votes=min_votes)
-            ruling = rulings.get(cid)
-            if ruling is not None:
-                winner, reason = adjudicated(ruling.choice, both_bad)
+            if u.ruling is not None:
+                winner, reason = adjudicated(u.ruling.choice, both_bad)
             reasons[reason] += 1
             if winner is None:
                 continue
-            c = comps[cid]
-            chosen, rejected = (c.response_a, c.response_b) if winner != "b" else (c.response_b, c.response_a)
-            counts = Counter(labels[cid])
-            prompt = json.loads(c.prompt.content_json)
-            about = {"n_annotators": len(labels[cid]), "agreement": agreement, "comparison_id": cid,
-                     "votes": {k: counts.get(k, 0) for k in CHOICES}, "adjudicated": ruling is not None}
+            chosen, rejected = (u.first, u.second) if winner != "b" else (u.second, u.first)
+            counts = Counter(labels)
+            prompt = json.loads(u.prompt_json)
+            about = {"n_annotators": len(labels), "agreement": agreement, "comparison_id": u.comparison_id,
+                     "votes": {k: counts.get(k, 0) for k in CHOICES}, "adjudicated": u.ruling is not None,
+                     **({"ranking": u.ranking} if has_ranking else {})}
             if unpaired:
                 rows += [{"prompt": prompt, "completion": response.text, "label": label, "model": response.model_spec,
                           **about} for response, label in ((chosen, winner != "both_bad"), (rejected, False))]
             else:
-                decided_by = [(ruling.choice, ruling.strength)] if ruling is not None else strengths[cid]
-                margin = {"margin": vote_margin(decided_by, winner)} if levels > 1 else {}
+                decided_by = [(u.ruling.choice, u.ruling.strength)] if u.ruling is not None else u.votes
+                margin = {"margin": vote_margin(decided_by, winner)} if levels > 1 or has_ranking else {}
                 rows.append({"prompt": prompt, "chosen": chosen.text, "rejected": rejected.text,
                              "chosen_model": chosen.model_spec, "rejected_model": rejected.model_spec, **margin,
                              **about})
@@ -163,8 +232,19 @@ def adjudicated(choice: str, both_bad: str) -> tuple[str | None, str]:
     return choice, "adjudicated"
 
 
+def check_criterion(criterion: str | None, asked: list[str], name: str) -> None:
+    """An export's `criterion` must be one the store asks."""
+    if criterion is None:
+        return
+    if not asked:
+        raise UserError(f"--criterion {criterion}: {name} asks no per-criterion questions (import with --criteria)")
+    if criterion not in asked:
+        raise UserError(f"--criterion {criterion}: unknown criterion; {name} asks {', '.join(asked)}")
+
+
 def vote_margin(votes: list[tuple[str, int | None]], winner: str) -> float:
-    """MARGIN_RULE over one comparison's (canonical choice, strength) votes."""
+    """MARGIN_RULE over one comparison's (canonical choice, strength) votes, and RANK_MARGIN_RULE over a ranking
+    pair's (choice, rank distance) votes: one rule, as a rank distance of 1 is the weakest preference."""
     levels = [strength - 1 for choice, strength in votes if choice == winner and strength is not None]
     return sum(levels) / len(levels) if levels else 0.0
 
@@ -202,25 +282,28 @@ def _aggregate(db: str | Store, **policy) -> list[dict[str, Any]]:
 
 
 def preference_rows(db: str | Store, *, min_agreement: float = 0.0, ties: str = "drop", both_bad: str = "drop",
-                    min_votes: int = 1, rounds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+                    min_votes: int = 1, rounds: Sequence[int] | None = None,
+                    criterion: str | None = None) -> list[dict[str, Any]]:
     """Preference rows for the reward / DPO stages: prompt (str or messages), chosen, rejected, and more.
 
     `db` is a label store path or URL (or an open Store). See the module doc for the policy.
     """
     return _aggregate(db, min_agreement=min_agreement, ties=ties, both_bad=both_bad, min_votes=min_votes,
-                      rounds=rounds)
+                      rounds=rounds, criterion=criterion)
 
 
 def unpaired_rows(db: str | Store, *, min_agreement: float = 0.0, ties: str = "drop", both_bad: str = "drop",
-                  min_votes: int = 1, rounds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+                  min_votes: int = 1, rounds: Sequence[int] | None = None,
+                  criterion: str | None = None) -> list[dict[str, Any]]:
     """Unpaired rows for a KTO stage: prompt, completion, label (desirable or not), two per kept comparison;
     both_bad="undesirable" keeps both-bad comparisons as two undesirable rows. See the module doc."""
     return _aggregate(db, min_agreement=min_agreement, ties=ties, both_bad=both_bad, min_votes=min_votes,
-                      unpaired=True, rounds=rounds)
+                      unpaired=True, rounds=rounds, criterion=criterion)
 
 
 def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 0.0, ties: str = "drop",
-                   both_bad: str = "drop", min_votes: int = 1, unpaired: bool = False) -> dict[str, Any]:
+                   both_bad: str = "drop", min_votes: int = 1, unpaired: bool = False,
+                   criterion: str | None = None) -> dict[str, Any]:
     """Write DIR as a HF dataset (datasets.load_from_disk(DIR)) plus DIR/preferences.jsonl and DIR/export.json.
 
     unpaired: prompt / completion / label rows (TRL's unpaired preference format, for KTO), two per comparison;
@@ -234,8 +317,9 @@ def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 
         raise UserError(f"export target {out} is a non-empty directory that is not an earlier export; "
                         "choose a new directory")
     rows, reasons = aggregate_store(store, min_agreement=min_agreement, ties=ties, both_bad=both_bad,
-                                    min_votes=min_votes, unpaired=unpaired)
+                                    min_votes=min_votes, unpaired=unpaired, criterion=criterion)
     levels = scale(store)
+    asked = criteria(store)
     if not rows:
         why = f"comparisons per reason: {reasons}" if reasons else "no votes on labeling comparisons yet"
         arena_votes = _arena_votes(store)
@@ -261,7 +345,10 @@ def export_dataset(store: Store, out_dir: str | Path, *, min_agreement: float = 
                               "both_bad": both_bad,
                               "min_agreement": min_agreement, "min_votes": min_votes,
                               "excluded_annotators": excluded_annotators(store), "gold_items": "left out",
-                              **({"margin": MARGIN_RULE, "scale": levels} if levels > 1 else {})},
+                              **({"margin": MARGIN_RULE, "scale": levels} if levels > 1 else {}),
+                              **({"ranking_margin": RANK_MARGIN_RULE} if any(r.get("ranking") for r in rows) else {}),
+                              **({"criteria": asked, "criterion": criterion or "all combined",
+                                  "combined_by": COMBINE_RULE} if asked else {})},
                    "format": "unpaired (prompt, completion, label)" if unpaired else "pairs (prompt, chosen, rejected)"}
         (tmp / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
         with _locked(out.parent):

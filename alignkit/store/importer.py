@@ -5,7 +5,9 @@ A JSONL line is an object with
     (alignkit.data.formats.prompt_from: the one rule for prompt files),
   - `responses`: two or more distinct non-empty strings (optional with `--generate`),
   - optionally `models`: one model spec per response (recorded with it), `id`, `meta`.
-Every pair of a prompt's responses becomes a comparison.
+Every pair of a prompt's responses becomes a comparison; imported with `rank=True` (`label import --rank`),
+a prompt's MIN_RANK..MAX_RANK responses become one ranking task instead (a comparison whose `ranking_json`
+lists them; response_a / response_b are its two lowest ids), ranked in one vote.
 
 The whole file is validated before anything is generated or written; a bad line is
 a UserError naming file:line and the problem, and nothing is imported. All rows go
@@ -35,6 +37,7 @@ from alignkit.store.db import Store
 from alignkit.store.models import Comparison, Prompt, Response
 
 KEYS = {"prompt", "messages", "responses", "models", "id", "meta"}
+MIN_RANK, MAX_RANK = 3, 9  # a ranking of 2 is a pair; keys 1..9 rank up to 9
 
 
 @dataclass
@@ -49,6 +52,8 @@ class ImportRow:
     loop_round: int | None = None
     source_stage: str | None = None
     selection_score: float | None = None
+    rank: bool = False  # one ranking task of all its responses instead of every pair
+
 
 
 @dataclass
@@ -98,8 +103,9 @@ def _checked_rows(path: str | Path, what: str, keys: set[str], expected: str):
         yield where, obj, prompt_from(obj, path, exclusive=True)
 
 
-def parse_import_file(path: str | Path, *, responses_required: bool = True) -> list[ImportRow]:
-    """Validate the whole file; the first bad line raises UserError("FILE:LINE: problem")."""
+def parse_import_file(path: str | Path, *, responses_required: bool = True, rank: bool = False) -> list[ImportRow]:
+    """Validate the whole file; the first bad line raises UserError("FILE:LINE: problem"). rank: every row is a
+    ranking task of MIN_RANK..MAX_RANK responses."""
     rows: list[ImportRow] = []
     for where, obj, prompt in _checked_rows(path, "import", KEYS, "prompt or messages, responses, models, id, meta"):
         responses = obj.get("responses", [])
@@ -110,11 +116,14 @@ def parse_import_file(path: str | Path, *, responses_required: bool = True) -> l
             raise UserError(f"{where}: `responses` has duplicates")
         if responses_required and len(responses) < 2:
             raise UserError(f"{where}: needs at least 2 `responses` (or import with --generate MODEL_SPEC)")
+        if rank and not MIN_RANK <= len(responses) <= MAX_RANK:
+            raise UserError(f"{where}: --rank needs {MIN_RANK} to {MAX_RANK} `responses` per prompt, got "
+                            f"{len(responses)}" + (" (import it without --rank: a pair)" if len(responses) == 2 else ""))
         models = obj.get("models", [None] * len(responses))
         if not isinstance(models, list) or len(models) != len(responses) or \
                 not all(m is None or isinstance(m, str) for m in models):
             raise UserError(f"{where}: `models` must be a list of model specs, one per response")
-        rows.append(ImportRow(prompt, where, list(responses), list(models), [None] * len(responses)))
+        rows.append(ImportRow(prompt, where, list(responses), list(models), [None] * len(responses), rank=rank))
     if not rows:
         raise UserError(f"{path}: no prompts in file")
     return rows
@@ -191,31 +200,21 @@ def write_rows(store: Store, rows: Sequence[ImportRow], *, arena: bool = False) 
         pairs: set[tuple[int, int]] = set()
         new_comp, converted, converted_votes = 0, 0, 0
         for row in rows:
-            key = store_key(row.prompt)
-            prompt = session.scalars(select(Prompt).where(Prompt.key == key)).one_or_none()
-            if prompt is None:
-                prompt = Prompt(key=key, content_json=json.dumps(row.prompt, ensure_ascii=False), source=row.source,
-                                created_at=now)
-                session.add(prompt)
-                session.flush()
+            prompt = _prompt_row(session, row, now)
             prompt_ids.add(prompt.id)
-            ids = []
-            for text, model, sampling in zip(row.responses, row.models, row.sampling):
-                text = storable_text(text)
-                rkey = store_key(text)
-                resp = session.scalars(select(Response).where(Response.prompt_id == prompt.id,
-                                                              Response.key == rkey)).one_or_none()
-                if resp is None:
-                    resp = Response(prompt_id=prompt.id, key=rkey, text=text, model_spec=model,
-                                    sampling_json=json.dumps(sampling) if sampling else None, created_at=now)
-                    session.add(resp)
-                    session.flush()
-                ids.append(resp.id)
+            ids = _response_ids(session, prompt.id, row, now)
             response_ids.update(ids)
+            if row.rank:
+                pairs.add(tuple(sorted(ids))[:2])
+                new_comp += _ranking_task(session, prompt.id, ids, row, now)
+                continue
             for x, y in itertools.combinations(sorted(set(ids)), 2):
                 pairs.add((x, y))
                 comp = session.scalars(select(Comparison).where(Comparison.response_a_id == x,
                                                                 Comparison.response_b_id == y)).first()
+                if comp is not None and comp.ranking_json is not None:
+                    raise UserError(f"{row.source}: these responses are a ranking task in the store already "
+                                    f"(imported with --rank)")
                 answer = ("a" if ids[0] == x else "b") if row.gold else None
                 if row.gold and comp is not None and comp.gold is None:
                     _check_can_turn_gold(comp, row.source)
@@ -236,6 +235,52 @@ def write_rows(store: Store, rows: Sequence[ImportRow], *, arena: bool = False) 
     return store.write(run)
 
 
+def _prompt_row(session: Session, row: ImportRow, now: float) -> Prompt:
+    key = store_key(row.prompt)
+    prompt = session.scalars(select(Prompt).where(Prompt.key == key)).one_or_none()
+    if prompt is None:
+        prompt = Prompt(key=key, content_json=json.dumps(row.prompt, ensure_ascii=False), source=row.source,
+                        created_at=now)
+        session.add(prompt)
+        session.flush()
+    return prompt
+
+
+def _response_ids(session: Session, prompt_id: int, row: ImportRow, now: float) -> list[int]:
+    """The ids of the row's responses in its order, each stored once per prompt."""
+    ids = []
+    for text, model, sampling in zip(row.responses, row.models, row.sampling):
+        text = storable_text(text)
+        rkey = store_key(text)
+        resp = session.scalars(select(Response).where(Response.prompt_id == prompt_id,
+                                                      Response.key == rkey)).one_or_none()
+        if resp is None:
+            resp = Response(prompt_id=prompt_id, key=rkey, text=text, model_spec=model,
+                            sampling_json=json.dumps(sampling) if sampling else None, created_at=now)
+            session.add(resp)
+            session.flush()
+        ids.append(resp.id)
+    return ids
+
+
+def _ranking_task(session: Session, prompt_id: int, ids: list[int], row: ImportRow, now: float) -> int:
+    """Store the row's ranking task (1) or find it stored already (0). Its two lowest ids are its pair in the
+    table's terms, so an ordinary comparison of those two, or a ranking of another set holding them, is refused."""
+    x, y = sorted(ids)[:2]
+    comp = session.scalars(select(Comparison).where(Comparison.response_a_id == x,
+                                                    Comparison.response_b_id == y)).first()
+    if comp is None:
+        session.add(Comparison(prompt_id=prompt_id, response_a_id=x, response_b_id=y, ranking_json=json.dumps(ids),
+                               loop_round=row.loop_round, source_stage=row.source_stage,
+                               selection_score=row.selection_score, created_at=now))
+        return 1
+    if comp.ranking_json is None or sorted(json.loads(comp.ranking_json)) != sorted(ids):
+        raise UserError(f"{row.source}: two of these responses are already "
+                        f"{'in another ranking task' if comp.ranking_json else 'a pairwise comparison'} in the store; "
+                        f"a ranking task takes responses of its own")
+    return 0
+
+
 def _check_can_turn_gold(comp: Comparison, source: str) -> None:
     if comp.arena:
         raise UserError(f"{source}: this pair is an arena battle already; a gold item must be an ordinary comparison")
@@ -245,9 +290,9 @@ def _check_can_turn_gold(comp: Comparison, source: str) -> None:
 
 
 def import_file(store: Store, path: str | Path, *, generate: Sequence[str] = (), params=None,
-                progress: bool = True) -> ImportSummary:
+                progress: bool = True, rank: bool = False) -> ImportSummary:
     """Validate `path`, sample responses with each `generate` spec if given, and import everything."""
-    rows = parse_import_file(path, responses_required=not generate)
+    rows = parse_import_file(path, responses_required=not generate, rank=rank)
     return import_rows(store, rows, generate=generate, params=params, progress=progress)
 
 

@@ -122,8 +122,8 @@ class Comparison(Base):
     loop_round: Mapped[int | None] = mapped_column(Integer)
     source_stage: Mapped[str | None] = mapped_column(String(500))
     selection_score: Mapped[float | None] = mapped_column(Float)
-    # Schema v5, the layout ranking tasks take (nothing imports or serves one yet, so it is None everywhere): the
-    # JSON list of its K >= 3 response ids, ranked in one vote; response_a / response_b are its first two.
+    # Schema v5: a ranking task (`label import --rank`; None for a pair): the JSON list of its K >= 3 response
+    # ids, ranked in one vote; response_a / response_b are its two lowest ids.
     ranking_json: Mapped[str | None] = mapped_column(Text)
 
     prompt: Mapped[Prompt] = relationship(lazy="joined")
@@ -177,8 +177,9 @@ class Vote(Base):
     # Schema v3: how much better the chosen side is, 1..scale, on a store with a preference-strength scale.
     strength: Mapped[int | None] = mapped_column(Integer)
     # Schema v5: when an arena vote's models were shown to its annotator (None: not yet; until then it can be
-    # taken back). Laid out for ranking votes and per-criterion questions, which nothing writes yet (None): the
-    # order as JSON tie groups of response ids best first; the answers as JSON {criterion: canonical choice}.
+    # taken back). A ranking vote's order as JSON tie groups of response ids best first (its `choice`: what it
+    # says of response_a against response_b); a vote on a store with criteria, its answers as JSON
+    # {criterion: canonical choice} (its `choice`: COMBINE_RULE over them). None otherwise.
     revealed_at: Mapped[float | None] = mapped_column(Float)
     ranking_json: Mapped[str | None] = mapped_column(Text)
     criteria_json: Mapped[str | None] = mapped_column(Text)
@@ -201,7 +202,7 @@ class Adjudication(Base):
 
 class Setting(Base):
     """Store-wide settings (schema v3): `scale` (preference-strength levels per side; absent: none),
-    `guidelines` (markdown for annotators)."""
+    `criteria` (a JSON list of names; absent: one overall choice), `guidelines` (markdown for annotators)."""
 
     __tablename__ = "store_settings"
 

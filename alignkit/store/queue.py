@@ -38,6 +38,17 @@ before counting, so simultaneous votes on one comparison are serialized.
 Choices arrive as the annotator saw them (`a` = the left response); votes are
 stored in canonical terms (`a` = comparison.response_a) with the side order shown.
 
+A ranking task (a comparison with `ranking_json`, `label import --rank`) is leased, skipped and undone like any
+comparison and takes one vote per annotator: `submit_ranking` with a rank per response as shown (1 = best,
+ties repeat a rank). Each annotator sees its responses in an order of their own (display_order, a shuffle
+seeded by the task and the annotator, so it is the same on every reload and needs no column); the vote stores
+the order as tie groups of response ids best first (`ranking_json`), and its `choice` is what the ranking says
+of response_a against response_b, with `swapped` as that pair was shown, so agreement and side-bias statistics
+count a ranking once, as one pairwise vote.
+
+On a store with criteria (alignkit.store.settings) a vote on an ordinary comparison answers every criterion
+(`answers`, each choice as shown); its `choice` is COMBINE_RULE over them and `criteria_json` keeps them.
+
 Two pools share these rules: ordinary preference comparisons (`arena=False`, the
 Label tab) and arena battles between models (`arena=True`, the Arena tab). Every
 function here works on one pool: it serves, counts, votes on, skips and undoes
@@ -54,13 +65,13 @@ from typing import Any
 
 from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session, aliased, object_session
 
 from alignkit.errors import UserError
 from alignkit.store.db import Store
 from alignkit.store.importer import storable_text
-from alignkit.store.models import CHOICES, Annotator, Assignment, Comparison, Vote
-from alignkit.store.settings import scale_in
+from alignkit.store.models import CHOICES, Annotator, Assignment, Comparison, Response, Vote
+from alignkit.store.settings import combine_criteria, criteria_in, scale_in
 
 MAX_RATIONALE_CHARS = 10_000
 _SWAP = {"a": "b", "b": "a", "tie": "tie", "both_bad": "both_bad"}
@@ -77,6 +88,11 @@ class Item:
     swapped: bool  # response_b of the comparison is shown on the left
     served_at: float
     expires_at: float
+    ranking: tuple[str, ...] = ()  # a ranking task: its responses in the order shown (left, right: the first two)
+
+    @property
+    def is_ranking(self) -> bool:
+        return bool(self.ranking)
 
     @property
     def prompt_text(self) -> str:
@@ -201,10 +217,30 @@ def _check_pool(store: Store, session: Session, comparison_id: int, arena: bool,
     return found.gold is not None
 
 
+def display_order(comparison_id: int, annotator_id: int, response_ids: list[int]) -> list[int]:
+    """A ranking task's response ids in the order this annotator is shown them (the same on every call)."""
+    order = list(response_ids)
+    random.Random(f"{comparison_id}:{annotator_id}").shuffle(order)
+    return order
+
+
+def _shown_swapped(comp: Comparison, annotator_id: int, coin: bool) -> bool:
+    """Whether response_b is shown before response_a: a coin for a pair, the display order for a ranking."""
+    if comp.ranking_json is None:
+        return coin
+    order = display_order(comp.id, annotator_id, json.loads(comp.ranking_json))
+    return order.index(comp.response_b_id) < order.index(comp.response_a_id)
+
+
 def _to_item(comp: Comparison, a: Assignment) -> Item:
+    prompt = json.loads(comp.prompt.content_json)
+    if comp.ranking_json is not None:
+        session = object_session(comp)
+        order = display_order(comp.id, a.annotator_id, json.loads(comp.ranking_json))
+        texts = tuple(session.get(Response, rid).text for rid in order)
+        return Item(comp.id, prompt, texts[0], texts[1], a.swapped, a.served_at, a.expires_at, texts)
     first, second = (comp.response_b, comp.response_a) if a.swapped else (comp.response_a, comp.response_b)
-    return Item(comp.id, json.loads(comp.prompt.content_json), first.text, second.text, a.swapped, a.served_at,
-                a.expires_at)
+    return Item(comp.id, prompt, first.text, second.text, a.swapped, a.served_at, a.expires_at)
 
 
 def _pick(store: Store, session: Session, uid: int, overlap: int, t: float, arena: bool, *, only=None,
@@ -268,7 +304,8 @@ def next_item(store: Store, annotator: str, *, overlap: int | None = None, now: 
         a = session.scalars(select(Assignment).where(Assignment.comparison_id == cid,
                                                      Assignment.annotator_id == uid)).one_or_none()
         if a is None:
-            a = Assignment(comparison_id=cid, annotator_id=uid, status="active", swapped=coin, served_at=t,
+            a = Assignment(comparison_id=cid, annotator_id=uid, status="active",
+                           swapped=_shown_swapped(session.get(Comparison, cid), uid, coin), served_at=t,
                            expires_at=t + store.lease_seconds)
             session.add(a)
         else:  # their own expired lease, renewed; the sides stay as they were shown
@@ -279,59 +316,146 @@ def next_item(store: Store, annotator: str, *, overlap: int | None = None, now: 
     return store.write(run)
 
 
-def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str, rationale: str | None = None, *,
-                overlap: int | None = None, now: float | None = None, arena: bool = False,
-                min_display_seconds: float = 0.0, strength: int | None = None) -> VoteReceipt:
-    """Record `annotator`'s vote on a comparison of the pool assigned to them; `choice` is as shown (a = left).
-
-    A vote sooner than `min_display_seconds` after the comparison was served to them is refused (nothing
-    changes): nobody judges two responses that fast, and a double key press lands there. On a store with a
-    strength scale (alignkit.store.settings) a vote for a side carries its `strength`, 1..scale; arena
-    votes, ties and both-bad carry none."""
-    overlap = store.overlap if overlap is None else overlap
-    check_choice(choice)
-    check_id(comparison_id)
+def _checked_rationale(rationale: Any) -> str | None:
     if rationale is not None and not isinstance(rationale, str):
         raise UserError(f"rationale must be a string, got {type(rationale).__name__}")
     rationale = storable_text(rationale or "").strip() or None  # a pasted NUL: as for responses
     if rationale is not None and len(rationale) > MAX_RATIONALE_CHARS:
         raise UserError(f"rationale is longer than {MAX_RATIONALE_CHARS} characters")
+    return rationale
 
-    def run(session: Session) -> VoteReceipt:
-        t = time.time() if now is None else now
-        uid = annotator_id(store, session, annotator)
-        gold = _check_pool(store, session, comparison_id, arena, lock=True)  # serializes votes (and leases) on it
-        _check_strength(strength, choice, 1 if arena else scale_in(session))
-        a = session.scalars(select(Assignment).where(Assignment.comparison_id == comparison_id,
-                                                     Assignment.annotator_id == uid)).one_or_none()
-        if a is None:
-            raise UserError(f"comparison {comparison_id} is not assigned to {annotator}")
-        if a.status == "done":
-            raise UserError(f"{annotator} already voted on comparison {comparison_id}")
-        if a.status == "skipped":
-            raise UserError(f"{annotator} skipped comparison {comparison_id}")
-        others = session.scalar(select(_occupied(t, exclude_annotator=uid)).select_from(Comparison)
-                                .where(Comparison.id == comparison_id))
-        if others >= overlap and not gold:
-            raise UserError(f"the lease on comparison {comparison_id} expired and it went to other annotators")
-        if _shown_too_briefly(t, a, min_display_seconds):
-            raise UserError(f"comparison {comparison_id} was on screen for {max(0.0, t - a.served_at):.2f} s; "
-                            f"votes need at least {min_display_seconds:g} s")
-        canonical = _SWAP[choice] if a.swapped else choice
-        vote = Vote(comparison_id=comparison_id, annotator_id=uid, assignment_id=a.id, choice=canonical,
-                    swapped=a.swapped, rationale=rationale, seconds=max(0.0, t - a.served_at), created_at=t,
-                    strength=strength)
-        session.add(vote)
-        a.status = "done"
-        session.execute(update(Comparison).where(Comparison.id == comparison_id)
-                        .values(n_votes=Comparison.n_votes + 1))
-        session.flush()
-        return VoteReceipt(vote.id, comparison_id, choice, canonical, vote.seconds)
 
+@dataclass(frozen=True)
+class _Ballot:
+    """One vote's content in canonical terms, as submit_vote and submit_ranking hand it to _cast."""
+
+    choice: str  # canonical: a = comparison.response_a
+    strength: int | None = None
+    ranking_json: str | None = None
+    criteria_json: str | None = None
+
+
+def _cast(store: Store, session: Session, annotator: str, comparison_id: int, t: float, *, overlap: int,
+          arena: bool, min_display_seconds: float, rationale: str | None, ballot) -> VoteReceipt:
+    """Record a vote on a comparison leased to `annotator`: `ballot(comparison, assignment)` gives its _Ballot
+    (raising UserError for content this comparison does not take). Refused: not assigned, voted, skipped, the
+    slot gone to others, or sooner than `min_display_seconds` after serving."""
+    uid = annotator_id(store, session, annotator)
+    gold = _check_pool(store, session, comparison_id, arena, lock=True)  # serializes votes (and leases) on it
+    a = session.scalars(select(Assignment).where(Assignment.comparison_id == comparison_id,
+                                                 Assignment.annotator_id == uid)).one_or_none()
+    if a is None:
+        raise UserError(f"comparison {comparison_id} is not assigned to {annotator}")
+    b = ballot(session.get(Comparison, comparison_id), a)
+    if a.status == "done":
+        raise UserError(f"{annotator} already voted on comparison {comparison_id}")
+    if a.status == "skipped":
+        raise UserError(f"{annotator} skipped comparison {comparison_id}")
+    others = session.scalar(select(_occupied(t, exclude_annotator=uid)).select_from(Comparison)
+                            .where(Comparison.id == comparison_id))
+    if others >= overlap and not gold:
+        raise UserError(f"the lease on comparison {comparison_id} expired and it went to other annotators")
+    if _shown_too_briefly(t, a, min_display_seconds):
+        raise UserError(f"comparison {comparison_id} was on screen for {max(0.0, t - a.served_at):.2f} s; "
+                        f"votes need at least {min_display_seconds:g} s")
+    vote = Vote(comparison_id=comparison_id, annotator_id=uid, assignment_id=a.id, choice=b.choice,
+                swapped=a.swapped, rationale=rationale, seconds=max(0.0, t - a.served_at), created_at=t,
+                strength=b.strength, ranking_json=b.ranking_json, criteria_json=b.criteria_json)
+    session.add(vote)
+    a.status = "done"
+    session.execute(update(Comparison).where(Comparison.id == comparison_id).values(n_votes=Comparison.n_votes + 1))
+    session.flush()
+    shown = _SWAP[b.choice] if a.swapped else b.choice
+    return VoteReceipt(vote.id, comparison_id, shown, b.choice, vote.seconds)
+
+
+def _write_vote(store: Store, annotator: str, comparison_id: int, now: float | None, **kwargs) -> VoteReceipt:
     try:
-        return store.write(run)
+        return store.write(lambda session: _cast(store, session, annotator, comparison_id,
+                                                 time.time() if now is None else now, **kwargs))
     except IntegrityError:
         raise UserError(f"{annotator} already voted on comparison {comparison_id}") from None
+
+
+def submit_vote(store: Store, annotator: str, comparison_id: int, choice: str | None, rationale: str | None = None,
+                *, overlap: int | None = None, now: float | None = None, arena: bool = False,
+                min_display_seconds: float = 0.0, strength: int | None = None,
+                answers: dict[str, str] | None = None) -> VoteReceipt:
+    """Record `annotator`'s vote on a comparison of the pool assigned to them; `choice` is as shown (a = left).
+
+    A vote sooner than `min_display_seconds` after the comparison was served to them is refused (nothing
+    changes): nobody judges two responses that fast, and a double key press lands there. On a store with a
+    strength scale (alignkit.store.settings) a vote for a side carries its `strength`, 1..scale; arena
+    votes, ties and both-bad carry none. On a store with criteria, an ordinary comparison's vote gives
+    `answers` (one choice as shown per criterion) and no `choice`. A ranking task takes submit_ranking."""
+    if answers is None:
+        check_choice(choice)
+    check_id(comparison_id)
+    rationale = _checked_rationale(rationale)
+
+    def ballot(comp: Comparison, a: Assignment) -> _Ballot:
+        if comp.ranking_json is not None:
+            raise UserError(f"comparison {comp.id} is a ranking task: send a rank per response (submit_ranking)")
+        asked = [] if arena else criteria_in(object_session(comp))
+        if asked or answers is not None:
+            return _criteria_ballot(comp.id, asked, answers, choice, strength, a.swapped)
+        _check_strength(strength, choice, 1 if arena else scale_in(object_session(comp)))
+        return _Ballot(_SWAP[choice] if a.swapped else choice, strength)
+
+    return _write_vote(store, annotator, comparison_id, now, overlap=store.overlap if overlap is None else overlap,
+                       arena=arena, min_display_seconds=min_display_seconds, rationale=rationale, ballot=ballot)
+
+
+def _criteria_ballot(comparison_id: int, asked: list[str], answers: Any, choice: Any, strength: Any,
+                     swapped: bool) -> _Ballot:
+    """A vote answering every criterion of the store (answers as shown), canonical, with COMBINE_RULE's choice."""
+    if not asked:
+        raise UserError(f"comparison {comparison_id}: this store asks one overall choice, not per-criterion answers")
+    if choice is not None or strength is not None:
+        raise UserError(f"this store asks one choice per criterion ({', '.join(asked)}): send answers, not a choice")
+    if not isinstance(answers, dict) or sorted(answers) != sorted(asked):
+        given = ", ".join(map(str, answers)) if isinstance(answers, dict) else repr(answers)
+        raise UserError(f"answers must give one choice for each criterion: {', '.join(asked)} (got {given or 'none'})")
+    canonical = {name: _SWAP[check_choice(answers[name])] if swapped else answers[name] for name in asked}
+    return _Ballot(combine_criteria(canonical), criteria_json=json.dumps(canonical))
+
+
+def submit_ranking(store: Store, annotator: str, comparison_id: int, ranks: Any, rationale: str | None = None, *,
+                   overlap: int | None = None, now: float | None = None,
+                   min_display_seconds: float = 0.0) -> VoteReceipt:
+    """Record `annotator`'s ranking of a ranking task leased to them: `ranks[i]` is the rank (1 = best; equal
+    ranks are ties) of the i-th response as shown. Refused as submit_vote refuses a vote."""
+    check_id(comparison_id)
+    rationale = _checked_rationale(rationale)
+
+    def ballot(comp: Comparison, a: Assignment) -> _Ballot:
+        if comp.ranking_json is None:
+            raise UserError(f"comparison {comp.id} is a pair, not a ranking task: send a choice (submit_vote)")
+        order = display_order(comp.id, a.annotator_id, json.loads(comp.ranking_json))
+        groups = ranking_groups(order, _checked_ranks(ranks, len(order)))
+        return _Ballot(pair_choice(groups, comp.response_a_id, comp.response_b_id), ranking_json=json.dumps(groups))
+
+    return _write_vote(store, annotator, comparison_id, now, overlap=store.overlap if overlap is None else overlap,
+                       arena=False, min_display_seconds=min_display_seconds, rationale=rationale, ballot=ballot)
+
+
+def _checked_ranks(ranks: Any, k: int) -> list[int]:
+    if not isinstance(ranks, (list, tuple)) or len(ranks) != k or \
+            not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= k for r in ranks):
+        raise UserError(f"a ranking of {k} responses needs {k} ranks, each 1..{k} (1 = best, equal ranks tie), "
+                        f"got {ranks!r}")
+    return list(ranks)
+
+
+def ranking_groups(order: list[int], ranks: list[int]) -> list[list[int]]:
+    """Response ids (in `order`, as shown) grouped by their rank, best first: [[3], [1, 4], [2]]."""
+    return [[rid for rid, r in zip(order, ranks) if r == value] for value in sorted(set(ranks))]
+
+
+def pair_choice(groups: list[list[int]], x: int, y: int) -> str:
+    """What a ranking (tie groups best first) says of response x against response y: a (x better), b or tie."""
+    place = {rid: i for i, group in enumerate(groups) for rid in group}
+    return "tie" if place[x] == place[y] else "a" if place[x] < place[y] else "b"
 
 
 def _check_strength(strength: Any, choice: str, levels: int) -> None:
