@@ -19,6 +19,11 @@ After each run the store is checked: every acknowledged vote is stored exactly o
 The load generator and the server share this machine's cores.
 `--client gradio_client` drives the same loop through gradio_client instead (slower
 per call on the client side).
+
+With gold items and flags on, as a real team runs: `--gold N` imports N gold items, served at
+`--gold-rate` of each annotator's new items (votes on them are timed like any other); `--flags S` has an
+admin poll /admin_stats (the agreement report with every annotator's flags, as the admin tab recomputes it)
+every S seconds for the whole run, its latency reported beside the votes'.
 """
 
 from __future__ import annotations
@@ -88,16 +93,55 @@ async def _annotator(url, name, password, votes, think, rng, latencies, acked, e
             acked.append((name, cid))
 
 
-async def _run_http(url, creds, votes, think, seed):
-    latencies, acked, errors = [], [], []
-    gate = asyncio.Event()
+async def _admin(url, password, every, latencies, stop):
+    """An admin asking for the agreement report (flags per annotator) every `every` seconds until `stop`."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        (await client.post("/login", data={"username": ADMIN, "password": password})).raise_for_status()
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            await _call(client, "admin_stats", [], "bench-admin")
+            latencies.append(time.perf_counter() - t0)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=every)
+            except asyncio.TimeoutError:
+                pass
+
+
+async def _run_http(url, creds, votes, think, seed, *, flags_every=0.0, admin_password=None):
+    latencies, acked, errors, stats_latencies = [], [], [], []
+    gate, stop = asyncio.Event(), asyncio.Event()
     tasks = [asyncio.create_task(_annotator(url, n, pw, votes, think, random.Random(seed + i), latencies, acked,
                                             errors, gate)) for i, (n, pw) in enumerate(creds.items())]
     await asyncio.sleep(2.0 + 0.05 * len(creds))  # logins (scrypt) and warm-up finish before the clock starts
     t0 = time.perf_counter()
     gate.set()
+    admin = asyncio.create_task(_admin(url, admin_password, flags_every, stats_latencies, stop)) if flags_every \
+        else None
     await asyncio.gather(*tasks)
-    return latencies, acked, errors, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    stop.set()
+    if admin is not None:
+        await admin
+    return latencies, acked, errors, seconds, stats_latencies
+
+
+ADMIN = "bench-admin"
+
+
+def _import_gold(db: str, tmp: Path, n: int) -> None:
+    from alignkit.store import open_store
+    from alignkit.store.importer import parse_gold_file, write_rows
+
+    path = tmp / "gold.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"gold question {i}", "chosen": f"the right answer {i}, in full",
+                                        "rejected": f"wrong {i}"}) + "\n" for i in range(n)))
+    store = open_store(db, create=False)
+    try:
+        write_rows(store, parse_gold_file(path))
+    finally:
+        store.close()
 
 
 def _run_gradio_client(url, creds, votes, think, seed):
@@ -121,17 +165,24 @@ def _stored(db):
 
 
 def run_cell(backend_url, tmp: Path, n: int, votes: int, think: float, overlap: int, args, users_file, creds_all):
-    creds = dict(list(creds_all.items())[:n])
+    creds = dict([kv for kv in creds_all.items() if kv[0] != ADMIN][:n])
     load_before = os.getloadavg()[0]  # other work on the machine shows up here
     n_comparisons = math.ceil(n * votes / overlap) + n
     db = make_store(backend_url, tmp, n_comparisons)
     extra = ["--concurrency-limit", str(args.concurrency_limit)] if args.concurrency_limit else []
+    if args.gold:
+        _import_gold(db, tmp, args.gold)
+    extra += ["--gold-rate", str(args.gold_rate if args.gold else 0.0)]
     server = Server(db, users=users_file, overlap=overlap, extra=extra, log=tmp / "server.log").start()
     try:
         if args.client == "http":
-            lat, acked, errors, seconds = asyncio.run(_run_http(server.url, creds, votes, think, args.seed))
+            lat, acked, errors, seconds, stats = asyncio.run(_run_http(
+                server.url, creds, votes, think, args.seed, flags_every=args.flags,
+                admin_password=creds_all.get(ADMIN)))
             lat_ms = np.asarray(lat) * 1000
             pct = {f"p{q}": float(np.percentile(lat_ms, q)) for q in (50, 95, 99)} if len(lat) else {}
+            if stats:
+                pct["stats_calls"], pct["stats_p95"] = len(stats), float(np.percentile(np.asarray(stats) * 1000, 95))
             n_acked = len(acked)
         else:
             r = _run_gradio_client(server.url, creds, votes, think, args.seed)
@@ -144,23 +195,37 @@ def run_cell(backend_url, tmp: Path, n: int, votes: int, think: float, overlap: 
         len({(a, c) for a, c in acked} - {(v.annotator, v.comparison_id) for v in stored})
     return {"annotators": n, "think_s": think, "load1": load_before, "votes": n_acked, "seconds": seconds,
             "votes_per_s": n_acked / seconds if seconds else None, **pct, "lost": lost, "duplicates": dup,
-            "errors": len(errors), "over_overlap": max(Counter(v.comparison_id for v in stored).values()) > overlap}
+            "errors": len(errors),
+            # gold items go to every annotator, outside the overlap
+            "over_overlap": max(Counter(v.comparison_id for v in stored if v.gold is None).values()) > overlap}
+
+
+def options(args) -> str:
+    """The command line's options beyond the defaults, as the record shows them."""
+    given = [("--annotators", args.annotators, "10,50,100"), ("--backends", args.backends, "sqlite,postgres"),
+             ("--think", args.think, "0,2"), ("--gold", args.gold, 0), ("--flags", args.flags, 0.0)]
+    return "".join(f" {flag} {value:g}" if isinstance(value, float) else f" {flag} {value}"
+                   for flag, value, default in given if value != default)
 
 
 def markdown(results: list[dict], args, env: dict) -> str:
     lines = [
         "## Labeling server: votes/s and submit latency",
         "",
-        f"`python -m benchmarks.bench_labeling{' --quick' if args.quick else ''}` — {env['when']}, "
+        f"`python -m benchmarks.bench_labeling{' --quick' if args.quick else ''}{options(args)}` — {env['when']}, "
         f"{env['machine']}; server and load generator on the same machine (loopback), "
         f"concurrency limit {env['concurrency_limit']}, overlap {args.overlap}, client: {args.client}.",
         "Each annotator: log in, then next_item -> submit_vote; latency = one submit_vote call. "
         "think=0: closed loop with no pause (saturation); think=T: exponential pause, mean T s, before each vote.",
         "",
         "load = the machine's 1-minute load average before the cell (2 cores: above ~2 means other work competed).",
+        *([f"Gold items: {args.gold}, served at gold rate {args.gold_rate:g}."] if args.gold else []),
+        *([f"Flags: an admin polls /admin_stats (agreement report, flags per annotator) every {args.flags:g} s; "
+           f"stats p95 = its latency."] if args.flags else []),
         "",
-        "| store | annotators | think (s) | votes | votes/s | p50 ms | p95 ms | p99 ms | lost | duplicates | refused | load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| store | annotators | think (s) | votes | votes/s | p50 ms | p95 ms | p99 ms | lost | duplicates | refused | load |"
+        + (" stats calls | stats p95 ms |" if args.flags else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.flags else ""),
     ]
     for r in results:
         if "skipped" in r:
@@ -169,7 +234,8 @@ def markdown(results: list[dict], args, env: dict) -> str:
         f = lambda k: f"{r[k]:.0f}" if r.get(k) is not None else "–"  # noqa: E731
         lines.append(f"| {r['backend']} | {r['annotators']} | {r['think_s']:g} | {r['votes']} | "
                      f"{r['votes_per_s']:.0f} | {f('p50')} | {f('p95')} | {f('p99')} | {r['lost']} | "
-                     f"{r['duplicates']} | {r['errors']} | {r['load1']:.1f} |")
+                     f"{r['duplicates']} | {r['errors']} | {r['load1']:.1f} |"
+                     + (f" {r.get('stats_calls', 0)} | {f('stats_p95')} |" if args.flags else ""))
     target = [r for r in results if r.get("annotators") == 50 and "p95" in r]
     if target:
         lines += ["", "Target: 50 concurrent annotators at p95 <= 150 ms with nothing lost — " + "; ".join(
@@ -189,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency-limit", type=int, default=None)
     p.add_argument("--client", choices=["http", "gradio_client"], default="http")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gold", type=int, default=0, help="gold items in each store (default 0: none)")
+    p.add_argument("--gold-rate", type=float, default=0.1, help="share of new items that are gold, with --gold")
+    p.add_argument("--flags", type=float, default=0.0,
+                   help="an admin polls the agreement report with flags every this many seconds (default 0: off)")
     p.add_argument("--out", default=None, help="markdown file to write (default benchmarks/results_labeling.md; "
                    "--quick runs only print unless --out is given)")
     args = p.parse_args(argv)
@@ -203,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-labeling-") as tmpd:
         tmp = Path(tmpd)
         users_file = tmp / "users.json"
-        creds_all = make_users(users_file, [f"b{i:03d}" for i in range(max(sizes))])
+        creds_all = make_users(users_file, [f"b{i:03d}" for i in range(max(sizes))] + [ADMIN], admins=(ADMIN,))
         for backend in args.backends.split(","):
             cluster = None
             try:
