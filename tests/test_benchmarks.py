@@ -21,6 +21,9 @@ QUICK = {
     "benchmarks.bench_kbit_memory": [r"parameters ratio 0\.\d{3}, saved activations ratio 0\.\d{3}, together 0\.\d{3} "
                                      r"\(LoRA tensors with gradients: peft (\d+), ours \1\)"],
     "benchmarks.bench_ppo_roles": [r"peak memory ratio \d+\.\d{3}, step time ratio \d+\.\d{3}"],
+    # alignkit's side always runs; TRL 0.29.1's only where its venv (benchmarks/peer_setup.py) exists, else "n/a".
+    "benchmarks.bench_ppo_peer": [r"\| alignkit kind: ppo \| \d+ \| \d+ \| \d+\.\d{3} \|",
+                                  r"ppo peer: memory ratio (\d+\.\d{3}|n/a), step time ratio (\d+\.\d{3}|n/a)"],
     # The labeling load test's smallest cell: 5 annotators on SQLite, its latency columns and no lost votes.
     "benchmarks.bench_labeling": [r"\| sqlite \| 5 \| 0 \| 30 \| \d+ \| \d+ \| \d+ \| \d+ \| 0 \| 0 \| 0 \|"],
     # Battles, not time: both allocations run to every adjacent pair separated on the same simulated models.
