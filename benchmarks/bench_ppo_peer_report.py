@@ -203,7 +203,8 @@ def report_demo(args, s: PPOSettings, runs: dict[str, list[SideResult]], curves:
              f"{s.missing_eos_penalty}, LoRA r {s.lora_r} / alpha {s.lora_alpha}, seed {s.seed}; one torch thread per "
              f"process. Peer venv: {peer_versions(peer) if peer else 'absent'}. Median of {repeats} alternating runs "
              f"(TRL, ours, ...), each in a fresh process; the curve and win rates are from the first run of each. "
-             f"Quality curve: {curve_txt}. Plot: benchmarks/{PLOT.name}.")
+             f"Quality curve: {curve_txt}. Plot: benchmarks/{PLOT.name}. Load average at the end (2 shared cores): "
+             f"{', '.join(f'{x:.1f}' for x in __import__('os').getloadavg())}.")
     cmd = "python -m benchmarks.bench_ppo_peer" + (" --quick" if args.quick else "")
     record("PPO vs TRL 0.29.1's PPOTrainer: the demo's controlled-sentiment task", cmd,
            ["side", "model memory MB", "process peak RSS MB", "s/step", "oracle score (final)", "win rate vs SFT [95% CI]",
