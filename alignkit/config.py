@@ -50,12 +50,15 @@ class StageConfig:
     train: dict = field(default_factory=dict)
     after: str | None = None
     reward: str | None = None
+    more_rewards: tuple[str, ...] = ()  # `reward:` as a list (an ensemble, PPO): the members after the first
     report_to: tuple[str, ...] | None = None  # alignkit.tracking.TRACKERS; None: the recipe's top-level report_to
     log_completions: LogCompletions | None = None  # train.log_completions, kept out of `train` (and the hash)
     round: int | None = None  # the loop round of a stage the loop adds (round-N/...); never set from YAML
 
     def references(self) -> dict[str, str]:
-        return {role: getattr(self, role) for role in STAGE_REFERENCES if getattr(self, role)}
+        refs = {role: getattr(self, role) for role in STAGE_REFERENCES if getattr(self, role)}
+        refs.update({f"reward_{k}": name for k, name in enumerate(self.more_rewards, 1)})
+        return refs
 
 
 @dataclass
@@ -503,8 +506,14 @@ def _stage_config(i: int, s: Any, where: _Where, stage_kinds: Mapping[str, Stage
     if stage_kinds is not None and (not isinstance(kind_name, str) or kind_name not in stage_kinds):
         raise UserError(f"{where(f'{where_key}.kind')}: {where_key}.kind={kind_name!r}; one of {', '.join(stage_kinds)}{_suggest(kind_name, stage_kinds)}")
     for role in STAGE_REFERENCES:
-        if s.get(role) is not None and not isinstance(s[role], str):
-            raise UserError(f"{where(f'{where_key}.{role}')}: {where_key}.{role}={s[role]!r} must be a stage name")
+        value = s.get(role)
+        if role == "reward" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            continue  # an ensemble of reward stages
+        if value is not None and not isinstance(value, str):
+            also = " (or, for an ensemble, a list of reward stage names)" if role == "reward" else ""
+            raise UserError(f"{where(f'{where_key}.{role}')}: {where_key}.{role}={value!r} must be a stage name{also}")
+    rewards = s.get("reward")
+    reward, more_rewards = (rewards[0], tuple(rewards[1:])) if isinstance(rewards, list) else (rewards, ())
     # A data key set to null counts as absent, so `--set stages.dpo.data.train=null` removes one.
     data = {k: v for k, v in _mapping(s.get("data"), f"{where_key}.data", where).items() if v is not None}
     train = _mapping(s.get("train"), f"{where_key}.train", where)
@@ -522,8 +531,8 @@ def _stage_config(i: int, s: Any, where: _Where, stage_kinds: Mapping[str, Stage
     data = _check_data(data, where_key, where, kind)
     data = {k: (_resolve_path(v, where.base_dir(f"{where_key}.data.{k}")) if k in PATH_KEYS else v)
             for k, v in data.items()}
-    return StageConfig(name=sname, kind=kind_name, data=data, train=train, after=s.get("after"), reward=s.get("reward"),
-                       report_to=report_to, log_completions=log_completions)
+    return StageConfig(name=sname, kind=kind_name, data=data, train=train, after=s.get("after"), reward=reward,
+                       more_rewards=more_rewards, report_to=report_to, log_completions=log_completions)
 
 
 def _train_settings(train: dict, kind: StageKind, where_key: str, where: _Where) -> dict:
@@ -598,9 +607,14 @@ def _check_stage_roles(stages: list[StageConfig], stage_kinds: Mapping[str, Stag
         if s.reward and not kind.takes_reward:
             raise UserError(f"{where(f'stages.{s.name}.reward')}: only {', '.join(k for k in sorted(stage_kinds) if stage_kinds[k].KIND.takes_reward)} stages take "
                             f"`reward:` (a {s.kind} stage would ignore it)")
-        if s.reward and kinds[by_name[s.reward].kind].output != "reward":
-            raise UserError(f"{where(f'stages.{s.name}.reward')}: stages.{s.name}.reward names {s.reward!r}, "
-                            f"a {by_name[s.reward].kind} stage, not a reward stage")
+        if s.more_rewards and not kind.reward_ensemble:
+            raise UserError(f"{where(f'stages.{s.name}.reward')}: stages.{s.name}.reward lists {len(s.more_rewards) + 1} "
+                            f"reward stages; only {', '.join(k for k in sorted(stage_kinds) if stage_kinds[k].KIND.reward_ensemble)} "
+                            f"stages take an ensemble, a {s.kind} stage takes one")
+        for ref in filter(None, (s.reward, *s.more_rewards)):
+            if kinds[by_name[ref].kind].output != "reward":
+                raise UserError(f"{where(f'stages.{s.name}.reward')}: stages.{s.name}.reward names {ref!r}, "
+                                f"a {by_name[ref].kind} stage, not a reward stage")
         parent = kinds[by_name[s.after].kind] if s.after else None
         if parent is not None and not kind.accepts_after(parent):
             allowed = "a policy (sft, dpo, kto, ...)" if kind.after == "policy" else "a " + " or ".join(kind.after) + " stage"

@@ -247,8 +247,16 @@ class RewardEnsemble:
         return np.array([member(prompts, responses) for member in self.members])
 
     def conservative(self, prompts: Sequence[Any], responses: Sequence[Any], lam: float = 1.0) -> list[float]:
-        s = self.scores(prompts, responses)
-        return (s.mean(axis=0) - lam * s.std(axis=0)).tolist()
+        return conservative_reward(self.scores(prompts, responses), lam).tolist()
+
+
+def conservative_reward(scores, lam: float):
+    """mean - lam * std over the members (rows) of a (K, N) array of rewards: high only where every member
+    agrees a response is good (the population std, so two members that agree exactly give their shared score)."""
+    import numpy as np
+
+    scores = np.asarray(scores, dtype=float)
+    return scores.mean(axis=0) - lam * scores.std(axis=0)
 
 
 def load_reward_ensemble(stage_dirs: Sequence[str | Path], *, quantization: str | None = None,

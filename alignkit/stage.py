@@ -47,6 +47,7 @@ class StageKind:
     after: tuple[str, ...] | Literal["policy", "any"] = "policy"
     takes_reward: bool = False  # scores rollouts with the reward stage `reward:` names
     reward_required: bool = True  # with takes_reward: False where `reward:` may be left out (eval)
+    reward_ensemble: bool = False  # `reward:` may list several reward stages, scored as mean - lambda * std
     # TRL builds the reference by copying the parent adapter's `.default.` parameters; IA3 names its own
     # `ia3_l.default`, so under IA3 the reference would silently be the base, not the parent.
     copies_parent_as_reference: bool = False
@@ -129,6 +130,10 @@ class Parents:
     policy: Path | None
     reward: Path | None
     info: dict
+    more_rewards: list[Path] = field(default_factory=list)  # an ensemble's members after `reward`
+
+    def rewards(self) -> list[Path]:
+        return [r for r in (self.reward, *self.more_rewards) if r is not None]
 
 
 def check_parents(stage: StageRun, kind: StageKind, *, min_reward_accuracy: float = 0.0) -> Parents:
@@ -136,7 +141,6 @@ def check_parents(stage: StageRun, kind: StageKind, *, min_reward_accuracy: floa
     kind this one accepts, `reward:` a complete reward stage whose held-out accuracy passes the gate.
     The config checks the same from the YAML; this catches a stage directory that says otherwise."""
     from alignkit.artifacts import read_stage
-    from alignkit.reward_model import heldout_accuracy, read_reward_stage
 
     info: dict = {}
     policy = stage.parents.get("after")
@@ -147,17 +151,28 @@ def check_parents(stage: StageRun, kind: StageKind, *, min_reward_accuracy: floa
                             f"stage starts from a policy stage ({' or '.join(kind.after)})")
         info["policy_from"] = str(policy)
     reward = stage.parents.get("reward")
+    more = [stage.parents[f"reward_{k}"] for k in range(1, len(stage.parents)) if f"reward_{k}" in stage.parents]
     if kind.takes_reward and (reward is not None or kind.reward_required):
         if reward is None:
             raise UserError(f"stage {stage.name}: a {kind.name} stage needs `reward:` naming a stage of kind reward")
-        accuracy = heldout_accuracy(read_reward_stage(reward))  # UserError unless a complete reward stage
-        info.update(reward_from=str(reward), reward_heldout_accuracy=accuracy)
-        if below_gate(accuracy, min_reward_accuracy):
-            shown = "no held-out accuracy" if accuracy is None else f"held-out accuracy {accuracy:.3f}"
-            raise UserError(f"stage {stage.name}: reward stage {reward.name} reports {shown}, below "
-                            f"min_reward_accuracy {min_reward_accuracy}; training against it would be wasted "
-                            "compute (train a better reward model, or set train.min_reward_accuracy: 0)")
-    return Parents(policy=policy, reward=reward, info=info)
+        accuracies = [_gated_accuracy(stage, r, min_reward_accuracy) for r in (reward, *more)]
+        info.update(reward_from=str(reward), reward_heldout_accuracy=accuracies[0])
+        if more:
+            info.update(reward_ensemble=[str(r) for r in (reward, *more)], reward_ensemble_accuracies=accuracies)
+    return Parents(policy=policy, reward=reward, info=info, more_rewards=more)
+
+
+def _gated_accuracy(stage: StageRun, reward: Path, min_reward_accuracy: float) -> float | None:
+    """A reward parent's held-out accuracy, refused below the gate (UserError unless a complete reward stage)."""
+    from alignkit.reward_model import heldout_accuracy, read_reward_stage
+
+    accuracy = heldout_accuracy(read_reward_stage(reward))
+    if below_gate(accuracy, min_reward_accuracy):
+        shown = "no held-out accuracy" if accuracy is None else f"held-out accuracy {accuracy:.3f}"
+        raise UserError(f"stage {stage.name}: reward stage {reward.name} reports {shown}, below "
+                        f"min_reward_accuracy {min_reward_accuracy}; training against it would be wasted "
+                        "compute (train a better reward model, or set train.min_reward_accuracy: 0)")
+    return accuracy
 
 
 def below_gate(accuracy: float | None, min_accuracy: float) -> bool:

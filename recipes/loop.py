@@ -165,9 +165,15 @@ def _round_stages(lr: LoopRecipe, r: int) -> list[StageConfig]:
     policy = lr.policy
     takes_votes = "train" in runner.RECIPES[policy.kind].KIND.data_keys  # dpo, kto...; ppo reads prompts
     data = {**_kept_data(policy), "train": str(votes / VOTE_FILES["policy"])} if takes_votes else dict(policy.data)
-    reward = lr.member(r, lr.rewards[0], 0) if policy.reward and lr.rewards else policy.reward
+    reward, more = policy.reward, policy.more_rewards
+    if policy.reward and lr.rewards:
+        # A policy stage that scores with a reward (PPO) scores with the round's ensemble where its kind takes
+        # one (mean - lambda * std over the members: ensembles are the remedy for reward over-optimisation).
+        members = [lr.member(r, lr.rewards[0], k) for k in range(lr.loop.ensemble)]
+        takes_all = runner.RECIPES[policy.kind].KIND.reward_ensemble
+        reward, more = members[0], tuple(members[1:]) if takes_all else ()
     out.append(dataclasses.replace(policy, name=lr.trained_policy(r), data=data, after=lr.policy_name(r),
-                                   reward=reward, round=r))
+                                   reward=reward, more_rewards=more, round=r))
     return out
 
 

@@ -24,7 +24,7 @@ from alignkit.stage import Parents, PromptSet, StageKind, StageResult, StageRun,
 from alignkit.training import train_settings_error
 
 KIND = StageKind("ppo", config_class=PPOConfig, data_keys=frozenset({"prompts"}), after=("sft", "dpo", "kto"),
-                 takes_reward=True)
+                 takes_reward=True, reward_ensemble=True)
 
 
 def load_data(stage: StageRun) -> PromptSet:
@@ -69,7 +69,7 @@ def run(stage: StageRun) -> StageResult:
     memory = ppo_memory_preflight(stage, config, prompts, tokenizer)
     trackers = TrackerRuns.for_stage(stage, hf_logs=False)  # the loop is alignkit's: it logs every metric itself
     trainer = PPOTrainer(config, stage.model, stage.peft, prompts=prompts, stage_dir=stage.stage_dir,
-                         reward=parents.reward, policy_adapter=parents.policy, tokenizer=tokenizer, seed=stage.seed,
+                         reward=parents.rewards() if parents.more_rewards else parents.reward, policy_adapter=parents.policy, tokenizer=tokenizer, seed=stage.seed,
                          trackers=trackers, completions=completion_log(stage, trackers))
     metrics = trainer.train(resume_from=stage.resume_from)
     trainer.save()

@@ -30,6 +30,9 @@ class PPOConfig:
     missing_eos_penalty: float | None = _f(None, "subtracted from the score of a response that never emitted EOS "
                                                  "within max_new_tokens (None: no penalty)")
     # KL
+    ensemble_lambda: float = _f(1.0, "with `reward:` listing several reward stages: the score is mean - "
+                                     "ensemble_lambda * std over them, a reward that does not chase what one member "
+                                     "alone likes (0: their mean)")
     init_kl_coef: float = _f(0.05, "initial coefficient of the per-token KL penalty against the reference (SFT) policy")
     adaptive_kl: bool = _f(False, "adapt the KL coefficient towards target_kl (Ziegler et al. 2019); else fixed")
     target_kl: float = _f(6.0, "target KL (nats per response) of the adaptive controller")

@@ -148,7 +148,7 @@ class PPOTrainer:
         base = load_base_model(model_settings)
         base = prepare_for_training(base, model_settings, gradient_checkpointing=False)
         base.config.use_cache = True
-        from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+        from peft import PeftModel, get_peft_model
 
         self.has_reference_adapter = False
         if policy_adapter is not None:
@@ -165,6 +165,7 @@ class PPOTrainer:
 
         hidden = base.config.hidden_size
         self.reward_fn = None
+        self.extra_rewards: list[tuple[str, torch.nn.Linear]] = []
         if callable(reward):
             self.reward_fn = reward
             self.reward_head = None
@@ -174,6 +175,10 @@ class PPOTrainer:
             torch.nn.init.zeros_(self.value_head.bias)
             self.reward_source = "callable"
         else:
+            # An ensemble (a list of reward stages): the first is `reward` and starts the value role; the others
+            # are frozen adapters `reward_1`, ... with their own heads, scored beside it (see score()).
+            members = [Path(r) for r in reward] if isinstance(reward, (list, tuple)) else [Path(reward)]
+            reward = members[0]
             rconf, lora, score_w, score_b = split_reward_adapter(Path(reward))
             import copy
 
@@ -192,6 +197,9 @@ class PPOTrainer:
                     self.value_head.bias.copy_(score_b.float())
             self.reward_head.requires_grad_(False)
             self.reward_source = str(reward)
+            self.extra_rewards = [self._attach_member(model, f"reward_{k}", d, hidden) for k, d in enumerate(members[1:], 1)]
+            if self.extra_rewards:
+                self.reward_source = [str(d) for d in members]
         self.model = model
         self.model.eval()  # no dropout: log-probs of rollouts and of updates must agree (ratio 1 at the start)
         device = next(p for p in model.parameters()).device
@@ -199,9 +207,12 @@ class PPOTrainer:
         self.value_head.to(device)
         if self.reward_head is not None:
             self.reward_head.to(device)
+        for _, head in self.extra_rewards:
+            head.to(device)
 
         named = list(model.named_parameters())
-        self.role_params = {role: [p for n, p in named if _role_param_pattern(role).search(n)] for role in ROLES}
+        self.role_params = {role: [p for n, p in named if _role_param_pattern(role).search(n)]
+                            for role in (*ROLES, *(name for name, _ in self.extra_rewards))}
         # A parent's modules_to_save (a trained lm_head, embeddings) are full copies: PPO keeps them at the
         # parent's values rather than train or hold optimizer state for them.
         self.frozen_copies = [p for n, p in named if ".modules_to_save." in n]
@@ -224,6 +235,21 @@ class PPOTrainer:
 
     # -- roles ----------------------------------------------------------------------------------
 
+    def _attach_member(self, model, name: str, reward_dir: Path, hidden: int) -> tuple[str, torch.nn.Linear]:
+        """One more reward stage of an ensemble as a frozen adapter `name` with its score head."""
+        import copy
+
+        rconf, lora, score_w, score_b = split_reward_adapter(reward_dir)
+        model.add_adapter(name, copy.deepcopy(rconf))
+        self._load_role_weights(model, name, lora)
+        head = torch.nn.Linear(hidden, 1, bias=score_b is not None)
+        with torch.no_grad():
+            head.weight.copy_(score_w.float())
+            if score_b is not None:
+                head.bias.copy_(score_b.float())
+        head.requires_grad_(False)
+        return name, head
+
     @staticmethod
     def _load_role_weights(model, role: str, lora: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict
@@ -238,8 +264,8 @@ class PPOTrainer:
         if role == "reference" and not self.has_reference_adapter:
             role = "policy"  # callers wrap reference passes in disable_adapter() in this case
         self.model.set_adapter(role)
-        for r in ROLES:
-            for p in self.role_params.get(r, []):
+        for r, params in self.role_params.items():
+            for p in params:
                 p.requires_grad_(r in TRAINABLE_ROLES)
         for p in self.frozen_copies:  # set_adapter makes the active adapter's copies trainable again
             p.requires_grad_(False)
@@ -287,12 +313,22 @@ class PPOTrainer:
             ids = [reward_input_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
             input_ids, mask = pad_right(ids, self.tokenizer.pad_token_id)
             input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-            self._use("reward")
-            h = self._decoder()(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
             # The token the score head was trained on: transformers' sequence classifiers pool the rightmost
             # non-pad token, which is the one before EOS when pad == EOS (Llama 3, Mistral), not EOS itself.
             last = last_token_index(input_ids, self.tokenizer.pad_token_id)
-            scores = self.reward_head(h[torch.arange(len(ids), device=self.device), last].float()).squeeze(-1).cpu()
+            rows = torch.arange(len(ids), device=self.device)
+            members = []
+            for role, head in (("reward", self.reward_head), *self.extra_rewards):
+                self._use(role)
+                h = self._decoder()(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+                members.append(head(h[rows, last].float()).squeeze(-1).cpu())
+            if len(members) == 1:
+                scores = members[0]
+            else:
+                from alignkit.reward_model import conservative_reward
+
+                scores = torch.tensor(conservative_reward(torch.stack(members).numpy(), self.config.ensemble_lambda),
+                                      dtype=torch.float32)
         if len(scores) != len(responses):
             raise UserError(f"reward function returned {len(scores)} scores for {len(responses)} responses")
         return scores
