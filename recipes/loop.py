@@ -146,8 +146,8 @@ def _check_label_store(db: str, cfg: RecipeConfig) -> None:
 
 
 def round_config(lr: LoopRecipe, last: int) -> RecipeConfig:
-    """The recipe with the stages of rounds 0..last added (named round-N/...), for the runner's plan."""
-    stages = [s for s in lr.cfg.stages if s.name not in lr.loop.stages]
+    """The base stages and the stages of rounds 0..last (named round-N/...), for the runner's plan."""
+    stages = list(base_config(lr).stages)
     for r in range(last + 1):
         stages += _round_stages(lr, r)
     return dataclasses.replace(lr.cfg, stages=stages)
@@ -182,9 +182,15 @@ def _kept_data(stage: StageConfig) -> dict:
 
 
 def base_config(lr: LoopRecipe) -> RecipeConfig:
-    """The recipe without its per-round stages: what must be complete before round 0 (loop.start and the
-    reward stages' parents)."""
-    return dataclasses.replace(lr.cfg, stages=[s for s in lr.cfg.stages if s.name not in lr.loop.stages])
+    """The stages that must be complete before round 0: loop.start, the templates' parents, and their
+    ancestors. The templates themselves, and any other stage of the recipe, are not the loop's to train."""
+    needed, frontier = set(), {lr.loop.start}
+    for name in lr.loop.stages:
+        frontier |= set(lr.cfg.stage(name).references().values()) - set(lr.loop.stages)
+    while frontier:
+        needed |= frontier
+        frontier = {ref for name in frontier for ref in lr.cfg.stage(name).references().values()} - needed
+    return dataclasses.replace(lr.cfg, stages=[s for s in lr.cfg.stages if s.name in needed])
 
 
 # ---------------------------------------------------------------------------

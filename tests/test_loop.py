@@ -184,3 +184,26 @@ def test_a_store_that_is_not_a_label_store_is_refused(tmp_path, capsys):
 def test_a_recipe_without_a_loop_section_is_refused(tmp_path, capsys):
     path = loop_recipe(tmp_path, lambda raw: raw.pop("loop"))
     assert "needs a loop: section" in bad_loop(capsys, path)
+
+
+def test_a_ppo_round_scores_with_the_round_s_ensemble(tmp_path):
+    """With PPO as the round's policy stage, each round's PPO continues the previous round's policy and scores
+    with all of that round's reward members (mean - lambda * std), through the runner's parents."""
+    from recipes.loop import load_loop_recipe, round_config
+
+    def with_ppo(raw):
+        prompts = str((LOOP_RECIPE.parent / raw["loop"]["prompts"]).resolve())
+        raw["stages"].append({"name": "ppo", "kind": "ppo", "after": "sft", "reward": "reward",
+                              "data": {"prompts": prompts}, "train": {"steps": 1, "min_reward_accuracy": 0.0}})
+        raw["loop"].update(stages=["reward", "ppo"], ensemble=3)
+
+    lr = load_loop_recipe(loop_recipe(tmp_path, with_ppo))
+    cfg = round_config(lr, 1)
+    ppo1 = cfg.stage("round-1/ppo")
+    assert (ppo1.after, ppo1.reward, ppo1.more_rewards) == ("round-0/ppo", "round-1/reward-0",
+                                                             ("round-1/reward-1", "round-1/reward-2"))
+    assert ppo1.references() == {"after": "round-0/ppo", "reward": "round-1/reward-0", "reward_1": "round-1/reward-1",
+                                 "reward_2": "round-1/reward-2"}
+    assert [s.name for s in cfg.stages] == ["sft", *(f"round-{r}/{n}" for r in (0, 1)
+                                                      for n in ("reward-0", "reward-1", "reward-2", "ppo"))]
+    assert cfg.stage("round-0/ppo").data == {"prompts": str((LOOP_RECIPE.parent / "../data/tiny_prompts.jsonl").resolve())}
