@@ -464,7 +464,7 @@ def _voted(store: Store, user: str, comparison_id: int, overlap: int, status: st
 
 def _arena_vote_view(store: Store, user: str, overlap: int, r, status: str) -> ArenaView:
     return ArenaView(r.comparison_id, r.prompt, r.left, r.right, _arena_progress(store, user, overlap), status,
-                     False, r.choice, r.model_left, r.model_right)
+                     False, choice=r.choice, model_left=r.model_left, model_right=r.model_right)
 
 
 def arena_vote(store: Store, user: str, comparison_id: int | None, choice: str, *, overlap: int,
