@@ -26,6 +26,8 @@ QUICK = {
                                   r"ppo peer: memory ratio (\d+\.\d{3}|n/a), step time ratio (\d+\.\d{3}|n/a)"],
     # The labeling load test's smallest cell: 5 annotators on SQLite, its latency columns and no lost votes.
     "benchmarks.bench_labeling": [r"\| sqlite \| 5 \| 0 \| 30 \| \d+ \| \d+ \| \d+ \| \d+ \| 0 \| 0 \| 0 \|"],
+    # Labels, not time: both selections train the same ensemble on the same random start.
+    "benchmarks.bench_active_labels": [r"\| 20 \| 0\.\d{3} \[", r"labels to reach random's full-budget accuracy: "],
     # Battles, not time: both allocations run to every adjacent pair separated on the same simulated models.
     "benchmarks.bench_active_battles": [r"\| active \| 1 \| \d+ \[nan, nan\] \| \d+ \| 0 \|",
                                         r"\| uniform \| 1 \| \d+ \[nan, nan\] \| \d+ \| 0 \|",
