@@ -48,8 +48,9 @@ from recipes import runner
 
 LOOP_JSON = "loop.json"
 VOTE_FILES = {"reward": "votes-reward.jsonl", "policy": "votes-policy.jsonl"}
+ROUND_JSON = "round.json"  # written once a round's votes are exported: its labels count, and "has its votes"
 # Keys of a template stage's data: section that the loop replaces by the round's exported votes.
-STORE_KEYS = ("labels_db", "train", "eval", "rounds", "resample", *POLICY_KEYS)
+STORE_KEYS = ("labels_db", "train", "rounds", "resample", *POLICY_KEYS)
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,18 @@ def load_loop_recipe(config: str | Path, overrides: list[str] | None = None) -> 
     if kinds[loop.start].output != "policy":
         raise UserError(f"{cfg.where('loop.start')}: loop.start names {loop.start!r}, a {cfg.stage(loop.start).kind} "
                         f"stage; the loop samples candidates from a policy")
+    if len(set(loop.stages)) != len(loop.stages):
+        raise UserError(f"{cfg.where('loop.stages')}: loop.stages names a stage twice: {loop.stages}")
     rewards = tuple(cfg.stage(n) for n in loop.stages if kinds[n].output == "reward")
     policies = [cfg.stage(n) for n in loop.stages if kinds[n].output == "policy"]
-    if len(policies) != 1:
-        raise UserError(f"{cfg.where('loop.stages')}: loop.stages needs exactly one policy stage (dpo, ppo, ...), "
-                        f"got {len(policies)}")
+    if len(policies) != 1 or len(rewards) > 1 or len(rewards) + len(policies) != len(loop.stages):
+        raise UserError(f"{cfg.where('loop.stages')}: loop.stages is one policy stage (dpo, ppo, ...) and at most one "
+                        f"reward stage (its ensemble is loop.ensemble), got {loop.stages}")
+    policy_kind = kinds[policies[0].name]
+    if not policy_kind.accepts_after(policy_kind):
+        raise UserError(f"{cfg.where('loop.stages')}: a {policy_kind.name} stage cannot continue another "
+                        f"{policy_kind.name} stage, which each round's policy does; use dpo, kto or ppo")
+    _check_judge(cfg, loop, takes_reward=bool(policies[0].reward), has_reward=bool(rewards))
     if loop.select == "uncertainty" and loop.rounds > 1 and not rewards:
         raise UserError(f"{cfg.where('loop.select')}: loop.select=uncertainty needs a reward stage in loop.stages "
                         f"(its ensemble scores the candidates)")
@@ -121,6 +129,21 @@ def load_loop_recipe(config: str | Path, overrides: list[str] | None = None) -> 
     evals = _read_prompts(loop.eval_prompts, "loop.eval_prompts", cfg) if loop.eval_prompts else pool
     _check_label_store(loop.labels_db, cfg)
     return LoopRecipe(cfg, loop, rewards, policies[0], pool, evals)
+
+
+def _check_judge(cfg: RecipeConfig, loop: LoopSettings, *, takes_reward: bool, has_reward: bool) -> None:
+    """The judge each round's policy is measured by, checked before anything is sampled: a policy optimised
+    against the round's reward model (PPO) is not judged by it, and a loop without one needs loop.judge."""
+    from alignkit.judges import parse_judge
+
+    if loop.judge is None and (takes_reward or not has_reward):
+        why = "a PPO round is optimised against the round's reward model" if takes_reward else "there is no reward stage"
+        raise UserError(f"{cfg.where('loop')}: loop.judge is needed ({why}): e.g. an oracle, llm:SPEC or reward:STAGE_DIR")
+    if loop.judge is not None:
+        try:
+            parse_judge(loop.judge)
+        except UserError as err:
+            raise UserError(f"{cfg.where('loop.judge')}: {str(err).replace('--judge', 'loop.judge', 1)}") from None
 
 
 def _read_prompts(path: str, key: str, cfg: RecipeConfig) -> list[Any]:
@@ -158,9 +181,7 @@ def _round_stages(lr: LoopRecipe, r: int) -> list[StageConfig]:
     out = []
     for reward in lr.rewards:
         for k in range(lr.loop.ensemble):
-            data = {**_kept_data(reward), "train": str(votes / VOTE_FILES["reward"])}
-            if lr.loop.ensemble > 1:
-                data["resample"] = k
+            data = {**_kept_data(reward), "train": str(votes / VOTE_FILES["reward"]), "resample": k}
             out.append(dataclasses.replace(reward, name=lr.member(r, reward, k), data=data, round=r))
     policy = lr.policy
     takes_votes = "train" in runner.RECIPES[policy.kind].KIND.data_keys  # dpo, kto...; ppo reads prompts
@@ -237,14 +258,16 @@ def _candidate_pairs(rows: list[dict]):
                 yield p, i, j
 
 
-def select_round(lr: LoopRecipe, r: int, rows: list[dict], *, log=print) -> list[dict]:
+def select_round(lr: LoopRecipe, r: int, *, log=print) -> list[dict]:
     """The round's pairs, cached in selected.jsonl: by the previous round's ensemble's uncertainty (or at
-    random in round 0 and with select: random), at most one per prompt."""
+    random in round 0 and with select: random), at most one per prompt. Candidates are sampled only when the
+    round has no selection yet."""
     from alignkit.selection import CandidatePair, select_pairs
 
     path = lr.round_dir(r) / "selected.jsonl"
     if path.exists():
         return _read_jsonl(path)
+    rows = sample_candidates(lr, r, log=log)
     triples = list(_candidate_pairs(rows))
     random_round = r == 0 or lr.loop.select == "random"
     rewards = None if random_round else _ensemble_rewards(lr, r - 1, rows)
@@ -269,7 +292,8 @@ def _ensemble_rewards(lr: LoopRecipe, r: int, rows: list[dict]):
     """(K, N) rewards of every candidate under round r's reward ensemble, loaded on one base."""
     from alignkit.reward_model import load_reward_ensemble
 
-    dirs = [lr.run_dir / lr.member(r, lr.rewards[0], k) for k in range(lr.loop.ensemble)]
+    # The members round r trained (loop.ensemble may have grown since): all of them score.
+    dirs = [d for k in range(lr.loop.ensemble) if artifacts.is_complete(d := lr.run_dir / lr.member(r, lr.rewards[0], k))]
     ensemble = load_reward_ensemble(dirs)
     try:
         prompts = [row["prompt"] for row in rows for _ in row["texts"]]
@@ -283,18 +307,28 @@ def import_round(lr: LoopRecipe, r: int, selected: list[dict], store, *, log=pri
     """The selected pairs into the store, tagged with the round; never twice (the store says which rounds
     it holds, and an import is one transaction)."""
     from alignkit.store.importer import ImportRow, write_rows
-    from alignkit.store.rounds import imported_rounds
+    from alignkit.store.rounds import imported_rounds, round_models
 
-    if r in imported_rounds(store):
-        return
     source = lr.policy_name(r)
     spec = str(lr.run_dir / source)
+    if r in imported_rounds(store):
+        # Rounds are numbered per store: a round sampled by another run's stages is not this loop's.
+        others = round_models(store, r) - {spec}
+        if others:
+            raise UserError(f"label store {store.name} holds round {r} comparisons sampled by {sorted(map(str, others))[0]}, "
+                            f"not by this loop's {spec}; give each loop its own label store")
+        return
     params = _sampling(lr, r, lr.loop.candidates).to_dict()
     rows = [ImportRow(prompt=s["prompt"], source=f"loop round {r}: pool prompt {s['prompt_index'] + 1}",
                       responses=s["responses"], models=[spec, spec], sampling=[params, params], loop_round=r,
                       source_stage=source, selection_score=s["score"]) for s in selected]
     summary = write_rows(store, rows)
-    log(f"round {r}: imported {summary.new_comparisons} comparisons into {store.name}")
+    if summary.new_comparisons == 0:
+        raise UserError(f"round {r}: every selected pair is already in {store.name} (from an earlier import), so none "
+                        f"can be this round's; sample more candidates (loop.candidates, loop.temperature)")
+    reused = len(rows) - summary.new_comparisons
+    log(f"round {r}: imported {summary.new_comparisons} comparisons into {store.name}"
+        + (f" ({reused} selected pairs were in the store already and stay outside the round)" if reused else ""))
 
 
 # ---------------------------------------------------------------------------
@@ -306,11 +340,10 @@ def waiting_message(lr: LoopRecipe, r: int, store) -> str | None:
     from alignkit.store.rounds import round_progress
 
     p = round_progress(store, r, lr.loop.overlap)
-    if p.comparisons and p.share() >= lr.loop.min_votes:
+    if p.has_its_votes(lr.loop.min_votes):
         return None
-    need = -(-p.comparisons * lr.loop.min_votes // 1)
     return (f"round {r}: {p.with_votes} of {p.comparisons} comparisons have their votes "
-            f"({lr.loop.overlap} each; {int(need)} needed to train)")
+            f"({lr.loop.overlap} each; {p.needed(lr.loop.min_votes)} needed to train)")
 
 
 # ---------------------------------------------------------------------------
@@ -318,28 +351,36 @@ def waiting_message(lr: LoopRecipe, r: int, store) -> str | None:
 
 
 def export_votes(lr: LoopRecipe, r: int, store) -> None:
-    """The votes each of the round's stages trains on, written once per round (see the module doc)."""
+    """The votes each of the round's stages trains on, and the labels spent so far, written once per round:
+    every file is computed before any is written, and ROUND_JSON, written last, says the round has them."""
     from alignkit.store.export import preference_rows
 
-    for role, template, which in (("reward", lr.rewards[0] if lr.rewards else None, lr.loop.reward_votes),
-                                  ("policy", lr.policy, lr.loop.policy_votes)):
-        path = lr.round_dir(r) / VOTE_FILES[role]
-        if template is None or path.exists():
+    if (lr.round_dir(r) / ROUND_JSON).exists():
+        return
+    reads_votes = "train" in runner.RECIPES[lr.policy.kind].KIND.data_keys
+    exports = {}
+    for role, template, which, needed in (("reward", lr.rewards[0] if lr.rewards else None, lr.loop.reward_votes, True),
+                                          ("policy", lr.policy, lr.loop.policy_votes, reads_votes)):
+        if template is None:
             continue
         policy = {k: template.data[k] for k in POLICY_KEYS if k in template.data and k != "rounds"}
-        rounds = list(range(r + 1)) if which == "all" else [r]
-        rows = preference_rows(store, rounds=rounds, **policy)
-        if not rows:
+        rows = preference_rows(store, rounds=list(range(r + 1)) if which == "all" else [r], **policy)
+        if needed and not rows:
             raise UserError(f"round {r}: its votes give no preference pairs for the {role} stage yet (ties and "
                             f"both-bad votes are dropped); label more of round {r}'s comparisons")
         keep = ("prompt", "chosen", "rejected", "margin")
-        _write_jsonl(path, [{k: row[k] for k in keep if k in row} for row in rows])
+        exports[role] = [{k: row[k] for k in keep if k in row} for row in rows]
+    labels = _labels_so_far(lr, r, store)
+    for role, rows in exports.items():
+        _write_jsonl(lr.round_dir(r) / VOTE_FILES[role], rows)
+    artifacts.write_json_atomic(lr.round_dir(r) / ROUND_JSON, {"round": r, "labels": labels})
 
 
 def train_round(lr: LoopRecipe, r: int, *, log=print) -> None:
-    """The runner over the recipe with rounds 0..r: complete stages are skipped, so only round r trains."""
+    """The runner over the recipe with rounds 0..r, training round r's stages only: an earlier round is
+    complete, and what changed since in its settings is left as it was (its row of loop.json describes it)."""
     cfg = round_config(lr, r)
-    the_plan = runner.plan(cfg, only=[], resume=True)
+    the_plan = runner.plan(cfg, only=[s.name for s in _round_stages(lr, r)], resume=True)
     runner.preflight(the_plan)
     runner.execute(the_plan, resume=True, log=log)
 
@@ -387,6 +428,10 @@ def win_rate_of(result: dict, name: str) -> dict:
     """`name`'s win rate (ties half) and 95% CI over the other model of a two-model compare.json, whichever
     side compare put it on."""
     pair = result["pairs"][0]
+    if name not in (pair["model_a"], pair["model_b"]):
+        raise ValueError(f"{name!r} is neither side of {pair['model_a']} vs {pair['model_b']}")
+    if pair["win_rate"] is None:
+        raise UserError(f"{pair['model_a']} vs {pair['model_b']}: no battle was decided (identical responses?)")
     if pair["model_a"] == name:
         return {"win_rate": pair["win_rate"], "ci_low": pair["ci_low"], "ci_high": pair["ci_high"], "n": pair["n"]}
     return {"win_rate": 1 - pair["win_rate"], "ci_low": 1 - pair["ci_high"], "ci_high": 1 - pair["ci_low"],
@@ -430,8 +475,8 @@ def run_loop(lr: LoopRecipe, *, wait: bool = False, poll_seconds: float = 10.0, 
             continue
         store = open_store(lr.loop.labels_db, overlap=lr.loop.overlap)
         try:
-            if not (lr.round_dir(r) / VOTE_FILES["policy"]).exists():
-                import_round(lr, r, select_round(lr, r, sample_candidates(lr, r, log=log), log=log), store, log=log)
+            if not (lr.round_dir(r) / ROUND_JSON).exists():
+                import_round(lr, r, select_round(lr, r, log=log), store, log=log)
                 message = waiting_message(lr, r, store)
                 while message and wait:
                     log(message)
@@ -441,10 +486,10 @@ def run_loop(lr: LoopRecipe, *, wait: bool = False, poll_seconds: float = 10.0, 
                     log(message)
                     return LoopState(r, r, message)
                 export_votes(lr, r, store)
-            labels = _labels_so_far(lr, r, store)
         finally:
             store.close()
         train_round(lr, r, log=log)
+        labels = json.loads((lr.round_dir(r) / ROUND_JSON).read_text())["labels"]
         table["rounds"].append(measure_round(lr, r, labels, log=log))
         write_table(lr, table)
     message = f"all {lr.loop.rounds} rounds complete: {lr.run_dir / LOOP_JSON}"
@@ -527,14 +572,14 @@ def _round_line(lr: LoopRecipe, r: int, row: dict | None, store) -> str:
         vs = row["vs_previous"]
         return (f"round {r}: complete ({row['labels']} labels{acc}; vs {vs['against']} {vs['win_rate']:.3f} "
                 f"[{vs['ci_low']:.3f}, {vs['ci_high']:.3f}], KL {row['kl']:.2f})")
-    if (lr.round_dir(r) / VOTE_FILES["policy"]).exists():
-        return f"round {r}: has its votes; training or measuring (a rerun continues)"
-    waiting = waiting_message(lr, r, store)
     from alignkit.store.rounds import round_progress
 
-    if round_progress(store, r, lr.loop.overlap).comparisons == 0:
+    if (lr.round_dir(r) / ROUND_JSON).exists():
+        return f"round {r}: has its votes; training or measuring (a rerun continues)"
+    p = round_progress(store, r, lr.loop.overlap)
+    if p.comparisons == 0:
         return f"round {r}: not started"
-    return waiting or f"round {r}: has its votes; a rerun trains it"
+    return waiting_message(lr, r, store) or f"round {r}: has its votes; a rerun trains it"
 
 
 def _read_jsonl(path: Path) -> list[dict]:

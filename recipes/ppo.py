@@ -23,7 +23,8 @@ from alignkit.ppo.config import PPOConfig
 from alignkit.stage import Parents, PromptSet, StageKind, StageResult, StageRun, check_parents
 from alignkit.training import train_settings_error
 
-KIND = StageKind("ppo", config_class=PPOConfig, data_keys=frozenset({"prompts"}), after=("sft", "dpo", "kto"),
+# A PPO stage may continue another one (a loop's PPO rounds): the parent's adapter is then its reference too.
+KIND = StageKind("ppo", config_class=PPOConfig, data_keys=frozenset({"prompts"}), after=("sft", "dpo", "kto", "ppo"),
                  takes_reward=True, reward_ensemble=True)
 
 
@@ -69,7 +70,8 @@ def run(stage: StageRun) -> StageResult:
     memory = ppo_memory_preflight(stage, config, prompts, tokenizer)
     trackers = TrackerRuns.for_stage(stage, hf_logs=False)  # the loop is alignkit's: it logs every metric itself
     trainer = PPOTrainer(config, stage.model, stage.peft, prompts=prompts, stage_dir=stage.stage_dir,
-                         reward=parents.rewards() if parents.more_rewards else parents.reward, policy_adapter=parents.policy, tokenizer=tokenizer, seed=stage.seed,
+                         reward=parents.rewards() if parents.more_rewards else parents.reward,
+                         policy_adapter=parents.policy, tokenizer=tokenizer, seed=stage.seed,
                          trackers=trackers, completions=completion_log(stage, trackers))
     metrics = trainer.train(resume_from=stage.resume_from)
     trainer.save()

@@ -159,7 +159,9 @@ def bad_loop(capsys, path: Path) -> str:
     (lambda raw: raw["loop"].update(stages=["reward", "dpoo"]), "loop.stages names 'dpoo', which is not a stage"),
     (lambda raw: raw["loop"].update(budget=65), "loop.budget=65 is larger than the prompt pool (64 prompts"),
     (lambda raw: raw["loop"].update(ensemble=1), "loop.ensemble=1 must be >= 2 with select: uncertainty"),
-    (lambda raw: raw["loop"].update(stages=["reward"]), "loop.stages needs exactly one policy stage"),
+    (lambda raw: raw["loop"].update(stages=["reward"]), "loop.stages is one policy stage (dpo, ppo, ...) and at most"),
+    (lambda raw: raw["loop"].update(stages=["reward", "dpo", "dpo"]), "loop.stages names a stage twice"),
+    (lambda raw: raw["loop"].update(judge="oracle:nonsense"), "loop.judge"),
     (lambda raw: raw["loop"].update(start="reward", stages=["dpo"]), "loop.start names 'reward', a reward stage"),
 ])
 def test_bad_loop_sections_are_one_line_and_touch_nothing(tmp_path, capsys, edit, message):
@@ -195,7 +197,7 @@ def test_a_ppo_round_scores_with_the_round_s_ensemble(tmp_path):
         prompts = str((LOOP_RECIPE.parent / raw["loop"]["prompts"]).resolve())
         raw["stages"].append({"name": "ppo", "kind": "ppo", "after": "sft", "reward": "reward",
                               "data": {"prompts": prompts}, "train": {"steps": 1, "min_reward_accuracy": 0.0}})
-        raw["loop"].update(stages=["reward", "ppo"], ensemble=3)
+        raw["loop"].update(stages=["reward", "ppo"], ensemble=3, judge="oracle:length")
 
     lr = load_loop_recipe(loop_recipe(tmp_path, with_ppo))
     cfg = round_config(lr, 1)
@@ -207,3 +209,25 @@ def test_a_ppo_round_scores_with_the_round_s_ensemble(tmp_path):
     assert [s.name for s in cfg.stages] == ["sft", *(f"round-{r}/{n}" for r in (0, 1)
                                                       for n in ("reward-0", "reward-1", "reward-2", "ppo"))]
     assert cfg.stage("round-0/ppo").data == {"prompts": str((LOOP_RECIPE.parent / "../data/tiny_prompts.jsonl").resolve())}
+
+
+def test_a_ppo_loop_is_not_judged_by_the_reward_it_optimises(tmp_path, capsys):
+    def with_ppo(raw):
+        prompts = str((LOOP_RECIPE.parent / raw["loop"]["prompts"]).resolve())
+        raw["stages"].append({"name": "ppo", "kind": "ppo", "after": "sft", "reward": "reward",
+                              "data": {"prompts": prompts}, "train": {"steps": 1}})
+        raw["loop"].update(stages=["reward", "ppo"])
+
+    err = bad_loop(capsys, loop_recipe(tmp_path, with_ppo))
+    assert "loop.judge is needed (a PPO round is optimised against the round's reward model)" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_win_rate_of_takes_the_named_model_s_side():
+    from recipes.loop import win_rate_of
+
+    result = {"pairs": [{"model_a": "old", "model_b": "new", "win_rate": 0.3, "ci_low": 0.2, "ci_high": 0.45, "n": 10}]}
+    assert win_rate_of(result, "new") == pytest.approx({"win_rate": 0.7, "ci_low": 0.55, "ci_high": 0.8, "n": 10})
+    assert win_rate_of(result, "old") == {"win_rate": 0.3, "ci_low": 0.2, "ci_high": 0.45, "n": 10}
+    with pytest.raises(ValueError):
+        win_rate_of(result, "other")

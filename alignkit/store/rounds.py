@@ -7,12 +7,13 @@ One read per function.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
 
 from alignkit.store.db import Store
-from alignkit.store.models import Comparison, Vote
+from alignkit.store.models import Comparison, Response, Vote
 
 
 @dataclass(frozen=True)
@@ -22,8 +23,12 @@ class RoundProgress:
     with_votes: int  # of them, those with `overlap` votes
     votes: int  # votes on the round's comparisons
 
-    def share(self) -> float:
-        return self.with_votes / self.comparisons if self.comparisons else 0.0
+    def needed(self, min_votes: float) -> int:
+        """Comparisons with their votes the round needs before it trains: min_votes of them, rounded up."""
+        return math.ceil(self.comparisons * min_votes - 1e-9)
+
+    def has_its_votes(self, min_votes: float) -> bool:
+        return self.comparisons > 0 and self.with_votes >= self.needed(min_votes)
 
 
 def round_progress(store: Store, loop_round: int, overlap: int) -> RoundProgress:
@@ -34,6 +39,13 @@ def round_progress(store: Store, loop_round: int, overlap: int) -> RoundProgress
         votes = s.scalar(select(func.count(Vote.id)).join(Comparison, Comparison.id == Vote.comparison_id)
                          .where(in_round)) or 0
     return RoundProgress(loop_round, comparisons, with_votes, votes)
+
+
+def round_models(store: Store, loop_round: int) -> set[str | None]:
+    """The model specs that sampled a round's comparisons (a loop's are its own stage directories)."""
+    with store.read() as s:
+        return set(s.scalars(select(Response.model_spec).join(Comparison, Comparison.response_a_id == Response.id)
+                             .where(Comparison.loop_round == loop_round).distinct()))
 
 
 def imported_rounds(store: Store) -> set[int]:
