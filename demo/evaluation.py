@@ -121,16 +121,18 @@ def _rm_heldout(run_dir: Path, records: dict[str, dict], knobs: dict, sft: _Refe
     """(oracle difference, reward-model difference) of fresh SFT pairs on the eval prompts, oracle ties left out."""
     from alignkit.reward_model import load_reward_scorer
 
-    cache = KeyedCache(run_dir.parent / "eval" / "reward_model.json",
-                       artifacts.stable_hash({"reward": records["reward"]["config_hash"], **knobs}))
+    per_prompt = s.rm_pairs_per_prompt
+    cache = KeyedCache(run_dir.parent / "eval" / "reward_model.json", artifacts.stable_hash(
+        {"reward": records["reward"]["config_hash"], **knobs, "pairs_per_prompt": per_prompt}))
     rm = cache.load()
     if not rm:
         log("eval: reward model vs oracle on held-out pairs")
         sft.load()
-        prompts = knobs["prompts"]
-        pairs = sample_continuations(sft.path, prompts, n=2, max_new_tokens=s.eval_max_new_tokens,
+        pairs = sample_continuations(sft.path, knobs["prompts"], n=2 * per_prompt, max_new_tokens=s.eval_max_new_tokens,
                                      temperature=s.temperature, seed=s.seed + 2, model=sft.model, tokenizer=sft.tokenizer)
         scorer = load_reward_scorer(run_dir / "reward", batch_size=64)
+        # Samples come prompt by prompt, 2 * per_prompt each: consecutive ones pair up on the same prompt.
+        prompts = [p for p in knobs["prompts"] for _ in range(per_prompt)]
         a_texts, b_texts = pairs["texts"][0::2], pairs["texts"][1::2]
         rm = cache.save({"a": a_texts, "b": b_texts,
                          "rm_a": scorer.score(prompts, a_texts), "rm_b": scorer.score(prompts, b_texts)})
