@@ -210,3 +210,50 @@ def report_demo(args, s: PPOSettings, runs: dict[str, list[SideResult]], curves:
            ["side", "model memory MB", "process peak RSS MB", "s/step", "oracle score (final)", "win rate vs SFT [95% CI]",
             "train reward (last step)"], rows, notes=notes, quick=args.quick)
     print(f"ppo peer: memory ratio {mem}, step time ratio {time}, matched-KL oracle score {matched}")
+
+
+def large_settings() -> PPOSettings:
+    """bench_ppo_roles' larger run: few steps (a 2-core CPU), the first excluded from the step time."""
+    from benchmarks.bench_ppo_roles import settings
+
+    r = settings(False)
+    return PPOSettings(steps=r["steps"], rollout_batch_size=r["rollout"], mini_batch_size=r["mini"], ppo_epochs=r["epochs"],
+                       learning_rate=1e-4, kl_coef=0.05, max_new_tokens=r["new_tokens"], temperature=1.0,
+                       missing_eos_penalty=None, seed=0, lora_r=16, lora_alpha=32)
+
+
+def run_large(args, root: Path, peer: Path | None) -> None:
+    """Memory and step time on hidden 2048, 8 layers, 32k vocabulary (random weights: quality means nothing here)."""
+    from benchmarks.bench_ppo_roles import DATA, prepare, settings
+    from benchmarks.peer_setup import merge_stages
+
+    work = root / "large"
+    prepare(work, settings(False))  # cached: the base and both 2-step stages are reused when complete
+    run = work / "run"
+    shape = ShapeModels(str(work / "base"), run / "sft", run / "reward", work / "merged" / "sft", work / "merged" / "reward",
+                        DATA / "tiny_prompts.jsonl", DATA / "tiny_prompts.jsonl")
+    merge_stages(shape)
+    s = large_settings()
+    out = work / "runs"
+    _fresh(out)
+    runs = alternate(shape, s, out, peer, args.repeats, eval_every=0, threads=2)
+    ours, trl = runs["alignkit"], runs["trl"]
+    rows = [[name, f"{median_of(rs, 'model_memory_mb'):.0f}", f"{median_of(rs, 'process_peak_rss_mb'):.0f}",
+             f"{median_of(rs, 'seconds_per_step'):.2f}"] for name, rs in ((f"TRL {PINS.trl} PPOTrainer", trl),
+                                                                        ("alignkit kind: ppo", ours)) if rs]
+    mem = time = "n/a"
+    if trl:
+        mem = ratio(median_of(ours, "model_memory_mb"), median_of(trl, "model_memory_mb"))
+        time = ratio(median_of(ours, "seconds_per_step"), median_of(trl, "seconds_per_step"))
+        rows.append(["ratio (ours / TRL)", mem, ratio(median_of(ours, "process_peak_rss_mb"), median_of(trl, "process_peak_rss_mb")), time])
+    notes = (f"4-bit NF4 Llama, hidden 2048, 8 layers, vocabulary 32,000, random weights (bench_ppo_roles' larger shape); "
+             f"SFT and reward stages of 2 steps each, merged to float32 for TRL. PPO: {s.steps} steps x {s.rollout_batch_size} "
+             f"rollouts x {s.max_new_tokens} new tokens, minibatch {s.mini_batch_size}, {s.ppo_epochs} epoch, LoRA r "
+             f"{s.lora_r}; two torch threads per process; step time excludes the first step, so it is the mean of "
+             f"{s.steps - 1} steps — few, since a step takes tens of seconds on this CPU. Median of {args.repeats} "
+             f"alternating runs. Peer venv: {peer_versions(peer) if peer else 'absent'}. Load average at the end: "
+             f"{', '.join(f'{x:.1f}' for x in __import__('os').getloadavg())}.")
+    record("PPO vs TRL 0.29.1's PPOTrainer: hidden 2048, 8 layers, 32k vocabulary (memory, step time)",
+           "python -m benchmarks.bench_ppo_peer --shape large" + (f" --repeats {args.repeats}" if args.repeats != 3 else ""),
+           ["side", "model memory MB", "process peak RSS MB", "s/step"], rows, notes=notes, quick=args.quick)
+    print(f"ppo peer (large): memory ratio {mem}, step time ratio {time}")

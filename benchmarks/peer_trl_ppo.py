@@ -29,10 +29,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_ppo_roles import PeakRSS, _trim, anon_rss, materialize  # noqa: E402
 
 
-def encode(tokenizer, prompt: str) -> list[int]:
-    """Prompt ids as alignkit.generation.encode_prompt builds them: the tokenizer's special tokens, no trailing EOS."""
+def encode(tokenizer, prompt) -> list[int]:
+    """Prompt ids as alignkit.generation.encode_prompt builds them: a chat prompt through its template (its own
+    special tokens), plain text with the tokenizer's special tokens and no trailing EOS."""
+    if not isinstance(prompt, str):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     ids = list(tokenizer(prompt)["input_ids"])
     return ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids
+
+
+def _prompt_of(row: dict):
+    return row["prompt"] if "prompt" in row else row["messages"]
 
 
 def build_trainer(spec: dict, callback):
@@ -51,7 +59,7 @@ def build_trainer(spec: dict, callback):
     reward_model = AutoModelForSequenceClassification.from_pretrained(spec["reward_model"], num_labels=1)
     policy = AutoModelForCausalLM.from_pretrained(spec["sft_model"], quantization_config=get_quantization_config(model_args),
                                                   dtype=torch.float32)
-    prompts = [json.loads(line)["prompt"] for line in Path(spec["prompts"]).read_text().splitlines() if line.strip()]
+    prompts = [_prompt_of(json.loads(line)) for line in Path(spec["prompts"]).read_text().splitlines() if line.strip()]
     train = Dataset.from_dict({"input_ids": [encode(tokenizer, p) for p in prompts]})
     args = PPOConfig(
         output_dir=spec["out_dir"], seed=s["seed"], learning_rate=s["learning_rate"], lr_scheduler_type="constant",
