@@ -10,7 +10,7 @@ import pytest
 from gradio_client.exceptions import AppError
 
 from _labeling_server import Server, client, make_users
-from _pg import create_database, postgres_cluster
+from tests.test_store import pg_cluster, store_url  # noqa: F401  (the store on SQLite and PostgreSQL)
 from alignkit.cli import main as alignkit_main
 from alignkit.errors import UserError
 from alignkit.store import next_item, open_store, settings, submit_ranking, submit_vote, undo_last_vote
@@ -19,19 +19,6 @@ from alignkit.store.export import RANK_MARGIN_RULE, export_dataset, preference_r
 from alignkit.store.importer import import_file
 
 FOUR = ["best answer", "second answer", "third answer", "worst answer"]
-
-
-@pytest.fixture(scope="module")
-def pg_cluster():
-    with postgres_cluster() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "labels.db")
-    return create_database(request.getfixturevalue("pg_cluster"))
 
 
 def write_jsonl(path, rows):
