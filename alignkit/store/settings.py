@@ -44,6 +44,14 @@ def scale(store: Store) -> int:
         return scale_in(s)
 
 
+def _refuse_once_voted(session: Session, store: Store, now: str, setting: str) -> None:
+    """A question setting changes only before the first vote: every vote of a store means the same thing."""
+    votes = session.scalar(select(func.count(Vote.id)))
+    if votes:
+        raise UserError(f"{store.name} has {votes} votes {now}; its {setting} cannot change now "
+                        f"(every vote of a store means the same thing)")
+
+
 def set_scale(store: Store, levels: int) -> None:
     if levels not in SCALES:
         raise UserError(f"--scale {levels}: expected one of {', '.join(map(str, SCALES))} strength levels per side")
@@ -52,10 +60,7 @@ def set_scale(store: Store, levels: int) -> None:
         current = scale_in(session)
         if current == levels:
             return
-        votes = session.scalar(select(func.count(Vote.id)))
-        if votes:
-            raise UserError(f"{store.name} has {votes} votes at scale {current}; its scale cannot change now "
-                            f"(every vote of a store means the same thing)")
+        _refuse_once_voted(session, store, f"at scale {current}", "scale")
         if levels > 1 and criteria_in(session):
             raise UserError(f"{store.name} asks per-criterion questions, which carry no strength: no scale with them")
         session.merge(Setting(key="scale", value=str(levels)))
@@ -100,10 +105,7 @@ def set_criteria(store: Store, names: list[str]) -> None:
         current = criteria_in(session)
         if current == names:
             return
-        votes = session.scalar(select(func.count(Vote.id)))
-        if votes:
-            raise UserError(f"{store.name} has {votes} votes with criteria {', '.join(current) or '(none)'}; its "
-                            f"criteria cannot change now (every vote of a store means the same thing)")
+        _refuse_once_voted(session, store, f"with criteria {', '.join(current) or '(none)'}", "criteria")
         if names and scale_in(session) > 1:
             raise UserError(f"{store.name} has a strength scale; per-criterion questions carry no strength "
                             f"(use one or the other)")
