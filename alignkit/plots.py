@@ -14,6 +14,15 @@ def _pyplot():
     return plt
 
 
+def save(plt, fig, path: str | Path, *, tight: bool = True) -> Path:
+    """Write a figure as PNG and free it (pyplot keeps every open figure alive)."""
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def win_rates_plot(pairs: list[dict], path: str | Path, *, title: str = "Win rates") -> Path:
     """One horizontal bar per pair: model A's win rate over model B (ties half), 95% CI whiskers, 0.5 line."""
     plt = _pyplot()
@@ -32,10 +41,7 @@ def win_rates_plot(pairs: list[dict], path: str | Path, *, title: str = "Win rat
     ax.set_xlim(0, 1)
     ax.set_xlabel("win rate of the first model (ties = half), 95% CI over prompts")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save(plt, fig, path)
 
 
 def ratings_plot(ratings: dict[str, dict], path: str | Path, *, title: str = "Ratings", warning: str | None = None) -> Path:
@@ -64,9 +70,7 @@ def ratings_plot(ratings: dict[str, dict], path: str | Path, *, title: str = "Ra
         fig.tight_layout(rect=(0, 0.02 + 0.033 * len(lines), 1, 1))
     else:
         fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save(plt, fig, path, tight=False)
 
 
 def eval_plot(scores: dict[str, dict[str, float]], path: str | Path, *, title: str = "Eval") -> Path:
@@ -88,7 +92,4 @@ def eval_plot(scores: dict[str, dict[str, float]], path: str | Path, *, title: s
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save(plt, fig, path)

@@ -530,7 +530,7 @@ def write_table(lr: LoopRecipe, table: dict) -> None:
 
 def loop_plot(rows: list[dict], path: Path) -> Path:
     """Win rate per round vs the previous round and vs the first policy (95% CI), and KL to the first policy."""
-    from alignkit.plots import _pyplot
+    from alignkit.plots import _pyplot, save
 
     plt = _pyplot()
     fig, (ax, kl_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -545,10 +545,7 @@ def loop_plot(rows: list[dict], path: Path) -> Path:
     ax.legend(fontsize=8)
     kl_ax.plot(xs, [row["kl"] for row in rows], marker="o")
     kl_ax.set(xlabel="round", ylabel="KL to the first policy (nats)", xticks=xs)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(plt, fig, path)
 
 
 # ---------------------------------------------------------------------------
