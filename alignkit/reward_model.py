@@ -176,8 +176,6 @@ class AttachedReward:
         import copy
 
         import peft
-        import torch
-        from torch import nn
 
         read_reward_stage(reward_stage)
         config = copy.deepcopy(peft.PeftConfig.from_pretrained(str(reward_stage)))
@@ -195,12 +193,7 @@ class AttachedReward:
         lm = peft_model.get_base_model()
         hidden = lm.config.get_text_config().hidden_size
         device = next(peft_model.parameters()).device
-        self.head = nn.Linear(hidden, 1, bias="bias" in head).to(device=device, dtype=torch.float32)
-        with torch.no_grad():
-            self.head.weight.copy_(head["weight"].reshape(1, hidden))
-            if "bias" in head:
-                self.head.bias.copy_(head["bias"].reshape(1))
-        self.head.requires_grad_(False)
+        self.head = frozen_score_head(head["weight"], head.get("bias"), hidden).to(device)
         self.model, self.tokenizer, self.name, self.batch_size = peft_model, tokenizer, name, batch_size
         self.decoder = getattr(lm, lm.base_model_prefix)
         self.__name__ = "reward_model"  # TRL names reward columns in its logs after the callable
@@ -225,6 +218,18 @@ class AttachedReward:
         finally:
             self.model.set_adapter(previous)
         return scores
+
+
+def frozen_score_head(weight, bias, hidden: int):
+    """A reward stage's score head as a frozen float32 nn.Linear(hidden, 1) (bias None: it has none)."""
+    import torch
+
+    head = torch.nn.Linear(hidden, 1, bias=bias is not None)
+    with torch.no_grad():
+        head.weight.copy_(weight.float().reshape(1, hidden))
+        if bias is not None:
+            head.bias.copy_(bias.float().reshape(1))
+    return head.requires_grad_(False)
 
 
 class RewardEnsemble:

@@ -17,8 +17,8 @@ times, on bootstrap resamples of the votes) and one policy stage. Round N lives 
                         later changes no complete stage, so a rerun retrains nothing
     reward-K/, POLICY/  the round's stages, named round-N/reward-K and round-N/POLICY in the runner's plan;
                         the policy stage continues the previous round's policy (iterative DPO)
-    compare-previous/, compare-first/   `alignkit compare` of the round's policy against the previous round's
-                        and the first policy (loop.start)
+    compare/            one `alignkit compare` of the round's policy, the previous round's and the first
+                        (loop.start): each sampled once, every pair judged
 
 RUN_DIR/loop.json holds the round table (`rounds`: round, labels, rm_accuracy, vs_previous, vs_first, kl,
 mean_length) and RUN_DIR/loop.png plots it. Every step is skipped when its output exists, and the store
@@ -339,10 +339,13 @@ def waiting_message(lr: LoopRecipe, r: int, store) -> str | None:
     """None once the round has its votes (min_votes of its comparisons with `overlap` votes), else where it stands."""
     from alignkit.store.rounds import round_progress
 
-    p = round_progress(store, r, lr.loop.overlap)
+    return _waiting(lr, round_progress(store, r, lr.loop.overlap))
+
+
+def _waiting(lr: LoopRecipe, p) -> str | None:
     if p.has_its_votes(lr.loop.min_votes):
         return None
-    return (f"round {r}: {p.with_votes} of {p.comparisons} comparisons have their votes "
+    return (f"round {p.round}: {p.with_votes} of {p.comparisons} comparisons have their votes "
             f"({lr.loop.overlap} each; {p.needed(lr.loop.min_votes)} needed to train)")
 
 
@@ -400,8 +403,7 @@ def measure_round(lr: LoopRecipe, r: int, labels: int, *, log=print) -> dict:
             for k in range(lr.loop.ensemble)] if lr.rewards else []
     accs = [a for a in accs if a is not None]
     row["rm_accuracy"] = sum(accs) / len(accs) if accs else None
-    row["vs_previous"] = _versus(lr, r, new, lr.policy_name(r), "compare-previous", log=log)
-    row["vs_first"] = row["vs_previous"] if r == 0 else _versus(lr, r, new, lr.loop.start, "compare-first", log=log)
+    row["vs_previous"], row["vs_first"] = _versus(lr, r, new, lr.policy_name(r), lr.loop.start, log=log)
     row.update(policy_drift(lr, r))
     return row
 
@@ -414,22 +416,29 @@ def _judge(lr: LoopRecipe, r: int) -> str:
     return f"reward:{lr.run_dir / lr.member(r, lr.rewards[0], 0)}"
 
 
-def _versus(lr: LoopRecipe, r: int, new: str, old: str, out: str, *, log=print) -> dict:
+def _versus(lr: LoopRecipe, r: int, new: str, previous: str, first: str, *, log=print) -> tuple[dict, dict]:
+    """(vs previous, vs first) for the round's policy, from one compare of the two or three policies."""
     from alignkit.compare import compare_models
 
-    result = compare_models({new: str(lr.run_dir / new), old: str(lr.run_dir / old)}, lr.eval_prompts,
-                            _judge(lr, r), lr.round_dir(r) / out, _sampling(lr, r))
-    entry = {"against": old, **win_rate_of(result, new)}
-    log(f"round {r}: {new} vs {old}: win rate {entry['win_rate']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]")
-    return entry
+    names = list(dict.fromkeys([new, previous, first]))  # round 0: previous is first
+    result = compare_models({n: str(lr.run_dir / n) for n in names}, lr.eval_prompts, _judge(lr, r),
+                            lr.round_dir(r) / "compare", _sampling(lr, r))
+    entries = []
+    for old in (previous, first):
+        entry = {"against": old, **win_rate_of(result, new, old)}
+        log(f"round {r}: {new} vs {old}: win rate {entry['win_rate']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]")
+        entries.append(entry)
+    return entries[0], entries[1]
 
 
-def win_rate_of(result: dict, name: str) -> dict:
-    """`name`'s win rate (ties half) and 95% CI over the other model of a two-model compare.json, whichever
-    side compare put it on."""
-    pair = result["pairs"][0]
-    if name not in (pair["model_a"], pair["model_b"]):
-        raise ValueError(f"{name!r} is neither side of {pair['model_a']} vs {pair['model_b']}")
+def win_rate_of(result: dict, name: str, other: str | None = None) -> dict:
+    """`name`'s win rate (ties half) and 95% CI over `other` (default: the one other model) in a compare.json,
+    whichever side compare put it on."""
+    pairs = [p for p in result["pairs"] if name in (p["model_a"], p["model_b"])
+             and (other is None or other in (p["model_a"], p["model_b"]))]
+    if len(pairs) != 1:
+        raise ValueError(f"no single pair of {name!r}" + (f" and {other!r}" if other else "") + " in the comparison")
+    pair = pairs[0]
     if pair["win_rate"] is None:
         raise UserError(f"{pair['model_a']} vs {pair['model_b']}: no battle was decided (identical responses?)")
     if pair["model_a"] == name:
@@ -576,7 +585,7 @@ def _round_line(lr: LoopRecipe, r: int, row: dict | None, store) -> str:
     p = round_progress(store, r, lr.loop.overlap)
     if p.comparisons == 0:
         return f"round {r}: not started"
-    return waiting_message(lr, r, store) or f"round {r}: has its votes; a rerun trains it"
+    return _waiting(lr, p) or f"round {r}: has its votes; a rerun trains it"
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -8,15 +8,14 @@ the SFT adapter and not the base, skip on a rerun, and refuse bad settings in on
 
 import numpy as np
 import pytest
-import yaml
 from safetensors.torch import load_file
 
 from alignkit.artifacts import file_fingerprint, read_stage
 from alignkit.cli import EXIT_BAD_INPUT, main
 from alignkit.rejection_sampling import read_samples
 from tests.conftest import REPO
+from tests.test_reward_stage import write_recipe as rlhf_recipe
 
-RLHF = REPO / "recipes" / "configs" / "tiny_rlhf.yaml"
 PROMPTS = REPO / "recipes" / "data" / "tiny_prompts.jsonl"
 N = 4
 # The SFT -> reward -> best_of_n chain takes ~30 s on two CPU cores; the bad-input tests below need none of it.
@@ -25,23 +24,19 @@ slow = pytest.mark.slow
 
 def write_recipe(tmp, edit=None):
     """tiny_rlhf's SFT and reward stages, then a best_of_n stage sampling N responses to the tiny prompts."""
-    raw = yaml.safe_load(RLHF.read_text())
-    raw["run_dir"] = str(tmp / "run")
-    raw["stages"] = [s for s in raw["stages"] if s["name"] in ("sft", "reward")]
-    for stage in raw["stages"]:
-        stage["data"]["train"] = str((RLHF.parent / stage["data"]["train"]).resolve())
-    raw["stages"][1]["train"]["max_steps"] = 20  # enough for the easy preference; the accuracy gate checks it
-    raw["stages"].append({"name": "bon", "kind": "best_of_n", "after": "sft", "reward": "reward",
-                          "data": {"prompts": str(PROMPTS)},
-                          "train": {"num_samples": N, "sample_max_new_tokens": 12, "sample_temperature": 1.0,
-                                    "max_steps": 6, "per_device_train_batch_size": 8, "learning_rate": 2e-3,
-                                    "max_length": 128, "logging_steps": 2, "save_steps": 6,
-                                    "gradient_checkpointing": False}})
-    if edit:
-        edit(raw)
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+
+    def with_best_of_n(raw):
+        raw["stages"][1]["train"]["max_steps"] = 20  # enough for the easy preference; the accuracy gate checks it
+        raw["stages"].append({"name": "bon", "kind": "best_of_n", "after": "sft", "reward": "reward",
+                              "data": {"prompts": str(PROMPTS)},
+                              "train": {"num_samples": N, "sample_max_new_tokens": 12, "sample_temperature": 1.0,
+                                        "max_steps": 6, "per_device_train_batch_size": 8, "learning_rate": 2e-3,
+                                        "max_length": 128, "logging_steps": 2, "save_steps": 6,
+                                        "gradient_checkpointing": False}})
+        if edit:
+            edit(raw)
+
+    return rlhf_recipe(tmp, edit=with_best_of_n)
 
 
 @pytest.fixture(scope="module")

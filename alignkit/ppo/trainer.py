@@ -40,6 +40,7 @@ from alignkit.artifacts import kept_checkpoint_note
 from alignkit.errors import TrainingDiverged, UserError
 from alignkit.ppo import core
 from alignkit.ppo.config import PPOConfig
+from alignkit.reward_model import frozen_score_head
 from alignkit.tracking import RunIdentity, TrackerRuns
 
 if TYPE_CHECKING:
@@ -178,25 +179,18 @@ class PPOTrainer:
             # An ensemble (a list of reward stages): the first is `reward` and starts the value role; the others
             # are frozen adapters `reward_1`, ... with their own heads, scored beside it (see score()).
             members = [Path(r) for r in reward] if isinstance(reward, (list, tuple)) else [Path(reward)]
-            reward = members[0]
-            rconf, lora, score_w, score_b = split_reward_adapter(Path(reward))
+            rconf, lora, score_w, score_b = split_reward_adapter(members[0])
             import copy
 
-            model.add_adapter("reward", copy.deepcopy(rconf))
-            self._load_role_weights(model, "reward", lora)
-            model.add_adapter("value", copy.deepcopy(rconf))
-            self._load_role_weights(model, "value", lora)
-            self.reward_head = torch.nn.Linear(hidden, 1, bias=score_b is not None)
+            for role in ("reward", "value"):  # the value role starts as the reward model
+                model.add_adapter(role, copy.deepcopy(rconf))
+                self._load_role_weights(model, role, lora)
+            self.reward_head = frozen_score_head(score_w, score_b, hidden)
             self.value_head = torch.nn.Linear(hidden, 1)
             with torch.no_grad():
-                self.reward_head.weight.copy_(score_w.float())
                 self.value_head.weight.copy_(score_w.float())
-                self.value_head.bias.zero_()
-                if score_b is not None:
-                    self.reward_head.bias.copy_(score_b.float())
-                    self.value_head.bias.copy_(score_b.float())
-            self.reward_head.requires_grad_(False)
-            self.reward_source = str(reward)
+                self.value_head.bias.copy_(score_b.float() if score_b is not None else torch.zeros(1))
+            self.reward_source = str(members[0])
             self.extra_rewards = [self._attach_member(model, f"reward_{k}", d, hidden) for k, d in enumerate(members[1:], 1)]
             if self.extra_rewards:
                 self.reward_source = [str(d) for d in members]
@@ -242,13 +236,7 @@ class PPOTrainer:
         rconf, lora, score_w, score_b = split_reward_adapter(reward_dir)
         model.add_adapter(name, copy.deepcopy(rconf))
         self._load_role_weights(model, name, lora)
-        head = torch.nn.Linear(hidden, 1, bias=score_b is not None)
-        with torch.no_grad():
-            head.weight.copy_(score_w.float())
-            if score_b is not None:
-                head.bias.copy_(score_b.float())
-        head.requires_grad_(False)
-        return name, head
+        return name, frozen_score_head(score_w, score_b, hidden)
 
     @staticmethod
     def _load_role_weights(model, role: str, lora: dict[str, torch.Tensor]) -> None:
